@@ -1,0 +1,40 @@
+# Set-up and everyday commands. `make demo` and `make test` are the two commands the
+# README promises work on a fresh machine; both create .venv and install into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of this torch is what the Makefile installs; override on other machines
+# (e.g. `make setup TORCH_VERSION=2.8.0`). The pin is passed as a pip constraint so that
+# resolving timm/torchvision/deepspeed can never replace it with a CUDA build.
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo cost bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml Makefile
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt "setuptools>=61" wheel "torch==$(TORCH_VERSION)"
+	# --no-build-isolation: deepspeed's setup.py imports torch; an isolated build
+	# environment would download a second (CUDA) torch just to build it.
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-build-isolation -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/marscale demo
+
+cost: setup
+	$(BIN)/marscale cost
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

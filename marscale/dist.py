@@ -1,0 +1,104 @@
+"""Distributed state in one place: rank, local rank, world size, main-rank logging.
+
+Everything else asks this module instead of reading environment variables or calling
+`torch.distributed` directly, so single-process runs (no launcher) and launched runs
+(deepspeed, torchrun, SLURM) look the same to the rest of the code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def get_rank() -> int:
+    if is_initialized():
+        return torch_dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    if is_initialized():
+        return torch_dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def _slurm_to_torch_env() -> None:
+    """Map SLURM's variables onto the torch.distributed ones when srun started us."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
+    """Initialise the process group for this process (idempotent).
+
+    Works for a plain single process (no launcher: a one-rank group on a free local
+    port), the deepspeed launcher, torchrun and srun. Backend: nccl with CUDA, else gloo.
+    """
+    if is_initialized():
+        return
+    _slurm_to_torch_env()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if get_world_size() > 1:
+            raise RuntimeError("MASTER_PORT is not set: start multi-process runs with a launcher")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(get_local_rank())
+    import datetime
+
+    # deepspeed.init_distributed wraps torch.distributed and records the backend for
+    # DeepSpeed's own communication layer; it reads the same environment variables.
+    import deepspeed
+
+    deepspeed.init_distributed(
+        dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()
+
+
+def destroy() -> None:
+    if is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log INFO on the main rank and WARNING and above on the others."""
+    fmt = f"[%(asctime)s rank{get_rank()}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(
+        level=level if is_main() else logging.WARNING, format=fmt, datefmt="%H:%M:%S", force=True
+    )

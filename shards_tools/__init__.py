@@ -1,0 +1,1 @@
+"""Dataset-to-shards tooling for marscale (`marscale-shards`)."""

@@ -1,0 +1,170 @@
+"""The on-disk format of marscale video shards, shared by writer and reader.
+
+`shards_tools` writes shards with these names and keys; `marscale.data` reads them. Keep
+every constant about the format here so the two ends cannot drift apart.
+
+A shard set is a folder::
+
+    PREFIX-000000.tar, PREFIX-000001.tar, ...   WebDataset tar shards
+    manifest.json                              counts, classes, checksums, options, skips
+
+Each sample in a shard is three tar members sharing one key (``__key__``):
+
+    KEY.mp4 | KEY.webm | ...   the encoded video bytes (extension as stored)
+    KEY.cls                    the integer label, ASCII decimal
+    KEY.json                   a `SampleMeta` record (UTF-8 JSON)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+LABEL_EXT = "cls"
+META_EXT = "json"
+SHARD_SUFFIX = ".tar"
+# A shard is written as `.NAME.partial` and renamed to NAME when complete, so a shard
+# that exists under its final name is always whole.
+PARTIAL_SUFFIX = ".partial"
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """`PREFIX-000042.tar`."""
+    return f"{prefix}-{index:06d}{SHARD_SUFFIX}"
+
+
+def partial_name(name: str) -> str:
+    """Temporary name of a shard while it is being written."""
+    return f".{name}{PARTIAL_SUFFIX}"
+
+
+@dataclasses.dataclass
+class SampleMeta:
+    """The JSON record stored beside each video."""
+
+    source: str  # path relative to the dataset root (or the SSv2 id)
+    label: int
+    label_name: str
+    duration: float  # seconds
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    codec: str = ""
+    reencoded: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "SampleMeta":
+        return cls(**json.loads(data))
+
+
+@dataclasses.dataclass
+class ShardInfo:
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    class_counts: dict[str, int]  # label index (as str, JSON keys) -> count
+
+
+@dataclasses.dataclass
+class Skipped:
+    source: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Manifest:
+    """`manifest.json`: everything needed to check and read a shard set."""
+
+    prefix: str
+    class_names: list[str]
+    shards: list[ShardInfo]
+    skipped: list[Skipped]
+    options: dict[str, Any]
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for shard in self.shards:
+            for label, n in shard.class_counts.items():
+                counts[int(label)] = counts.get(int(label), 0) + n
+        return dict(sorted(counts.items()))
+
+    def shard_paths(self, root: str) -> list[str]:
+        return [os.path.join(root, s.name) for s in self.shards]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["num_samples"] = self.num_samples
+        out["num_shards"] = len(self.shards)
+        out["class_counts"] = {str(k): v for k, v in self.class_counts().items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"manifest format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+            )
+        return cls(
+            prefix=d["prefix"],
+            class_names=list(d["class_names"]),
+            shards=[ShardInfo(**s) for s in d["shards"]],
+            skipped=[Skipped(**s) for s in d.get("skipped", [])],
+            options=dict(d.get("options", {})),
+        )
+
+
+def manifest_path(root: str) -> str:
+    return os.path.join(root, MANIFEST_NAME)
+
+
+def load_manifest(root: str) -> Manifest:
+    """Read `root/manifest.json`; errors name the file and what is wrong."""
+    path = manifest_path(root)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {root!r}: is this a marscale shard folder?")
+    try:
+        with open(path) as f:
+            return Manifest.from_dict(json.load(f))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid marscale manifest ({e})") from e
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_manifest(root: str, manifest: Manifest) -> None:
+    atomic_write_bytes(manifest_path(root), json.dumps(manifest.to_dict(), indent=1).encode())
