@@ -34,6 +34,22 @@ SHARD_SUFFIX = ".tar"
 PARTIAL_SUFFIX = ".partial"
 
 
+KEY_DIGITS = 9
+
+
+def sample_key(index: int) -> str:
+    """`__key__` of the sample at global position `index` of the shard set.
+
+    Keys are the zero-padded global sample index (position after the optional
+    pre-sharding shuffle), so readers can tag evaluation views with a unique video id.
+    """
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def key_to_index(key: str) -> int:
+    return int(key.rsplit("/", 1)[-1])
+
+
 def shard_name(prefix: str, index: int) -> str:
     """`PREFIX-000042.tar`."""
     return f"{prefix}-{index:06d}{SHARD_SUFFIX}"
