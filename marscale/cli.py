@@ -1,0 +1,44 @@
+"""`marscale` console script: one sub-command per job, each implemented in its own module.
+
+    marscale train  --config configs/demo.yaml [--set key=value ...] [--resume auto]
+    marscale eval   --config ... --checkpoint PATH
+    marscale export --run-dir DIR --out model.pt
+    marscale cost   [--format table|csv|json|markdown]
+    marscale demo   (synthetic data -> shards -> train -> eval -> cost table)
+
+Sub-command modules are imported only when used, so `marscale cost` does not pay for
+DeepSpeed's import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args)`.
+COMMANDS = {
+    "train": ("marscale.engine.cli", "fine-tune a MAR model (or the ViT baseline) from shards"),
+    "eval": ("marscale.engine.cli", "evaluate a checkpoint (multi-view, exact across ranks)"),
+    "export": ("marscale.engine.cli", "write a consolidated fp32 state dict from a DeepSpeed checkpoint"),
+    "demo": ("marscale.engine.demo", "render synthetic data, shard it, train a tiny MAR model, evaluate"),
+    "cost": ("marscale.cost", "parameter and FLOP table for ViT-S/B/L/H/g, full tokens vs MAR"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="marscale", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    for cmd, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(cmd, help=help_text, description=help_text)
+        if cmd == name:
+            importlib.import_module(module).add_arguments(p, cmd)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training engine: config, DeepSpeed wrapping, the loop, checkpoints, evaluation."""

@@ -1,0 +1,54 @@
+"""Classifier heads: MAR's bridging classifier and the full-token baseline head.
+
+Shapes: B batch, Nv tokens, D encoder width, K classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from marscale.model.layers import Block
+
+
+class ClassifierHead(nn.Module):
+    """Mean pool -> LayerNorm (fc_norm) -> dropout -> Linear: [B, N, D] -> [B, K]."""
+
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(dim, num_classes, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.fc_norm(x.mean(dim=1))))
+
+
+class BridgingClassifier(nn.Module):
+    """Bridges reconstruction-trained encoder features to class scores.
+
+    Bias-free Linear D -> Db, `depth` transformer blocks on the visible tokens only (no
+    position table, no mask tokens), then the mean-pool head.
+    """
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        num_classes: int,
+        embed_dim: int = 512,
+        depth: int = 2,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.embed = nn.Linear(encoder_dim, embed_dim, bias=False, device=device, dtype=dtype)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, device=device, dtype=dtype) for _ in range(depth))
+        self.head = ClassifierHead(embed_dim, num_classes, dropout, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.head(x)

@@ -1,0 +1,139 @@
+"""Transformer building blocks shared by the encoder, decoder and bridging classifier.
+
+Shapes: B batch, N tokens, D width, h heads.
+Switched-off features (drop path 0, no q/v bias) are `nn.Identity` or None, not branches.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sincos_table(num_positions: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 1-D sin-cos position table [num_positions, dim], as in VideoMAE.
+
+    Position p, channel j: angle p / 10000^(2*(j//2)/dim); sin on even j, cos on odd j.
+    VideoMAE checkpoints do not store this table, so it must match exactly.
+    """
+    pos = torch.arange(num_positions, dtype=torch.float64, device=device)[:, None]
+    j = torch.arange(dim, device=device)
+    angle = pos / torch.pow(10000.0, (2 * (j // 2)).double() / dim)[None, :]
+    table = torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`.
+
+    qkv is one bias-free Linear plus separate learnable q and v biases (k has no bias),
+    the VideoMAE layout, so its checkpoints load without conversion.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qv_bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False, device=device, dtype=dtype)
+        if qv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+            self.v_bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, D]; attn_mask: optional bool [B or 1, 1, N, N] (True = attend),
+        e.g. block-diagonal for several variable-length clips packed in one row."""
+        B, N, D = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, N, D/h]
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-6, GELU MLP, stochastic depth)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        qv_bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
+        self.attn = Attention(dim, num_heads, qv_bias, device=device, dtype=dtype)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
+        self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), device=device, dtype=dtype)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm/VideoMAE init: truncated-normal(0.02) Linear, unit LayerNorm, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv3d):
+            # Initialise like a Linear over the flattened tubelet (as MAE/VideoMAE do).
+            w = m.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth increasing linearly from 0 to `rate` over `depth` blocks."""
+    if depth == 1:
+        return [rate]
+    return [rate * i / (depth - 1) for i in range(depth)]
+
+

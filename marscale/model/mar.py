@@ -1,0 +1,138 @@
+"""MAR and the full-token baseline, assembled from the encoder, decoder and heads.
+
+Shapes: B batch, C/T/H/W the clip, N tokens per clip, Nv visible, Nm masked, K classes.
+`visible_idx` [B, Nv] and `masked_idx` [B, Nm] hold token indices (see masking.py);
+together they cover all N tokens of each clip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from marscale.losses import normalized_pixel_target
+from marscale.model.config import VARIANTS, ModelConfig
+from marscale.model.decoder import ReconstructionDecoder
+from marscale.model.encoder import VideoViTEncoder
+from marscale.model.heads import BridgingClassifier, ClassifierHead
+from marscale.model.layers import init_weights
+
+
+def _build_encoder(cfg: ModelConfig, final_norm: bool, device, dtype) -> VideoViTEncoder:
+    spec = VARIANTS[cfg.variant].encoder
+    return VideoViTEncoder(
+        spec.embed_dim,
+        spec.depth,
+        spec.num_heads,
+        spec.mlp_ratio,
+        spec.patch_size,
+        cfg.tubelet_size,
+        cfg.img_size,
+        cfg.num_frames,
+        cfg.drop_path,
+        final_norm=final_norm,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _init(model: nn.Module, head: nn.Linear, init_scale: float) -> None:
+    if any(p.is_meta for p in model.parameters()):
+        return  # shapes only: nothing to initialise
+    init_weights(model)
+    with torch.no_grad():
+        head.weight.mul_(init_scale)
+        head.bias.mul_(init_scale)
+
+
+class MARModel(nn.Module):
+    """Encoder on visible tokens + reconstruction decoder + bridging classifier."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        spec = VARIANTS[cfg.variant]
+        self.encoder = _build_encoder(cfg, final_norm=True, device=device, dtype=dtype)
+        self.decoder = None
+        if cfg.decoder:
+            patch_values = 3 * cfg.tubelet_size * cfg.patch_size**2
+            self.decoder = ReconstructionDecoder(
+                spec.encoder.embed_dim,
+                spec.decoder.embed_dim,
+                spec.decoder.depth,
+                spec.decoder.num_heads,
+                self.encoder.num_tokens,
+                patch_values,
+                device=device,
+                dtype=dtype,
+            )
+        self.classifier = BridgingClassifier(
+            spec.encoder.embed_dim,
+            cfg.num_classes,
+            cfg.bridge.embed_dim,
+            cfg.bridge.depth,
+            cfg.bridge.num_heads,
+            cfg.head_dropout,
+            device=device,
+            dtype=dtype,
+        )
+        _init(self, self.classifier.head.head, cfg.init_scale)
+        if cfg.grad_checkpointing:
+            self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, n_blocks: int) -> None:
+        self.encoder.set_grad_checkpointing(n_blocks)
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        visible_idx: torch.Tensor | None = None,
+        masked_idx: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """video: [B, C, T, H, W] normalised; visible_idx: [B, Nv] (None = all tokens).
+
+        Returns {"logits": [B, K]}; when training with a decoder and a mask, also
+        {"pred": [B, Nm, P], "target": [B, Nm, P]} for the reconstruction loss.
+        """
+        x = self.encoder(video, visible_idx)  # [B, Nv, D]
+        out = {"logits": self.classifier(x)}
+        if self.training and self.decoder is not None and masked_idx is not None and masked_idx.shape[1] > 0:
+            out["pred"] = self.decoder(x, visible_idx, masked_idx)
+            out["target"] = normalized_pixel_target(
+                video, masked_idx, self.cfg.tubelet_size, self.cfg.patch_size, self.cfg.pixel_mean, self.cfg.pixel_std
+            )
+        return out
+
+
+class ViTClassifier(nn.Module):
+    """The standard full-token fine-tuning baseline (VideoMAE): mean pool, fc_norm, Linear."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = _build_encoder(cfg, final_norm=False, device=device, dtype=dtype)
+        self.head = ClassifierHead(
+            VARIANTS[cfg.variant].encoder.embed_dim, cfg.num_classes, cfg.head_dropout, device=device, dtype=dtype
+        )
+        _init(self, self.head.head, cfg.init_scale)
+        if cfg.grad_checkpointing:
+            self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, n_blocks: int) -> None:
+        self.encoder.set_grad_checkpointing(n_blocks)
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        visible_idx: torch.Tensor | None = None,
+        masked_idx: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """video: [B, C, T, H, W]. A visible index is accepted (masked inference of a
+        full-token model) but the baseline is meant to see every token."""
+        return {"logits": self.head(self.encoder(video, visible_idx))}
+
+
+def build_model(cfg: ModelConfig, device=None, dtype=None) -> nn.Module:
+    """`MARModel` or `ViTClassifier` for `cfg.arch`; device="meta" builds shapes only."""
+    cls = MARModel if cfg.arch == "mar" else ViTClassifier
+    return cls(cfg, device=device, dtype=dtype)
