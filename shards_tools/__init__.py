@@ -1,1 +1,9 @@
-"""Dataset-to-shards tooling for marscale (`marscale-shards`)."""
+"""Dataset-to-shards tooling for marscale (`marscale-shards`).
+
+- `schema`: the shard format shared with `marscale.data` (keys, extensions, manifest).
+- `annotations`: Kinetics list, VideoMAE CSV, Something-Something v2 JSON, class folders.
+- `convert`: probe/re-encode videos and write resumable, checksummed WebDataset shards.
+- `verify`, `stats`: check a shard set against its manifest; describe it.
+- `synth`: a synthetic action dataset whose classes differ only in temporal order.
+- `cli`: the `marscale-shards` command.
+"""

@@ -96,6 +96,7 @@ class ShardInfo:
 class Skipped:
     source: str
     reason: str
+    detail: str = ""  # where the input was named (FILE:LINE) and what went wrong
 
 
 @dataclasses.dataclass

@@ -43,6 +43,10 @@ SYNTH_CLASSES = (
 # Each class and the class it turns into when played backwards.
 TIME_REVERSED = {0: 1, 1: 0, 2: 3, 3: 2, 4: 5, 5: 4, 6: 7, 7: 6}
 
+# x264's macroblock-tree rate control gives run-to-run different bytes on small frames
+# (64x64 and below), even single-threaded; without it the output is reproducible.
+X264_PARAMS = "mbtree=0"
+
 VIDEO_DIR = "videos"
 CLASSES_FILE = "classes.txt"
 
@@ -130,9 +134,15 @@ def render_clip(
         raise ValueError(f"label {label} out of range 0..{len(SYNTH_CLASSES) - 1}")
     background, colour = _random_colours(rng)
     cx, cy, length, thickness, angle = _trajectory(label, rng, width, height, num_frames)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    fill = np.clip(np.rint(background), 0, 255).astype(np.uint8)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     for i in range(num_frames):
+        frame = np.broadcast_to(background, (height, width, 3)).copy() if noise > 0 else None
+        # Only the object's bounding box needs the geometry: the rest is background.
+        r = 0.5 * math.hypot(length[i], thickness[i]) + 1.0
+        x0, x1 = max(0, int(cx[i] - r)), min(width, int(math.ceil(cx[i] + r)))
+        y0, y1 = max(0, int(cy[i] - r)), min(height, int(math.ceil(cy[i] + r)))
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5
         c, s = math.cos(angle[i]), math.sin(angle[i])
         dx, dy = xs - cx[i], ys - cy[i]
         u = np.abs(dx * c + dy * s)  # distance along the long axis
@@ -140,10 +150,14 @@ def render_clip(
         # Signed distance to the edge, clipped to a one-pixel ramp: an anti-aliased edge
         # keeps sub-pixel motion visible after H.264 compression.
         alpha = np.clip(np.minimum(length[i] / 2 - u, thickness[i] / 2 - v) + 0.5, 0.0, 1.0)
-        frame = background + alpha[..., None] * (colour - background)
-        if noise > 0:
-            frame = frame + rng.normal(0.0, noise, size=frame.shape)
-        frames[i] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+        patch = background + alpha[..., None] * (colour - background)
+        if frame is None:
+            frames[i] = fill
+            frames[i, y0:y1, x0:x1] = np.clip(np.rint(patch), 0, 255).astype(np.uint8)
+        else:
+            frame[y0:y1, x0:x1] = patch
+            frame += rng.normal(0.0, noise, size=frame.shape)
+            frames[i] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
     return frames
 
 
@@ -169,15 +183,16 @@ def encode_video(
     buf = io.BytesIO()
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(buf, mode="w", format=fmt) as container:
-        options: dict[str, str] = {}
+        # One encoder thread: x264 output depends on its thread count. The option has to
+        # be passed to the encoder itself; PyAV's codec_context.thread_count is not enough.
+        options: dict[str, str] = {"threads": "1"}
         if codec == "libx264":
-            options = {"preset": "veryfast", "crf": str(18 if crf is None else crf)}
+            options.update(preset="veryfast", crf=str(18 if crf is None else crf), **{"x264-params": X264_PARAMS})
         elif codec.startswith("libvpx"):
-            options = {"deadline": "realtime", "cpu-used": "8", "crf": str(10 if crf is None else crf), "b": "0"}
+            options.update({"deadline": "realtime", "cpu-used": "8", "crf": str(10 if crf is None else crf), "b": "0"})
         stream = container.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1
         if gop is not None:
             stream.codec_context.gop_size = gop
         for frame in frames:
@@ -219,13 +234,14 @@ def make_synthetic_dataset(
     noise: float = 0.0,
     codec: str = "libx264",
     gop: int | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Write a folder-per-class synthetic dataset with Kinetics-style lists.
 
     Split "train" gets `videos_per_class` clips per class, every other split gets
     `val_videos_per_class` (default: a quarter of `videos_per_class`, at least 1).
-    Returns ``{"root", "classes", "lists": {split: list path}, "num_videos": {split: n}}``.
+    Returns ``{"root", "video_root", "classes", "lists": {split: list path},
+    "num_videos": {split: n}}``. progress: tqdm bar (None: only on a terminal).
     """
     if not 1 <= num_classes <= len(SYNTH_CLASSES):
         raise ValueError(f"num_classes must be in 1..{len(SYNTH_CLASSES)}, got {num_classes}")
@@ -254,7 +270,9 @@ def make_synthetic_dataset(
         lists[split] = lines
 
     if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # spawn, not fork: the caller may hold threads (PyAV, torch) that fork would copy
+        # in a locked state.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
             _consume(pool.imap_unordered(_render_and_write, jobs, chunksize=4), len(jobs), progress)
     else:
         _consume(map(_render_and_write, jobs), len(jobs), progress)
@@ -275,10 +293,8 @@ def make_synthetic_dataset(
     }
 
 
-def _consume(results, total: int, progress: bool) -> None:
-    if progress:
-        from tqdm import tqdm
+def _consume(results, total: int, progress: bool | None) -> None:
+    from tqdm import tqdm
 
-        results = tqdm(results, total=total, desc="render", unit="video")
-    for _ in results:
+    for _ in tqdm(results, total=total, desc="render", unit="video", disable=None if progress is None else not progress):
         pass

@@ -1,0 +1,66 @@
+"""Shared pytest fixtures: a small synthetic video dataset and its shards.
+
+Both are session-scoped and built once (a few seconds on a 2-core CPU):
+
+- `synthetic_videos`: root of a 4-class synthetic action dataset (64x64, 32 frames,
+  4 train + 2 val videos per class) as written by `shards_tools.synth`:
+  ``videos/<class>/*.mp4``, ``train.txt``, ``val.txt``, ``classes.txt``.
+- `synthetic_shards`: ``{"train": dir, "val": dir}``, that dataset converted to shards
+  with 2 samples per shard (8 train shards, 4 val shards: enough for 2 ranks x 2 workers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shards_tools.convert import ConvertOptions, convert
+from shards_tools.synth import make_synthetic_dataset
+
+SYNTH_NUM_CLASSES = 4
+SYNTH_TRAIN_PER_CLASS = 4
+SYNTH_VAL_PER_CLASS = 2
+SYNTH_SIZE = 64
+SYNTH_FRAMES = 32
+SYNTH_SAMPLES_PER_SHARD = 2
+
+
+@pytest.fixture(scope="session")
+def synthetic_videos(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("synthetic_videos"))
+    make_synthetic_dataset(
+        root,
+        num_classes=SYNTH_NUM_CLASSES,
+        videos_per_class=SYNTH_TRAIN_PER_CLASS,
+        val_videos_per_class=SYNTH_VAL_PER_CLASS,
+        width=SYNTH_SIZE,
+        height=SYNTH_SIZE,
+        num_frames=SYNTH_FRAMES,
+        fps=16.0,
+        seed=0,
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory, synthetic_videos) -> dict[str, str]:
+    out_root = tmp_path_factory.mktemp("synthetic_shards")
+    dirs = {}
+    for split in ("train", "val"):
+        out = str(out_root / split)
+        convert(
+            ConvertOptions(
+                format="kinetics",
+                root=os.path.join(synthetic_videos, "videos"),
+                annotations=os.path.join(synthetic_videos, f"{split}.txt"),
+                classes=os.path.join(synthetic_videos, "classes.txt"),
+                out=out,
+                prefix=split,
+                samples_per_shard=SYNTH_SAMPLES_PER_SHARD,
+                shuffle_seed=0,
+            ),
+            progress=False,
+        )
+        dirs[split] = out
+    return dirs
