@@ -1,0 +1,369 @@
+"""The training config tree: one dataclass per YAML section, checks, and derived values.
+
+    TrainConfig
+      model: ModelConfig          marscale/model/config.py
+      masking: MaskingConfig      marscale/masking.py
+      data: DataConfig            marscale/data/config.py
+      optim: OptimConfig          optimizer and learning-rate schedule
+      deepspeed: DeepSpeedConfig  ZeRO stage, precision, accumulation (-> ds_config.py)
+      checkpoint: CheckpointConfig
+      logging: LoggingConfig
+      run: RunConfig              output folder, seed, length, device
+
+Each file in `configs/` maps one-to-one onto this tree (`load_train_config`). Values
+that follow from several fields and the world size - global batch, steps per epoch,
+total and warm-up steps - are functions here; the config itself is never patched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+from marscale.config import load_config
+from marscale.data.config import DataConfig
+from marscale.masking import MaskingConfig
+from marscale.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+FUSED_CHOICES = ("auto", "torch", "deepspeed", "apex", "none")
+PRECISIONS = ("bf16", "fp16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with layer-wise lr decay, cosine schedule with linear warm-up (the `optim:` section)."""
+
+    lr: float
+    """Peak learning rate, absolute: it is not rescaled by the batch size. The presets
+    give the value the recipe used with its global batch (see each preset's comment)."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_lr: float = 1e-6
+    """Learning rate at step 0; it rises linearly to `lr` over the warm-up."""
+    warmup_epochs: float = 5.0
+    """Length of the linear warm-up, in epochs (converted to optimizer steps)."""
+    epochs: int
+    """Training length in epochs (unless `run.max_steps` is set)."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay; not applied to norms, biases and tokens."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    layer_decay: float = 0.75
+    """Layer-wise lr decay: encoder block i trains at lr x layer_decay^(depth - i); the
+    heads at lr. 1.0 turns it off (use that when training from scratch)."""
+    clip_grad: float | None = None
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    recon_weight: float = 0.01
+    """w in loss = CE + w x reconstruction MSE (MAR: 0.01 Kinetics-400, 0.1 SSv2).
+    Ignored for `model.arch: vit` and when the model has no decoder."""
+    fused: str = "auto"
+    """AdamW implementation. auto: torch's fused kernel on CUDA, the multi-tensor
+    (foreach) one elsewhere; torch: torch fused on any device; deepspeed / apex: their
+    FusedAdam (CUDA only, must be installed); none: the single-tensor reference loop.
+    With `deepspeed.offload_optimizer` DeepSpeed's CPU Adam is used whatever this says."""
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if not 0 <= self.warmup_lr <= self.lr:
+            raise ValueError(f"optim.warmup_lr must be in [0, optim.lr={self.lr}], got {self.warmup_lr}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.epochs < 1:
+            raise ValueError(f"optim.epochs must be >= 1, got {self.epochs} (use run.max_steps for shorter runs)")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), e.g. [0.9, 0.999]; got {self.betas}")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] (1.0 = off), got {self.layer_decay}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"optim.clip_grad must be > 0, or null for no clipping; got {self.clip_grad}")
+        if self.recon_weight < 0:
+            raise ValueError(f"optim.recon_weight must be >= 0, got {self.recon_weight}")
+        if self.fused not in FUSED_CHOICES:
+            raise ValueError(f"optim.fused={self.fused!r}: use one of {', '.join(FUSED_CHOICES)}")
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed wraps the model (the `deepspeed:` section; see ds_config.py)."""
+
+    zero_stage: int = 2
+    """ZeRO stage: 0 plain data parallel, 1 shard optimizer state, 2 + gradients,
+    3 + parameters. Stage 3 needs every rank to run the same modules each step."""
+    precision: str = "bf16"
+    """bf16 | fp16 (dynamic loss scaling) | fp32. Master weights stay fp32 under bf16/fp16."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step (multiplies the global batch)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer state in pinned CPU memory and step on the CPU
+    (DeepSpeed's CPU Adam). Needs zero_stage >= 1."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass (ZeRO >= 1)."""
+    contiguous_gradients: bool = True
+    """Copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements reduced at a time (ZeRO >= 1)."""
+    allgather_bucket_size: int = 500_000_000
+    """Elements all-gathered at a time after the ZeRO-1/2 optimizer step."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """ZeRO-3: parameter elements fetched ahead of use."""
+    stage3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters smaller than this stay unpartitioned (biases, norms)."""
+    stage3_gather_16bit_weights_on_model_save: bool = True
+    """ZeRO-3: gather full weights when saving a model file (so exports need no conversion)."""
+    initial_scale_power: int = 16
+    """fp16: the dynamic loss scale starts at 2^initial_scale_power."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the loss scale is raised."""
+    hysteresis: int = 2
+    """fp16: overflows tolerated before the loss scale is lowered."""
+    min_loss_scale: int = 1
+    """fp16: lower bound of the dynamic loss scale."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"deepspeed.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"deepspeed.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs ZeRO: set deepspeed.zero_stage to 1, 2 or 3")
+        for name in (
+            "reduce_bucket_size",
+            "allgather_bucket_size",
+            "stage3_prefetch_bucket_size",
+            "loss_scale_window",
+            "hysteresis",
+            "min_loss_scale",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"deepspeed.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stage3_param_persistence_threshold < 0:
+            raise ValueError("deepspeed.stage3_param_persistence_threshold must be >= 0")
+        if not 0 <= self.initial_scale_power <= 32:
+            raise ValueError(f"deepspeed.initial_scale_power must be in [0, 32], got {self.initial_scale_power}")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """When checkpoints are written and where a run resumes from (the `checkpoint:` section)."""
+
+    every_steps: int = 1000
+    """Save every N optimizer steps (0: no periodic saves)."""
+    keep_last: int = 3
+    """Keep the newest N complete checkpoints and delete older ones (0: keep all)."""
+    resume: str = ""
+    """"" start fresh; "auto" resume from the newest complete checkpoint in
+    run.output_dir if there is one; otherwise the path of a checkpoint folder."""
+    save_at_end: bool = True
+    """Save a checkpoint after the last step."""
+    load_universal: bool = False
+    """Resume from a DeepSpeed universal checkpoint (needed to resume on a different
+    world size or ZeRO stage; convert with deepspeed's ds_to_universal.py first)."""
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ValueError(f"checkpoint.every_steps must be >= 0 (0: only at the end), got {self.every_steps}")
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be >= 0 (0: keep all), got {self.keep_last}")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """What is logged and how often (the `logging:` section)."""
+
+    every_steps: int = 20
+    """Log loss, lr, throughput and MFU every N optimizer steps (the only host syncs)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files under run.output_dir/tb (if tensorboard is installed)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device at the training precision, for MFU. None: look
+    it up from the device name; unknown devices and CPUs report no MFU."""
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"logging.every_steps must be >= 1, got {self.every_steps}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"logging.peak_tflops must be > 0, or null to look it up; got {self.peak_tflops}")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Where a run writes, how long it runs, and on what (the `run:` section)."""
+
+    name: str = "run"
+    """Run name (logs, TensorBoard)."""
+    output_dir: str = ""
+    """Folder for checkpoints, logs and the effective config ("": runs/<name>)."""
+    seed: int = 0
+    """Seed of model init, masking and dropout (the data stream has data.seed)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; None: optim.epochs x steps per epoch. The
+    lr schedule spans this length either way."""
+    eval_every_steps: int = 0
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    device: str = "auto"
+    """auto (CUDA if available, else CPU) | cuda | cpu."""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("run.name must not be empty")
+        if not self.output_dir:
+            self.output_dir = os.path.join("runs", self.name)
+        if self.seed < 0:
+            raise ValueError(f"run.seed must be >= 0, got {self.seed}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"run.max_steps must be >= 1, or null for epochs x steps per epoch; got {self.max_steps}")
+        if self.eval_every_steps < 0:
+            raise ValueError(f"run.eval_every_steps must be >= 0 (0: only at the end), got {self.eval_every_steps}")
+        if self.device not in DEVICES:
+            raise ValueError(f"run.device={self.device!r}: use one of {', '.join(DEVICES)}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    """A whole training run. Building one runs `validate` (the cross-section checks)."""
+
+    model: ModelConfig
+    """Network to build."""
+    masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
+    """Which tokens the encoder sees."""
+    data: DataConfig
+    """Shards, sampling, augmentation and batch size."""
+    optim: OptimConfig
+    """Optimizer and learning-rate schedule."""
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and resume."""
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    """Logging cadence and MFU."""
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    """Output folder, seed, length, device."""
+
+    def __post_init__(self):
+        validate(self)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that span sections. Runs whenever a TrainConfig is built (so on every load).
+
+    Choices made here:
+    - `model.arch: vit` (the full-token baseline) with any masking is an error, not a
+      warning: a baseline that silently drops tokens would corrupt every comparison
+      with MAR. Set `masking.kind: none`.
+    - `model.arch: mar` with `masking.kind: none` is allowed (an ablation: every token
+      visible, no reconstruction loss) and logged as a warning.
+    """
+    m, d, k = cfg.model, cfg.data, cfg.masking
+    if d.num_frames != m.num_frames:
+        raise ValueError(
+            f"data.num_frames={d.num_frames} but model.num_frames={m.num_frames}: the model is built for "
+            f"the clip length the loader produces; set both to the same value"
+        )
+    if d.img_size != m.img_size:
+        raise ValueError(
+            f"data.img_size={d.img_size} but model.img_size={m.img_size}: set both to the same value"
+        )
+    for a, b, name in ((d.mean, m.pixel_mean, "mean"), (d.std, m.pixel_std, "std")):
+        if len(a) != len(b) or any(abs(x - y) > 1e-6 for x, y in zip(a, b)):
+            raise ValueError(
+                f"data.{name}={list(a)} but model.pixel_{name}={list(b)}: the reconstruction target is "
+                f"un-normalised with the model's values, so they must equal the loader's"
+            )
+    if m.arch == "vit" and k.kind != "none":
+        raise ValueError(
+            f"model.arch=vit is the full-token baseline but masking.kind={k.kind!r}; set masking.kind: none "
+            f"(or use model.arch: mar to train on visible tokens)"
+        )
+    if m.arch == "mar" and k.kind == "none":
+        logger.warning(
+            "model.arch=mar with masking.kind=none: every token is visible and no reconstruction loss is used"
+        )
+    if k.kind == "cell_running":
+        _, gh, gw = m.token_grid
+        ch, cw = k.cell
+        if gh % ch or gw % cw:
+            raise ValueError(
+                f"masking.cell={list(k.cell)} does not tile the {gh}x{gw} token grid of img_size {m.img_size}; "
+                f"choose a cell size that divides it"
+            )
+    if cfg.run.device == "cpu" and cfg.deepspeed.precision == "fp16":
+        raise ValueError("deepspeed.precision=fp16 is not supported on CPU; use bf16 or fp32")
+    if cfg.deepspeed.offload_optimizer and cfg.run.device == "cpu":
+        raise ValueError("deepspeed.offload_optimizer is for GPU training; on CPU the optimizer already runs there")
+
+
+def load_train_config(yaml_path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """`configs/*.yaml` + `--set key=value` overrides -> a checked TrainConfig."""
+    return load_config(TrainConfig, yaml_path, overrides)
+
+
+# ---------------------------------------------------------------------------------------
+# Derived values
+
+
+def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """Clips per optimizer step over all ranks: data.batch_size x world x grad_accum_steps."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    return cfg.data.batch_size * world_size * cfg.deepspeed.grad_accum_steps
+
+
+def samples_per_epoch(cfg: TrainConfig) -> int:
+    """Videos per epoch: data.samples_per_epoch, or the training manifest's count."""
+    if cfg.data.samples_per_epoch is not None:
+        return cfg.data.samples_per_epoch
+    from shards_tools.schema import load_manifest  # only when the count comes from disk
+
+    return load_manifest(cfg.data.train_shards).num_samples
+
+
+def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
+    """Optimizer steps per epoch.
+
+    An epoch is `samples_per_epoch` videos, each cut into `clips_per_video` clips; a step
+    takes `global_batch_size` clips. This equals the loader's batches per rank
+    (samples // (world x videos per batch)) divided by grad_accum_steps, rounded down.
+    """
+    videos_per_step = global_batch_size(cfg, world_size) // cfg.data.clips_per_video
+    n = samples_per_epoch(cfg) // videos_per_step
+    if n < 1:
+        raise ValueError(
+            f"an epoch of {samples_per_epoch(cfg)} videos is less than one optimizer step of "
+            f"{videos_per_step} videos ({world_size} ranks x {cfg.data.videos_per_batch} videos x "
+            f"{cfg.deepspeed.grad_accum_steps} accumulation steps); lower data.batch_size or "
+            f"deepspeed.grad_accum_steps, or raise data.samples_per_epoch"
+        )
+    return n
+
+
+def total_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Optimizer steps of the whole run: run.max_steps, else optim.epochs x steps per epoch."""
+    if cfg.run.max_steps is not None:
+        return cfg.run.max_steps
+    return cfg.optim.epochs * steps_per_epoch(cfg, world_size)
+
+
+def warmup_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Linear warm-up length in optimizer steps: optim.warmup_epochs x steps per epoch,
+    rounded to the nearest step and at most the run length."""
+    if cfg.optim.warmup_epochs == 0:
+        return 0
+    steps = int(math.floor(cfg.optim.warmup_epochs * steps_per_epoch(cfg, world_size) + 0.5))
+    return min(steps, total_steps(cfg, world_size))

@@ -1,0 +1,385 @@
+"""Typed config loading (marscale/config.py) and the training config tree (engine/config.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+from typing import Optional
+
+import pytest
+import yaml
+
+from marscale.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_yaml,
+    read_config_file,
+    save_config,
+    to_dict,
+)
+from marscale.engine.config import (
+    TrainConfig,
+    global_batch_size,
+    load_train_config,
+    steps_per_epoch,
+    total_steps,
+    validate,
+    warmup_steps,
+)
+from shards_tools.schema import Manifest, ShardInfo, save_manifest
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+PRESETS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")) if not os.path.basename(p).startswith("_"))
+BASES = sorted(glob.glob(os.path.join(CONFIG_DIR, "_*.yaml")))
+
+
+# A small schema of its own, so the loader is tested apart from the training tree.
+@dataclasses.dataclass
+class Inner:
+    lr: float = 0.1
+    steps: int = 3
+    tags: tuple[str, ...] = ()
+    pair: tuple[int, float] = (1, 2.0)
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    flag: bool = False
+    maybe: Optional[int] = None
+    either: float | None = None
+    items: list[int] = dataclasses.field(default_factory=list)
+    anything: tuple = (1, 2)
+
+    def __post_init__(self):
+        if self.name == "bad":
+            raise ValueError("name must not be 'bad'")
+
+
+def minimal_train_dict() -> dict:
+    return {
+        "model": {"num_classes": 10, "variant": "vit_tiny", "img_size": 64},
+        "data": {"train_shards": "a", "val_shards": "b", "img_size": 64, "short_side": 64},
+        "optim": {"lr": 1e-3, "epochs": 2},
+    }
+
+
+def write_yaml(path, data) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------
+# generic loader
+
+
+def test_from_dict_builds_nested_and_converts_types():
+    cfg = from_dict(
+        Outer,
+        {
+            "name": "x",
+            "inner": {"lr": 1, "tags": ["a", "b"], "pair": [3, 4]},
+            "maybe": 5,
+            "either": 2,
+            "items": [1, 2],
+            "anything": [7, "z"],
+        },
+    )
+    assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)  # int accepted for float
+    assert cfg.inner.tags == ("a", "b")
+    assert cfg.inner.pair == (3, 4.0) and isinstance(cfg.inner.pair[1], float)
+    assert cfg.maybe == 5 and cfg.either == 2.0 and isinstance(cfg.either, float)
+    assert cfg.items == [1, 2]
+    assert cfg.anything == (7, "z")
+    assert cfg.inner.steps == 3 and cfg.flag is False
+
+
+def test_unknown_key_names_full_path_and_nearest():
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'inner.lrr' (did you mean 'inner.lr'?)")):
+        from_dict(Outer, {"name": "x", "inner": {"lrr": 1.0}})
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'optim.lrr' (did you mean 'optim.lr'?)")):
+        from_dict(TrainConfig, {**minimal_train_dict(), "optim": {"lrr": 1e-3, "lr": 1e-3, "epochs": 1}})
+    # Nothing close: the valid keys are listed instead.
+    with pytest.raises(ConfigError, match=r"unknown key 'inner.zzzz' \(valid keys of 'inner': lr, steps, tags, pair\)"):
+        from_dict(Outer, {"name": "x", "inner": {"zzzz": 1}})
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"inner": {"steps": "3"}}, "'inner.steps' expects int, got '3' (str)"),
+        ({"inner": {"steps": 2.5}}, "'inner.steps' expects int, got 2.5 (float)"),
+        ({"inner": {"lr": "fast"}}, "'inner.lr' expects float, got 'fast' (str)"),
+        ({"inner": {"lr": True}}, "'inner.lr' expects float, got True (bool)"),
+        ({"flag": 1}, "'flag' expects bool, got 1 (int)"),
+        ({"maybe": "x"}, "'maybe' expects int | None, got 'x' (str)"),
+        ({"inner": {"tags": "a"}}, "'inner.tags' expects tuple[str, ...], got 'a' (str)"),
+        ({"inner": {"tags": ["a", 2]}}, "'inner.tags[1]' expects str, got 2 (int)"),
+        ({"inner": {"pair": [1]}}, "'inner.pair' expects 2 values (tuple[int, float]), got [1]"),
+        ({"items": [1, "2"]}, "'items[1]' expects int, got '2' (str)"),
+        ({"inner": 3}, "'inner' must be a mapping"),
+    ],
+)
+def test_wrong_types_name_key_type_and_value(data, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(Outer, {"name": "x", **data})
+
+
+def test_integral_float_accepted_for_int():
+    assert from_dict(Outer, {"name": "x", "inner": {"steps": 5e8}}).inner.steps == 500_000_000
+
+
+def test_missing_required_keys_are_named():
+    with pytest.raises(ConfigError, match=re.escape("missing required key 'name'")):
+        from_dict(Outer, {})
+    with pytest.raises(ConfigError, match=re.escape("missing required keys 'data.train_shards', 'data.val_shards'")):
+        from_dict(TrainConfig, {**minimal_train_dict(), "data": {}})
+    with pytest.raises(ConfigError, match=re.escape("missing required key 'model'")):
+        from_dict(TrainConfig, {k: v for k, v in minimal_train_dict().items() if k != "model"})
+
+
+def test_post_init_errors_carry_the_path():
+    with pytest.raises(ConfigError, match=re.escape("name must not be 'bad'")):
+        from_dict(Outer, {"name": "bad"})
+    d = minimal_train_dict()
+    d["model"]["arch"] = "resnet"
+    with pytest.raises(ConfigError, match=re.escape("model: model.arch must be 'mar' or 'vit'")):
+        from_dict(TrainConfig, d)
+    d = minimal_train_dict()
+    d["optim"]["layer_decay"] = 1.5
+    with pytest.raises(ConfigError, match=re.escape("optim: optim.layer_decay must be in (0, 1]")):
+        from_dict(TrainConfig, d)
+
+
+def test_yaml_reads_scientific_notation_as_float():
+    assert parse_yaml("1e-4") == 1e-4
+    assert parse_yaml("5e8") == 5e8
+    assert parse_yaml("-2.5E-3") == -2.5e-3
+    assert parse_yaml("1.0e-6") == 1e-6
+    assert parse_yaml("12") == 12 and isinstance(parse_yaml("12"), int)
+    assert parse_yaml("abc1e4") == "abc1e4"
+
+
+def test_overrides_are_parsed_as_yaml():
+    raw = {"name": "x", "inner": {"lr": 0.1}}
+    out = apply_overrides(
+        raw,
+        ["inner.lr=1e-4", "flag=true", "inner.tags=[a, b]", "maybe=null", "items=[1,2]", "name=2024"],
+        Outer,
+    )
+    assert raw == {"name": "x", "inner": {"lr": 0.1}}  # input untouched
+    cfg = from_dict(Outer, out)
+    assert cfg.inner.lr == 1e-4 and cfg.flag is True and cfg.inner.tags == ("a", "b")
+    assert cfg.maybe is None and cfg.items == [1, 2]
+    assert cfg.name == "2024"  # a str field keeps the text
+
+
+def test_bad_overrides_give_clear_errors():
+    message = "--set inner.lrr=1: unknown key 'inner.lrr' (did you mean 'inner.lr'?)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        apply_overrides({}, ["inner.lrr=1"], Outer)
+    with pytest.raises(ConfigError, match="must look like key.subkey=value"):
+        apply_overrides({}, ["inner.lr"], Outer)
+    with pytest.raises(ConfigError, match=re.escape("'inner.steps' expects int, got 'many' (str)")):
+        from_dict(Outer, apply_overrides({"name": "x"}, ["inner.steps=many"], Outer))
+    with pytest.raises(ConfigError, match="'name' is a value, not a section"):
+        apply_overrides({"name": "x"}, ["name.first=y"])
+
+
+def test_load_config_with_defaults_and_overrides(tmp_path):
+    write_yaml(tmp_path / "base.yaml", {"name": "base", "inner": {"lr": 0.5, "steps": 7}, "flag": True})
+    write_yaml(tmp_path / "child.yaml", {"defaults": "base.yaml", "name": "child", "inner": {"lr": 0.25}})
+    cfg = load_config(Outer, tmp_path / "child.yaml", ["inner.steps=9"])
+    assert cfg.name == "child" and cfg.flag is True
+    assert cfg.inner.lr == 0.25  # the file's own value wins
+    assert cfg.inner.steps == 9  # the override wins over both
+    # Defaults chains are refused (one level only).
+    write_yaml(tmp_path / "grand.yaml", {"defaults": "child.yaml"})
+    with pytest.raises(ConfigError, match="one level of inheritance"):
+        read_config_file(tmp_path / "grand.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        read_config_file(write_yaml(tmp_path / "orphan.yaml", {"defaults": "nope.yaml"}))
+    # Errors name the file.
+    write_yaml(tmp_path / "typo.yaml", {"name": "x", "inner": {"step": 1}})
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key 'inner.step' \(did you mean 'inner.steps'\?\)"):
+        load_config(Outer, tmp_path / "typo.yaml")
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_train_config(os.path.join(CONFIG_DIR, "mar_vit_b_k400.yaml"), ["optim.clip_grad=3.0"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temporary left behind
+    again = load_train_config(path)
+    assert again == cfg
+    assert to_dict(again) == to_dict(cfg)
+    # Sections in field order, tuples written as lists.
+    saved = yaml.safe_load(path.read_text())
+    assert list(saved) == ["model", "masking", "data", "optim", "deepspeed", "checkpoint", "logging", "run"]
+    assert saved["optim"]["betas"] == [0.9, 0.999]
+
+
+# ---------------------------------------------------------------------------------------
+# presets and the training tree
+
+
+def test_presets_exist():
+    names = {os.path.basename(p) for p in PRESETS}
+    for expected in (
+        "demo.yaml",
+        "mar_vit_b_k400.yaml",
+        "mar_vit_l_k400.yaml",
+        "mar_vit_b_ssv2.yaml",
+        "mar_vit_l_ssv2.yaml",
+        "mar_vit_h_k400.yaml",
+        "vit_b_k400.yaml",
+        "vit_l_k400.yaml",
+        "vit_h_k400.yaml",
+    ):
+        assert expected in names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
+def test_every_preset_loads_and_validates(path):
+    cfg = load_train_config(path)
+    validate(cfg)
+    assert cfg.run.name == os.path.splitext(os.path.basename(path))[0]
+    assert cfg.data.num_frames == cfg.model.num_frames and cfg.data.img_size == cfg.model.img_size
+    if cfg.model.arch == "vit":
+        assert cfg.masking.kind == "none"
+
+
+def test_bases_are_used():
+    used = set()
+    for path in PRESETS:
+        with open(path) as f:
+            used.add((yaml.safe_load(f) or {}).get("defaults"))
+    for base in BASES:
+        assert os.path.basename(base) in used
+
+
+def test_recipe_values():
+    b = load_train_config(os.path.join(CONFIG_DIR, "mar_vit_b_k400.yaml"))
+    assert (b.optim.lr, b.optim.layer_decay, b.optim.epochs, b.model.drop_path) == (1e-3, 0.65, 100, 0.1)
+    assert (b.data.batch_size, b.data.clips_per_video, b.data.sampling, b.data.flip) == (16, 2, "dense", True)
+    assert b.optim.recon_weight == 0.01 and b.deepspeed.zero_stage == 2 and b.deepspeed.precision == "bf16"
+    assert (b.data.mixup, b.data.cutmix, b.data.label_smoothing, b.data.random_erasing) == (0.8, 1.0, 0.1, 0.25)
+    assert b.data.rand_augment == "rand-m9-mstd0.5-inc1"
+    assert (b.optim.warmup_epochs, b.optim.warmup_lr, b.optim.min_lr, b.optim.weight_decay) == (5.0, 1e-6, 1e-6, 0.05)
+    ls = load_train_config(os.path.join(CONFIG_DIR, "mar_vit_l_ssv2.yaml"))
+    assert (ls.optim.lr, ls.optim.layer_decay, ls.optim.epochs, ls.model.drop_path) == (2.5e-4, 0.75, 40, 0.2)
+    assert (ls.data.sampling, ls.data.flip, ls.optim.recon_weight, ls.model.num_classes) == (
+        "segment",
+        False,
+        0.1,
+        174,
+    )
+    demo = load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"))
+    assert demo.model.variant == "vit_tiny" and demo.model.num_classes == 4 and demo.data.sampling == "segment"
+    assert demo.data.train_shards == "runs/demo/data/shards/train"
+    assert demo.data.val_shards == "runs/demo/data/shards/val"
+    assert (demo.data.test_num_clips, demo.data.test_num_crops) == (1, 1)
+    assert demo.data.rand_augment == "" and demo.data.mixup == 0 and demo.data.cutmix == 0
+    assert demo.data.random_erasing == 0 and not demo.data.flip
+
+
+def test_preset_override():
+    cfg = load_train_config(
+        os.path.join(CONFIG_DIR, "demo.yaml"), ["optim.lr=3e-4", "deepspeed.zero_stage=0", "masking.ratio=0.75"]
+    )
+    assert cfg.optim.lr == 3e-4 and cfg.deepspeed.zero_stage == 0 and cfg.masking.ratio == 0.75
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'optim.lrr' (did you mean 'optim.lr'?)")):
+        load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"), ["optim.lrr=1e-4"])
+    with pytest.raises(ConfigError, match=re.escape("'deepspeed.zero_stage' expects int, got 'two' (str)")):
+        load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"), ["deepspeed.zero_stage=two"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.num_frames=8"], "data.num_frames=8 but model.num_frames=16"),
+        (["data.img_size=32", "data.short_side=32"], "data.img_size=32 but model.img_size=64"),
+        (["model.arch=vit"], "model.arch=vit is the full-token baseline but masking.kind='cell_running'"),
+        (["data.mean=[0.5,0.5,0.5]"], "data.mean=[0.5, 0.5, 0.5] but model.pixel_mean"),
+        (["masking.cell=[4,4]", "masking.ratio=0.25", "model.img_size=96", "data.img_size=96", "data.short_side=96"],
+         "masking.cell=[4, 4] does not tile the 6x6 token grid"),
+        (["run.device=cpu", "deepspeed.precision=fp16"], "fp16 is not supported on CPU"),
+        (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "offload_optimizer needs ZeRO"),
+        (["deepspeed.precision=fp8"], "deepspeed.precision='fp8'"),
+        (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr=0.001]"),
+        (["run.max_steps=0"], "run.max_steps must be >= 1"),
+    ],
+)
+def test_cross_section_checks(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"), overrides)
+
+
+def test_vit_with_no_masking_and_mar_without_masking_are_allowed(caplog):
+    cfg = load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"), ["model.arch=vit", "masking.kind=none"])
+    assert cfg.model.arch == "vit"
+    with caplog.at_level("WARNING"):
+        load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"), ["masking.kind=none"])
+    assert "no reconstruction loss" in caplog.text
+
+
+def test_output_dir_defaults_to_runs_name():
+    d = minimal_train_dict()
+    d["run"] = {"name": "exp1"}
+    assert from_dict(TrainConfig, d).run.output_dir == os.path.join("runs", "exp1")
+    d["run"] = {"name": "exp1", "output_dir": "/somewhere"}
+    assert from_dict(TrainConfig, d).run.output_dir == "/somewhere"
+
+
+# ---------------------------------------------------------------------------------------
+# derived values
+
+
+def train_cfg(**sections) -> TrainConfig:
+    d = minimal_train_dict()
+    for name, values in sections.items():
+        d[name] = {**d.get(name, {}), **values}
+    return from_dict(TrainConfig, d)
+
+
+def test_derived_steps_from_samples_per_epoch():
+    cfg = train_cfg(
+        data={"batch_size": 8, "clips_per_video": 2, "samples_per_epoch": 1000},
+        deepspeed={"grad_accum_steps": 2},
+        optim={"epochs": 3, "warmup_epochs": 0.5},
+    )
+    assert global_batch_size(cfg, 4) == 8 * 4 * 2
+    # 1000 videos x 2 clips / 64 clips per step = 31.25 -> 31 steps
+    assert steps_per_epoch(cfg, 4) == 31
+    assert total_steps(cfg, 4) == 93
+    assert warmup_steps(cfg, 4) == 16  # 15.5 rounds to 16
+    assert steps_per_epoch(cfg, 1) == 125
+    # max_steps replaces epochs x steps; warm-up never exceeds the run
+    capped = train_cfg(
+        data={"samples_per_epoch": 1000}, optim={"epochs": 3, "warmup_epochs": 5.0}, run={"max_steps": 40}
+    )
+    assert total_steps(capped, 1) == 40
+    assert warmup_steps(capped, 1) == 40
+    assert warmup_steps(train_cfg(data={"samples_per_epoch": 1000}, optim={"epochs": 1, "warmup_epochs": 0.0}), 1) == 0
+
+
+def test_steps_per_epoch_from_manifest(tmp_path):
+    shards = [ShardInfo(f"train-{i:06d}.tar", n, 1, "0" * 64, {"0": n}) for i, n in enumerate((40, 40, 20))]
+    save_manifest(str(tmp_path), Manifest("train", ["a"], shards, [], {}))
+    cfg = train_cfg(data={"train_shards": str(tmp_path), "batch_size": 4, "clips_per_video": 2})
+    assert cfg.data.samples_per_epoch is None
+    # 100 videos, 2 clips each, 4 clips per rank x 2 ranks -> 25 steps
+    assert steps_per_epoch(cfg, 2) == 25
+    assert total_steps(cfg, 2) == 2 * 25
+
+
+def test_epoch_smaller_than_a_step_is_an_error():
+    cfg = train_cfg(data={"batch_size": 8, "samples_per_epoch": 10})
+    with pytest.raises(ValueError, match="less than one optimizer step"):
+        steps_per_epoch(cfg, 4)
