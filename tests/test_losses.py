@@ -1,0 +1,120 @@
+"""Tests for marscale.losses: patch layout, reconstruction target, classification and total loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marscale.losses import (
+    classification_loss,
+    masked_mse,
+    normalized_pixel_target,
+    patchify,
+    soft_target_cross_entropy,
+    total_loss,
+)
+
+
+def test_patchify_matches_a_loop():
+    B, C, T, H, W, tub, p = 2, 3, 4, 8, 12, 2, 4
+    video = torch.randn(B, C, T, H, W, generator=torch.Generator().manual_seed(0))
+    out = patchify(video, tub, p)
+    t_, h_, w_ = T // tub, H // p, W // p
+    assert out.shape == (B, t_ * h_ * w_, tub * p * p, C)
+    expected = torch.empty_like(out)
+    for b in range(B):
+        for t in range(t_):
+            for y in range(h_):
+                for x in range(w_):
+                    n = (t * h_ + y) * w_ + x
+                    for dt in range(tub):
+                        for dy in range(p):
+                            for dx in range(p):
+                                k = (dt * p + dy) * p + dx
+                                expected[b, n, k, :] = video[b, :, t * tub + dt, y * p + dy, x * p + dx]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_normalized_pixel_target_by_hand():
+    B, C, T, H, W, tub, p = 2, 3, 2, 4, 4, 2, 2
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(B, C, T, H, W, generator=g)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    masked_idx = torch.tensor([[3, 0], [1, 2]])
+    target = normalized_pixel_target(video, masked_idx, tub, p, mean, std)
+    assert target.shape == (B, 2, tub * p * p * C)
+    for b in range(B):
+        for j, n in enumerate(masked_idx[b].tolist()):
+            y, x = divmod(n, W // p)
+            for c in range(C):
+                pix = video[b, c, :, y * p : (y + 1) * p, x * p : (x + 1) * p] * std[c] + mean[c]
+                vals = pix.flatten().tolist()  # (frame, row, col) order, 8 values
+                mu = sum(vals) / len(vals)
+                sd = (sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5  # unbiased
+                want = torch.tensor([(v - mu) / (sd + 1e-6) for v in vals])
+                torch.testing.assert_close(target[b, j, c::C], want, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_target_ce_equals_cross_entropy_for_one_hot():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 7, generator=g)
+    labels = torch.tensor([0, 3, 6, 2, 3])
+    one_hot = F.one_hot(labels, 7).float()
+    torch.testing.assert_close(soft_target_cross_entropy(logits, one_hot), F.cross_entropy(logits, labels))
+    smooth = one_hot * 0.9 + 0.1 / 7
+    torch.testing.assert_close(
+        soft_target_cross_entropy(logits, smooth), F.cross_entropy(logits, labels, label_smoothing=0.1)
+    )
+    # A genuinely mixed target (mixup of two labels): -sum(t * log softmax).
+    mixed = 0.3 * one_hot + 0.7 * F.one_hot(labels.flip(0), 7).float()
+    want = -(mixed * logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(soft_target_cross_entropy(logits, mixed), want)
+
+
+def test_classification_loss_dispatch_and_dtype():
+    logits = torch.randn(4, 3, dtype=torch.bfloat16)
+    labels = torch.tensor([0, 1, 2, 1])
+    hard = classification_loss(logits, labels)
+    soft = classification_loss(logits, F.one_hot(labels, 3).float())
+    assert hard.dtype == torch.float32 and soft.dtype == torch.float32
+    torch.testing.assert_close(hard, F.cross_entropy(logits.float(), labels))
+    torch.testing.assert_close(soft, hard)
+
+
+def test_masked_mse():
+    pred, target = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    torch.testing.assert_close(masked_mse(pred, target), ((pred - target) ** 2).mean())
+
+
+@pytest.mark.parametrize("w", [0.01, 0.1])
+def test_total_loss_weighting(w):
+    g = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(4, 5, generator=g), torch.tensor([1, 0, 4, 2])
+    pred, target = torch.randn(4, 6, 12, generator=g), torch.randn(4, 6, 12, generator=g)
+    out = total_loss({"logits": logits, "pred": pred, "target": target}, labels, w)
+    ce, mse = F.cross_entropy(logits, labels), ((pred - target) ** 2).mean()
+    torch.testing.assert_close(out["loss_cls"], ce)
+    torch.testing.assert_close(out["loss_recon"], mse)
+    torch.testing.assert_close(out["loss"], ce + w * mse)
+
+
+def test_total_loss_without_reconstruction():
+    logits, labels = torch.randn(2, 3), torch.tensor([0, 2])
+    only_cls = total_loss({"logits": logits}, labels, 0.1)
+    assert set(only_cls) == {"loss", "loss_cls"}
+    torch.testing.assert_close(only_cls["loss"], F.cross_entropy(logits, labels))
+    outputs = {"logits": logits, "pred": torch.ones(2, 1, 4), "target": torch.zeros(2, 1, 4)}
+    off = total_loss(outputs, labels, 0.0)
+    assert "loss_recon" not in off
+    torch.testing.assert_close(off["loss"], F.cross_entropy(logits, labels))
+
+
+def test_total_loss_backpropagates_to_both_terms():
+    logits = torch.randn(2, 3, requires_grad=True)
+    pred = torch.randn(2, 1, 4, requires_grad=True)
+    out = total_loss({"logits": logits, "pred": pred, "target": torch.zeros(2, 1, 4)}, torch.tensor([0, 1]), 0.5)
+    out["loss"].backward()
+    # d(0.5 * mean(pred^2)) / d pred = pred / 8 for 8 elements.
+    torch.testing.assert_close(pred.grad, pred.detach() / 8)
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

@@ -1,0 +1,398 @@
+"""Tests for marscale.model: shapes, masking semantics against a reference written here from
+primitives, position table, qkv bias layout, parameter counts, checkpointing, drop path."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marscale.model import VARIANTS, BridgeConfig, ModelConfig, build_model
+from marscale.model.layers import Attention, DropPath, sincos_table
+
+# Tokens in the tiny clips: 4 frames / tubelet 2, 32 px / patch 16 -> a 2 x 2 x 2 grid.
+N = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These tensors are tiny: on a small shared CPU, intra-op threads cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(arch: str = "mar", **kw) -> ModelConfig:
+    base = dict(
+        num_classes=5,
+        arch=arch,
+        variant="vit_tiny",
+        img_size=32,
+        num_frames=4,
+        drop_path=0.0,
+        head_dropout=0.0,
+        init_scale=1.0,
+        bridge=BridgeConfig(embed_dim=64, depth=2, num_heads=4),
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@functools.lru_cache(maxsize=None)
+def _built(arch: str, seed: int, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(tiny_cfg(arch, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # make zero-initialised biases and tokens matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def model(arch: str = "mar", seed: int = 0, **kw) -> torch.nn.Module:
+    return copy.deepcopy(_built(arch, seed, **kw))
+
+
+def clip(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 4, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# Visible / masked token indices for two clips (4 of 8 visible, deliberately unsorted-looking sets).
+VIS = torch.tensor([[0, 3, 5, 6], [1, 2, 4, 7]])
+MSK = torch.tensor([[1, 2, 4, 7], [0, 3, 5, 6]])
+
+
+# --- a reference ViT written from primitives ---------------------------------------------
+
+
+def ref_table(n: int, d: int) -> torch.Tensor:
+    """VideoMAE's table: channel pairs (2i, 2i+1) share the angle p / 10000^(2i/d)."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    table = torch.zeros(n, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)
+    return table.float()
+
+
+def ref_attention(attn, x):
+    B, n, D = x.shape
+    h = attn.num_heads
+    W = attn.qkv.weight
+    q = x @ W[:D].T + attn.q_bias
+    k = x @ W[D : 2 * D].T  # no k bias
+    v = x @ W[2 * D :].T + attn.v_bias
+    q, k, v = (t.view(B, n, h, D // h).transpose(1, 2) for t in (q, k, v))
+    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // h), dim=-1)
+    return (a @ v).transpose(1, 2).reshape(B, n, D) @ attn.proj.weight.T + attn.proj.bias
+
+
+def ref_block(b, x):
+    D = x.shape[-1]
+    x = x + ref_attention(b.attn, F.layer_norm(x, (D,), b.norm1.weight, b.norm1.bias, 1e-6))
+    y = F.layer_norm(x, (D,), b.norm2.weight, b.norm2.bias, 1e-6)
+    return x + F.gelu(y @ b.mlp.fc1.weight.T + b.mlp.fc1.bias) @ b.mlp.fc2.weight.T + b.mlp.fc2.bias
+
+
+def ref_tokens(enc, video):
+    """Tubelet embedding + position table, all N tokens in (t, y, x) order: [B, N, D]."""
+    conv = enc.patch_embed.proj
+    x = F.conv3d(video, conv.weight, conv.bias, stride=conv.stride)  # [B, D, T', H', W']
+    x = x.permute(0, 2, 3, 4, 1).reshape(video.shape[0], -1, x.shape[1])
+    return x + ref_table(x.shape[1], x.shape[2])
+
+
+def ref_encoder(enc, tokens):
+    for b in enc.blocks:
+        tokens = ref_block(b, tokens)
+    if isinstance(enc.norm, torch.nn.LayerNorm):
+        tokens = F.layer_norm(tokens, tokens.shape[-1:], enc.norm.weight, enc.norm.bias, 1e-6)
+    return tokens
+
+
+def gather(x, idx):
+    return torch.stack([x[b, idx[b]] for b in range(x.shape[0])])
+
+
+# --- shapes and masking semantics ----------------------------------------------------------
+
+
+def test_output_shapes():
+    m = model("mar")
+    video = clip()
+    m.train()
+    out = m(video, VIS, MSK)
+    assert out["logits"].shape == (2, 5)
+    assert out["pred"].shape == (2, 4, 1536) and out["target"].shape == (2, 4, 1536)
+    m.eval()
+    assert set(m(video, VIS, MSK)) == {"logits"}
+    assert m(video)["logits"].shape == (2, 5)
+    vit = model("vit")
+    assert set(vit(video)) == {"logits"} and vit(video)["logits"].shape == (2, 5)
+
+
+def test_decoder_can_be_switched_off():
+    m = model("mar", decoder=False).train()
+    assert m.decoder is None and set(m(clip(), VIS, MSK)) == {"logits"}
+
+
+@pytest.mark.parametrize("arch", ["mar", "vit"])
+def test_encoder_without_mask_is_the_full_token_vit(arch):
+    enc = model(arch).encoder
+    video = clip()
+    with torch.no_grad():
+        expected = ref_encoder(enc, ref_tokens(enc, video))
+        torch.testing.assert_close(enc(video), expected, rtol=1e-4, atol=1e-5)
+        all_idx = torch.arange(N).expand(2, N)
+        torch.testing.assert_close(enc(video, all_idx), enc(video), rtol=0, atol=0)
+
+
+def test_encoder_on_visible_tokens_adds_positions_before_gathering():
+    enc = model("mar").encoder
+    video = clip()
+    with torch.no_grad():
+        full = ref_tokens(enc, video)
+        expected = ref_encoder(enc, gather(full, VIS))
+        got = enc(video, VIS)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        # The wrong semantics (positions of the compacted sequence) give something else.
+        conv_only = full - ref_table(N, full.shape[-1])
+        wrong = ref_encoder(enc, gather(conv_only, VIS) + ref_table(4, full.shape[-1]))
+        assert (got - wrong).abs().max() > 1e-3
+
+
+def test_mar_logits_see_only_visible_tokens():
+    m = model("mar")
+    video = clip()
+    with torch.no_grad():
+        expected = m.classifier(m.encoder(video, VIS))
+        torch.testing.assert_close(m(video, VIS)["logits"], expected, rtol=0, atol=0)
+        # Changing the pixels of a masked tubelet (token 1 of clip 0: t=0, y=0, x=1) changes nothing.
+        edited = video.clone()
+        edited[0, :, 0:2, 0:16, 16:32] = 5.0
+        torch.testing.assert_close(m(edited, VIS)["logits"], m(video, VIS)["logits"], rtol=0, atol=0)
+        assert (m(edited)["logits"][0] - m(video)["logits"][0]).abs().max() > 1e-4
+
+
+def test_bridging_classifier_by_hand():
+    cls = model("mar").classifier
+    x = torch.randn(2, 4, 192, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h = x @ cls.embed.weight.T
+        for b in cls.blocks:
+            h = ref_block(b, h)
+        pooled = F.layer_norm(h.mean(1), (64,), cls.head.fc_norm.weight, cls.head.fc_norm.bias, 1e-6)
+        expected = pooled @ cls.head.head.weight.T + cls.head.head.bias
+        torch.testing.assert_close(cls(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_decoder_matches_in_place_reference():
+    """Our decoder orders visible-then-masked; the MAR reference keeps token order with mask
+    tokens in place. Attention is order-equivariant, so the predictions must agree."""
+    m = model("mar")
+    dec = m.decoder
+    video = clip()
+    with torch.no_grad():
+        x = m.encoder(video, VIS)
+        pred = dec(x, VIS, MSK)
+        assert pred.shape == (2, 4, 1536)
+        seq = dec.mask_token.expand(2, N, -1).clone()
+        proj = x @ dec.encoder_to_decoder.weight.T
+        for b in range(2):
+            seq[b, VIS[b]] = proj[b]
+        seq = seq + ref_table(N, seq.shape[-1])
+        for blk in dec.blocks:
+            seq = ref_block(blk, seq)
+        out = F.layer_norm(seq, seq.shape[-1:], dec.norm.weight, dec.norm.bias, 1e-6) @ dec.head.weight.T
+        expected = gather(out + dec.head.bias, MSK)
+        torch.testing.assert_close(pred, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reconstruction_target_by_hand():
+    m = model("mar").train()
+    video = clip()
+    mean, std = m.cfg.pixel_mean, m.cfg.pixel_std
+    target = m(video, VIS, MSK)["target"]
+    for b in range(2):
+        for j, n in enumerate(MSK[b].tolist()):
+            t, rem = divmod(n, 4)
+            y, x = divmod(rem, 2)
+            for c in range(3):
+                px = video[b, c, 2 * t : 2 * t + 2, 16 * y : 16 * y + 16, 16 * x : 16 * x + 16] * std[c] + mean[c]
+                vals = px.double().flatten()
+                mu = vals.sum() / vals.numel()
+                sd = torch.sqrt(((vals - mu) ** 2).sum() / (vals.numel() - 1))
+                want = ((vals - mu) / (sd + 1e-6)).float()
+                torch.testing.assert_close(target[b, j, c::3], want, rtol=1e-5, atol=1e-5)
+
+
+# --- building blocks ----------------------------------------------------------------------
+
+
+def test_sincos_table_entries():
+    d = 16
+    table = sincos_table(10, d)
+    assert table.shape == (10, d) and table.dtype == torch.float32
+    torch.testing.assert_close(table[0], torch.tensor([0.0, 1.0] * (d // 2)))
+    torch.testing.assert_close(table[1, 0], torch.tensor(math.sin(1.0)))
+    torch.testing.assert_close(table[1, 1], torch.tensor(math.cos(1.0)))
+    torch.testing.assert_close(table[3, 2], torch.tensor(math.sin(3 / 10000 ** (2 / d))))
+    torch.testing.assert_close(table[5, 7], torch.tensor(math.cos(5 / 10000 ** (6 / d))))
+    torch.testing.assert_close(table[9, 15], torch.tensor(math.cos(9 / 10000 ** (14 / d))))
+    torch.testing.assert_close(sincos_table(1568, 768), ref_table(1568, 768))
+
+
+def test_position_tables_are_fixed_buffers_not_saved():
+    m = model("mar")
+    names = {n for n, _ in m.named_parameters()}
+    assert not any("pos_embed" in n for n in names)
+    assert not any("pos_embed" in k for k in m.state_dict())
+    torch.testing.assert_close(m.encoder.pos_embed, ref_table(N, 192))
+    torch.testing.assert_close(m.decoder.pos_embed, ref_table(N, 96))
+
+
+def test_qkv_bias_layout():
+    torch.manual_seed(0)
+    attn = Attention(12, 3)
+    assert attn.qkv.bias is None, "k must have no bias"
+    assert {n for n, _ in attn.named_parameters()} == {"qkv.weight", "q_bias", "v_bias", "proj.weight", "proj.bias"}
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+        torch.testing.assert_close(attn(x), ref_attention(attn, x), rtol=1e-5, atol=1e-6)
+        # With a zero qkv weight, q and v are their biases and k is 0: attention is uniform and
+        # every token's output is proj(v_bias). A v_bias in the k slot would give proj.bias.
+        attn.qkv.weight.zero_()
+        torch.testing.assert_close(attn(x), attn.proj(attn.v_bias).expand(2, 5, 12), rtol=1e-5, atol=1e-6)
+        # q_bias enters the logits only with k; k = 0 here, so the q bias cannot matter...
+        attn.q_bias.normal_()
+        torch.testing.assert_close(attn(x), attn.proj(attn.v_bias).expand(2, 5, 12), rtol=1e-5, atol=1e-6)
+        # ...but with keys and values that depend on x it does.
+        attn.qkv.weight[12:] = torch.randn(24, 12)
+        before = attn(x)
+        attn.q_bias.add_(1.0)
+        assert (attn(x) - before).abs().max() > 1e-4
+
+
+def test_drop_path_is_identity_in_eval_and_per_sample_in_training():
+    dp = DropPath(0.5)
+    x = torch.randn(64, 3, 4)
+    assert dp.eval()(x) is x
+    torch.manual_seed(0)
+    y = dp.train()(x)
+    kept = (y != 0).flatten(1).all(1)
+    dropped = (y == 0).flatten(1).all(1)
+    assert bool((kept | dropped).all()) and 0 < int(kept.sum()) < 64
+    torch.testing.assert_close(y[kept], x[kept] / 0.5)
+
+
+def test_drop_path_model_is_deterministic_in_eval():
+    with_dp = model("mar", drop_path=0.5, head_dropout=0.5)
+    without = model("mar")
+    without.load_state_dict(with_dp.state_dict())
+    with_dp.eval(), without.eval()
+    video = clip()
+    with torch.no_grad():
+        torch.testing.assert_close(with_dp(video, VIS)["logits"], without(video, VIS)["logits"], rtol=0, atol=0)
+        with_dp.train()
+        torch.manual_seed(1)
+        a = with_dp(video, VIS)["logits"]
+        assert (a - without(video, VIS)["logits"]).abs().max() > 1e-6
+
+
+def _grads(m, video, seed):
+    m.zero_grad()
+    torch.manual_seed(seed)
+    out = m(video, VIS, MSK)
+    (out["logits"].sum() + out["pred"].square().mean()).backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_grad_checkpointing_gives_identical_gradients():
+    # drop path on: the recomputed forward must replay the same random drops.
+    base = model("mar", drop_path=0.3).train()
+    ckpt = copy.deepcopy(base)
+    ckpt.set_grad_checkpointing(4)
+    assert ckpt.encoder.grad_checkpointing == 4
+    video = clip()
+    g0, g1 = _grads(base, video, 7), _grads(ckpt, video, 7)
+    assert g0.keys() == g1.keys() and "encoder.blocks.0.attn.qkv.weight" in g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+    cfg_built = build_model(tiny_cfg("mar", grad_checkpointing=6), device="meta")
+    assert cfg_built.encoder.grad_checkpointing == 6
+
+
+def test_set_grad_checkpointing_validates():
+    m = model("vit")
+    for bad in (-1, 7):
+        with pytest.raises(ValueError, match=r"\[0, 6\]"):
+            m.set_grad_checkpointing(bad)
+    m.set_grad_checkpointing(0)
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        tiny_cfg("vit", grad_checkpointing=7)
+
+
+def test_config_validation():
+    for bad in (dict(arch="cnn"), dict(variant="vit_xxl"), dict(img_size=40), dict(num_frames=5), dict(num_classes=0)):
+        with pytest.raises(ValueError):
+            ModelConfig(**{"num_classes": 5, "img_size": 32, "num_frames": 4, **bad})
+
+
+# --- parameter counts on the meta device ----------------------------------------------------
+
+
+def block_params(d: int, hidden: int) -> int:
+    # norm1, qkv (no bias), q_bias, v_bias, proj, norm2, fc1, fc2
+    return 2 * d + 3 * d * d + 2 * d + d * d + d + 2 * d + d * hidden + hidden + hidden * d + d
+
+
+def encoder_params(variant: str, tubelet: int = 2) -> int:
+    s = VARIANTS[variant].encoder
+    hidden = round(s.embed_dim * s.mlp_ratio)
+    embed = 3 * tubelet * s.patch_size**2 * s.embed_dim + s.embed_dim
+    return embed + s.depth * block_params(s.embed_dim, hidden)
+
+
+def vit_params(variant: str, k: int) -> int:
+    d = VARIANTS[variant].encoder.embed_dim
+    return encoder_params(variant) + 2 * d + d * k + k  # fc_norm + Linear
+
+
+def mar_params(variant: str, k: int, bridge: int = 512, bridge_depth: int = 2) -> int:
+    v = VARIANTS[variant]
+    d, dd = v.encoder.embed_dim, v.decoder.embed_dim
+    out = 3 * 2 * v.encoder.patch_size**2
+    decoder = d * dd + dd + v.decoder.depth * block_params(dd, 4 * dd) + 2 * dd + dd * out + out
+    classifier = d * bridge + bridge_depth * block_params(bridge, 4 * bridge) + 2 * bridge + bridge * k + k
+    return encoder_params(variant) + 2 * d + decoder + classifier
+
+
+def count(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize(
+    "variant,low,high",
+    [("vit_b", 86.0e6, 87.0e6), ("vit_l", 303.5e6, 305.0e6), ("vit_h", 631.0e6, 633.0e6), ("vit_g", 1.00e9, 1.02e9)],
+)
+def test_parameter_counts_on_meta(variant, low, high):
+    vit = build_model(ModelConfig(num_classes=400, arch="vit", variant=variant), device="meta")
+    assert all(p.is_meta for p in vit.parameters())
+    assert count(vit) == vit_params(variant, 400)
+    assert low < count(vit) < high
+    mar = build_model(ModelConfig(num_classes=400, arch="mar", variant=variant), device="meta")
+    assert all(p.is_meta for p in mar.parameters())
+    assert count(mar) == mar_params(variant, 400)
+
+
+def test_vit_g_geometry():
+    m = build_model(ModelConfig(num_classes=400, arch="vit", variant="vit_g"), device="meta")
+    assert m.encoder.grid == (8, 16, 16) and m.encoder.num_tokens == 2048
+    assert m.encoder.blocks[0].mlp.fc1.out_features == 6144
