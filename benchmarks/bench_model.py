@@ -1,0 +1,362 @@
+"""Time MAR against full-token ViTs: training steps (forward + backward) and inference.
+
+Compares measured time ratios with counted FLOP ratios (marscale.cost), and on a GPU
+reports clips/s, peak memory, achieved TFLOP/s and MFU. Imports only torch and
+marscale's model, masking, losses and cost modules, so it runs where only PyTorch is
+installed (e.g. a fresh GPU node with this checkout):
+
+    # CPU (default without CUDA): ViT-S, 16x224x224, batch 1, 1 thread, MAR 50% vs full tokens
+    python benchmarks/bench_model.py
+    # GPU: ViT-L MAR 50% vs full ViT-L and full ViT-H, bf16 autocast, batch 8
+    python benchmarks/bench_model.py --device cuda [--batch 8] [--grad-checkpointing] [--json out.json]
+    # quick check of the GPU code path on CPU
+    python benchmarks/bench_model.py --device cpu --variants vit_tiny --also-full vit_tiny --amp --repeats 2
+
+A training step is: forward, total loss (soft-target cross-entropy + masked MSE of the
+reconstruction decoder for MAR), backward; no optimizer step. Inference is one forward
+without the decoder. The mask is cell running masking, drawn once before timing.
+Achieved TFLOP/s uses true FLOPs (2 x multiply-accumulates) counted on the same model
+shape; recomputation under --grad-checkpointing is not counted (model FLOPs, as MFU is
+defined).
+
+On CPU, time ratios compare process CPU time with one thread by default: on a shared
+machine wall time swings with other load (seen: 1.0 s to 4.7 s for the same forward),
+and with several threads OpenMP spin-waits while a sibling thread is descheduled,
+inflating CPU time too. One thread's CPU time counts the work done, so it tracks FLOPs.
+Wall time is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+
+from marscale.cost import DISPLAY_NAMES, model_flops_per_clip  # noqa: E402
+from marscale.losses import total_loss  # noqa: E402
+from marscale.masking import MaskingConfig, make_mask, mask_to_indices  # noqa: E402
+from marscale.model import VARIANTS, ModelConfig, build_model  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device name; override with --peak-tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+RECON_WEIGHT = 0.01  # Kinetics-400; only the loss value depends on it, not the cost
+INFERENCE_TOLERANCE = 0.15
+
+
+@dataclasses.dataclass
+class Setup:
+    """One model at one mask ratio (0 = the full-token baseline)."""
+
+    variant: str
+    ratio: float
+
+    @property
+    def label(self) -> str:
+        return f"{DISPLAY_NAMES.get(self.variant, self.variant)} " + (
+            "full" if self.ratio == 0 else f"MAR {round(self.ratio * 100)}%"
+        )
+
+
+@dataclasses.dataclass
+class Result:
+    setup: str
+    variant: str
+    ratio: float
+    mode: str
+    """'train' (forward + backward) or 'infer' (forward)."""
+    batch: int
+    times_s: list[float]
+    """Wall time per step (CUDA-event time on GPU)."""
+    flops_per_clip: int
+    """True FLOPs (2 x MACs) per clip, counted."""
+    cpu_times_s: list[float] | None = None
+    """Process CPU time per step (CPU runs only)."""
+    peak_mem_gib: float | None = None
+    error: str | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def compare_s(self) -> float:
+        """The time that ratios compare: CPU time on CPU, CUDA-event time on GPU."""
+        return statistics.median(self.cpu_times_s) if self.cpu_times_s else self.median_s
+
+    @property
+    def tflops(self) -> float:
+        return self.flops_per_clip * self.batch / self.median_s / 1e12
+
+
+def model_config(args, s: Setup) -> ModelConfig:
+    return ModelConfig(
+        num_classes=args.num_classes,
+        arch="vit" if s.ratio == 0 else "mar",
+        variant=s.variant,
+        img_size=args.img_size,
+        num_frames=args.num_frames,
+        grad_checkpointing=VARIANTS[s.variant].encoder.depth if args.grad_checkpointing else 0,
+    )
+
+
+class Case:
+    """A built model with fixed inputs, ready to run a training or an inference step."""
+
+    def __init__(self, args, setup: Setup, device: torch.device):
+        self.setup, self.device = setup, device
+        self.cfg = model_config(args, setup)
+        self.model = build_model(self.cfg, device=device)
+        g = torch.Generator().manual_seed(0)
+        b = args.batch
+        shape = (b, 3, self.cfg.num_frames, self.cfg.img_size, self.cfg.img_size)
+        self.video = torch.randn(shape, generator=g).to(device)
+        self.target = torch.softmax(torch.randn(b, self.cfg.num_classes, generator=g), -1).to(device)
+        self.visible_idx = self.masked_idx = self.eval_visible_idx = None
+        if setup.ratio > 0:
+            masking = MaskingConfig(kind=args.mask, ratio=setup.ratio)
+            vis, msk = mask_to_indices(make_mask(masking, b, self.cfg.token_grid, g, train=True))
+            self.visible_idx, self.masked_idx = vis.to(device), msk.to(device)
+            vis, _ = mask_to_indices(make_mask(masking, b, self.cfg.token_grid, g, train=False))
+            self.eval_visible_idx = vis.to(device)
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext()
+        )
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        with self.autocast:
+            out = self.model(self.video, self.visible_idx, self.masked_idx)
+            loss = total_loss(out, self.target, RECON_WEIGHT)["loss"]
+        loss.backward()
+
+    def infer_step(self) -> None:
+        self.model.eval()
+        with torch.inference_mode(), self.autocast:
+            self.model(self.video, self.eval_visible_idx)
+
+    def step(self, mode: str) -> None:
+        (self.train_step if mode == "train" else self.infer_step)()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cpu(cases: list[Case], modes: list[str], args) -> list[Result]:
+    """All models built up front and timed in turn (round robin), so a slow spell of a
+    shared machine hits every case alike."""
+    keys = [(c, m) for c in cases for m in modes]
+    for c, m in keys:
+        for _ in range(args.warmup):
+            c.step(m)
+    wall: dict[tuple[int, str], list[float]] = {(id(c), m): [] for c, m in keys}
+    cpu: dict[tuple[int, str], list[float]] = {(id(c), m): [] for c, m in keys}
+    for _ in range(args.repeats):
+        for c, m in keys:
+            t0, c0 = time.perf_counter(), time.process_time()
+            c.step(m)
+            wall[(id(c), m)].append(time.perf_counter() - t0)
+            cpu[(id(c), m)].append(time.process_time() - c0)
+    results = []
+    for c, m in keys:
+        results.append(result(c, m, wall[(id(c), m)], args))
+        results[-1].cpu_times_s = cpu[(id(c), m)]
+    return results
+
+
+def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device) -> list[Result]:
+    """One model on the GPU at a time (clean peak memory); CUDA events, one sync per case."""
+    results = []
+    for s in setups:
+        try:
+            case = Case(args, s, device)
+        except torch.cuda.OutOfMemoryError as err:
+            results += [failed(args, s, m, f"OOM building the model: {err}") for m in modes]
+            continue
+        for m in modes:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                for _ in range(args.warmup):
+                    case.step(m)
+                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                          for _ in range(args.repeats)]
+                for start, end in events:
+                    start.record()
+                    case.step(m)
+                    end.record()
+                sync(device)
+                r = result(case, m, [start.elapsed_time(end) / 1e3 for start, end in events], args)
+                r.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            except torch.cuda.OutOfMemoryError as err:
+                r = failed(args, s, m, f"OOM: {str(err).splitlines()[0]}")
+            case.model.zero_grad(set_to_none=True)
+            results.append(r)
+        del case
+        torch.cuda.empty_cache()
+    return results
+
+
+def result(case: Case, mode: str, times: list[float], args) -> Result:
+    s = case.setup
+    flops = model_flops_per_clip(case.cfg, s.ratio, training=mode == "train")
+    return Result(s.label, s.variant, s.ratio, mode, args.batch, times, flops)
+
+
+def failed(args, s: Setup, mode: str, error: str) -> Result:
+    flops = model_flops_per_clip(model_config(args, s), s.ratio, training=mode == "train")
+    return Result(s.label, s.variant, s.ratio, mode, args.batch, [], flops, error=error)
+
+
+def baseline_of(r: Result, results: list[Result]) -> Result | None:
+    """The full-token run of the same size and mode (the ratio's denominator)."""
+    for b in results:
+        if b.variant == r.variant and b.ratio == 0 and b.mode == r.mode and b.error is None:
+            return b
+    return None
+
+
+def markdown(results: list[Result], peak: float | None, gpu: bool) -> str:
+    head = ["model", "mode", "batch", "median ms"] + ([] if gpu else ["CPU ms"])
+    head += ["clips/s", "time / full", "FLOPs / full", "GFLOP/clip", "TFLOP/s"]
+    if peak:
+        head.append("MFU")
+    if gpu:
+        head.append("peak mem GiB")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in results:
+        if r.error:
+            lines.append("| " + " | ".join([r.setup, r.mode, str(r.batch), r.error] + ["-"] * (len(head) - 4)) + " |")
+            continue
+        base = baseline_of(r, results)
+        cells = [r.setup, r.mode, str(r.batch), f"{r.median_s * 1e3:.1f}"]
+        if not gpu:
+            cells.append(f"{r.compare_s * 1e3:.1f}")
+        cells += [
+            f"{r.batch / r.median_s:.2f}",
+            f"{r.compare_s / base.compare_s:.3f}" if base else "-",
+            f"{r.flops_per_clip / base.flops_per_clip:.3f}" if base else "-",
+            f"{r.flops_per_clip / 1e9:.1f}",
+            f"{r.tflops:.3f}" if r.tflops < 1 else f"{r.tflops:.1f}",
+        ]
+        if peak:
+            cells.append(f"{r.tflops / peak:.1%}")
+        if gpu:
+            cells.append(f"{r.peak_mem_gib:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_checks(results: list[Result]) -> list[str]:
+    """Measured time ratio vs counted FLOP ratio for every MAR run with a full baseline."""
+    lines = []
+    for r in results:
+        base = baseline_of(r, results)
+        if r.ratio == 0 or r.error or base is None:
+            continue
+        t, f = r.compare_s / base.compare_s, r.flops_per_clip / base.flops_per_clip
+        clock = "CPU-time" if r.cpu_times_s else "time"
+        line = f"{r.setup} {r.mode}: {clock} ratio {t:.3f}, FLOP ratio {f:.3f} (time/FLOP {t / f:.2f})"
+        if r.cpu_times_s:
+            line += f"; wall-time ratio {r.median_s / base.median_s:.3f}"
+        if r.mode == "infer":
+            ok = abs(t / f - 1) <= INFERENCE_TOLERANCE
+            line += f" -> {'within' if ok else 'NOT within'} {INFERENCE_TOLERANCE:.0%} of the FLOP ratio"
+        lines.append(line)
+    return lines
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variants", nargs="+", default=None, help="default: vit_s on CPU, vit_l on CUDA")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.0], help="mask ratios (0 = full tokens)")
+    p.add_argument("--also-full", nargs="*", default=None,
+                   help="extra full-token variants to time (default: vit_h on CUDA, none on CPU)")
+    p.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
+    p.add_argument("--batch", type=int, default=None, help="clips per step (default: 1 on CPU, 8 on CUDA)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--num-classes", type=int, default=400)
+    p.add_argument("--mask", choices=("cell_running", "random"), default="cell_running")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA, off on CPU)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute every encoder block in backward")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default: 1 CPU, 3 CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per case (default: 5 CPU, 10 CUDA)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on CPU, see above)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    defaults = dict(variants=["vit_l" if gpu else "vit_s"], also_full=["vit_h"] if gpu else [],
+                    batch=8 if gpu else 1, amp=gpu, warmup=3 if gpu else 1, repeats=10 if gpu else 5,
+                    threads=None if gpu else 1)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setups = [Setup(v, r) for v in args.variants for r in args.ratios]
+    setups += [Setup(v, 0.0) for v in args.also_full if Setup(v, 0.0) not in setups]
+
+    peak = args.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        results = time_cuda(setups, args.modes, args, device)
+    else:
+        threads = torch.get_num_threads()
+        name = f"CPU, {threads} thread{'' if threads == 1 else 's'}"
+        results = time_cpu([Case(args, s, device) for s in setups], args.modes, args)
+
+    clip = f"{args.num_frames}x{args.img_size}x{args.img_size}"
+    print(f"# {name}; torch {torch.__version__}; clip {clip}; batch {args.batch}; "
+          f"{'bf16 autocast' if args.amp else 'fp32'}; {'grad checkpointing; ' if args.grad_checkpointing else ''}"
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    print(markdown(results, peak, device.type == "cuda"))
+    if device.type == "cpu":
+        print("\ntime / full compares process CPU time (medians); clips/s and TFLOP/s use wall time.")
+    if peak:
+        print(f"\nMFU against {peak:g} TFLOP/s (dense bf16); TFLOP/s from true FLOPs (2 x MACs), marscale.cost.")
+    checks = ratio_checks(results)
+    if checks:
+        print()
+        print("\n".join(checks))
+    if args.json:
+        doc = {
+            "device": name,
+            "torch": torch.__version__,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "peak_tflops": peak,
+            "results": [
+                dict(dataclasses.asdict(r), median_s=r.median_s if r.times_s else None) for r in results
+            ],
+            "ratio_checks": checks,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

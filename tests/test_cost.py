@@ -1,0 +1,285 @@
+"""marscale.cost: counted FLOPs against the analytic formula and the published figures.
+
+Counts run on the meta device; each distinct model is counted once per test module (the
+in-memory cache) into a fresh disk cache under a temporary directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from marscale import cost
+from marscale.cli import main as cli_main
+from marscale.model import VARIANTS, ModelConfig, build_model
+
+K = 400  # Kinetics-400 head
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_cache(tmp_path_factory):
+    """Count afresh into a private disk cache (never the user's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MARSCALE_CACHE_DIR", str(tmp_path_factory.mktemp("flop_cache")))
+        cost._count.cache_clear()
+        yield
+    cost._count.cache_clear()
+
+
+def count(variant: str, ratio: float, **kw) -> cost.ModelCount:
+    arch = "vit" if ratio == 0 else "mar"
+    cfg = ModelConfig(num_classes=kw.pop("num_classes", K), arch=arch, variant=variant, **kw)
+    return cost.count_model(cfg, ratio)
+
+
+# ----------------------------------------------------------------- analytic formula
+
+
+def blocks(depth: int, d: int, n: int, mlp_ratio: float = 4.0) -> int:
+    """MACs of `depth` transformer blocks of width d on n tokens: qkv + proj (4 d^2 n),
+    MLP (2 d h n), attention scores and weighted sum (2 d n^2). With h = 4d this is the
+    FACTS formula L * (12 d^2 N + 2 d N^2)."""
+    hidden = int(round(d * mlp_ratio))
+    return depth * ((4 * d * d + 2 * d * hidden) * n + 2 * d * n * n)
+
+
+def encoder(variant: str, n: int, nv: int, tubelet: int = 2) -> int:
+    """Tubelet embedding on all n tokens + blocks on the nv visible ones."""
+    e = VARIANTS[variant].encoder
+    return 3 * tubelet * e.patch_size**2 * e.embed_dim * n + blocks(e.depth, e.embed_dim, nv, e.mlp_ratio)
+
+
+def bridging(variant: str, nv: int, k: int = K) -> int:
+    """Linear d -> 512 on nv tokens, 2 blocks of width 512, head 512 -> k on the pooled token."""
+    d = VARIANTS[variant].encoder.embed_dim
+    return d * 512 * nv + blocks(2, 512, nv) + 512 * k
+
+
+def decoder(variant: str, n: int, nv: int, tubelet: int = 2) -> int:
+    """Linear d -> Dd on visible, blocks on all n tokens, head Dd -> P on the masked ones."""
+    spec = VARIANTS[variant]
+    dd, p = spec.decoder.embed_dim, 3 * tubelet * spec.encoder.patch_size**2
+    return spec.encoder.embed_dim * dd * nv + blocks(spec.decoder.depth, dd, n) + dd * p * (n - nv)
+
+
+def test_blocks_formula_is_the_facts_formula():
+    assert blocks(12, 768, 1568) == 12 * (12 * 768**2 * 1568 + 2 * 768 * 1568**2)
+
+
+@pytest.mark.parametrize(
+    "variant,ratio",
+    [("vit_b", 0.0), ("vit_b", 0.5), ("vit_l", 0.75), ("vit_tiny", 0.5)],
+)
+def test_counted_parts_equal_formula_exactly(variant, ratio):
+    # FlopCounterMode counts matmul/conv/attention MACs only (bias adds, norms and GELU
+    # are not counted, nor are they in the formula), so every part matches to the MAC.
+    c = count(variant, ratio)
+    n, nv = c.tokens, c.visible_tokens
+    assert nv == n - round(ratio * n)
+    assert c.macs_encoder == encoder(variant, n, nv)
+    if ratio == 0:
+        assert c.macs_classifier == VARIANTS[variant].encoder.embed_dim * K  # mean pool -> Linear
+        assert c.macs_decoder == 0
+    else:
+        assert c.macs_classifier == bridging(variant, nv)
+        assert c.macs_decoder == decoder(variant, n, nv)
+
+
+def test_vit_g_patch14_and_mlp_ratio():
+    # 8 x 16 x 16 = 2048 tokens; MLP hidden 1408 * 48/11 = 6144.
+    c = count("vit_g", 0.5)
+    assert (c.tokens, c.visible_tokens) == (2048, 1024)
+    assert c.macs_encoder == encoder("vit_g", 2048, 1024)
+    assert c.macs_decoder == decoder("vit_g", 2048, 1024)
+
+
+def test_per_view_total_vs_encoder_formula_tolerance():
+    # The FACTS formula covers the encoder only; the full-token head (d x K MACs on one
+    # pooled token) is what it leaves out: 768 * 400 / 180e9 = 1.7e-6 of ViT-B.
+    c = count("vit_b", 0.0)
+    formula = encoder("vit_b", 1568, 1568)
+    rel = (c.macs_inference - formula) / formula
+    assert 0 < rel < 2e-6
+
+
+def test_backward_is_twice_forward_except_the_clip_gradient():
+    # Every matmul's backward computes the input and the weight gradient (2 x its
+    # forward); the tubelet embedding computes only its weight gradient (the clip needs none).
+    for variant, ratio in (("vit_b", 0.0), ("vit_b", 0.5)):
+        c = count(variant, ratio)
+        patch_embed = 3 * 2 * 16 * 16 * VARIANTS[variant].encoder.embed_dim * c.tokens
+        assert c.macs_backward == 2 * c.macs_training_forward - patch_embed
+
+
+def test_inference_count_matches_an_eval_mode_forward():
+    # count_model takes inference MACs from the training forward's encoder + classifier;
+    # check that equals a plain eval-mode forward (decoder skipped).
+    cfg = ModelConfig(num_classes=K, arch="mar", variant="vit_tiny")
+    model = build_model(cfg, device="meta").eval()
+    video = torch.empty(1, 3, 16, 224, 224, device="meta")
+    visible = torch.arange(784, device="meta").unsqueeze(0)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(video, visible)
+    assert fc.get_total_flops() // 2 == cost.count_model(cfg, 0.5).macs_inference
+
+
+# -------------------------------------------------------------- published figures
+
+
+@pytest.mark.parametrize(
+    "variant,ratio,published",
+    [
+        ("vit_s", 0.0, 57),
+        ("vit_b", 0.0, 180),
+        ("vit_l", 0.0, 597),
+        ("vit_h", 0.0, 1192),
+        ("vit_b", 0.5, 86),
+        ("vit_l", 0.5, 276),
+        ("vit_b", 0.75, 41),
+        ("vit_l", 0.75, 131),
+    ],
+)
+def test_published_gflops_within_1_percent(variant, ratio, published):
+    assert count(variant, ratio).macs_inference / 1e9 == pytest.approx(published, rel=0.01)
+
+
+@pytest.mark.parametrize("variant", ["vit_b", "vit_l"])
+def test_mar50_at_least_52_percent_cheaper(variant):
+    assert count(variant, 0.5).macs_inference <= 0.48 * count(variant, 0.0).macs_inference
+
+
+@pytest.mark.parametrize("variant,millions", [("vit_b", 86), ("vit_l", 304), ("vit_h", 632)])
+def test_parameters(variant, millions):
+    c = count(variant, 0.0)
+    assert c.params_inference / 1e6 == pytest.approx(millions, rel=0.01)
+    assert c.params_training == c.params_inference  # no decoder in the baseline
+
+
+def test_mar_parameters_split():
+    c = count("vit_b", 0.5)
+    cfg = ModelConfig(num_classes=K, arch="mar", variant="vit_b")
+    model = build_model(cfg, device="meta")
+    dec = sum(p.numel() for p in model.decoder.parameters())
+    assert c.params_training == sum(p.numel() for p in model.parameters())
+    assert c.params_inference == c.params_training - dec
+
+
+def test_training_exceeds_three_inference_forwards_for_mar():
+    for variant in ("vit_b", "vit_l"):
+        c = count(variant, 0.5)
+        assert c.macs_training > 3 * c.macs_inference
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_model_flops_per_clip_any_shape():
+    # The training loop's numerator: true FLOPs = 2 x MACs, at the config's own shape.
+    cfg = ModelConfig(num_classes=10, arch="mar", variant="vit_tiny", img_size=112, num_frames=8)
+    n, nv = 4 * 7 * 7, 196 - 98
+    fwd = encoder("vit_tiny", n, nv) + bridging("vit_tiny", nv, k=10)
+    assert cost.model_macs_per_clip(cfg, 0.5, training=False) == fwd
+    assert cost.model_flops_per_clip(cfg, 0.5, training=False) == 2 * fwd
+    train = cost.model_flops_per_clip(cfg, 0.5, training=True)
+    assert train == 2 * cost.count_model(cfg, 0.5).macs_training
+    # Gradient checkpointing and dropout do not change model FLOPs.
+    same = dataclasses.replace(cfg, grad_checkpointing=3, drop_path=0.3)
+    assert cost.model_flops_per_clip(same, 0.5, training=True) == train
+
+
+def test_no_decoder_means_no_decoder_flops():
+    with_dec = count("vit_tiny", 0.5)
+    without = count("vit_tiny", 0.5, decoder=False)
+    assert without.macs_decoder == 0
+    assert without.macs_inference == with_dec.macs_inference
+    assert without.macs_training < with_dec.macs_training
+
+
+def test_disk_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARSCALE_CACHE_DIR", str(tmp_path))
+    cfg = ModelConfig(num_classes=7, arch="mar", variant="vit_tiny", img_size=64, num_frames=4)
+    cost._count.cache_clear()
+    first = cost.count_model(cfg, 0.5)
+    stored = json.loads((tmp_path / "flop_counts.json").read_text())
+    assert stored["fingerprint"] == cost._fingerprint() and len(stored["counts"]) == 1
+    cost._count.cache_clear()
+    assert cost.count_model(cfg, 0.5) == first  # read back from disk
+    # Counts written under another fingerprint (older code or torch) are not used.
+    stored["fingerprint"] = "stale"
+    (tmp_path / "flop_counts.json").write_text(json.dumps(stored))
+    assert cost._read_cache(tmp_path / "flop_counts.json") == {}
+    cost._count.cache_clear()
+
+
+def test_ratios_in_table():
+    rows = cost.cost_table(["vit_l"], [0.0, 0.5])
+    full, mar = rows
+    assert full.view_vs_full == 1.0 and full.setting == "full" and mar.setting == "MAR 50%"
+    assert mar.view_vs_full == pytest.approx(mar.macs_view / full.macs_view)
+    h = count("vit_h", 0.0)
+    assert mar.view_vs_vit_h == pytest.approx(mar.macs_view / h.macs_inference)
+    assert mar.training_vs_vit_h == pytest.approx(mar.macs_training / h.macs_training)
+    assert mar.macs_multiview == 15 * mar.macs_view
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_cli(capsys, *args: str) -> str:
+    assert cli_main(["cost", "--variants", "vit_tiny", "vit_b", "--ratios", "0,0.5", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_csv(capsys):
+    rows = list(csv.DictReader(io.StringIO(run_cli(capsys, "--format", "csv"))))
+    assert len(rows) == 4
+    assert list(rows[0]) == [f.name for f in dataclasses.fields(cost.CostRow)]
+    b50 = rows[3]
+    assert (b50["variant"], b50["setting"]) == ("vit_b", "MAR 50%")
+    assert int(b50["macs_view"]) == count("vit_b", 0.5).macs_inference
+
+
+def test_cli_json(capsys):
+    doc = json.loads(run_cli(capsys, "--format", "json"))
+    assert [r["setting"] for r in doc["rows"]] == ["full", "MAR 50%"] * 2
+    terms = doc["mar_vit_l_vs_vit_h"]
+    per_view = terms["MAR 50% ViT-L / ViT-H, inference per view"]
+    assert per_view == pytest.approx(count("vit_l", 0.5).macs_inference / count("vit_h", 0.0).macs_inference)
+
+
+def test_cli_markdown_and_table(capsys):
+    md = run_cli(capsys, "--format", "markdown").splitlines()
+    table = [line for line in md if line.startswith("|")]
+    assert len(table) == 2 + 4 and set(table[1]) <= set("|-")
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert "14.5%" in "\n".join(md)
+    text = run_cli(capsys)
+    assert "ViT-B" in text and "MAR 50%" in text and "Backward:" in text
+
+
+# ----------------------------------------------------------------------- imports
+
+
+def test_gpu_benchmark_imports_only_torch_and_model_modules():
+    # The GPU benchmark must run where only PyTorch is installed.
+    code = (
+        "import sys, importlib.util\n"
+        "spec = importlib.util.spec_from_file_location('bench', 'benchmarks/bench_model.py')\n"
+        "sys.modules['bench'] = module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "import marscale.cost, marscale.masking, marscale.losses, marscale.model\n"
+        "heavy = {'deepspeed', 'webdataset', 'decord', 'timm', 'torchvision', 'av', 'yaml'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
