@@ -1,0 +1,35 @@
+"""Video data: sharded WebDataset loaders, frame sampling, clip augmentation, mixup.
+
+Importing this package is cheap (only the config dataclass); the loaders, decoders and
+timm-based transforms are imported on first use of their names::
+
+    from marscale.data import DataConfig, build_train_loader, build_eval_loader
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from marscale.data.config import DataConfig
+
+_LAZY = {
+    "build_train_loader": "pipeline",
+    "build_eval_loader": "pipeline",
+    "steps_per_epoch": "pipeline",
+    "num_classes": "pipeline",
+    "TrainLoader": "pipeline",
+    "EvalLoader": "pipeline",
+    "normalize": "mixup",
+    "VideoMixup": "mixup",
+    "build_mixup": "mixup",
+    "available_decoders": "decode",
+    "resolve_decoder": "decode",
+}
+
+__all__ = ["DataConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"marscale.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'marscale.data' has no attribute {name!r}")

@@ -1,0 +1,195 @@
+"""`DataConfig`: everything the video loader needs, checked when it is built.
+
+One flat dataclass (the `data:` section of a run's YAML file). Derived values - batches
+per epoch, videos per batch, the resolved decoder - come from functions in
+`marscale.data.pipeline` and `marscale.data.decode`, never from changing these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+SAMPLING_MODES = ("dense", "segment")
+DECODERS = ("auto", "decord", "pyav", "torchcodec")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train_shards: str
+    """Training shard folder (holds `manifest.json` and the `.tar` shards)."""
+
+    val_shards: str
+    """Evaluation shard folder, same layout as `train_shards`."""
+
+    sampling: str = "dense"
+    """Frame sampling. "dense" (Kinetics): `num_frames` frames `sampling_interval` apart
+    from a random window in training, `test_num_clips` evenly spaced windows in
+    evaluation. "segment" (Something-Something v2): the video is cut into `num_frames`
+    equal segments and one frame is taken from each, at a random offset in training and
+    at the centre in evaluation."""
+
+    num_frames: int = 16
+    """Frames per clip (T)."""
+
+    sampling_interval: int = 4
+    """Distance in source frames between two sampled frames ("dense" only)."""
+
+    img_size: int = 224
+    """Side of the square clips fed to the model (training crop and evaluation crop)."""
+
+    short_side: int = 224
+    """Evaluation: frames are resized so their short side is this long before cropping
+    `img_size` squares; must be >= `img_size`."""
+
+    batch_size: int = 8
+    """Clips per rank per step (all `clips_per_video` clips of a video count)."""
+
+    clips_per_video: int = 1
+    """Repeated augmentation: clips made from one decoded video (the same frames, each
+    with its own spatial augmentation, as in VideoMAE/MAR). Must divide `batch_size`; the
+    clips of a video are consecutive within one batch."""
+
+    test_num_clips: int = 5
+    """Evaluation: temporal windows per video."""
+
+    test_num_crops: int = 3
+    """Evaluation: spatial crops per window (3: left/centre/right or top/centre/bottom
+    along the long side; 1: centre)."""
+
+    eval_batch_size: int = 8
+    """Evaluation views per batch."""
+
+    num_workers: int = 4
+    """DataLoader worker processes per rank (0: decode in the training process). The
+    training stream depends on it: resume with the same value."""
+
+    decoder: str = "auto"
+    """Video decoder backend: auto | decord | pyav | torchcodec. "auto" takes the fastest
+    installed one (see `marscale.data.decode.AUTO_ORDER`)."""
+
+    shuffle_buffer: int = 500
+    """Training: samples held by each worker's shuffle buffer (encoded bytes, so about
+    `shuffle_buffer` x mean video size of memory per worker). 0 or 1 disables it."""
+
+    samples_per_epoch: Optional[int] = None
+    """Videos per epoch over all ranks; None: the number of videos in the training
+    manifest. Each video yields `clips_per_video` clips."""
+
+    flip: bool = True
+    """Random horizontal flip in training. Set False when labels depend on left/right
+    (Something-Something v2, the synthetic set)."""
+
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment config string, applied with the same ops to every frame; "" disables."""
+
+    random_erasing: float = 0.25
+    """Probability of erasing one rectangle (the same on every frame of a clip)."""
+
+    rrc_scale: tuple = (0.08, 1.0)
+    """RandomResizedCrop area range, as a fraction of the frame."""
+
+    rrc_ratio: tuple = (0.75, 1.3333)
+    """RandomResizedCrop aspect-ratio (width / height) range."""
+
+    mean: tuple = IMAGENET_MEAN
+    """Per-channel mean (RGB, 0-1 scale) subtracted on the device by `normalize`."""
+
+    std: tuple = IMAGENET_STD
+    """Per-channel std (RGB, 0-1 scale) divided out on the device by `normalize`."""
+
+    mixup: float = 0.8
+    """Mixup alpha (0 disables)."""
+
+    cutmix: float = 1.0
+    """CutMix alpha (0 disables)."""
+
+    label_smoothing: float = 0.1
+    """Label smoothing of the soft targets."""
+
+    seed: int = 0
+    """Root of every random stream of the loader (with epoch, rank and worker)."""
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; keep tuples so configs compare and hash the same way.
+        for name in ("rrc_scale", "rrc_ratio", "mean", "std"):
+            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+
+        if not self.train_shards or not self.val_shards:
+            raise ValueError("train_shards and val_shards must name shard folders (each with a manifest.json)")
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(
+                f"sampling={self.sampling!r}: use 'dense' (Kinetics-style windows) or 'segment' (SSv2-style segments)"
+            )
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder={self.decoder!r}: use one of {', '.join(DECODERS)}")
+        positive = (
+            "num_frames",
+            "sampling_interval",
+            "img_size",
+            "short_side",
+            "batch_size",
+            "clips_per_video",
+            "test_num_clips",
+            "test_num_crops",
+            "eval_batch_size",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.clips_per_video:
+            raise ValueError(
+                f"clips_per_video={self.clips_per_video} must divide batch_size={self.batch_size} "
+                f"(a batch holds whole videos); e.g. set batch_size to "
+                f"{self.clips_per_video * max(1, self.batch_size // self.clips_per_video)}"
+            )
+        if self.short_side < self.img_size:
+            raise ValueError(
+                f"short_side={self.short_side} < img_size={self.img_size}: evaluation crops "
+                f"img_size squares from frames resized to short_side; set short_side >= img_size"
+            )
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 decodes in the main process), got {self.num_workers}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0 (0 disables shuffling), got {self.shuffle_buffer}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(
+                f"samples_per_epoch must be >= 1, or null to take the count from the manifest; "
+                f"got {self.samples_per_epoch}"
+            )
+        if self.rand_augment and not self.rand_augment.startswith("rand"):
+            raise ValueError(
+                f"rand_augment={self.rand_augment!r} is not a timm RandAugment string "
+                f"(e.g. 'rand-m9-mstd0.5-inc1'); use '' to disable it"
+            )
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ValueError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
+        if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:
+            raise ValueError(f"rrc_scale must be (min, max) with 0 < min <= max <= 1, got {self.rrc_scale}")
+        if len(self.rrc_ratio) != 2 or not 0.0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
+            raise ValueError(f"rrc_ratio must be (min, max) with 0 < min <= max, got {self.rrc_ratio}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values (RGB, 0-1 scale) and std > 0; got {self.mean}, {self.std}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"mixup and cutmix are Beta alphas >= 0 (0 disables); got {self.mixup}, {self.cutmix}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(
+                f"mixup/cutmix pair each clip with the reversed batch and need an even batch_size, "
+                f"got {self.batch_size}; change batch_size or set mixup and cutmix to 0"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def videos_per_batch(self) -> int:
+        """Distinct videos in a training batch: batch_size / clips_per_video."""
+        return self.batch_size // self.clips_per_video
+
+    @property
+    def views_per_video(self) -> int:
+        """Evaluation views of one video: test_num_clips x test_num_crops."""
+        return self.test_num_clips * self.test_num_crops

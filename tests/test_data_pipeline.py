@@ -1,0 +1,246 @@
+"""The WebDataset loaders (marscale.data.pipeline) on the synthetic shards.
+
+The session fixture `synthetic_shards` has 16 training videos in 8 shards and 8
+evaluation videos in 4 shards (4 classes, 64x64, 32 frames). Clips here are 8 frames
+of 32x32 to keep the tests fast.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from marscale.data import DataConfig, build_eval_loader, build_train_loader, steps_per_epoch
+from marscale.data.pipeline import worker_batches
+from shards_tools.schema import Manifest, key_to_index, load_manifest, sample_key, save_manifest
+
+
+def _cfg(shards: dict[str, str], **kw) -> DataConfig:
+    base = dict(
+        train_shards=shards["train"],
+        val_shards=shards["val"],
+        num_frames=8,
+        sampling_interval=2,
+        img_size=32,
+        short_side=32,
+        batch_size=4,
+        clips_per_video=2,
+        test_num_clips=2,
+        test_num_crops=3,
+        eval_batch_size=5,
+        num_workers=0,
+        shuffle_buffer=4,
+        flip=False,
+    )
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _batches(cfg: DataConfig, **kw) -> list[dict[str, torch.Tensor]]:
+    return list(build_train_loader(cfg, **kw))
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
+
+
+def _shard_keys(folder: str) -> dict[int, int]:
+    """video index -> label, read straight from the tar files."""
+    labels = {}
+    for path in load_manifest(folder).shard_paths(folder):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if ext == "cls":
+                    labels[key_to_index(key)] = int(tar.extractfile(member).read())
+    return labels
+
+
+def test_epoch_length_formula(synthetic_shards):
+    cfg = _cfg(synthetic_shards)  # 16 videos, 4 clips = 2 videos a batch
+    assert steps_per_epoch(cfg, 1) == 8
+    assert steps_per_epoch(cfg, 2) == 4
+    assert steps_per_epoch(_cfg(synthetic_shards, samples_per_epoch=100, clips_per_video=1), 3) == 8
+    with pytest.raises(ValueError, match="less than one batch"):
+        steps_per_epoch(cfg, 16)
+    # 10 batches over 4 workers: workers make 3, 3, 2, 2.
+    assert [worker_batches(10, 4, w, 0)[1] for w in range(4)] == [3, 3, 2, 2]
+    firsts = [worker_batches(10, 4, w, 5) for w in range(4)]
+    # Worker w makes batches k * 4 + w; from batch 5 on: w0 {8}, w1 {5, 9}, w2 {6}, w3 {7}.
+    assert firsts == [(2, 1), (1, 2), (1, 1), (1, 1)]
+
+
+def test_train_batches_shapes_and_repeated_clips(synthetic_shards):
+    cfg = _cfg(synthetic_shards)
+    loader = build_train_loader(cfg, epoch=0, rank=0, world_size=1)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 8
+    for batch in batches:
+        assert set(batch) == {"video", "label"}
+        assert batch["video"].dtype == torch.uint8 and batch["video"].shape == (4, 3, 8, 32, 32)
+        assert batch["label"].dtype == torch.int64 and batch["label"].shape == (4,)
+        # clips_per_video=2: consecutive clips come from one video, augmented differently.
+        assert torch.equal(batch["label"][0::2], batch["label"][1::2])
+        assert not torch.equal(batch["video"][0], batch["video"][1])
+    assert set(torch.cat([b["label"] for b in batches]).tolist()) <= {0, 1, 2, 3}
+    assert loader.skipped() == {"read": 0, "incomplete": 0, "label": 0, "decode": 0}
+
+
+def test_segment_sampling_end_to_end(synthetic_shards):
+    cfg = _cfg(synthetic_shards, sampling="segment", num_frames=16, test_num_clips=2, test_num_crops=1)
+    batch = next(iter(build_train_loader(cfg, epoch=0, rank=0, world_size=1)))
+    assert batch["video"].shape == (4, 3, 16, 32, 32)
+    views = list(build_eval_loader(cfg, rank=0, world_size=1))
+    assert sum(len(b["view"]) for b in views) == 8 * 2
+    assert set(torch.cat([b["view"] for b in views]).tolist()) == {0, 1}
+
+
+def test_train_stream_is_reproducible_and_seeded(synthetic_shards):
+    cfg = _cfg(synthetic_shards, num_workers=2)
+    first = _batches(cfg, epoch=0, rank=0, world_size=1)
+    assert len(first) == 8
+    assert _same(first, _batches(cfg, epoch=0, rank=0, world_size=1))
+    cfg0 = _cfg(synthetic_shards)
+    base = _batches(cfg0, epoch=1, rank=0, world_size=2)
+    assert len(base) == 4
+    assert not _same(base, _batches(cfg0, epoch=2, rank=0, world_size=2))
+    assert not _same(base, _batches(cfg0, epoch=1, rank=1, world_size=2))
+    assert not _same(base, _batches(_cfg(synthetic_shards, seed=1), epoch=1, rank=0, world_size=2))
+
+
+@pytest.mark.parametrize("num_workers, start_batch", [(2, 3), (2, 6), (0, 5)])
+def test_resume_at_batch_gives_the_same_batches(synthetic_shards, num_workers, start_batch):
+    cfg = _cfg(synthetic_shards, num_workers=num_workers, clips_per_video=1, batch_size=2, samples_per_epoch=14)
+    full = _batches(cfg, epoch=3, rank=0, world_size=1)
+    assert len(full) == 7
+    resumed = build_train_loader(cfg, epoch=3, rank=0, world_size=1, start_batch=start_batch)
+    assert len(resumed) == 7 - start_batch
+    assert _same(full[start_batch:], list(resumed))
+
+
+def test_eval_two_ranks_two_workers_see_every_view_once(synthetic_shards):
+    cfg = _cfg(synthetic_shards, num_workers=2)
+    expected = _shard_keys(synthetic_shards["val"])
+    assert len(expected) == 8
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    batches_per_rank = []
+    for rank in range(2):
+        loader = build_eval_loader(cfg, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(loader) == len(batches)
+        batches_per_rank.append(batches)
+        for batch in batches:
+            assert batch["video"].dtype == torch.uint8 and batch["video"].shape[1:] == (3, 8, 32, 32)
+            for i in range(len(batch["label"])):
+                view_id = (int(batch["video_index"][i]), int(batch["view"][i]))
+                assert view_id not in seen, f"view {view_id} read twice"
+                seen[view_id] = batch["video"][i]
+                assert int(batch["label"][i]) == expected[view_id[0]]
+        assert loader.num_videos == 4
+    assert set(seen) == {(v, k) for v in expected for k in range(6)}
+    # Deterministic views: a second pass gives the same pixels.
+    again = list(build_eval_loader(cfg, rank=0, world_size=2))
+    assert _same(batches_per_rank[0], again)
+
+
+def test_eval_needs_a_shard_per_reader(synthetic_shards):
+    with pytest.raises(ValueError, match="4 shards but evaluation reads with 3 ranks x 2 workers"):
+        build_eval_loader(_cfg(synthetic_shards, num_workers=2), rank=0, world_size=3)
+
+
+def _rewrite(src: str, dst: str, edit) -> None:
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin.getmembers():
+            data = edit(member.name, tin.extractfile(member).read())
+            if data is None:
+                continue
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(synthetic_shards, tmp_path_factory) -> dict:
+    """Copies where the first sample of shard 0 has undecodable video bytes and the first
+    sample of shard 1 has no .cls member. The training copy keeps only those two shards,
+    so every shard it reads holds one broken and one good sample."""
+    out: dict = {}
+    for split in ("train", "val"):
+        folder = str(tmp_path_factory.mktemp(f"corrupt_{split}"))
+        manifest = load_manifest(synthetic_shards[split])
+        for info in manifest.shards:
+            shutil.copy(os.path.join(synthetic_shards[split], info.name), folder)
+        bad = []
+        for shard, broken_ext in ((manifest.shards[0], "mp4"), (manifest.shards[1], "cls")):
+            path = os.path.join(folder, shard.name)
+            with tarfile.open(path) as tar:
+                first_key = min(m.name.split(".", 1)[0] for m in tar.getmembers())
+            bad.append(key_to_index(first_key))
+
+            def edit(name: str, data: bytes, first_key=first_key, broken_ext=broken_ext):
+                key, ext = name.split(".", 1)
+                if key != first_key or ext != broken_ext:
+                    return data
+                # A plausible MP4 header followed by garbage; or drop the label.
+                return b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000) if ext == "mp4" else None
+
+            _rewrite(os.path.join(synthetic_shards[split], shard.name), path, edit)
+        if split == "train":
+            manifest = Manifest(
+                manifest.prefix, manifest.class_names, manifest.shards[:2], manifest.skipped, manifest.options
+            )
+        save_manifest(folder, manifest)
+        out[split] = folder
+        out[f"{split}_bad"] = bad
+    return out
+
+
+def test_corrupt_samples_are_skipped_and_counted_in_eval(corrupt_shards, synthetic_shards):
+    cfg = _cfg({"train": corrupt_shards["train"], "val": corrupt_shards["val"]}, num_workers=2)
+    loader = build_eval_loader(cfg, rank=0, world_size=1)
+    videos = {int(v) for batch in loader for v in batch["video_index"]}
+    expected = set(_shard_keys(synthetic_shards["val"])) - set(corrupt_shards["val_bad"])
+    assert videos == expected
+    assert loader.skipped() == {"read": 0, "incomplete": 1, "label": 0, "decode": 1}
+
+
+def test_corrupt_samples_do_not_stop_training(corrupt_shards, caplog):
+    cfg = _cfg(
+        {"train": corrupt_shards["train"], "val": corrupt_shards["val"]},
+        samples_per_epoch=6, batch_size=2, clips_per_video=1, shuffle_buffer=0,
+    )
+    loader = build_train_loader(cfg, epoch=0, rank=0, world_size=1)
+    batches = list(loader)
+    assert len(batches) == 3 and all(b["video"].shape[0] == 2 for b in batches)
+    skipped = loader.skipped()
+    # Each shard read gives a broken sample, then a good one: 6 good videos, 6 skips.
+    assert skipped["decode"] + skipped["incomplete"] == 6
+    assert skipped["decode"] >= 1 and skipped["incomplete"] >= 1 and skipped["read"] == 0
+    # Each skip is logged with the sample key and the reason.
+    bad_keys = {sample_key(i) for i in corrupt_shards["train_bad"]}
+    messages = [r.getMessage() for r in caplog.records if r.name == "marscale.data.pipeline"]
+    assert len(messages) == 6
+    assert all(m.startswith("skipping sample ") and m.split()[2] in bad_keys for m in messages)
+    assert any("(decode)" in m for m in messages) and any("(incomplete)" in m for m in messages)
+
+
+def test_missing_shard_is_counted_as_read_error(synthetic_shards, tmp_path):
+    folder = str(tmp_path / "val")
+    shutil.copytree(synthetic_shards["val"], folder)
+    manifest = load_manifest(folder)
+    os.remove(os.path.join(folder, manifest.shards[2].name))
+    with tarfile.open(os.path.join(synthetic_shards["val"], manifest.shards[2].name)) as tar:
+        lost = {key_to_index(m.name.split(".", 1)[0]) for m in tar.getmembers()}
+    cfg = _cfg({"train": synthetic_shards["train"], "val": folder}, test_num_clips=1, test_num_crops=1)
+    loader = build_eval_loader(cfg, rank=0, world_size=1)
+    videos = {int(v) for batch in loader for v in batch["video_index"]}
+    assert videos == set(_shard_keys(synthetic_shards["val"])) - lost
+    assert loader.skipped() == {"read": 1, "incomplete": 0, "label": 0, "decode": 0}
