@@ -1,0 +1,175 @@
+"""`marscale demo`: synthetic videos -> shards -> train a tiny MAR model -> evaluate -> cost.
+
+Every stage runs in this one process (DeepSpeed with a one-rank group) and is skipped
+when its output is already there, so a second run only prints the results:
+
+    <out>/data/videos/        rendered clips + train.txt / val.txt / classes.txt
+    <out>/data/shards/{train,val}/   WebDataset shards + manifest.json
+    <out>/run/                the training run (config, metrics, checkpoints, eval.json)
+
+The synthetic classes differ only in the order of their frames (see
+shards_tools/synth.py), so a model that learns them has learnt something about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
+DONE_MARKER = ".done"
+
+# (train videos per class, val videos per class): the full demo and --quick.
+SIZES = {"full": (96, 24), "quick": (24, 8)}
+NUM_CLASSES = 4
+VIDEO_SIZE = 64
+VIDEO_FRAMES = 32
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str = "demo") -> None:
+    parser.add_argument("--out", default="runs/demo", help="folder for data, shards and the run")
+    parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="training config (default configs/demo.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a training config value (repeatable)",
+    )
+
+
+def render_data(root: str, train_per_class: int, val_per_class: int) -> None:
+    """Stage 1: the synthetic video set (skipped when already complete)."""
+    from shards_tools.synth import make_synthetic_dataset
+
+    marker = os.path.join(root, DONE_MARKER)
+    wanted = {"train_per_class": train_per_class, "val_per_class": val_per_class}
+    if os.path.isfile(marker) and json.load(open(marker)) == wanted:
+        logger.info("synthetic videos already in %s", root)
+        return
+    start = time.perf_counter()
+    info = make_synthetic_dataset(
+        root,
+        num_classes=NUM_CLASSES,
+        videos_per_class=train_per_class,
+        val_videos_per_class=val_per_class,
+        width=VIDEO_SIZE,
+        height=VIDEO_SIZE,
+        num_frames=VIDEO_FRAMES,
+        seed=0,
+        workers=min(2, os.cpu_count() or 1),
+    )
+    with open(marker, "w") as f:
+        json.dump(wanted, f)
+    logger.info("rendered %s videos in %.0fs", info["num_videos"], time.perf_counter() - start)
+
+
+def write_shards(video_root: str, shard_root: str) -> dict[str, str]:
+    """Stage 2: shards of each split (the converter skips shards it already wrote)."""
+    from shards_tools.convert import ConvertOptions, convert
+    from shards_tools.schema import manifest_path
+
+    out = {}
+    for split in ("train", "val"):
+        dest = os.path.join(shard_root, split)
+        out[split] = dest
+        if os.path.isfile(manifest_path(dest)):
+            continue
+        convert(
+            ConvertOptions(
+                format="kinetics",
+                root=os.path.join(video_root, "videos"),
+                annotations=os.path.join(video_root, f"{split}.txt"),
+                classes=os.path.join(video_root, "classes.txt"),
+                out=dest,
+                prefix=split,
+                samples_per_shard=8,
+                shuffle_seed=0,
+            ),
+            progress=False,
+        )
+    return out
+
+
+def print_cost(model_cfg, mask_ratio: float) -> None:
+    """The demo model's cost, full tokens vs MAR, then the standard ViT table."""
+    import dataclasses
+
+    from marscale.cost import count_model, cost_table, format_table
+
+    print("\nCost of the demo model per clip (MACs, the papers' 'FLOPs'):")
+    for name, cfg, ratio in (
+        ("full tokens", dataclasses.replace(model_cfg, arch="vit"), 0.0),
+        (f"MAR {round(mask_ratio * 100)}%", model_cfg, mask_ratio),
+    ):
+        c = count_model(cfg, ratio)
+        print(
+            f"  {name:12s} {c.visible_tokens:4d}/{c.tokens} tokens  inference {c.macs_inference / 1e6:8.1f} M"
+            f"  training {c.macs_training / 1e6:8.1f} M  params {c.params_training / 1e6:.2f} M"
+        )
+    print("\nStandard sizes at 16 x 224 x 224 (marscale cost):")
+    print(format_table(cost_table(["vit_b", "vit_l"], [0.0, 0.5, 0.75])))
+
+
+def run(args: argparse.Namespace) -> int:
+    from marscale import dist
+    from marscale.engine.config import load_train_config
+    from marscale.engine.trainer import EVAL_FILE, train
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    start = time.perf_counter()
+    out = args.out
+    train_per_class, val_per_class = SIZES["quick" if args.quick else "full"]
+    video_root = os.path.join(out, "data", "videos")
+    render_data(video_root, train_per_class, val_per_class)
+    shards = write_shards(video_root, os.path.join(out, "data", "shards"))
+    data_seconds = time.perf_counter() - start
+
+    run_dir = os.path.join(out, "run-quick" if args.quick else "run")
+    overrides = [
+        f"data.train_shards={shards['train']}",
+        f"data.val_shards={shards['val']}",
+        f"run.output_dir={run_dir}",
+        "checkpoint.resume=auto",  # a re-run continues (or skips) the finished training
+    ]
+    if args.quick:
+        overrides += ["optim.epochs=4"]
+    cfg = load_train_config(args.config, overrides + list(args.overrides))
+
+    eval_file = os.path.join(run_dir, EVAL_FILE)
+    train_start = time.perf_counter()
+    finished = os.path.isfile(eval_file) and _finished(eval_file, cfg)
+    if finished:
+        logger.info("training already finished in %s", run_dir)
+    else:
+        dist.init_distributed()
+        dist.setup_logging()
+        try:
+            code = train(cfg)
+        finally:
+            dist.destroy()
+        if code != 0:
+            return code
+    train_seconds = time.perf_counter() - train_start
+
+    result = json.load(open(eval_file))
+    chance = 100.0 / cfg.model.num_classes
+    print(f"\nDemo run: {run_dir}")
+    print(f"  data {data_seconds:.0f}s, training + evaluation {train_seconds:.0f}s, total {time.perf_counter() - start:.0f}s")
+    print(
+        f"  validation top-1 {result['top1']:.1f}% (chance {chance:.0f}%), top-5 {result['top5']:.1f}% "
+        f"over {result['num_videos']} videos x {cfg.data.views_per_video} views, after {result['step']} steps"
+    )
+    print_cost(cfg.model, cfg.masking.ratio if cfg.masking.kind != "none" else 0.0)
+    return 0
+
+
+def _finished(eval_file: str, cfg) -> bool:
+    from marscale.engine.config import total_steps
+
+    with open(eval_file) as f:
+        return json.load(f).get("step") == total_steps(cfg, 1)

@@ -1,0 +1,214 @@
+"""Multi-view evaluation, exact across ranks: top-1 / top-5 over videos.
+
+Every evaluation video is cut into `test_num_clips x test_num_crops` views; the model
+scores each view (softmax), the scores of a video's views are averaged, and the
+average decides the video's prediction. The evaluation loader gives every view to
+exactly one rank, tagged with its video index (the sample key of the shard set). Each
+rank adds its views' scores into a [num_videos, K] table; one all-reduce sums the tables,
+so every video is counted once whatever the number of ranks, workers or batches.
+
+MAR models are evaluated with the deterministic evaluation mask (`make_mask(train=False)`):
+the same visible tokens for every view.
+
+Ranks may get different numbers of batches (shards differ in size). Outside ZeRO-3 that
+is fine: the forward pass has no collectives. Under ZeRO-3 every forward gathers
+parameters with collectives, so ranks must run the same number of forwards: with
+`lockstep=True` the ranks agree before each batch whether anyone still has data, and a
+rank that has run out scores a dummy batch whose result it throws away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as torch_dist
+
+from marscale import dist
+from marscale.data import DataConfig
+from marscale.masking import MaskingConfig, make_mask, mask_to_indices
+
+logger = logging.getLogger(__name__)
+
+# forward(video [B,C,T,H,W] normalised, visible_idx [B,Nv] | None, masked_idx | None) -> logits [B, K]
+Forward = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+
+
+@dataclasses.dataclass
+class EvalResult:
+    top1: float
+    """Video-level top-1 accuracy, percent."""
+    top5: float
+    """Video-level top-k accuracy with k = min(5, classes), percent."""
+    num_videos: int
+    """Videos that got at least one view scored."""
+    expected_videos: int
+    """Videos in the evaluation manifest."""
+    num_views: int
+    """Views scored over all ranks."""
+    incomplete_videos: int
+    """Videos scored with fewer (or more) views than clips x crops (skipped views)."""
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ScoreTable:
+    """This rank's view scores, kept on the device until `reduce` (no host sync per batch)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self._indices: list[torch.Tensor] = []
+        self._scores: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def add(self, scores: torch.Tensor, labels: torch.Tensor, video_index: torch.Tensor) -> None:
+        """scores [B, K] (probabilities), labels [B], video_index [B]."""
+        self._scores.append(scores.double())
+        self._labels.append(labels.long())
+        self._indices.append(video_index.long())
+
+    def reduce(self, num_videos: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Collective. Sum the tables of all ranks: (score sums [V, K] float64, view counts
+        [V], labels [V] (-1: no view)). V is at least `num_videos`, more if a video index
+        beyond it was seen."""
+        if self._indices:
+            idx = torch.cat(self._indices).to(device)
+            scores = torch.cat(self._scores).to(device)
+            labels = torch.cat(self._labels).to(device)
+        else:
+            idx = torch.zeros(0, dtype=torch.long, device=device)
+            scores = torch.zeros(0, self.num_classes, dtype=torch.float64, device=device)
+            labels = torch.zeros(0, dtype=torch.long, device=device)
+        size = torch.tensor([max(num_videos, int(idx.max()) + 1 if idx.numel() else 0)], device=device)
+        if dist.is_initialized():
+            torch_dist.all_reduce(size, op=torch_dist.ReduceOp.MAX)
+        size = int(size.item())
+        sums = torch.zeros(size, self.num_classes, dtype=torch.float64, device=device).index_add_(0, idx, scores)
+        counts = torch.zeros(size, dtype=torch.float64, device=device).index_add_(
+            0, idx, torch.ones_like(idx, dtype=torch.float64)
+        )
+        video_labels = torch.full((size,), -1, dtype=torch.long, device=device).scatter_(0, idx, labels)
+        if dist.is_initialized():
+            torch_dist.all_reduce(sums)
+            torch_dist.all_reduce(counts)
+            torch_dist.all_reduce(video_labels, op=torch_dist.ReduceOp.MAX)
+        return sums, counts, video_labels
+
+
+def video_accuracy(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """Top-k accuracy (percent) of the per-video mean scores over the videos with a view.
+
+    k is capped at the number of classes.
+    """
+    seen = counts > 0
+    if not bool(seen.any()):
+        return {k: 0.0 for k in ks}
+    mean = sums[seen] / counts[seen].unsqueeze(1)
+    target = labels[seen]
+    out = {}
+    for k in ks:
+        topk = mean.topk(min(k, mean.shape[1]), dim=1).indices  # [V, k]
+        out[k] = 100.0 * (topk == target.unsqueeze(1)).any(dim=1).double().mean().item()
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Forward,
+    data_cfg: DataConfig,
+    masking_cfg: MaskingConfig,
+    token_grid: tuple[int, int, int],
+    num_classes: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    lockstep: bool = False,
+) -> EvalResult:
+    """Score every view of the evaluation set on all ranks (collective).
+
+    `forward` runs the model in eval mode. lockstep: run the same number of forwards on
+    every rank (needed under ZeRO-3, see the module docstring).
+    """
+    from marscale.data import build_eval_loader, normalize
+    from shards_tools.schema import load_manifest
+
+    start = time.perf_counter()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    loader = build_eval_loader(data_cfg, rank=rank, world_size=world_size)
+    expected = load_manifest(data_cfg.val_shards).num_samples
+    lockstep = lockstep and world_size > 1
+    masks: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def indices(batch: int):
+        # The evaluation mask is deterministic: one per batch size, built once on the host.
+        if batch not in masks:
+            mask = make_mask(masking_cfg, batch, token_grid, None, train=False)
+            masks[batch] = None if mask is None else tuple(t.to(device) for t in mask_to_indices(mask))
+        return masks[batch]
+
+    table = ScoreTable(num_classes)
+    # Creating a DataLoader iterator draws from torch's global generator; keep that out
+    # of the training stream so evaluating does not change what training draws next.
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
+    views = 0
+    while True:
+        batch = next(it, None)
+        if lockstep:
+            more = torch.tensor([0 if batch is None else 1], device=device)
+            torch_dist.all_reduce(more, op=torch_dist.ReduceOp.MAX)
+            if not more.item():
+                break
+        elif batch is None:
+            break
+        real = batch is not None
+        if real:
+            video = batch["video"].to(device, non_blocking=True)
+        else:  # this rank is done but another is not: keep the collectives in step
+            video = torch.zeros(
+                (data_cfg.eval_batch_size, 3, data_cfg.num_frames, data_cfg.img_size, data_cfg.img_size),
+                dtype=torch.uint8,
+                device=device,
+            )
+        idx = indices(video.shape[0])
+        visible_idx, masked_idx = idx if idx is not None else (None, None)
+        x = normalize(video, data_cfg.mean, data_cfg.std, dtype)
+        logits = forward(x, visible_idx, masked_idx)
+        if real:
+            table.add(
+                torch.softmax(logits.float(), dim=-1),
+                batch["label"].to(device),
+                batch["video_index"].to(device),
+            )
+            views += video.shape[0]
+    del it
+    sums, counts, labels = table.reduce(expected, device)
+    total_views = torch.tensor([views], device=device)
+    if dist.is_initialized():
+        torch_dist.all_reduce(total_views)
+    acc = video_accuracy(sums, counts, labels)
+    seen = counts > 0
+    result = EvalResult(
+        top1=acc[1],
+        top5=acc[5],
+        num_videos=int(seen.sum().item()),
+        expected_videos=expected,
+        num_views=int(total_views.item()),
+        incomplete_videos=int((counts[seen] != data_cfg.views_per_video).sum().item()),
+        seconds=time.perf_counter() - start,
+    )
+    if result.num_videos != expected or result.incomplete_videos:
+        logger.warning(
+            "evaluation scored %d of %d videos, %d with a different number of views than %d "
+            "(videos that failed to decode are left out)",
+            result.num_videos,
+            expected,
+            result.incomplete_videos,
+            data_cfg.views_per_video,
+        )
+    return result

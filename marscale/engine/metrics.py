@@ -1,0 +1,196 @@
+"""Training metrics: throughput, achieved TFLOP/s and MFU, peak memory, and the writers.
+
+Units, named apart everywhere (see `marscale.cost`):
+- model FLOPs per clip are *true* FLOPs (2 x multiply-accumulates), counted on the real
+  modules; activation recomputation is not counted (it is not model work).
+- TFLOP/s is per device: clips/s of the whole job x FLOPs per clip / devices.
+- MFU = achieved TFLOP/s per device / the device's dense peak at the training precision.
+
+Nothing here synchronises a device except `peak_memory_bytes` and what the caller does
+on logging steps: the loop accumulates loss tensors and calls `.item()` only there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Dense (no sparsity) peak TFLOP/s per device from the vendors' data sheets, by precision.
+# "fp32" is plain IEEE fp32 (torch's default matmul precision), not TF32. Matched against
+# torch.cuda.get_device_name() in order, so more specific names come first.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bf16": 989.5, "fp16": 989.5, "fp32": 66.9}),
+    ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "fp32": 51.2}),
+    ("H100", {"bf16": 989.5, "fp16": 989.5, "fp32": 66.9}),  # SXM ("H100 80GB HBM3")
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+)
+
+
+def lookup_peak_tflops(device_name: str, precision: str) -> float | None:
+    """Dense peak TFLOP/s of a device named `device_name` at `precision`, or None if unknown."""
+    for pattern, peaks in PEAK_TFLOPS:
+        if pattern.lower() in device_name.lower():
+            return peaks.get(precision)
+    return None
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
+    """The MFU denominator: `override` (logging.peak_tflops) if set; else the table entry
+    for a CUDA device; None on CPUs and unknown devices (no MFU is reported)."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    return lookup_peak_tflops(torch.cuda.get_device_name(device), precision)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: CUDA `max_memory_allocated`, or the peak RSS
+    of the process on CPU (data-loader workers not included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Constant per-step quantities of a run, used to turn step times into rates."""
+
+    clips_per_step: int
+    """Clips per optimizer step over all ranks (the global batch)."""
+    visible_tokens_per_clip: int
+    """Tokens the encoder runs on per clip."""
+    flops_per_clip: int
+    """True model FLOPs (forward + backward) per training clip."""
+    world_size: int
+    peak_tflops: float | None
+    """Per-device peak for MFU, or None (no MFU)."""
+
+
+def throughput(cost: StepCost, steps: int, seconds: float, data_seconds: float) -> dict[str, float]:
+    """Rates over an interval of `steps` optimizer steps that took `seconds` of wall time,
+    `data_seconds` of which this rank waited for the loader.
+
+    Returns clips_per_s and visible_tokens_per_s (whole job), tflops_per_device, mfu
+    (only with a peak) and data_wait (share of the interval spent waiting for data).
+    """
+    if steps <= 0 or seconds <= 0:
+        return {}
+    clips_per_s = cost.clips_per_step * steps / seconds
+    tflops = clips_per_s * cost.flops_per_clip / cost.world_size / 1e12
+    out = {
+        "clips_per_s": clips_per_s,
+        "visible_tokens_per_s": clips_per_s * cost.visible_tokens_per_clip,
+        "tflops_per_device": tflops,
+        "data_wait": min(1.0, data_seconds / seconds),
+        "step_time_s": seconds / steps,
+    }
+    if cost.peak_tflops:
+        out["mfu"] = tflops / cost.peak_tflops
+    return out
+
+
+class IntervalTimer:
+    """Wall time and data-wait time since the last `reset` (host clock, no device sync).
+
+    Between logging steps the host runs ahead of an accelerator; the logging step's
+    `.item()` synchronises, so the interval's wall time is the device's time too.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_seconds = 0.0
+        self.steps = 0
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.data_seconds += seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class MetricsWriter:
+    """Appends metric records to JSONL files and TensorBoard (main rank only).
+
+    `log(kind, step, values)` writes one line `{"step": step, **values}` to
+    `<output_dir>/<kind>.jsonl` and each number as the scalar `<kind>/<name>`. Files are
+    flushed every record: a killed job keeps everything logged before it. On other
+    ranks every method does nothing.
+    """
+
+    def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool) -> None:
+        self.output_dir = output_dir
+        self.enabled = enabled
+        self._files: dict[str, Any] = {}
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("tensorboard is not installed: TensorBoard logging is off")
+            else:
+                self._tb = SummaryWriter(os.path.join(output_dir, "tb"))
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        f = self._files.get(kind)
+        if f is None:
+            os.makedirs(self.output_dir, exist_ok=True)
+            f = self._files[kind] = open(os.path.join(self.output_dir, f"{kind}.jsonl"), "a")
+        f.write(json.dumps({"step": step, **values}) + "\n")
+        f.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{name}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Records of a metrics file; a resumed run appends, so later records of a step win
+    in `by_step`."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def by_step(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Last record of each step."""
+    return {r["step"]: r for r in records}
+
+
+def format_record(values: dict[str, Any]) -> str:
+    """One human-readable log line: `loss 1.234 | lr 1.0e-03 | clips/s 12.3 ...`."""
+    parts = []
+    for name, value in values.items():
+        if isinstance(value, float):
+            text = f"{value:.3e}" if (value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5)) else f"{value:.4g}"
+        else:
+            text = str(value)
+        parts.append(f"{name} {text}")
+    return " | ".join(parts)

@@ -1,0 +1,528 @@
+"""The training loop: a MAR model (or the ViT baseline) under DeepSpeed, fed from shards.
+
+One optimizer step, on every rank::
+
+    lr = lr_at(step)                        set on the engine's optimizer groups
+    for each of grad_accum_steps micro-batches:
+        batch  <- loader                    uint8 [B, C, T, H, W] + labels (host)
+        mask   <- make_mask(generator(seed, step, micro, rank))   host, cheap
+        video  -> device -> normalise -> mixup/cutmix (soft targets) -> precision
+        loss   = soft-target CE + recon_weight x masked MSE (MAR) | CE (ViT)
+        engine.backward(loss); engine.step()   (DeepSpeed steps at the boundary)
+
+The step returns loss tensors; they are summed on the device and read (`.tolist()`,
+the only host sync) on logging steps.
+
+Determinism and resume: masks come from a generator seeded by (seed, step, micro,
+rank), so they need no saved state; dropout / drop path draw from torch's global
+generator and mixup from numpy's, whose per-rank states are saved with each checkpoint
+and restored last on resume; the data stream is a function of (seed, epoch, rank) and
+is resumed at its batch offset (`start_batch`). On CPU with fixed seeds an interrupted
+and resumed run produces the same losses as an uninterrupted one
+(tests/test_engine_trainer.py checks it).
+
+Pre-emption: SIGTERM or SIGUSR1 sets a flag. At the next step boundary all ranks agree
+(one all-reduce of the flag over a gloo group), save a checkpoint and return
+`EXIT_PREEMPTED` (75, EX_TEMPFAIL: "try again"), which job scripts use to requeue
+(launch/slurm.sbatch). A run that finishes returns 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from marscale import dist
+from marscale.config import save_config, to_dict
+from marscale.engine import checkpointing as ckpt
+from marscale.engine.config import TrainConfig, global_batch_size, steps_per_epoch, total_steps, warmup_steps
+from marscale.engine.evaluate import EvalResult, evaluate
+from marscale.engine.metrics import IntervalTimer, MetricsWriter, StepCost, format_record, peak_memory_bytes
+from marscale.engine.metrics import peak_tflops, throughput
+from marscale.losses import total_loss
+from marscale.masking import make_mask, mask_to_indices
+
+logger = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75
+"""Exit status after a pre-emption signal: a checkpoint of the current step was saved."""
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CONFIG_FILE = "config.yaml"
+DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
+EVAL_FILE = "eval.json"
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint (client state)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    samples_seen: int = 0
+    """Clips trained on, over all ranks."""
+    epoch: int = 0
+    """Current data epoch."""
+    batch_in_epoch: int = 0
+    """Loader batches of this epoch already consumed by each rank (the resume offset)."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, step, rank, ...), well mixed by SeedSequence."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """run.device -> the device of this rank (CUDA device = LOCAL_RANK)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device=cuda but CUDA is not available; use run.device=auto or cpu")
+        return torch.device("cuda", dist.get_local_rank())
+    return torch.device("cpu")
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 -> a flag, agreed on by all ranks at step boundaries.
+
+    The handler only sets the flag (nothing else is safe inside a signal handler); the
+    loop calls `agreed()` once per step. The agreement is an all-reduce (MAX) over a
+    gloo group of host tensors, so on GPUs it does not wait for the device's queue.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._group = None
+        if dist.get_world_size() > 1:
+            backend = torch_dist.get_backend()
+            # new_group is collective: every rank constructs a StopSignal.
+            self._group = None if backend == "gloo" else torch_dist.new_group(backend="gloo")
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank received a signal (collective)."""
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        if dist.get_world_size() > 1:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    """Builds the model, optimizer, DeepSpeed engine and writers for `cfg`; `fit()` trains.
+
+    Needs the process group (`marscale.dist.init_distributed`). Every public method is
+    collective: call it on all ranks.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        import deepspeed
+
+        from marscale.cost import count_model
+        from marscale.data import build_mixup
+        from marscale.engine.ds_config import build_deepspeed_config
+        from marscale.engine.optim import build_optimizer
+        from marscale.model import build_model
+        from shards_tools.schema import load_manifest
+
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.output_dir = cfg.run.output_dir
+        self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
+        device = resolve_device(cfg.run.device)
+
+        train_classes = load_manifest(cfg.data.train_shards).num_classes
+        if train_classes > cfg.model.num_classes:
+            raise ValueError(
+                f"{cfg.data.train_shards} has {train_classes} classes but model.num_classes is "
+                f"{cfg.model.num_classes}; set model.num_classes={train_classes}"
+            )
+
+        # Same seed on every rank for the initial weights (DeepSpeed also broadcasts them).
+        seed_everything(cfg.run.seed)
+        model = build_model(cfg.model)
+        if cfg.model.pretrained:
+            from marscale.checkpoint import load_pretrained
+
+            load_pretrained(model, cfg.model.pretrained)
+        optimizer = build_optimizer(model, cfg.optim, device.type, offload=cfg.deepspeed.offload_optimizer)
+        self.ds_config = build_deepspeed_config(cfg, self.world_size)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.device = self.engine.device if isinstance(self.engine.device, torch.device) else device
+        # DeepSpeed's wrappers (ZeRO, mixed precision) report the pre-clipping gradient norm;
+        # a bare torch optimizer (ZeRO-0 in fp32) does not, so the loop computes it then.
+        self._own_grad_norm = isinstance(self.engine.optimizer, torch.optim.Optimizer)
+        # From here on ranks draw different dropout / drop-path / mixup randomness.
+        seed_everything(derive_seed(cfg.run.seed, 1, self.rank))
+
+        self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
+        self.grid = cfg.model.token_grid
+        self.steps_per_epoch = steps_per_epoch(cfg, self.world_size)
+        self.batches_per_epoch = self.steps_per_epoch * cfg.deepspeed.grad_accum_steps
+        self.total_steps = total_steps(cfg, self.world_size)
+        self.warmup_steps = warmup_steps(cfg, self.world_size)
+        ratio = cfg.masking.ratio if cfg.masking.kind != "none" else 0.0
+        count = count_model(cfg.model, ratio)
+        self.cost = StepCost(
+            clips_per_step=global_batch_size(cfg, self.world_size),
+            visible_tokens_per_clip=count.visible_tokens,
+            flops_per_clip=2 * count.macs_training,
+            world_size=self.world_size,
+            peak_tflops=peak_tflops(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops),
+        )
+        self.state = TrainState()
+        self.writer = MetricsWriter(self.output_dir, enabled=dist.is_main(), tensorboard=cfg.logging.tensorboard)
+        self.stop = StopSignal()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._micro_steps = 0
+        self._grad_norm: torch.Tensor | None = None
+        self._save_records()
+        logger.info(
+            "%s: %s %s, %d ranks, global batch %d, %d steps (%d per epoch, %d warm-up), ZeRO-%d %s",
+            cfg.run.name,
+            cfg.model.arch,
+            cfg.model.variant,
+            self.world_size,
+            self.cost.clips_per_step,
+            self.total_steps,
+            self.steps_per_epoch,
+            self.warmup_steps,
+            cfg.deepspeed.zero_stage,
+            cfg.deepspeed.precision,
+        )
+
+    # --- records ----------------------------------------------------------------------
+
+    def _save_records(self) -> None:
+        """The effective config (YAML) and the generated DeepSpeed config (JSON, a record)."""
+        if dist.is_main():
+            os.makedirs(self.output_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(self.output_dir, CONFIG_FILE))
+            with open(os.path.join(self.output_dir, DEEPSPEED_CONFIG_FILE), "w") as f:
+                json.dump(self.ds_config, f, indent=1)
+                f.write("\n")
+
+    @property
+    def checkpoints_root(self) -> str:
+        return ckpt.checkpoints_root(self.output_dir)
+
+    # --- one step ---------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        from marscale.engine.optim import lr_at
+
+        o = self.cfg.optim
+        return lr_at(
+            step,
+            base_lr=o.lr,
+            min_lr=o.min_lr,
+            warmup_lr=o.warmup_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+        )
+
+    def set_lr(self, lr: float) -> None:
+        from marscale.engine.optim import apply_lr
+
+        # engine.optimizer is DeepSpeed's wrapper (ZeRO 1-3, bf16/fp16) or the torch
+        # optimizer itself; each exposes the param_groups its step reads.
+        apply_lr(self.engine.optimizer, lr)
+
+    def train_masks(self, step: int, micro: int, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(visible_idx, masked_idx) on the device for a training micro-batch, or (None, None)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, step, micro, self.rank))
+        mask = make_mask(self.cfg.masking, batch, self.grid, generator, train=True)
+        if mask is None:
+            return None, None
+        visible_idx, masked_idx = mask_to_indices(mask)
+        return visible_idx.to(self.device, non_blocking=True), masked_idx.to(self.device, non_blocking=True)
+
+    def train_step(
+        self,
+        video: torch.Tensor,
+        labels: torch.Tensor,
+        visible_idx: torch.Tensor | None,
+        masked_idx: torch.Tensor | None,
+        *,
+        want_grad_norm: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Forward, backward and (at the accumulation boundary) the optimizer step.
+
+        video: uint8 [B, C, T, H, W] (host or device); labels: int64 [B].
+        Returns detached loss tensors {"loss", "loss_cls", "loss_recon"?} and, when
+        `want_grad_norm` and this micro-batch ends the step, "grad_norm". No host sync.
+        """
+        from marscale.data import normalize
+
+        cfg = self.cfg
+        video = video.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        x = normalize(video, cfg.data.mean, cfg.data.std)  # fp32 [B, C, T, H, W]
+        x, target = self.mixup(x, labels)  # soft targets [B, K]
+        outputs = self.engine(x.to(self.dtype), visible_idx, masked_idx)
+        parts = total_loss(outputs, target, cfg.optim.recon_weight)
+        self.engine.backward(parts["loss"])
+        result = {k: v.detach() for k, v in parts.items()}
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if want_grad_norm and boundary and self._own_grad_norm:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            result["grad_norm"] = torch.nn.utils.get_total_norm(grads)  # before step() clears them
+        self.engine.step()
+        if want_grad_norm and boundary and not self._own_grad_norm:
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                result["grad_norm"] = torch.as_tensor(norm)
+        return result
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's training batches from the current data position on, epoch after epoch.
+
+        Reads `self.state` when it opens an epoch's loader, so the loop must update the
+        position before asking for the next batch.
+        """
+        from marscale.data import build_train_loader
+
+        while True:
+            start = self.state.batch_in_epoch
+            loader = build_train_loader(
+                self.cfg.data, epoch=self.state.epoch, rank=self.rank, world_size=self.world_size, start_batch=start
+            )
+            # Creating the iterator draws from torch's global generator: keep that draw out
+            # of the training stream, so a resumed run draws exactly what the original did.
+            with torch.random.fork_rng(devices=[]):
+                it = iter(loader)
+            try:
+                for position in range(start, self.batches_per_epoch):
+                    batch = next(it, None)
+                    if batch is None:
+                        # Continuing would leave this rank a step behind the others (a hang
+                        # under ZeRO): fail loudly instead.
+                        raise RuntimeError(
+                            f"rank {self.rank}: the training loader ended after {position} of "
+                            f"{self.batches_per_epoch} batches of epoch {self.state.epoch}"
+                        )
+                    yield batch
+            finally:
+                del it  # stops the loader's worker processes
+
+    def fit(self) -> int:
+        """Resume if asked, train to the end (or a pre-emption signal), evaluate, save.
+
+        Returns 0 when training finished, EXIT_PREEMPTED after a signal (checkpoint saved).
+        """
+        from tqdm import tqdm
+
+        cfg, state = self.cfg, self.state
+        resumed = self.resume()
+        last_saved = state.step if resumed else None
+        last_eval = None
+        accum = cfg.deepspeed.grad_accum_steps
+        timer = IntervalTimer()
+        bar = tqdm(
+            total=self.total_steps, initial=state.step, disable=not dist.is_main(), desc=cfg.run.name,
+            dynamic_ncols=True, mininterval=2.0,
+        )
+        batches = self._batches()
+        exit_code = 0
+        try:
+            while state.step < self.total_steps:
+                log_now = (state.step + 1) % cfg.logging.every_steps == 0 or state.step + 1 == self.total_steps
+                lr = self.lr_at(state.step)
+                self.set_lr(lr)
+                for micro in range(accum):
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    timer.add_data_wait(time.perf_counter() - t0)
+                    visible_idx, masked_idx = self.train_masks(state.step, micro, batch["video"].shape[0])
+                    parts = self.train_step(
+                        batch["video"], batch["label"], visible_idx, masked_idx, want_grad_norm=log_now
+                    )
+                    self._accumulate(parts)
+                state.step += 1
+                state.samples_seen += self.cost.clips_per_step
+                state.batch_in_epoch += accum
+                if state.batch_in_epoch >= self.batches_per_epoch:
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                timer.steps += 1
+                bar.update(1)
+                if log_now:
+                    values = self._log(lr, timer)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    timer.reset()
+                if self.stop.agreed():
+                    logger.warning("signal %s received: saving step %d and exiting", self.stop.received, state.step)
+                    if last_saved != state.step:
+                        self.save()
+                    exit_code = EXIT_PREEMPTED
+                    break
+                if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+                    self.save()
+                    last_saved = state.step
+                if cfg.run.eval_every_steps and state.step % cfg.run.eval_every_steps == 0:
+                    self.evaluate()
+                    last_eval = state.step
+        finally:
+            batches.close()
+            bar.close()
+        if exit_code == 0:
+            if cfg.checkpoint.save_at_end and last_saved != state.step:
+                self.save()
+            if last_eval != state.step:
+                self.evaluate()
+        return exit_code
+
+    def _accumulate(self, parts: dict[str, torch.Tensor]) -> None:
+        """Sum the micro-batch losses on the device until the next logging step."""
+        norm = parts.pop("grad_norm", None)
+        if norm is not None:
+            self._grad_norm = norm
+        for k, v in parts.items():
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.float().clone()
+        self._micro_steps += 1
+
+    def _log(self, lr: float, timer: IntervalTimer) -> dict:
+        """Collective. Losses averaged over the interval and the ranks, plus rates and memory."""
+        names = sorted(self._sums)
+        losses = torch.stack([self._sums[k] for k in names]) / self._micro_steps
+        if self.world_size > 1:
+            torch_dist.all_reduce(losses)
+            losses /= self.world_size
+        values: dict = dict(zip(names, losses.tolist()))  # the host sync of this interval
+        values["lr"] = lr
+        if self._grad_norm is not None:
+            values["grad_norm"] = float(self._grad_norm)
+        if self.cfg.deepspeed.precision == "fp16":
+            values["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+            values["skipped_steps"] = int(self.engine.skipped_steps)
+        values["epoch"] = self.state.epoch
+        values["samples"] = self.state.samples_seen
+        values.update(throughput(self.cost, timer.steps, timer.elapsed(), timer.data_seconds))
+        values["peak_mem_gib"] = peak_memory_bytes(self.device) / 2**30
+        self._sums.clear()
+        self._micro_steps = 0
+        self._grad_norm = None
+        self.writer.log("metrics", self.state.step, values)
+        logger.info("step %d/%d | %s", self.state.step, self.total_steps, format_record(values))
+        return values
+
+    # --- evaluation and checkpoints ---------------------------------------------------
+
+    def evaluate(self) -> EvalResult:
+        """Multi-view evaluation of the current weights (collective); written to eval.json
+        (latest), eval.jsonl (history) and TensorBoard."""
+        engine = self.engine
+
+        def forward(x, visible_idx, masked_idx):
+            return engine(x, visible_idx, masked_idx)["logits"]
+
+        engine.eval()
+        try:
+            result = evaluate(
+                forward,
+                self.cfg.data,
+                self.cfg.masking,
+                self.grid,
+                self.cfg.model.num_classes,
+                device=self.device,
+                dtype=self.dtype,
+                lockstep=self.cfg.deepspeed.zero_stage == 3,
+            )
+        finally:
+            engine.train()
+        record = {"step": self.state.step, **result.to_dict()}
+        if dist.is_main():
+            ckpt._atomic_write_text(os.path.join(self.output_dir, EVAL_FILE), json.dumps(record, indent=1) + "\n")
+        self.writer.log("eval", self.state.step, result.to_dict())
+        logger.info(
+            "eval step %d: top1 %.2f top5 %.2f (%d/%d videos, %d views, %.1fs)",
+            self.state.step, result.top1, result.top5, result.num_videos, result.expected_videos,
+            result.num_views, result.seconds,
+        )
+        return result
+
+    def client_state(self) -> dict:
+        return {
+            "marscale": {
+                "train_state": dataclasses.asdict(self.state),
+                "world_size": self.world_size,
+                "config": to_dict(self.cfg),
+            }
+        }
+
+    def save(self) -> str:
+        """Checkpoint `step-N` (collective), then keep the newest checkpoint.keep_last."""
+        return ckpt.save_checkpoint(
+            self.engine, self.checkpoints_root, self.state.step, self.client_state(),
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def resume(self) -> bool:
+        """Load the checkpoint `checkpoint.resume` names, if any. True if one was loaded."""
+        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir)
+        if path is None:
+            if self.cfg.checkpoint.resume == "auto":
+                logger.info("no complete checkpoint in %s: starting from scratch", self.checkpoints_root)
+            return False
+        saved = ckpt.load_checkpoint(self.engine, path).get("marscale")
+        if saved is None:
+            raise ValueError(f"{path} was not written by marscale (no training state in it)")
+        self.state = TrainState(**saved["train_state"])
+        if saved["world_size"] != self.world_size:
+            # The data position is per rank: with another world size it cannot be carried
+            # over exactly. Continue from the same step at the start of its epoch position.
+            self.state.epoch, offset = divmod(self.state.step, self.steps_per_epoch)
+            self.state.batch_in_epoch = offset * self.cfg.deepspeed.grad_accum_steps
+            logger.warning(
+                "checkpoint was written by %d ranks, resuming on %d: the data order differs from the "
+                "original run from here on", saved["world_size"], self.world_size,
+            )
+        # Last, after anything that might draw random numbers.
+        if not ckpt.load_rng_state(path, self.rank):
+            logger.warning("no RNG state for rank %d in %s: random streams restart", self.rank, path)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
+                    self.state.epoch, self.state.batch_in_epoch)
+        return True
+
+    def close(self) -> None:
+        self.stop.close()
+        self.writer.close()
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+
+def train(cfg: TrainConfig) -> int:
+    """Train `cfg` in this process (one rank of the job). Returns the exit status."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
