@@ -23,13 +23,14 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import yaml
+
+from shards_tools.schema import atomic_write_bytes
 
 T = TypeVar("T")
 
@@ -257,19 +258,8 @@ def dump_config(cfg: Any) -> str:
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the effective config as YAML; readers see the old file or the whole new one."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(dump_config(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, dump_config(cfg).encode())
 
 
 # ---------------------------------------------------------------------------------------
