@@ -1,0 +1,107 @@
+"""Multi-view evaluation: per-video averaging, top-k, and exact counting of every view."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from marscale import dist
+from marscale.data import DataConfig
+from marscale.engine.evaluate import ScoreTable, evaluate, video_accuracy
+from marscale.masking import MaskingConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    dist.init_distributed()  # a one-rank gloo group: the collectives run for real
+
+
+def test_video_accuracy_averages_views_and_caps_k():
+    # Video 0 (label 2): views disagree, the mean favours class 2. Video 1 (label 0): wrong
+    # top-1, right within top-2. Video 2: no view (left out).
+    sums = torch.tensor(
+        [[0.1, 0.5, 0.4 + 0.9, 0.0], [0.2, 0.8, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64
+    )
+    sums[0] = torch.tensor([0.1, 0.5, 0.4, 0.0]) + torch.tensor([0.0, 0.1, 0.9, 0.0])
+    counts = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    labels = torch.tensor([2, 0, -1])
+    acc = video_accuracy(sums, counts, labels, ks=(1, 2, 5))
+    assert acc[1] == pytest.approx(50.0)
+    assert acc[2] == pytest.approx(100.0)
+    assert acc[5] == pytest.approx(100.0)  # k capped at 4 classes
+
+
+def test_score_tables_split_over_ranks_add_up_to_one_table():
+    g = torch.Generator().manual_seed(0)
+    num_videos, views, K = 7, 6, 5
+    video_index = torch.arange(num_videos).repeat_interleave(views)
+    labels = torch.randint(0, K, (num_videos,), generator=g)[video_index]
+    scores = torch.softmax(torch.randn(len(video_index), K, generator=g), dim=1)
+    order = torch.randperm(len(video_index), generator=g)  # views arrive in any order
+
+    whole = ScoreTable(K)
+    whole.add(scores[order], labels[order], video_index[order])
+    sums, counts, video_labels = whole.reduce(num_videos, torch.device("cpu"))
+
+    # Two "ranks" with different numbers of batches; their tables added = the whole table.
+    parts = [ScoreTable(K), ScoreTable(K)]
+    for i, chunk in enumerate(order.split(5)):
+        parts[i % 3 == 0].add(scores[chunk], labels[chunk], video_index[chunk])
+    reduced = [p.reduce(num_videos, torch.device("cpu")) for p in parts]
+    torch.testing.assert_close(reduced[0][0] + reduced[1][0], sums)
+    torch.testing.assert_close(reduced[0][1] + reduced[1][1], counts)
+    torch.testing.assert_close(torch.maximum(reduced[0][2], reduced[1][2]), video_labels)
+
+    assert counts.tolist() == [views] * num_videos
+    expected_mean = torch.stack([scores[video_index == v].double().mean(0) for v in range(num_videos)])
+    torch.testing.assert_close(sums / counts[:, None], expected_mean)
+    # A video index past the manifest's count grows the table instead of failing.
+    extra = ScoreTable(K)
+    extra.add(scores[:1], labels[:1], torch.tensor([9]))
+    assert extra.reduce(num_videos, torch.device("cpu"))[0].shape == (10, K)
+
+
+def test_evaluate_counts_every_view_once(synthetic_shards):
+    cfg = DataConfig(
+        train_shards=synthetic_shards["train"],
+        val_shards=synthetic_shards["val"],
+        sampling="segment",
+        num_frames=4,
+        img_size=32,
+        short_side=32,
+        test_num_clips=2,
+        test_num_crops=3,
+        eval_batch_size=5,  # does not divide the 6 views of a video
+        num_workers=2,
+    )
+    seen = []
+
+    def forward(x, visible_idx, masked_idx):
+        # The deterministic evaluation mask: the same visible tokens for every view.
+        seen.append((x.shape, visible_idx, masked_idx))
+        logits = torch.zeros(x.shape[0], 4)
+        logits[:, 1] = 1.0  # always class 1: top-1 is the share of class-1 videos
+        return logits
+
+    masking = MaskingConfig(kind="cell_running", ratio=0.5)
+    result = evaluate(forward, cfg, masking, (2, 2, 2), 4, device=torch.device("cpu"), dtype=torch.float32)
+    assert result.expected_videos == 8 and result.num_videos == 8
+    assert result.num_views == 8 * 6
+    assert result.incomplete_videos == 0
+    assert result.top1 == pytest.approx(25.0)  # 2 of the 8 validation videos are class 1
+    assert result.top5 == pytest.approx(100.0)
+    assert sum(s[0][0] for s in seen) == 48
+    assert all(s[0][1:] == (3, 4, 32, 32) for s in seen)
+    assert all(s[1].shape[1] == 4 and s[2].shape[1] == 4 for s in seen)  # 4 of 8 tokens visible
+    first = seen[0][1][0]
+    assert all(torch.equal(row, first) for s in seen for row in s[1])
+
+    seen.clear()
+    full = evaluate(
+        forward, dataclasses.replace(cfg, num_workers=0), MaskingConfig(kind="none"), (2, 2, 2), 4,
+        device=torch.device("cpu"), dtype=torch.float32,
+    )
+    assert full.num_views == 48 and full.top1 == pytest.approx(25.0)
+    assert all(s[1] is None and s[2] is None for s in seen)  # every token visible
