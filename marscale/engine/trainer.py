@@ -339,8 +339,8 @@ class Trainer:
         """
         from tqdm import tqdm
 
-        cfg, state = self.cfg, self.state
         resumed = self.resume()
+        cfg, state = self.cfg, self.state  # after resume(), which replaces the state
         last_saved = state.step if resumed else None
         last_eval = None
         accum = cfg.deepspeed.grad_accum_steps

@@ -1,0 +1,243 @@
+"""The training loop under DeepSpeed in one process: every ZeRO stage, exact resume,
+pre-emption, crash fallback, export round trip.
+
+Tiny configs: configs/demo.yaml with 32x32 clips of 4 frames (2x2x2 = 8 tokens), on the
+session's synthetic shards, decoded in the training process (num_workers 0).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from marscale import dist
+from marscale.engine import checkpointing as ckpt
+from marscale.engine.config import load_train_config
+from marscale.engine.metrics import by_step, read_jsonl
+from marscale.engine.trainer import EXIT_PREEMPTED, Trainer
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+
+
+def tiny_config(shards: dict[str, str], out, *overrides: str):
+    return load_train_config(
+        CONFIG,
+        [
+            f"data.train_shards={shards['train']}",
+            f"data.val_shards={shards['val']}",
+            f"run.output_dir={out}",
+            "model.img_size=32",
+            "data.img_size=32",
+            "data.short_side=32",
+            "model.num_frames=4",
+            "data.num_frames=4",
+            "data.batch_size=4",
+            "data.clips_per_video=2",
+            "data.num_workers=0",
+            "data.samples_per_epoch=8",  # 4 steps per epoch: 6 steps cross an epoch
+            "data.eval_batch_size=4",
+            "optim.warmup_epochs=0.5",
+            "logging.every_steps=1",
+            "logging.tensorboard=false",
+            "checkpoint.every_steps=0",
+            "checkpoint.keep_last=0",
+            "run.max_steps=6",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    dist.init_distributed()
+
+
+def fixed_batch(batch: int = 4):
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (batch, 3, 4, 32, 32), dtype=torch.uint8, generator=g)
+    return video, torch.arange(batch) % 4
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {step: r["loss"] for step, r in by_step(read_jsonl(os.path.join(run_dir, "metrics.jsonl"))).items()}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_bf16_with_activation_checkpointing(stage, synthetic_shards, tmp_path):
+    cfg = tiny_config(
+        synthetic_shards, tmp_path, f"deepspeed.zero_stage={stage}", "deepspeed.precision=bf16",
+        "model.grad_checkpointing=6",
+    )
+    trainer = Trainer(cfg)
+    try:
+        module = trainer.engine.module
+        assert next(module.parameters()).dtype == torch.bfloat16
+        assert module.encoder.grad_checkpointing == 6
+        calls = []
+        # A pre-hook: non-reentrant recomputation stops early, before forward hooks would run.
+        hook = module.encoder.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+
+        video, labels = fixed_batch()
+        visible_idx, masked_idx = trainer.train_masks(0, 0, video.shape[0])
+        trainer.set_lr(2e-3)
+        first = trainer.train_step(video, labels, visible_idx, masked_idx, want_grad_norm=True)
+        assert set(first) == {"loss", "loss_cls", "loss_recon", "grad_norm"}
+        assert torch.isfinite(first["grad_norm"]) and first["grad_norm"] > 0
+        # Checkpointed blocks run twice per step: forward, and again in backward.
+        assert len(calls) == 2
+        run = [trainer.train_step(video, labels, visible_idx, masked_idx)["loss"].item() for _ in range(7)]
+        assert len(calls) == 16
+        assert run[-1] < 0.6 * first["loss"].item(), (first["loss"].item(), run)
+
+        # The lr reaches the optimizer DeepSpeed steps: at lr 0 the weights do not move.
+        trainer.set_lr(0.0)
+        frozen = [trainer.train_step(video, labels, visible_idx, masked_idx)["loss"].item() for _ in range(3)]
+        assert frozen[1] == frozen[2], frozen
+        hook.remove()
+    finally:
+        trainer.close()
+
+
+def send_signal_after(path: str, step: int, signum: int) -> threading.Thread:
+    """SIGTERM ourselves once `step` shows up in the metrics file (the loop is mid-run)."""
+
+    def watch():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if os.path.exists(path) and any(r["step"] >= step for r in read_jsonl(path)):
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_shards, tmp_path):
+    """6 steps straight == steps 1..k, SIGTERM (checkpoint), resume, steps k+1..6.
+
+    Dropout, drop path, mixup/cutmix and crossing an epoch boundary all take part, so
+    every random stream and the data position must come back exactly.
+    """
+    extra = (
+        "model.drop_path=0.1", "model.head_dropout=0.2", "data.mixup=0.8", "data.cutmix=1.0",
+        "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
+    )
+    straight_dir = tmp_path / "straight"
+    trainer = Trainer(tiny_config(synthetic_shards, straight_dir, *extra))
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    straight = losses(straight_dir)
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    assert os.path.isfile(straight_dir / "config.yaml") and os.path.isfile(straight_dir / "deepspeed_config.json")
+    assert [s for s, _ in ckpt.list_checkpoints(ckpt.checkpoints_root(str(straight_dir)))] == [6]
+
+    run_dir = tmp_path / "preempted"
+    cfg = tiny_config(synthetic_shards, run_dir, *extra, "checkpoint.resume=auto")
+    trainer = Trainer(cfg)
+    watcher = send_signal_after(str(run_dir / "metrics.jsonl"), 3, signal.SIGTERM)
+    try:
+        assert trainer.fit() == EXIT_PREEMPTED
+    finally:
+        trainer.close()
+        watcher.join()
+    root = ckpt.checkpoints_root(str(run_dir))
+    saved = [s for s, _ in ckpt.list_checkpoints(root)]
+    assert len(saved) == 1 and 3 <= saved[0] < 6, saved
+    stopped = saved[0]
+    assert not os.path.exists(run_dir / "eval.json")  # a pre-empted run does not evaluate
+
+    # A crash while saving the next checkpoint: files half written, no marker.
+    crashed = os.path.join(root, ckpt.tag_for(stopped + 1))
+    shutil.copytree(os.path.join(root, ckpt.tag_for(stopped)), crashed)
+    os.unlink(os.path.join(crashed, ckpt.COMPLETE_MARKER))
+    with open(os.path.join(crashed, "mp_rank_00_model_states.pt"), "r+b") as f:
+        f.truncate(100)
+
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.fit() == 0
+        resumed = losses(run_dir)
+        assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+        for step in range(1, 7):
+            assert resumed[step] == straight[step], (step, resumed, straight)
+        # The leftover is older than the final checkpoint now: pruned.
+        assert [s for s, _ in ckpt.list_checkpoints(root, complete=None)] == [stopped, 6]
+        assert os.path.isfile(run_dir / "eval.json")
+
+        # Export round trip (ZeRO-2, fp32): the exported weights give the engine's logits.
+        from marscale.checkpoint import load_pretrained
+        from marscale.engine.export import export
+        from marscale.model import build_model
+
+        out = str(tmp_path / "model.pt")
+        export(str(run_dir), out)
+        payload = torch.load(out, weights_only=True)
+        assert payload["step"] == 6 and payload["config"]["model"]["variant"] == "vit_tiny"
+        model = build_model(cfg.model)
+        report = load_pretrained(model, out)
+        assert report.layout == "marscale" and not report.missing and not report.unexpected
+        assert_same_logits(trainer, model)
+    finally:
+        trainer.close()
+
+
+def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
+    from marscale.data import normalize
+
+    video, _ = fixed_batch()
+    x = normalize(video, trainer.cfg.data.mean, trainer.cfg.data.std, trainer.dtype)
+    visible_idx, masked_idx = trainer.train_masks(0, 0, video.shape[0])
+    trainer.engine.eval()
+    model.to(trainer.dtype).eval()
+    with torch.no_grad():
+        expected = trainer.engine(x, visible_idx, masked_idx)["logits"]
+        got = model(x, visible_idx, masked_idx)["logits"]
+    trainer.engine.train()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_export_from_zero3_bf16(synthetic_shards, tmp_path):
+    import deepspeed
+
+    from marscale.checkpoint import load_pretrained
+    from marscale.engine.export import consolidate, export, has_zero_shards
+    from marscale.model import build_model
+
+    cfg = tiny_config(
+        synthetic_shards, tmp_path, "deepspeed.zero_stage=3", "deepspeed.precision=bf16", "run.max_steps=2",
+        "run.eval_every_steps=1",
+    )
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.fit() == 0
+        path = os.path.join(trainer.checkpoints_root, "step-2")
+        assert ckpt.is_complete(path) and has_zero_shards(path)
+        state, client = consolidate(path)
+        assert client["train_state"]["step"] == 2
+        params = dict(trainer.engine.module.named_parameters())
+        assert set(state) == set(params)
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            for name, p in params.items():
+                assert state[name].dtype == torch.float32
+                # fp32 master weights, of which the module computes with the bf16 rounding
+                torch.testing.assert_close(state[name].to(torch.bfloat16), p.detach(), rtol=0, atol=0)
+        out = str(tmp_path / "model.pt")
+        export(path, out)
+        model = build_model(cfg.model)
+        load_pretrained(model, out)
+        assert_same_logits(trainer, model)
+        history = read_jsonl(os.path.join(tmp_path, "eval.jsonl"))
+        assert [r["step"] for r in history] == [1, 2]
+        assert all(r["num_views"] == 8 and r["num_videos"] == 8 for r in history)
+    finally:
+        trainer.close()
