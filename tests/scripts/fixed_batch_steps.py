@@ -1,0 +1,63 @@
+"""Run a few optimizer steps of the marscale Trainer on fixed, seeded batches.
+
+Started by tests/test_distributed.py as one process or as 2 ranks under the `deepspeed`
+launcher. Every rank builds the same global batch (clips, labels and masks from one
+seed) and trains on its contiguous slice, so an N-rank run and a 1-rank run see the
+same global batch. Writes per-step losses (averaged over ranks) and a checksum of the
+consolidated weights to OUT (rank 0).
+
+    fixed_batch_steps.py OUT CONFIG GLOBAL_BATCH STEPS [--set k=v ...]
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as torch_dist
+
+from marscale import dist
+from marscale.engine.config import load_train_config
+from marscale.engine.trainer import Trainer
+from marscale.masking import make_mask, mask_to_indices
+
+
+def main() -> None:
+    out, config, global_batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    overrides = [a for a in sys.argv[5:] if a != "--set"]
+    dist.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = global_batch // world
+    overrides.append(f"data.batch_size={per_rank}")
+    cfg = load_train_config(config, overrides)
+    trainer = Trainer(cfg)
+    grid = cfg.model.token_grid
+    g = torch.Generator().manual_seed(1234)
+    losses = []
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    for step in range(steps):
+        trainer.set_lr(cfg.optim.lr)
+        video = torch.randint(0, 256, (global_batch, 3, cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size),
+                              generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, cfg.model.num_classes, (global_batch,), generator=g)
+        mask = make_mask(cfg.masking, global_batch, grid, g, train=True)
+        visible_idx, masked_idx = mask_to_indices(mask)
+        parts = trainer.train_step(video[rows], labels[rows], visible_idx[rows], masked_idx[rows])
+        loss = parts["loss"].detach().clone()
+        if world > 1:
+            torch_dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    # Consolidated weights: under ZeRO-3 gather the partitions first.
+    import deepspeed
+
+    params = list(trainer.engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=cfg.deepspeed.zero_stage == 3):
+        checksum = [float(p.detach().double().sum()) for p in params]
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"losses": losses, "checksum": checksum, "world_size": world}, f)
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()
