@@ -37,6 +37,7 @@ from shards_tools.convert import (
 )
 from shards_tools.schema import SampleMeta, load_manifest, save_manifest, shard_name
 from shards_tools.stats import collect_stats
+import shards_tools.synth as synth_module
 from shards_tools.synth import SYNTH_CLASSES, TIME_REVERSED, encode_video, make_synthetic_dataset, render_clip
 from shards_tools.verify import verify
 
@@ -615,3 +616,14 @@ def test_cli_synth_with_shards_and_convert(tmp_path, capsys):
                      "--prefix", "p"]) == 2
     with pytest.raises(SystemExit):
         cli_main(["synth", "--out", out, "--size", "33x32"])
+
+
+def test_synth_object_is_lighter_than_background():
+    # One contrast polarity keeps motion direction linearly visible to a tubelet embedding.
+    for i in range(20):
+        rng = np.random.default_rng([7, i])
+        clip = render_clip(i % len(SYNTH_CLASSES), rng, 64, 64, 8).astype(np.float32)
+        background = clip[0, 0, 0]
+        brightest = clip.reshape(-1, 3)[clip.reshape(-1, 3).sum(1).argmax()]
+        assert (background <= synth_module._DARK_MAX + 1).all()
+        assert (brightest >= synth_module._LIGHT_MIN - 1).all()
