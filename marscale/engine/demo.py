@@ -25,7 +25,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", 
 DONE_MARKER = ".done"
 
 # (train videos per class, val videos per class): the full demo and --quick.
-SIZES = {"full": (96, 24), "quick": (24, 8)}
+SIZES = {"full": (250, 50), "quick": (24, 8)}
 NUM_CLASSES = 4
 VIDEO_SIZE = 64
 VIDEO_FRAMES = 32
