@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -35,6 +36,30 @@ logger = logging.getLogger(__name__)
 
 # forward(video [B,C,T,H,W] normalised, visible_idx [B,Nv] | None, masked_idx | None) -> logits [B, K]
 Forward = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+
+
+# The signals a training job stops on (see trainer.StopSignal).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def start_iterator(loader: Iterable) -> Iterator:
+    """`iter(loader)` as the training and evaluation loops need it.
+
+    - Creating a DataLoader iterator draws a seed from torch's global generator: that
+      draw is kept out of the training stream (a resumed run draws what the original did).
+    - Its worker processes are forked with the stop signals blocked. A cluster that
+      pre-empts a job signals every process, and a worker would die of SIGTERM (torch
+      installs its own handler there) and take the step down with it; with the signals
+      blocked only the training process reacts, finishes the step and saves. Workers still
+      exit when the loader shuts them down or their parent dies. (Inherited with the
+      default "fork" start method.)
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclasses.dataclass
@@ -152,10 +177,7 @@ def evaluate(
         return masks[batch]
 
     table = ScoreTable(num_classes)
-    # Creating a DataLoader iterator draws from torch's global generator; keep that out
-    # of the training stream so evaluating does not change what training draws next.
-    with torch.random.fork_rng(devices=[]):
-        it = iter(loader)
+    it = start_iterator(loader)
     views = 0
     while True:
         batch = next(it, None)

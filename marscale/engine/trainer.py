@@ -24,7 +24,9 @@ and resumed run produces the same losses as an uninterrupted one
 Pre-emption: SIGTERM or SIGUSR1 sets a flag. At the next step boundary all ranks agree
 (one all-reduce of the flag over a gloo group), save a checkpoint and return
 `EXIT_PREEMPTED` (75, EX_TEMPFAIL: "try again"), which job scripts use to requeue
-(launch/slurm.sbatch). A run that finishes returns 0.
+(launch/slurm.sbatch). Data-loader workers start with these signals blocked
+(`evaluate.start_iterator`), so a signal sent to every process of the job does not kill
+them mid-step. A run that finishes returns 0.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from marscale import dist
 from marscale.config import save_config, to_dict
 from marscale.engine import checkpointing as ckpt
 from marscale.engine.config import TrainConfig, global_batch_size, steps_per_epoch, total_steps, warmup_steps
-from marscale.engine.evaluate import EvalResult, evaluate
+from marscale.engine.evaluate import STOP_SIGNALS, EvalResult, evaluate, start_iterator
 from marscale.engine.metrics import IntervalTimer, MetricsWriter, StepCost, format_record, peak_memory_bytes
 from marscale.engine.metrics import peak_tflops, throughput
 from marscale.losses import total_loss
@@ -107,7 +109,7 @@ class StopSignal:
     gloo group of host tensors, so on GPUs it does not wait for the device's queue.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -314,10 +316,7 @@ class Trainer:
             loader = build_train_loader(
                 self.cfg.data, epoch=self.state.epoch, rank=self.rank, world_size=self.world_size, start_batch=start
             )
-            # Creating the iterator draws from torch's global generator: keep that draw out
-            # of the training stream, so a resumed run draws exactly what the original did.
-            with torch.random.fork_rng(devices=[]):
-                it = iter(loader)
+            it = start_iterator(loader)
             try:
                 for position in range(start, self.batches_per_epoch):
                     batch = next(it, None)
@@ -420,7 +419,7 @@ class Trainer:
         if self._grad_norm is not None:
             values["grad_norm"] = float(self._grad_norm)
         if self.cfg.deepspeed.precision == "fp16":
-            values["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+            values["loss_scale"] = float(getattr(self.engine.optimizer, "loss_scale", float("nan")))
             values["skipped_steps"] = int(self.engine.skipped_steps)
         values["epoch"] = self.state.epoch
         values["samples"] = self.state.samples_seen
