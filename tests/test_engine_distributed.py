@@ -1,0 +1,144 @@
+"""`marscale train` / `eval` as two CPU ranks (gloo) under the launch scripts.
+
+(Two ranks matching one rank step for step is tests/test_distributed.py.)
+
+- `marscale train` under launch/deepspeed.sh with ZeRO-3: completes, evaluates every
+  video exactly once across ranks, checkpoints from both ranks; the export of that
+  checkpoint evaluated by `marscale eval` under torchrun gives the same accuracy.
+- SIGTERM to a torchrun job (every process, loader workers included) saves a complete
+  checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_overrides(shards: dict[str, str], out: str) -> list[str]:
+    return [
+        f"data.train_shards={shards['train']}",
+        f"data.val_shards={shards['val']}",
+        f"run.output_dir={out}",
+        "model.img_size=32",
+        "data.img_size=32",
+        "data.short_side=32",
+        "model.num_frames=4",
+        "data.num_frames=4",
+        "data.clips_per_video=1",
+        "data.num_workers=1",
+        "data.eval_batch_size=3",
+        "data.test_num_clips=2",
+        "data.test_num_crops=1",
+        "logging.every_steps=1",
+        "logging.tensorboard=false",
+        "checkpoint.keep_last=0",
+    ]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+# --- the CLI under the launchers --------------------------------------------------------
+
+
+def test_train_zero3_deepspeed_launcher_then_eval_under_torchrun(synthetic_shards, tmp_path):
+    out = str(tmp_path / "run")
+    overrides = tiny_overrides(synthetic_shards, out) + [
+        "data.batch_size=2", "deepspeed.zero_stage=3", "deepspeed.precision=bf16", "run.max_steps=3",
+        "run.eval_every_steps=2", "checkpoint.every_steps=2", "model.grad_checkpointing=2",
+    ]
+    cmd = ["bash", "launch/deepspeed.sh", CONFIG]
+    for o in overrides:
+        cmd += ["--set", o]
+    e = env()
+    e.update(GPUS="2", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+    history = [json.loads(line) for line in open(os.path.join(out, "eval.jsonl"))]
+    assert [r["step"] for r in history] == [2, 3]
+    for r in history:  # 8 videos x 2 views, each scored once over the two ranks
+        assert r["num_videos"] == r["expected_videos"] == 8
+        assert r["num_views"] == 16 and r["incomplete_videos"] == 0
+    final = json.load(open(os.path.join(out, "eval.json")))
+    assert final == {"step": 3, **{k: v for k, v in history[-1].items() if k != "step"}}
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2, 3]
+    for step in (2, 3):
+        ckpt_dir = os.path.join(out, "checkpoints", f"step-{step}")
+        files = os.listdir(ckpt_dir)
+        assert "COMPLETE" in files and {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= set(files)
+        assert sum("optim_states" in f for f in files) == 2  # one ZeRO shard per rank
+
+    from marscale.engine.export import export
+
+    model_file = str(tmp_path / "model.pt")
+    export(os.path.join(out, "checkpoints", "step-3"), model_file)
+    result_file = str(tmp_path / "eval_torchrun.json")
+    run(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "marscale.cli", "eval",
+         "--checkpoint", model_file, "--out", result_file],
+    )
+    standalone = json.load(open(result_file))
+    for key in ("top1", "top5", "num_videos", "num_views", "incomplete_videos"):
+        assert standalone[key] == final[key], (key, standalone, final)
+
+
+def test_sigterm_to_torchrun_job_saves_and_stops(synthetic_shards, tmp_path):
+    out = str(tmp_path / "run")
+    cmd = ["bash", "launch/torchrun.sh", CONFIG]
+    for o in tiny_overrides(synthetic_shards, out) + ["data.batch_size=2", "run.max_steps=200"]:
+        cmd += ["--set", o]
+    e = env()
+    e.update(GPUS="2", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-5000:]
+    # What a cluster does on pre-emption: SIGTERM to every process of the job.
+    os.killpg(proc.pid, signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    root = os.path.join(out, "checkpoints")
+    complete = [d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "COMPLETE"))]
+    assert len(complete) == 1, log[-5000:]
+    step = int(complete[0].split("-")[1])
+    assert 2 <= step < 200
+    assert {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= set(os.listdir(os.path.join(root, complete[0])))
+    assert f"saving step {step} and exiting" in log
+    last = [json.loads(line)["step"] for line in open(metrics)][-1]
+    assert last == step  # stopped at the step boundary it saved
+
