@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from marscale import dist
+from shards_tools.schema import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -156,28 +156,13 @@ def load_rng_state(path: str, rank: int) -> bool:
 # --- save / load ----------------------------------------------------------------------
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+def write_json(path: str, record: Any) -> None:
+    """Write `record` as JSON atomically: readers see the old file or the whole new one."""
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def mark_complete(path: str, info: dict[str, Any]) -> None:
-    _atomic_write_text(os.path.join(path, COMPLETE_MARKER), json.dumps(info, indent=1) + "\n")
+    write_json(os.path.join(path, COMPLETE_MARKER), info)
 
 
 def remove_checkpoint(path: str) -> None:

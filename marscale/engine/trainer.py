@@ -458,7 +458,7 @@ class Trainer:
             engine.train()
         record = {"step": self.state.step, **result.to_dict()}
         if dist.is_main():
-            ckpt._atomic_write_text(os.path.join(self.output_dir, EVAL_FILE), json.dumps(record, indent=1) + "\n")
+            ckpt.write_json(os.path.join(self.output_dir, EVAL_FILE), record)
         self.writer.log("eval", self.state.step, result.to_dict())
         logger.info(
             "eval step %d: top1 %.2f top5 %.2f (%d/%d videos, %d views, %.1fs)",
