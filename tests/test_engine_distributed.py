@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -56,6 +57,9 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
     e["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
+    # The launch scripts call `deepspeed` / `torchrun` by name: find the ones installed
+    # beside this interpreter even when its environment is not activated (make test).
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     return e
