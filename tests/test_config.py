@@ -304,7 +304,7 @@ def test_preset_override():
     "overrides, message",
     [
         (["data.num_frames=8"], "data.num_frames=8 but model.num_frames=16"),
-        (["data.img_size=64", "data.short_side=64"], "data.img_size=64 but model.img_size=32"),
+        (["data.img_size=32", "data.short_side=32"], "data.img_size=32 but model.img_size=64"),
         (["model.arch=vit"], "model.arch=vit is the full-token baseline but masking.kind='cell_running'"),
         (["data.mean=[0.5,0.5,0.5]"], "data.mean=[0.5, 0.5, 0.5] but model.pixel_mean"),
         (["masking.cell=[4,4]", "masking.ratio=0.25", "model.img_size=96", "data.img_size=96", "data.short_side=96"],
@@ -312,7 +312,7 @@ def test_preset_override():
         (["run.device=cpu", "deepspeed.precision=fp16"], "fp16 is not supported on CPU"),
         (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "offload_optimizer needs ZeRO"),
         (["deepspeed.precision=fp8"], "deepspeed.precision='fp8'"),
-        (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr=0.0005]"),
+        (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr=0.001]"),
         (["run.max_steps=0"], "run.max_steps must be >= 1"),
     ],
 )
