@@ -243,3 +243,33 @@ def test_export_from_zero3_bf16(synthetic_shards, tmp_path):
         assert all(r["num_views"] == 8 and r["num_videos"] == 8 for r in history)
     finally:
         trainer.close()
+
+
+def test_starts_from_videomae_pretraining(synthetic_shards, tmp_path):
+    """model.pretrained: a VideoMAE pre-training checkpoint fills the encoder and decoder
+    of the engine's module; the bridging classifier keeps its fresh initialisation."""
+    from marscale.model import build_model
+    from test_checkpoint import randomised, save, videomae_pretrain_layout
+
+    cfg = tiny_config(synthetic_shards, tmp_path, "deepspeed.zero_stage=2", "deepspeed.precision=fp32")
+    source = randomised(build_model(cfg.model), seed=3)
+    path = save(tmp_path, videomae_pretrain_layout(source), "videomae_pretrain.pth")
+    fresh = Trainer(cfg)
+    try:
+        fresh_classifier = {k: v.clone() for k, v in fresh.engine.module.classifier.state_dict().items()}
+    finally:
+        fresh.close()
+
+    cfg = tiny_config(synthetic_shards, tmp_path, "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
+                      f"model.pretrained={path}")
+    trainer = Trainer(cfg)
+    try:
+        module = trainer.engine.module
+        for part in ("encoder", "decoder"):
+            expected = getattr(source, part).state_dict()
+            for name, value in getattr(module, part).state_dict().items():
+                torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=f"{part}.{name}")
+        for name, value in module.classifier.state_dict().items():
+            torch.testing.assert_close(value, fresh_classifier[name], rtol=0, atol=0, msg=f"classifier.{name}")
+    finally:
+        trainer.close()
