@@ -13,6 +13,7 @@ DeepSpeed's import.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args)`.
@@ -37,7 +38,25 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == name:
             importlib.import_module(module).add_arguments(p, cmd)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad input (configs, checkpoints, shard folders; ConfigError and CheckpointError
+        # are ValueErrors) and a diverged run end with one line naming the problem.
+        # Anything else, or MARSCALE_TRACEBACK=1, keeps the full traceback.
+        if os.environ.get("MARSCALE_TRACEBACK") == "1" or not _is_reported(e):
+            raise
+        print(f"marscale {args.command}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 1
+
+
+def _is_reported(error: BaseException) -> bool:
+    """Errors whose message is the whole story: input errors and a diverged loss."""
+    if isinstance(error, (ValueError, FileNotFoundError)):
+        return True
+    from marscale.engine.trainer import TrainingDiverged
+
+    return isinstance(error, TrainingDiverged)
 
 
 if __name__ == "__main__":

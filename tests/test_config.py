@@ -383,3 +383,19 @@ def test_epoch_smaller_than_a_step_is_an_error():
     cfg = train_cfg(data={"batch_size": 8, "samples_per_epoch": 10})
     with pytest.raises(ValueError, match="less than one optimizer step"):
         steps_per_epoch(cfg, 4)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    from marscale.cli import main
+
+    monkeypatch.delenv("MARSCALE_TRACEBACK", raising=False)
+    demo = os.path.join(CONFIG_DIR, "demo.yaml")
+    assert main(["train", "--config", demo, "--set", "optim.lrr=1e-4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "marscale train: error: --set optim.lrr=1e-4: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--config", demo]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+    monkeypatch.setenv("MARSCALE_TRACEBACK", "1")
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        main(["train", "--config", demo, "--set", "optim.lrr=1e-4"])

@@ -273,3 +273,34 @@ def test_starts_from_videomae_pretraining(synthetic_shards, tmp_path):
             torch.testing.assert_close(value, fresh_classifier[name], rtol=0, atol=0, msg=f"classifier.{name}")
     finally:
         trainer.close()
+
+
+def test_diverged_loss_stops_before_saving(synthetic_shards, tmp_path, monkeypatch):
+    """A NaN loss from step 4 on: the checkpoint step 4 logs first, finds it, and raises;
+    step-2 stays the newest checkpoint and resuming from it is possible."""
+    from marscale.engine import trainer as trainer_module
+    from marscale.engine.trainer import TrainingDiverged
+
+    calls, original = [], trainer_module.total_loss
+
+    def poisoned(outputs, target, recon_weight):
+        parts = original(outputs, target, recon_weight)
+        calls.append(1)
+        if len(calls) >= 4:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(trainer_module, "total_loss", poisoned)
+    cfg = tiny_config(
+        synthetic_shards, tmp_path, "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
+        "checkpoint.every_steps=2", "checkpoint.keep_last=3", "logging.every_steps=5",
+    )
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4 .*Newest complete checkpoint: .*step-2"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert [s for s, _ in ckpt.list_checkpoints(trainer.checkpoints_root, complete=None)] == [2]
+    # Checkpoint steps are logging steps: step 2 was logged although logging.every_steps=5.
+    assert sorted(losses(tmp_path)) == [2, 4]

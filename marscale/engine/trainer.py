@@ -21,6 +21,11 @@ is resumed at its batch offset (`start_batch`). On CPU with fixed seeds an inter
 and resumed run produces the same losses as an uninterrupted one
 (tests/test_engine_trainer.py checks it).
 
+Divergence: the losses are read on logging steps, and every checkpoint step is also a
+logging step. A NaN or infinite interval loss raises `TrainingDiverged` there, before
+the weights are saved, so the newest complete checkpoint is always one from before the
+divergence.
+
 Pre-emption: SIGTERM or SIGUSR1 sets a flag. At the next step boundary all ranks agree
 (one all-reduce of the flag over a gloo group), save a checkpoint and return
 `EXIT_PREEMPTED` (75, EX_TEMPFAIL: "try again"), which job scripts use to requeue
@@ -34,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -58,6 +64,11 @@ logger = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
 """Exit status after a pre-emption signal: a checkpoint of the current step was saved."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite. Raised on every rank at once (the loss
+    is all-reduced), before any checkpoint of the diverged weights is written."""
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_FILE = "config.yaml"
@@ -352,7 +363,10 @@ class Trainer:
         exit_code = 0
         try:
             while state.step < self.total_steps:
-                log_now = (state.step + 1) % cfg.logging.every_steps == 0 or state.step + 1 == self.total_steps
+                save_now = bool(cfg.checkpoint.every_steps) and (state.step + 1) % cfg.checkpoint.every_steps == 0
+                log_now = (
+                    (state.step + 1) % cfg.logging.every_steps == 0 or state.step + 1 == self.total_steps or save_now
+                )
                 lr = self.lr_at(state.step)
                 self.set_lr(lr)
                 for micro in range(accum):
@@ -376,13 +390,16 @@ class Trainer:
                     values = self._log(lr, timer)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
                     timer.reset()
+                    self._check_finite(values)
                 if self.stop.agreed():
                     logger.warning("signal %s received: saving step %d and exiting", self.stop.received, state.step)
+                    if self._micro_steps:  # losses not read since the last log: check them first
+                        self._check_finite(self._log(lr, timer))
                     if last_saved != state.step:
                         self.save()
                     exit_code = EXIT_PREEMPTED
                     break
-                if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+                if save_now:
                     self.save()
                     last_saved = state.step
                 if cfg.run.eval_every_steps and state.step % cfg.run.eval_every_steps == 0:
@@ -406,6 +423,18 @@ class Trainer:
         for k, v in parts.items():
             self._sums[k] = self._sums[k] + v if k in self._sums else v.float().clone()
         self._micro_steps += 1
+
+    def _check_finite(self, values: dict) -> None:
+        """Raise TrainingDiverged if the logged interval loss is NaN or infinite."""
+        if math.isfinite(values["loss"]):
+            return
+        latest = ckpt.latest_checkpoint(self.checkpoints_root)
+        raise TrainingDiverged(
+            f"the training loss is {values['loss']} at step {self.state.step} (mean since the previous log); "
+            f"stopped without saving these weights. Newest complete checkpoint: {latest or 'none'}. "
+            f"Resume from it with --resume auto after lowering optim.lr, setting optim.clip_grad or "
+            f"switching deepspeed.precision (fp16 -> bf16)."
+        )
 
     def _log(self, lr: float, timer: IntervalTimer) -> dict:
         """Collective. Losses averaged over the interval and the ranks, plus rates and memory."""
