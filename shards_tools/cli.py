@@ -19,9 +19,9 @@ import os
 import sys
 
 from .annotations import FORMATS, AnnotationError
-from .convert import DEFAULT_SAMPLES_PER_SHARD, ConvertError, ConvertOptions, convert
+from .convert import DEFAULT_SAMPLES_PER_SHARD, ConvertError, ConvertOptions, convert, convert_synthetic
 from .stats import format_stats, stats_for
-from .synth import SYNTH_CLASSES, VIDEO_DIR, make_synthetic_dataset
+from .synth import SYNTH_CLASSES, make_synthetic_dataset
 from .verify import verify
 
 log = logging.getLogger("marscale-shards")
@@ -152,20 +152,18 @@ def _synth(args: argparse.Namespace) -> int:
     )
     print(f"{args.out}: {info['num_videos']} videos of {len(info['classes'])} classes ({', '.join(info['classes'])})")
     if args.shards:
-        for split, list_path in info["lists"].items():
-            options = ConvertOptions(
-                format="kinetics",
-                root=os.path.join(args.out, VIDEO_DIR),
-                annotations=list_path,
-                classes=os.path.join(args.out, "classes.txt"),
-                out=os.path.join(args.out, "shards", split),
-                prefix=split,
-                samples_per_shard=args.samples_per_shard,
-                max_shard_bytes=args.max_shard_bytes,
-                shuffle_seed=args.seed if args.shuffle_seed is None else args.shuffle_seed,
-                workers=args.workers,
-            )
-            print(convert(options, overwrite=args.overwrite).summary())
+        results = convert_synthetic(
+            args.out,
+            os.path.join(args.out, "shards"),
+            splits=info["lists"],
+            samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes,
+            shuffle_seed=args.seed if args.shuffle_seed is None else args.shuffle_seed,
+            workers=args.workers,
+            overwrite=args.overwrite,
+        )
+        for result in results.values():
+            print(result.summary())
     return 0
 
 

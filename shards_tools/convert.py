@@ -724,3 +724,37 @@ def convert(options: ConvertOptions, overwrite: bool = False, progress: bool | N
     )
     save_manifest(options.out, manifest)
     return ConvertResult(manifest, options.out, len(todo), kept, time.time() - start)
+
+
+def convert_synthetic(
+    root: str,
+    out_root: str,
+    *,
+    splits: Iterable[str] = ("train", "val"),
+    samples_per_shard: int | None = None,
+    max_shard_bytes: int | None = None,
+    shuffle_seed: int | None = 0,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict[str, ConvertResult]:
+    """Shard each split of a set written by `synth.make_synthetic_dataset` (its
+    `<split>.txt` lists) into `out_root/<split>`; returns {split: result}."""
+    from .synth import CLASSES_FILE, VIDEO_DIR
+
+    results = {}
+    for split in splits:
+        options = ConvertOptions(
+            format="kinetics",
+            root=os.path.join(root, VIDEO_DIR),
+            annotations=os.path.join(root, f"{split}.txt"),
+            classes=os.path.join(root, CLASSES_FILE),
+            out=os.path.join(out_root, split),
+            prefix=split,
+            samples_per_shard=samples_per_shard,
+            max_shard_bytes=max_shard_bytes,
+            shuffle_seed=shuffle_seed,
+            workers=workers,
+        )
+        results[split] = convert(options, overwrite=overwrite, progress=progress)
+    return results

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from shards_tools.convert import ConvertOptions, convert
+from shards_tools.convert import convert_synthetic
 from shards_tools.synth import make_synthetic_dataset
 
 SYNTH_NUM_CLASSES = 4
@@ -45,22 +45,6 @@ def synthetic_videos(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory, synthetic_videos) -> dict[str, str]:
-    out_root = tmp_path_factory.mktemp("synthetic_shards")
-    dirs = {}
-    for split in ("train", "val"):
-        out = str(out_root / split)
-        convert(
-            ConvertOptions(
-                format="kinetics",
-                root=os.path.join(synthetic_videos, "videos"),
-                annotations=os.path.join(synthetic_videos, f"{split}.txt"),
-                classes=os.path.join(synthetic_videos, "classes.txt"),
-                out=out,
-                prefix=split,
-                samples_per_shard=SYNTH_SAMPLES_PER_SHARD,
-                shuffle_seed=0,
-            ),
-            progress=False,
-        )
-        dirs[split] = out
-    return dirs
+    out_root = str(tmp_path_factory.mktemp("synthetic_shards"))
+    convert_synthetic(synthetic_videos, out_root, samples_per_shard=SYNTH_SAMPLES_PER_SHARD, progress=False)
+    return {split: os.path.join(out_root, split) for split in ("train", "val")}

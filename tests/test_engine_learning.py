@@ -19,7 +19,7 @@ from marscale import dist
 from marscale.engine.config import load_train_config
 from marscale.engine.metrics import by_step, read_jsonl
 from marscale.engine.trainer import EVAL_FILE, train
-from shards_tools.convert import ConvertOptions, convert
+from shards_tools.convert import convert_synthetic
 from shards_tools.synth import make_synthetic_dataset
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
@@ -35,23 +35,9 @@ def learning_shards(tmp_path_factory) -> dict[str, str]:
         root, num_classes=4, videos_per_class=TRAIN_PER_CLASS, val_videos_per_class=VAL_PER_CLASS,
         width=64, height=64, num_frames=16, seed=1, workers=2,
     )
-    out = {}
-    for split in ("train", "val"):
-        out[split] = str(tmp_path_factory.mktemp(f"learning_shards_{split}"))
-        convert(
-            ConvertOptions(
-                format="kinetics",
-                root=os.path.join(root, "videos"),
-                annotations=os.path.join(root, f"{split}.txt"),
-                classes=os.path.join(root, "classes.txt"),
-                out=out[split],
-                prefix=split,
-                samples_per_shard=25,
-                shuffle_seed=0,
-            ),
-            progress=False,
-        )
-    return out
+    out_root = str(tmp_path_factory.mktemp("learning_shards"))
+    convert_synthetic(root, out_root, samples_per_shard=25, progress=False)
+    return {split: os.path.join(out_root, split) for split in ("train", "val")}
 
 
 @pytest.mark.slow

@@ -69,29 +69,12 @@ def render_data(root: str, train_per_class: int, val_per_class: int) -> None:
 
 def write_shards(video_root: str, shard_root: str) -> dict[str, str]:
     """Stage 2: shards of each split (the converter skips shards it already wrote)."""
-    from shards_tools.convert import ConvertOptions, convert
+    from shards_tools.convert import convert_synthetic
     from shards_tools.schema import manifest_path
 
-    out = {}
-    for split in ("train", "val"):
-        dest = os.path.join(shard_root, split)
-        out[split] = dest
-        if os.path.isfile(manifest_path(dest)):
-            continue
-        convert(
-            ConvertOptions(
-                format="kinetics",
-                root=os.path.join(video_root, "videos"),
-                annotations=os.path.join(video_root, f"{split}.txt"),
-                classes=os.path.join(video_root, "classes.txt"),
-                out=dest,
-                prefix=split,
-                samples_per_shard=8,
-                shuffle_seed=0,
-            ),
-            progress=False,
-        )
-    return out
+    splits = [s for s in ("train", "val") if not os.path.isfile(manifest_path(os.path.join(shard_root, s)))]
+    convert_synthetic(video_root, shard_root, splits=splits, samples_per_shard=8, progress=False)
+    return {split: os.path.join(shard_root, split) for split in ("train", "val")}
 
 
 def print_cost(model_cfg, mask_ratio: float) -> None:
