@@ -399,3 +399,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MARSCALE_TRACEBACK", "1")
     with pytest.raises(ConfigError, match="optim.lrr"):
         main(["train", "--config", demo, "--set", "optim.lrr=1e-4"])
+
+
+def test_eval_refuses_a_checkpoint_without_a_trained_classifier(tmp_path, capsys, monkeypatch):
+    """A VideoMAE pre-training checkpoint has no classifier: `marscale eval` would score
+    random weights, so it stops and says so (before starting a process group)."""
+    from test_checkpoint import save, videomae_pretrain_layout
+
+    from marscale.cli import main
+    from marscale.model import build_model
+
+    monkeypatch.delenv("MARSCALE_TRACEBACK", raising=False)
+    demo = os.path.join(CONFIG_DIR, "demo.yaml")
+    path = save(tmp_path, videomae_pretrain_layout(build_model(load_train_config(demo).model)), "pretrain.pth")
+    assert main(["eval", "--checkpoint", path, "--config", demo]) == 2
+    err = capsys.readouterr().err
+    assert "has no trained classifier for this model (4 classes)" in err and "classifier." in err

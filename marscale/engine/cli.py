@@ -105,7 +105,7 @@ def eval_command(args: argparse.Namespace) -> int:
     import torch
 
     from marscale import dist
-    from marscale.checkpoint import load_pretrained
+    from marscale.checkpoint import CheckpointError, load_pretrained
     from marscale.engine.evaluate import evaluate
     from marscale.engine.export import consolidate
     from marscale.engine.trainer import PRECISION_DTYPES, resolve_device
@@ -119,17 +119,26 @@ def eval_command(args: argparse.Namespace) -> int:
         # Files written by `marscale export` carry their training config.
         stored = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True).get("config")
     cfg = _eval_config(args, stored if isinstance(stored, dict) else None)
+    # Weights first: a wrong checkpoint fails before any process group exists.
+    model = build_model(cfg.model)
+    if state is None:
+        report = load_pretrained(model, args.checkpoint)
+        untrained = [k for k in report.missing + report.dropped if not k.startswith("decoder.")]
+        if untrained:
+            # e.g. a pre-training checkpoint, or one fine-tuned on another label set
+            raise CheckpointError(
+                f"{args.checkpoint} has no trained classifier for this model "
+                f"({cfg.model.num_classes} classes): {len(untrained)} weights would stay at their "
+                f"initialisation, e.g. {untrained[:3]}; evaluate a fine-tuned checkpoint"
+            )
+    else:
+        model.load_state_dict(state)
     _prepare_device(cfg.run.device)
     dist.init_distributed()
     dist.setup_logging()
     try:
         device = resolve_device(cfg.run.device)
         dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
-        model = build_model(cfg.model)
-        if state is None:
-            load_pretrained(model, args.checkpoint)
-        else:
-            model.load_state_dict(state)
         model.to(device=device, dtype=dtype).eval()
 
         def forward(x, visible_idx, masked_idx):
