@@ -36,5 +36,10 @@ demo: setup
 cost: setup
 	$(BIN)/marscale cost
 
+# CPU benchmarks (docs/benchmarks.md): model time vs counted FLOPs, then the loader.
+bench: setup
+	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_loader.py --videos 24 --repeats 3 --clips 16 --gpu-clips-per-s 160
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info
