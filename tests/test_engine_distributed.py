@@ -146,3 +146,63 @@ def test_sigterm_to_torchrun_job_saves_and_stops(synthetic_shards, tmp_path):
     last = [json.loads(line)["step"] for line in open(metrics)][-1]
     assert last == step  # stopped at the step boundary it saved
 
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: one task with the variables srun sets, options dropped.
+while [[ $1 == --* ]]; do shift; done
+export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0
+exec "$@"
+"""
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: the two calls launch/slurm.sbatch makes.
+if [[ $1 == show && $2 == hostnames ]]; then echo 127.0.0.1; fi
+if [[ $1 == requeue ]]; then echo "$2" >> "$REQUEUE_LOG"; fi
+"""
+
+
+def test_slurm_script_requeues_after_usr1_and_the_requeued_job_resumes(synthetic_shards, tmp_path):
+    """launch/slurm.sbatch run by bash with srun/scontrol stand-ins: USR1 to the batch
+    shell (SLURM's `--signal=B:USR1@120`) reaches the training process, which saves and
+    exits 75; the script requeues the job; the requeued job resumes and finishes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = str(tmp_path / "run")
+    cmd = ["bash", "launch/slurm.sbatch", CONFIG]
+    for o in tiny_overrides(synthetic_shards, out) + ["data.batch_size=2", "run.max_steps=60", "data.num_workers=0"]:
+        cmd += ["--set", o]
+    e = env()
+    e.update(
+        PATH=str(bin_dir) + os.pathsep + e["PATH"], SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="4242",
+        SLURM_CPUS_PER_TASK="1", REQUEUE_LOG=str(tmp_path / "requeued"), MASTER_PORT=str(free_port()),
+    )
+    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()[-5000:]
+    proc.send_signal(signal.SIGUSR1)  # to the batch shell only
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, log[-5000:]
+    assert "requeueing 4242" in log
+    assert open(tmp_path / "requeued").read().split() == ["4242"]
+    steps = [json.loads(line)["step"] for line in open(metrics)]
+    stopped = steps[-1]
+    assert 2 <= stopped < 60
+    assert os.path.isfile(os.path.join(out, "checkpoints", f"step-{stopped}", "COMPLETE"))
+
+    # The requeued job: the same script, resumed from that checkpoint.
+    e["MASTER_PORT"] = str(free_port())
+    second = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    steps = [json.loads(line)["step"] for line in open(metrics)]
+    assert steps == list(range(1, 61)), steps
+    assert open(tmp_path / "requeued").read().split() == ["4242"]  # not requeued again
+    assert json.load(open(os.path.join(out, "eval.json")))["step"] == 60
