@@ -206,3 +206,29 @@ def test_slurm_script_requeues_after_usr1_and_the_requeued_job_resumes(synthetic
     assert steps == list(range(1, 61)), steps
     assert open(tmp_path / "requeued").read().split() == ["4242"]  # not requeued again
     assert json.load(open(os.path.join(out, "eval.json")))["step"] == 60
+
+
+def test_two_nodes_without_ssh(synthetic_shards, tmp_path):
+    """launch/deepspeed.sh with NO_SSH: the same command on two "nodes" (two host names
+    of this machine in the hostfile, one slot each) forms one job of two ranks."""
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    out = str(tmp_path / "run")
+    cmd = ["bash", "launch/deepspeed.sh", CONFIG]
+    for o in tiny_overrides(synthetic_shards, out) + ["data.batch_size=2", "run.max_steps=3", "data.num_workers=0"]:
+        cmd += ["--set", o]
+    port = str(free_port())
+    procs = []
+    for node_rank in (1, 0):
+        e = env()
+        e.update(NO_SSH="1", HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-5000:]
+    assert "mar vit_tiny, 2 ranks, global batch 4" in logs[1]  # node 0 runs rank 0
+    step = os.path.join(out, "checkpoints", "step-3")
+    assert {"COMPLETE", "rng_state_rank0.pt", "rng_state_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(os.listdir(step))
+    result = json.load(open(os.path.join(out, "eval.json")))
+    assert result["num_videos"] == result["expected_videos"] and result["incomplete_videos"] == 0
