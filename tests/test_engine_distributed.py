@@ -71,6 +71,18 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return proc
 
 
+def start_and_wait_for_steps(cmd: list[str], e: dict[str, str], metrics: str, steps: int, **popen) -> subprocess.Popen:
+    """Start `cmd` and return once `metrics` holds `steps` records (the job is mid-run)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= steps:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()[-5000:]
+    return proc
+
+
 # --- the CLI under the launchers --------------------------------------------------------
 
 
@@ -124,15 +136,8 @@ def test_sigterm_to_torchrun_job_saves_and_stops(synthetic_shards, tmp_path):
         cmd += ["--set", o]
     e = env()
     e.update(GPUS="2", MASTER_PORT=str(free_port()))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
     metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 2:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read()[-5000:]
+    proc = start_and_wait_for_steps(cmd, e, metrics, steps=2, start_new_session=True)
     # What a cluster does on pre-emption: SIGTERM to every process of the job.
     os.killpg(proc.pid, signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
@@ -180,14 +185,8 @@ def test_slurm_script_requeues_after_usr1_and_the_requeued_job_resumes(synthetic
         PATH=str(bin_dir) + os.pathsep + e["PATH"], SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="4242",
         SLURM_CPUS_PER_TASK="1", REQUEUE_LOG=str(tmp_path / "requeued"), MASTER_PORT=str(free_port()),
     )
-    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read()[-5000:]
+    proc = start_and_wait_for_steps(cmd, e, metrics, steps=2)
     proc.send_signal(signal.SIGUSR1)  # to the batch shell only
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, log[-5000:]
