@@ -304,3 +304,36 @@ def test_diverged_loss_stops_before_saving(synthetic_shards, tmp_path, monkeypat
     assert [s for s, _ in ckpt.list_checkpoints(trainer.checkpoints_root, complete=None)] == [2]
     # Checkpoint steps are logging steps: step 2 was logged although logging.every_steps=5.
     assert sorted(losses(tmp_path)) == [2, 4]
+
+
+def test_marscale_eval_of_a_run_folder_matches_the_runs_own_evaluation(synthetic_shards, tmp_path):
+    """`marscale eval --checkpoint RUN` (a plain process, the config stored in the
+    checkpoint) consolidates the newest complete ZeRO-2 checkpoint, scores every view and
+    agrees with the training run's final evaluation. (That consolidated weights give the
+    engine's logits bit for bit is checked by the export tests above.)"""
+    import json
+    import subprocess
+    import sys
+
+    cfg = tiny_config(synthetic_shards, tmp_path / "run", "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
+                      "run.max_steps=3")
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "standalone.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "marscale.cli", "eval", "--checkpoint", str(tmp_path / "run"), "--out", str(out)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    standalone = json.load(open(out))
+    own = json.load(open(tmp_path / "run" / "eval.json"))
+    assert standalone["checkpoint"] == str(tmp_path / "run")
+    for key in ("top1", "top5", "num_videos", "num_views", "incomplete_videos"):
+        assert standalone[key] == own[key], (key, standalone, own)
+    assert standalone["num_videos"] == standalone["expected_videos"] == 8
