@@ -62,7 +62,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     if "MASTER_PORT" not in os.environ:
         if get_world_size() > 1:
             raise RuntimeError("MASTER_PORT is not set: start multi-process runs with a launcher")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
@@ -78,7 +78,8 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (a one-rank group's, or a launcher's --master_port)."""
     import socket
 
     with socket.socket() as s:

@@ -7,6 +7,10 @@ Both are session-scoped and built once (a few seconds on a 2-core CPU):
   ``videos/<class>/*.mp4``, ``train.txt``, ``val.txt``, ``classes.txt``.
 - `synthetic_shards`: ``{"train": dir, "val": dir}``, that dataset converted to shards
   with 2 samples per shard (8 train shards, 4 val shards: enough for 2 ranks x 2 workers).
+- `single_thread` (module scope, opt-in): torch on one intra-op thread for the module.
+
+Helpers shared by the engine tests (tiny clip overrides, child-process environment)
+are in helpers.py.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from shards_tools.convert import convert_synthetic
 from shards_tools.synth import make_synthetic_dataset
@@ -48,3 +53,13 @@ def synthetic_shards(tmp_path_factory, synthetic_videos) -> dict[str, str]:
     out_root = str(tmp_path_factory.mktemp("synthetic_shards"))
     convert_synthetic(synthetic_videos, out_root, samples_per_shard=SYNTH_SAMPLES_PER_SHARD, progress=False)
     return {split: os.path.join(out_root, split) for split in ("train", "val")}
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("single_thread")`):
+    on a small shared CPU, intra-op threads cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

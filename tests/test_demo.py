@@ -10,20 +10,15 @@ import subprocess
 import sys
 
 import pytest
-
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from helpers import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
 def run_demo(out: str) -> str:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     proc = subprocess.run(
         [sys.executable, "-m", "marscale.cli", "demo", "--quick", "--out", out],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=subprocess_env(one_thread=False), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr

@@ -12,45 +12,28 @@ import subprocess
 import sys
 
 import pytest
+from helpers import DEMO_CONFIG as DEMO
+from helpers import REPO as ROOT
+from helpers import run_overrides, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from marscale.dist import free_port
+
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "fixed_batch_steps.py")
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _overrides(shards, out_dir, stage):
-    return [
-        f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}",
-        "model.img_size=32", "data.img_size=32", "data.short_side=32", "model.num_frames=4",
-        "data.num_frames=4", "model.drop_path=0.0", "data.num_workers=0", "data.mixup=0.0",
+    return run_overrides(shards, out_dir) + [
+        "model.drop_path=0.0", "data.num_workers=0", "data.mixup=0.0",
         "data.cutmix=0.0", "data.label_smoothing=0.0", "optim.clip_grad=null", "optim.weight_decay=0.0",
-        f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32", f"run.output_dir={out_dir}",
-        "logging.tensorboard=false",
+        f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32",
     ]
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
 def _run(cmd, timeout=420):
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _steps(tmp_path, shards, stage, world, steps=3, global_batch=4):
@@ -62,7 +45,7 @@ def _steps(tmp_path, shards, stage, world, steps=3, global_batch=4):
         _run([sys.executable, SCRIPT, *args])
     else:
         launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        _run([launcher, "--num_gpus", str(world), "--no_local_rank", "--master_port", str(_free_port()),
+        _run([launcher, "--num_gpus", str(world), "--no_local_rank", "--master_port", str(free_port()),
               SCRIPT, *args])
     result = json.loads(out.read_text())
     assert result["world_size"] == world

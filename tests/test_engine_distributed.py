@@ -14,59 +14,32 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+from helpers import DEMO_CONFIG as CONFIG
+from helpers import REPO, run_overrides, subprocess_env
+
+from marscale.dist import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_overrides(shards: dict[str, str], out: str) -> list[str]:
-    return [
-        f"data.train_shards={shards['train']}",
-        f"data.val_shards={shards['val']}",
-        f"run.output_dir={out}",
-        "model.img_size=32",
-        "data.img_size=32",
-        "data.short_side=32",
-        "model.num_frames=4",
-        "data.num_frames=4",
+    return run_overrides(shards, out) + [
         "data.clips_per_video=1",
         "data.num_workers=1",
         "data.eval_batch_size=3",
         "data.test_num_clips=2",
         "data.test_num_crops=1",
         "logging.every_steps=1",
-        "logging.tensorboard=false",
         "checkpoint.keep_last=0",
     ]
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
-    # The launch scripts call `deepspeed` / `torchrun` by name: find the ones installed
-    # beside this interpreter even when its environment is not activated (make test).
-    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -95,7 +68,7 @@ def test_train_zero3_deepspeed_launcher_then_eval_under_torchrun(synthetic_shard
     cmd = ["bash", "launch/deepspeed.sh", CONFIG]
     for o in overrides:
         cmd += ["--set", o]
-    e = env()
+    e = subprocess_env()
     e.update(GPUS="2", MASTER_PORT=str(free_port()))
     proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -134,7 +107,7 @@ def test_sigterm_to_torchrun_job_saves_and_stops(synthetic_shards, tmp_path):
     cmd = ["bash", "launch/torchrun.sh", CONFIG]
     for o in tiny_overrides(synthetic_shards, out) + ["data.batch_size=2", "run.max_steps=200"]:
         cmd += ["--set", o]
-    e = env()
+    e = subprocess_env()
     e.update(GPUS="2", MASTER_PORT=str(free_port()))
     metrics = os.path.join(out, "metrics.jsonl")
     proc = start_and_wait_for_steps(cmd, e, metrics, steps=2, start_new_session=True)
@@ -180,7 +153,7 @@ def test_slurm_script_requeues_after_usr1_and_the_requeued_job_resumes(synthetic
     cmd = ["bash", "launch/slurm.sbatch", CONFIG]
     for o in tiny_overrides(synthetic_shards, out) + ["data.batch_size=2", "run.max_steps=60", "data.num_workers=0"]:
         cmd += ["--set", o]
-    e = env()
+    e = subprocess_env()
     e.update(
         PATH=str(bin_dir) + os.pathsep + e["PATH"], SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="4242",
         SLURM_CPUS_PER_TASK="1", REQUEUE_LOG=str(tmp_path / "requeued"), MASTER_PORT=str(free_port()),
@@ -219,7 +192,7 @@ def test_two_nodes_without_ssh(synthetic_shards, tmp_path):
     port = str(free_port())
     procs = []
     for node_rank in (1, 0):
-        e = env()
+        e = subprocess_env()
         e.update(NO_SSH="1", HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=300)[0] for p in procs]

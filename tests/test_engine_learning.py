@@ -14,6 +14,7 @@ import json
 import os
 
 import pytest
+from helpers import DEMO_CONFIG as CONFIG
 
 from marscale import dist
 from marscale.engine.config import load_train_config
@@ -22,7 +23,6 @@ from marscale.engine.trainer import EVAL_FILE, train
 from shards_tools.convert import convert_synthetic
 from shards_tools.synth import make_synthetic_dataset
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 100, 25
 STEPS = 200
 

@@ -15,6 +15,8 @@ import time
 
 import pytest
 import torch
+from helpers import DEMO_CONFIG as CONFIG
+from helpers import REPO, run_overrides, subprocess_env
 
 from marscale import dist
 from marscale.engine import checkpointing as ckpt
@@ -22,21 +24,12 @@ from marscale.engine.config import load_train_config
 from marscale.engine.metrics import by_step, read_jsonl
 from marscale.engine.trainer import EXIT_PREEMPTED, Trainer
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
-
 
 def tiny_config(shards: dict[str, str], out, *overrides: str):
     return load_train_config(
         CONFIG,
         [
-            f"data.train_shards={shards['train']}",
-            f"data.val_shards={shards['val']}",
-            f"run.output_dir={out}",
-            "model.img_size=32",
-            "data.img_size=32",
-            "data.short_side=32",
-            "model.num_frames=4",
-            "data.num_frames=4",
+            *run_overrides(shards, out),
             "data.batch_size=4",
             "data.clips_per_video=2",
             "data.num_workers=0",
@@ -44,7 +37,6 @@ def tiny_config(shards: dict[str, str], out, *overrides: str):
             "data.eval_batch_size=4",
             "optim.warmup_epochs=0.5",
             "logging.every_steps=1",
-            "logging.tensorboard=false",
             "checkpoint.every_steps=0",
             "checkpoint.keep_last=0",
             "run.max_steps=6",
@@ -322,13 +314,10 @@ def test_marscale_eval_of_a_run_folder_matches_the_runs_own_evaluation(synthetic
         assert trainer.fit() == 0
     finally:
         trainer.close()
-    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp_path / "standalone.json"
     proc = subprocess.run(
         [sys.executable, "-m", "marscale.cli", "eval", "--checkpoint", str(tmp_path / "run"), "--out", str(out)],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=subprocess_env(one_thread=False), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     standalone = json.load(open(out))

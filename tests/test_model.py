@@ -18,13 +18,7 @@ from marscale.model.layers import Attention, DropPath, sincos_table
 N = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: on a small shared CPU, intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_cfg(arch: str = "mar", **kw) -> ModelConfig:

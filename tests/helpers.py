@@ -1,0 +1,45 @@
+"""Pieces the engine tests share: the tiny clip shape, a run's overrides of
+configs/demo.yaml, and the environment of a child process (launcher or plain CLI)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+
+# 32x32 clips of 4 frames: a 2x2x2 token grid (4 visible at 50%), fast on a CPU.
+TINY_CLIPS = (
+    "model.img_size=32",
+    "data.img_size=32",
+    "data.short_side=32",
+    "model.num_frames=4",
+    "data.num_frames=4",
+)
+
+
+def run_overrides(shards: dict[str, str], out) -> list[str]:
+    """configs/demo.yaml on `shards`, writing to `out`, with tiny clips and no TensorBoard."""
+    return [
+        f"data.train_shards={shards['train']}",
+        f"data.val_shards={shards['val']}",
+        f"run.output_dir={out}",
+        *TINY_CLIPS,
+        "logging.tensorboard=false",
+    ]
+
+
+def subprocess_env(one_thread: bool = True) -> dict[str, str]:
+    """This environment for a child process: the repository importable, no inherited
+    rank variables, and `deepspeed` / `torchrun` found beside this interpreter even when
+    its environment is not activated (make test). one_thread: OMP_NUM_THREADS=1, for
+    two ranks on two cores."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
