@@ -1,4 +1,4 @@
-"""Pieces the engine tests share: the tiny clip shape, a run's overrides of
+"""Pieces the tests share: the tiny model and clip shape, a run's overrides of
 configs/demo.yaml, and the environment of a child process (launcher or plain CLI)."""
 
 from __future__ import annotations
@@ -43,3 +43,23 @@ def subprocess_env(one_thread: bool = True) -> dict[str, str]:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+def tiny_model_config(arch: str = "mar", **kw):
+    """vit_tiny on 32x32 clips of 4 frames (the TINY_CLIPS shape), deterministic layers
+    (no drop path / dropout), head init 1.0 and a small bridge; `kw` overrides any field."""
+    from marscale.model import BridgeConfig, ModelConfig
+
+    fields = dict(
+        num_classes=5,
+        arch=arch,
+        variant="vit_tiny",
+        img_size=32,
+        num_frames=4,
+        drop_path=0.0,
+        head_dropout=0.0,
+        init_scale=1.0,
+        bridge=BridgeConfig(embed_dim=64, depth=2, num_heads=4),
+    )
+    fields.update(kw)
+    return ModelConfig(**fields)

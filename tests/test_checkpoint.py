@@ -14,31 +14,17 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model_config
 
 from marscale.checkpoint import CheckpointError, LoadReport, detect_layout, load_pretrained
 from marscale.masking import cell_running_mask, mask_to_indices
-from marscale.model import BridgeConfig, MARModel, ModelConfig, ViTClassifier
+from marscale.model import MARModel, ViTClassifier
 from marscale.model.layers import Attention
 
 NUM_CLASSES = 10
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_cfg(arch: str = "mar", num_classes: int = NUM_CLASSES, **kw) -> ModelConfig:
-    return ModelConfig(
-        num_classes=num_classes,
-        arch=arch,
-        variant="vit_tiny",
-        img_size=32,
-        num_frames=4,
-        drop_path=0.0,
-        head_dropout=0.0,
-        init_scale=1.0,
-        bridge=BridgeConfig(embed_dim=64, depth=2, num_heads=4),
-        **kw,
-    )
 
 
 def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -55,7 +41,7 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def _built(arch: str, seed: int, num_classes: int, dtype) -> torch.nn.Module:
     torch.manual_seed(seed)
     cls = MARModel if arch == "mar" else ViTClassifier
-    return randomised(cls(tiny_cfg(arch, num_classes=num_classes), dtype=dtype), seed)
+    return randomised(cls(tiny_model_config(arch, num_classes=num_classes), dtype=dtype), seed)
 
 
 # Building (initialising) a model dominates these tests on a small CPU: build each once, hand out copies.

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model_config
 
-from marscale.model import VARIANTS, BridgeConfig, ModelConfig, build_model
+from marscale.model import VARIANTS, ModelConfig, build_model
 from marscale.model.layers import Attention, DropPath, sincos_table
 
 # Tokens in the tiny clips: 4 frames / tubelet 2, 32 px / patch 16 -> a 2 x 2 x 2 grid.
@@ -21,26 +22,10 @@ N = 8
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_cfg(arch: str = "mar", **kw) -> ModelConfig:
-    base = dict(
-        num_classes=5,
-        arch=arch,
-        variant="vit_tiny",
-        img_size=32,
-        num_frames=4,
-        drop_path=0.0,
-        head_dropout=0.0,
-        init_scale=1.0,
-        bridge=BridgeConfig(embed_dim=64, depth=2, num_heads=4),
-    )
-    base.update(kw)
-    return ModelConfig(**base)
-
-
 @functools.lru_cache(maxsize=None)
 def _built(arch: str, seed: int, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = build_model(tiny_cfg(arch, **kw))
+    model = build_model(tiny_model_config(arch, **kw))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # make zero-initialised biases and tokens matter
         for p in model.parameters():
@@ -319,7 +304,7 @@ def test_grad_checkpointing_gives_identical_gradients():
     assert g0.keys() == g1.keys() and "encoder.blocks.0.attn.qkv.weight" in g0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
-    cfg_built = build_model(tiny_cfg("mar", grad_checkpointing=6), device="meta")
+    cfg_built = build_model(tiny_model_config("mar", grad_checkpointing=6), device="meta")
     assert cfg_built.encoder.grad_checkpointing == 6
 
 
@@ -330,7 +315,7 @@ def test_set_grad_checkpointing_validates():
             m.set_grad_checkpointing(bad)
     m.set_grad_checkpointing(0)
     with pytest.raises(ValueError, match="grad_checkpointing"):
-        tiny_cfg("vit", grad_checkpointing=7)
+        tiny_model_config("vit", grad_checkpointing=7)
 
 
 def test_config_validation():
