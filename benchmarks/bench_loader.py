@@ -39,7 +39,7 @@ from marscale.data import DataConfig, available_decoders, build_train_loader  # 
 from marscale.data.decode import open_video  # noqa: E402
 from marscale.data.sampling import dense_train_indices  # noqa: E402
 from shards_tools.convert import ConvertOptions, convert  # noqa: E402
-from shards_tools.schema import VIDEO_EXTENSIONS, load_manifest  # noqa: E402
+from marscale.shards import VIDEO_EXTENSIONS, load_manifest  # noqa: E402
 from shards_tools.synth import make_synthetic_dataset  # noqa: E402
 
 

@@ -1,6 +1,8 @@
 """Dataset-to-shards tooling for marscale (`marscale-shards`).
 
-- `schema`: the shard format shared with `marscale.data` (keys, extensions, manifest).
+The shard format itself (keys, extensions, manifest) belongs to the library,
+`marscale.shards`; these tools import it, and the library never imports them.
+
 - `annotations`: Kinetics list, VideoMAE CSV, Something-Something v2 JSON, class folders.
 - `convert`: probe/re-encode videos and write resumable, checksummed WebDataset shards.
 - `verify`, `stats`: check a shard set against its manifest; describe it.

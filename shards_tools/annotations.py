@@ -24,7 +24,7 @@ import json
 import os
 from typing import Callable
 
-from .schema import VIDEO_EXTENSIONS
+from marscale.shards import VIDEO_EXTENSIONS
 
 FORMATS = ("kinetics", "csv", "ssv2", "folder")
 

@@ -41,17 +41,16 @@ import av
 import numpy as np
 
 from . import annotations as ann
-from .schema import (
+from marscale.io import PARTIAL_SUFFIX, atomic_write_bytes
+from marscale.shards import (
     LABEL_EXT,
     META_EXT,
-    PARTIAL_SUFFIX,
     SHARD_SUFFIX,
     VIDEO_EXTENSIONS,
     Manifest,
     SampleMeta,
     ShardInfo,
     Skipped,
-    atomic_write_bytes,
     manifest_path,
     partial_name,
     sample_key,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .schema import META_EXT, SampleMeta, load_manifest
+from marscale.shards import META_EXT, SampleMeta, load_manifest
 
 
 def _metas(path: str) -> list[SampleMeta]:

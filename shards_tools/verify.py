@@ -17,10 +17,10 @@ import tarfile
 from typing import Any
 
 from .convert import SkipVideo, probe_video, sha256_file
-from .schema import (
+from marscale.io import PARTIAL_SUFFIX
+from marscale.shards import (
     LABEL_EXT,
     META_EXT,
-    PARTIAL_SUFFIX,
     SHARD_SUFFIX,
     VIDEO_EXTENSIONS,
     SampleMeta,

@@ -30,7 +30,7 @@ from marscale.engine.config import (
     validate,
     warmup_steps,
 )
-from shards_tools.schema import Manifest, ShardInfo, save_manifest
+from marscale.shards import Manifest, ShardInfo, save_manifest
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 PRESETS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")) if not os.path.basename(p).startswith("_"))

@@ -18,7 +18,7 @@ import torch
 
 from marscale.data import DataConfig, build_eval_loader, build_train_loader, steps_per_epoch
 from marscale.data.pipeline import worker_batches
-from shards_tools.schema import Manifest, key_to_index, load_manifest, sample_key, save_manifest
+from marscale.shards import Manifest, key_to_index, load_manifest, sample_key, save_manifest
 
 
 def _cfg(shards: dict[str, str], **kw) -> DataConfig:

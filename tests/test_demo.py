@@ -35,8 +35,9 @@ def test_quick_demo_end_to_end_then_skips_finished_stages(tmp_path):
     assert f"validation top-1 {result['top1']:.1f}% (chance 25%)" in log
     assert "step 10/24 |" in log  # logged every 10 steps
     assert "MAR 50%        64/128 tokens" in log and "ViT-L  MAR 50%" in log  # the cost tables
+    assert "preparing data: " in log and "marscale-shards synth --out" in log  # the tools' own command
 
     again = run_demo(out)
-    assert "synthetic videos already in" in again and "training already finished" in again
-    assert "rendered" not in again and "step 10/24 |" not in again
+    assert "synthetic shards already in" in again and "training already finished" in again
+    assert "rendered" not in again and "preparing data" not in again and "step 10/24 |" not in again
     assert f"validation top-1 {result['top1']:.1f}%" in again

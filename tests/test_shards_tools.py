@@ -35,7 +35,7 @@ from shards_tools.convert import (
     plan,
     probe_video,
 )
-from shards_tools.schema import SampleMeta, load_manifest, save_manifest, shard_name
+from marscale.shards import SampleMeta, load_manifest, save_manifest, shard_name
 from shards_tools.stats import collect_stats
 import shards_tools.synth as synth_module
 from shards_tools.synth import SYNTH_CLASSES, TIME_REVERSED, encode_video, make_synthetic_dataset, render_clip

@@ -65,7 +65,7 @@ from marscale.data import sampling
 from marscale.data.config import DataConfig
 from marscale.data.decode import DecodeError, open_video, resolve_decoder
 from marscale.data.transforms import EvalTransform, TrainTransform
-from shards_tools.schema import LABEL_EXT, VIDEO_EXTENSIONS, key_to_index, load_manifest
+from marscale.shards import LABEL_EXT, VIDEO_EXTENSIONS, key_to_index, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class SkipStats:
         if self._consecutive >= MAX_CONSECUTIVE_SKIPS:
             raise RuntimeError(
                 f"{self._consecutive} bad samples in a row (last: {key}, {reason}: {detail}); "
-                f"check the shards with shards_tools"
+                f"check the shards with `marscale-shards verify`"
             )
 
     def good(self) -> None:

@@ -21,7 +21,6 @@ first (so a folder half-deleted by a crash is simply incomplete), then the files
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from marscale import dist
-from shards_tools.schema import atomic_write_bytes
+from marscale.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -154,11 +153,6 @@ def load_rng_state(path: str, rank: int) -> bool:
 
 
 # --- save / load ----------------------------------------------------------------------
-
-
-def write_json(path: str, record: Any) -> None:
-    """Write `record` as JSON atomically: readers see the old file or the whole new one."""
-    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def mark_complete(path: str, info: dict[str, Any]) -> None:

@@ -329,7 +329,7 @@ def samples_per_epoch(cfg: TrainConfig) -> int:
     """Videos per epoch: data.samples_per_epoch, or the training manifest's count."""
     if cfg.data.samples_per_epoch is not None:
         return cfg.data.samples_per_epoch
-    from shards_tools.schema import load_manifest  # only when the count comes from disk
+    from marscale.shards import load_manifest  # only when the count comes from disk
 
     return load_manifest(cfg.data.train_shards).num_samples
 

@@ -3,12 +3,12 @@
 Every stage runs in this one process (DeepSpeed with a one-rank group) and is skipped
 when its output is already there, so a second run only prints the results:
 
-    <out>/data/videos/        rendered clips + train.txt / val.txt / classes.txt
+    <out>/data/videos/        rendered clips; <out>/data/ holds train.txt / val.txt / classes.txt
     <out>/data/shards/{train,val}/   WebDataset shards + manifest.json
     <out>/run/                the training run (config, metrics, checkpoints, eval.json)
 
 The synthetic classes differ only in the order of their frames (see
-shards_tools/synth.py), so a model that learns them has learnt something about time.
+`marscale-shards synth`), so a model that learns them has learnt something about time.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import time
+
+from marscale.io import write_json
+from marscale.shards import manifest_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,40 +47,36 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "demo") -> None:
     )
 
 
-def render_data(root: str, train_per_class: int, val_per_class: int) -> None:
-    """Stage 1: the synthetic video set (skipped when already complete)."""
-    from shards_tools.synth import make_synthetic_dataset
+def prepare_data(root: str, train_per_class: int, val_per_class: int) -> dict[str, str]:
+    """Stages 1-2: render the synthetic videos and shard them, with `marscale-shards synth`.
 
+    The dataset tools are a separate layer above the library, so the demo runs them as
+    a user would, through their command (printed). Skipped when both shard sets exist.
+    """
+    shard_root = os.path.join(root, "shards")
+    shards = {split: os.path.join(shard_root, split) for split in ("train", "val")}
     marker = os.path.join(root, DONE_MARKER)
     wanted = {"train_per_class": train_per_class, "val_per_class": val_per_class}
-    if os.path.isfile(marker) and json.load(open(marker)) == wanted:
-        logger.info("synthetic videos already in %s", root)
-        return
+    done = all(os.path.isfile(manifest_path(path)) for path in shards.values())
+    if done and os.path.isfile(marker) and json.load(open(marker)) == wanted:
+        logger.info("synthetic shards already in %s", shard_root)
+        return shards
+    tool = shutil.which("marscale-shards", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if tool is None:
+        raise FileNotFoundError("the marscale-shards command is not installed (pip install -e . installs it)")
+    command = [
+        tool, "synth", "--out", root, "--num-classes", str(NUM_CLASSES),
+        "--videos-per-class", str(train_per_class), "--val-videos-per-class", str(val_per_class),
+        "--size", f"{VIDEO_SIZE}x{VIDEO_SIZE}", "--frames", str(VIDEO_FRAMES), "--seed", "0",
+        "--workers", str(min(2, os.cpu_count() or 1)), "--shards", "--samples-per-shard", "8",
+    ]
+    logger.info("preparing data: %s", " ".join(command))
     start = time.perf_counter()
-    info = make_synthetic_dataset(
-        root,
-        num_classes=NUM_CLASSES,
-        videos_per_class=train_per_class,
-        val_videos_per_class=val_per_class,
-        width=VIDEO_SIZE,
-        height=VIDEO_SIZE,
-        num_frames=VIDEO_FRAMES,
-        seed=0,
-        workers=min(2, os.cpu_count() or 1),
-    )
-    with open(marker, "w") as f:
-        json.dump(wanted, f)
-    logger.info("rendered %s videos in %.0fs", info["num_videos"], time.perf_counter() - start)
-
-
-def write_shards(video_root: str, shard_root: str) -> dict[str, str]:
-    """Stage 2: shards of each split (the converter skips shards it already wrote)."""
-    from shards_tools.convert import convert_synthetic
-    from shards_tools.schema import manifest_path
-
-    splits = [s for s in ("train", "val") if not os.path.isfile(manifest_path(os.path.join(shard_root, s)))]
-    convert_synthetic(video_root, shard_root, splits=splits, samples_per_shard=8, progress=False)
-    return {split: os.path.join(shard_root, split) for split in ("train", "val")}
+    subprocess.run(command, check=True)
+    write_json(marker, wanted)
+    logger.info("rendered and sharded %d videos in %.0fs", (train_per_class + val_per_class) * NUM_CLASSES,
+                time.perf_counter() - start)
+    return shards
 
 
 def print_cost(model_cfg, mask_ratio: float) -> None:
@@ -107,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = args.out
     train_per_class, val_per_class = SIZES["quick" if args.quick else "full"]
-    video_root = os.path.join(out, "data", "videos")
-    render_data(video_root, train_per_class, val_per_class)
-    shards = write_shards(video_root, os.path.join(out, "data", "shards"))
+    shards = prepare_data(os.path.join(out, "data"), train_per_class, val_per_class)
     data_seconds = time.perf_counter() - start
 
     run_dir = os.path.join(out, "run-quick" if args.quick else "run")

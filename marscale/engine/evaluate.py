@@ -160,7 +160,7 @@ def evaluate(
     every rank (needed under ZeRO-3, see the module docstring).
     """
     from marscale.data import build_eval_loader, normalize
-    from shards_tools.schema import load_manifest
+    from marscale.shards import load_manifest
 
     start = time.perf_counter()
     rank, world_size = dist.get_rank(), dist.get_world_size()

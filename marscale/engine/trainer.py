@@ -53,6 +53,7 @@ import torch.distributed as torch_dist
 from marscale import dist
 from marscale.config import save_config, to_dict
 from marscale.engine import checkpointing as ckpt
+from marscale.io import write_json
 from marscale.engine.config import TrainConfig, global_batch_size, steps_per_epoch, total_steps, warmup_steps
 from marscale.engine.evaluate import STOP_SIGNALS, EvalResult, evaluate, start_iterator
 from marscale.engine.metrics import IntervalTimer, MetricsWriter, StepCost, format_record, peak_memory_bytes
@@ -161,7 +162,7 @@ class Trainer:
         from marscale.engine.ds_config import build_deepspeed_config
         from marscale.engine.optim import build_optimizer
         from marscale.model import build_model
-        from shards_tools.schema import load_manifest
+        from marscale.shards import load_manifest
 
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -487,7 +488,7 @@ class Trainer:
             engine.train()
         record = {"step": self.state.step, **result.to_dict()}
         if dist.is_main():
-            ckpt.write_json(os.path.join(self.output_dir, EVAL_FILE), record)
+            write_json(os.path.join(self.output_dir, EVAL_FILE), record)
         self.writer.log("eval", self.state.step, result.to_dict())
         logger.info(
             "eval step %d: top1 %.2f top5 %.2f (%d/%d videos, %d views, %.1fs)",

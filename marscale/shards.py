@@ -1,7 +1,8 @@
-"""The on-disk format of marscale video shards, shared by writer and reader.
+"""The on-disk format of marscale video shards: names, keys, the sample record, the manifest.
 
-`shards_tools` writes shards with these names and keys; `marscale.data` reads them. Keep
-every constant about the format here so the two ends cannot drift apart.
+The library owns the format: `marscale.data` reads shards with these names and keys, and
+the dataset tools (`marscale-shards`) import this module to write them. Keep every constant about
+the format here so the two ends cannot drift apart.
 
 A shard set is a folder::
 
@@ -20,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any
+
+from marscale.io import PARTIAL_SUFFIX, atomic_write_bytes
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -29,9 +31,8 @@ VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 LABEL_EXT = "cls"
 META_EXT = "json"
 SHARD_SUFFIX = ".tar"
-# A shard is written as `.NAME.partial` and renamed to NAME when complete, so a shard
-# that exists under its final name is always whole.
-PARTIAL_SUFFIX = ".partial"
+# A shard is written as `.NAME.partial` (PARTIAL_SUFFIX, marscale.io) and renamed to NAME
+# when complete, so a shard that exists under its final name is always whole.
 
 
 KEY_DIGITS = 9
@@ -165,27 +166,6 @@ def load_manifest(root: str) -> Manifest:
             return Manifest.from_dict(json.load(f))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a valid marscale manifest ({e})") from e
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=PARTIAL_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
 
 
 def save_manifest(root: str, manifest: Manifest) -> None:
