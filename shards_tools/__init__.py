@@ -4,7 +4,10 @@ The shard format itself (keys, extensions, manifest) belongs to the library,
 `marscale.shards`; these tools import it, and the library never imports them.
 
 - `annotations`: Kinetics list, VideoMAE CSV, Something-Something v2 JSON, class folders.
-- `convert`: probe/re-encode videos and write resumable, checksummed WebDataset shards.
+- `convert`: the `convert` command: plan, process videos in a pool, write, manifest.
+- `plan`: which usable video goes, under which key, into which shard.
+- `video`: container truncation checks, probing and re-encoding (PyAV, in memory).
+- `write`: checksummed tar shards written atomically, and the resume state.
 - `verify`, `stats`: check a shard set against its manifest; describe it.
 - `synth`: a synthetic action dataset whose classes differ only in temporal order.
 - `cli`: the `marscale-shards` command.

@@ -19,10 +19,12 @@ import os
 import sys
 
 from .annotations import FORMATS, AnnotationError
-from .convert import DEFAULT_SAMPLES_PER_SHARD, ConvertError, ConvertOptions, convert, convert_synthetic
+from .convert import ConvertOptions, convert, convert_synthetic
+from .plan import DEFAULT_SAMPLES_PER_SHARD
 from .stats import format_stats, stats_for
 from .synth import SYNTH_CLASSES, make_synthetic_dataset
 from .verify import verify
+from .write import ConvertError
 
 log = logging.getLogger("marscale-shards")
 

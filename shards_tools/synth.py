@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import av
 import numpy as np
 
+from .video import x264_options
+
 SYNTH_CLASSES = (
     "move_right",
     "move_left",
@@ -42,10 +44,6 @@ SYNTH_CLASSES = (
 
 # Each class and the class it turns into when played backwards.
 TIME_REVERSED = {0: 1, 1: 0, 2: 3, 3: 2, 4: 5, 5: 4, 6: 7, 7: 6}
-
-# x264's macroblock-tree rate control gives run-to-run different bytes on small frames
-# (64x64 and below), even single-threaded; without it the output is reproducible.
-X264_PARAMS = "mbtree=0"
 
 VIDEO_DIR = "videos"
 CLASSES_FILE = "classes.txt"
@@ -195,13 +193,13 @@ def encode_video(
     buf = io.BytesIO()
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(buf, mode="w", format=fmt) as container:
-        # One encoder thread: x264 output depends on its thread count. The option has to
-        # be passed to the encoder itself; PyAV's codec_context.thread_count is not enough.
-        options: dict[str, str] = {"threads": "1"}
         if codec == "libx264":
-            options.update(preset="veryfast", crf=str(18 if crf is None else crf), **{"x264-params": X264_PARAMS})
-        elif codec.startswith("libvpx"):
-            options.update({"deadline": "realtime", "cpu-used": "8", "crf": str(10 if crf is None else crf), "b": "0"})
+            options = x264_options(18 if crf is None else crf)
+        else:
+            # One encoder thread here too, passed to the encoder itself (see x264_options).
+            options = {"threads": "1"}
+            if codec.startswith("libvpx"):
+                options.update({"deadline": "realtime", "cpu-used": "8", "crf": str(10 if crf is None else crf), "b": "0"})
         stream = container.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"

@@ -16,7 +16,8 @@ import os
 import tarfile
 from typing import Any
 
-from .convert import SkipVideo, probe_video, sha256_file
+from .video import SkipVideo, probe_video
+from .write import sha256_file
 from marscale.io import PARTIAL_SUFFIX
 from marscale.shards import (
     LABEL_EXT,

@@ -26,15 +26,11 @@ import webdataset as wds
 import shards_tools
 from shards_tools import annotations as ann
 from shards_tools.cli import main as cli_main
-from shards_tools.convert import (
-    ConvertError,
-    ConvertOptions,
-    SkipVideo,
-    container_truncation,
-    convert,
-    plan,
-    probe_video,
-)
+from shards_tools.convert import ConvertOptions, convert
+from shards_tools.plan import plan
+from shards_tools.video import SkipVideo, container_truncation, probe_video
+from shards_tools.write import ConvertError
+from marscale.data.decode import open_video
 from marscale.shards import SampleMeta, load_manifest, save_manifest, shard_name
 from shards_tools.stats import collect_stats
 import shards_tools.synth as synth_module
@@ -161,6 +157,17 @@ def test_encoded_synthetic_video_keeps_the_motion():
     assert probe_video(encode_video(clip, 16.0, gop=4)).num_frames == 16
     with pytest.raises(ValueError, match="even"):
         encode_video(np.zeros((2, 5, 6, 3), np.uint8), 10)
+
+
+def test_probe_and_pyav_reader_agree_on_the_frame_rate():
+    # One rule (marscale.data.decode.stream_frame_rate): the fps a shard's meta record
+    # states is the fps the loader's PyAV reader samples with, NTSC rates included.
+    data = encode_video(render_clip(0, np.random.default_rng(0), 32, 32, 10), 30000 / 1001)
+    reader = open_video(data, "pyav")
+    try:
+        assert probe_video(data).fps == reader.fps == pytest.approx(29.97, abs=1e-3)
+    finally:
+        reader.close()
 
 
 def test_make_synthetic_dataset_deterministic(tmp_path):
@@ -438,10 +445,10 @@ def test_container_truncation_detection():
 _KILL_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
-    from shards_tools import convert as c
+    from shards_tools import convert as c, write as w
 
     calls = 0
-    write_sample = c._add_sample
+    write_sample = w._add_sample
 
     def dies_mid_shard(tar, done):
         global calls
@@ -450,7 +457,7 @@ _KILL_SCRIPT = textwrap.dedent(
             os._exit(3)  # like SIGKILL: no clean-up runs
         write_sample(tar, done)
 
-    c._add_sample = dies_mid_shard
+    w._add_sample = dies_mid_shard
     c.convert(c.ConvertOptions(**json.loads(sys.argv[1])), progress=False)
     """
 )

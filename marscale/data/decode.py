@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
-from typing import Protocol
+from fractions import Fraction
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -78,6 +79,21 @@ def open_video(data: bytes, backend: str) -> VideoReader:
     if opener is None:
         raise ValueError(f"unknown decoder {backend!r}: resolve 'auto' with resolve_decoder() first")
     return opener(data)
+
+
+def stream_frame_rate(stream: Any) -> Fraction | None:
+    """Frames per second of a PyAV video stream, or None when the container does not say.
+
+    The one rule for `PyAVReader` and for the shard tools (probe, re-encode), so the fps a
+    shard's meta record states is the fps the reader samples with. The average rate comes
+    first: it is the rate over the whole stream, and the one decord (get_avg_fps) and
+    torchcodec (average_fps) report. Without it, `guessed_rate` is FFmpeg's
+    av_guess_frame_rate, which starts from `base_rate` (r_frame_rate) and replaces it only
+    with another valid rate: `base_rate` is never set when `guessed_rate` is not, so it
+    would add nothing as a third choice.
+    """
+    rate = stream.average_rate or stream.guessed_rate
+    return Fraction(rate) if rate else None
 
 
 def _unique_sorted(indices: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,8 +149,8 @@ class PyAVReader:
                 raise DecodeError("no video stream")
             self._stream = self._container.streams.video[0]
             self._stream.codec_context.thread_count = 1
-            rate = self._stream.average_rate or self._stream.guessed_rate
-            if not rate:
+            rate = stream_frame_rate(self._stream)
+            if rate is None:
                 raise DecodeError("unknown frame rate")
             self.fps = float(rate)
             self.num_frames = int(self._stream.frames) or self._frames_from_duration()
