@@ -35,6 +35,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from marscale.clip import ClipConfig
+
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("videomae_pretrain", "videomae_finetune", "mar_reference", "marscale")
@@ -300,22 +302,28 @@ def _position_table_note(src: str, ours: str, tensor: torch.Tensor, tables: dict
     return None
 
 
-def _check_normalisation(state, model: nn.Module, notes: list[str]) -> None:
-    """The MAR reference stores the input mean/std: say so when they differ from the config."""
-    cfg = getattr(model, "cfg", None)
-    for name, attr in (("mean", "pixel_mean"), ("std", "pixel_std")):
-        if name in state and cfg is not None and hasattr(cfg, attr):
+def _check_normalisation(state, clip: ClipConfig | None, notes: list[str]) -> None:
+    """The MAR reference stores the input mean/std: say so when they differ from the clip's."""
+    if clip is None:
+        return
+    for name in ("mean", "std"):
+        if name in state:
             stored = state[name].flatten().float()
-            expected = torch.tensor(getattr(cfg, attr), dtype=torch.float32)
+            expected = torch.tensor(getattr(clip, name), dtype=torch.float32)
             if stored.shape != expected.shape or not torch.allclose(stored, expected, atol=1e-4):
                 notes.append(
                     f"checkpoint was trained on inputs normalised with {name} {stored.tolist()}, "
-                    f"the config says model.{attr} {list(getattr(cfg, attr))}"
+                    f"the config says clip.{name} {list(getattr(clip, name))}"
                 )
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, *, partial: bool = False) -> LoadReport:
+def load_pretrained(
+    model: nn.Module, path: str | os.PathLike, *, clip: ClipConfig | None = None, partial: bool = False
+) -> LoadReport:
     """Load the weights in `path` into `model` (a `MARModel` or `ViTClassifier`).
+
+    With `clip`, the input normalisation a checkpoint stores (MAR reference) is compared
+    with the clip section's and a difference is noted in the report.
 
     A classifier head of another shape (another dataset) is dropped and reported. Missing
     encoder weights raise `CheckpointError` unless `partial`; a missing decoder or
@@ -363,7 +371,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, partial: bool 
         else:
             new[ours] = tensor.to(dtype=own[ours].dtype)
     if layout == "mar_reference":
-        _check_normalisation(state, model, report.notes)
+        _check_normalisation(state, clip, report.notes)
 
     report.loaded = list(new)
     report.missing = [k for k in own if k not in new]

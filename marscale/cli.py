@@ -1,8 +1,9 @@
-"""`marscale` console script: one sub-command per job, each implemented in its own module.
+"""`marscale` console script: the one dispatcher; each sub-command is its own module in
+`marscale/commands/`.
 
     marscale train  --config configs/demo.yaml [--set key=value ...] [--resume auto]
-    marscale eval   --config ... --checkpoint PATH
-    marscale export --run-dir DIR --out model.pt
+    marscale eval   --checkpoint PATH [--config ...]
+    marscale export --checkpoint RUN --out model.pt
     marscale cost   [--format table|csv|json|markdown]
     marscale demo   (synthetic data -> shards -> train -> eval -> cost table)
 
@@ -18,10 +19,10 @@ import sys
 
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
-    "train": ("marscale.engine.cli", "fine-tune a MAR model (or the ViT baseline) from shards"),
-    "eval": ("marscale.engine.cli", "evaluate a checkpoint (multi-view, exact across ranks)"),
-    "export": ("marscale.engine.cli", "write a consolidated fp32 state dict from a DeepSpeed checkpoint"),
-    "demo": ("marscale.engine.demo", "render synthetic data, shard it, train a tiny MAR model, evaluate"),
+    "train": ("marscale.commands.train", "fine-tune a MAR model (or the ViT baseline) from shards"),
+    "eval": ("marscale.commands.eval", "evaluate a checkpoint (multi-view, exact across ranks)"),
+    "export": ("marscale.commands.export", "write a consolidated fp32 state dict from a DeepSpeed checkpoint"),
+    "demo": ("marscale.commands.demo", "render synthetic data, shard it, train a tiny MAR model, evaluate"),
     "cost": ("marscale.cost", "parameter and FLOP table for ViT-S/B/L/H/g, full tokens vs MAR"),
 }
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     for cmd, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(cmd, help=help_text, description=help_text)
         if cmd == name:
-            importlib.import_module(module).add_arguments(p, cmd)
+            importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)

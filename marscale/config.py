@@ -109,7 +109,16 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
+MOVED_KEYS_ATTR = "MOVED_KEYS"
+"""A config dataclass may map retired key names to their new dotted home
+(`MOVED_KEYS: ClassVar[dict[str, str]] = {"num_frames": "clip.num_frames"}`): a file that
+still uses an old key gets an error that names the new one."""
+
+
+def _unknown_key(path: str, key: str, valid: list[str], cls: type | None = None) -> ConfigError:
+    moved = getattr(cls, MOVED_KEYS_ATTR, {}) if cls is not None else {}
+    if str(key) in moved:
+        return ConfigError(f"'{_join(path, str(key))}' has moved: set '{moved[str(key)]}' instead")
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
     if close:
         hint = f"did you mean '{_join(path, close[0])}'?"
@@ -221,7 +230,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, path: str = "") 
     names = [f.name for f in fields]
     for key in data:
         if key not in names:
-            raise _unknown_key(path, key, names)
+            raise _unknown_key(path, key, names, cls)
     missing = [_join(path, f.name) for f in fields if f.name not in data and not _has_default(f)]
     if missing:
         plural = "s" if len(missing) > 1 else ""
@@ -234,6 +243,31 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, path: str = "") 
         raise
     except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+
+
+def _literal_choices(tp: Any) -> tuple | None:
+    """The allowed values of a `Literal[...]` (or `Literal[...] | None`) field type, else None."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if typing.get_origin(option) is typing.Literal:
+                return typing.get_args(option) + ((None,) if type(None) in typing.get_args(tp) else ())
+    return None
+
+
+def check_choices(obj: Any) -> None:
+    """Raise ValueError for a `Literal[...]` field of dataclass `obj` holding another value.
+
+    The loader checks these types when it reads YAML; dataclasses built in Python call
+    this from `__post_init__`, so the choices live only in the field's type.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in _init_fields(type(obj)):
+        choices = _literal_choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name}={value!r}: use one of {', '.join(repr(c) for c in choices)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,7 +362,7 @@ def _field_type(cls: type, dotted: str) -> Any:
         hints = typing.get_type_hints(tp)
         names = [f.name for f in _init_fields(tp)]
         if part not in names:
-            raise _unknown_key(path, part, names)
+            raise _unknown_key(path, part, names, tp)
         tp = hints[part]
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
             options = [a for a in typing.get_args(tp) if a is not type(None)]

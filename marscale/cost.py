@@ -23,9 +23,9 @@ What is counted (per clip, batch 1; costs are linear in the batch):
 - Norms, GELU, softmax, adds and the loss are not counted (as in the papers).
 
 Python API (for the training loop's TFLOP/s and MFU):
-    model_flops_per_clip(model_cfg, mask_ratio, training=True)  # true FLOPs
-    model_macs_per_clip(model_cfg, mask_ratio, training=True)   # MACs, papers' "FLOPs"
-    count_model(model_cfg, mask_ratio)                          # everything, by part
+    model_flops_per_clip(model_cfg, clip_cfg, mask_ratio, training=True)  # true FLOPs
+    model_macs_per_clip(model_cfg, clip_cfg, mask_ratio, training=True)   # MACs, papers' "FLOPs"
+    count_model(model_cfg, clip_cfg, mask_ratio)                          # everything, by part
     cost_table(variants, ratios, num_classes=400, views=15)     # rows of `marscale cost`
 
 Which tokens are visible does not change the cost, only how many: N - round(ratio * N).
@@ -55,8 +55,10 @@ from typing import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from marscale.losses import total_loss
-from marscale.model import VARIANTS, BridgeConfig, ModelConfig, build_model
+from marscale.clip import ClipConfig, num_tokens
+from marscale.config import from_dict, to_dict
+from marscale.losses import MARLoss
+from marscale.model import VARIANTS, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
 
@@ -82,56 +84,6 @@ BACKWARD_NOTE = (
     "none); recomputation for gradient checkpointing not counted"
 )
 UNIT_NOTE = "GFLOPs as in the MAR/VideoMAE papers = 1e9 multiply-accumulates; hardware FLOPs are 2x"
-
-
-@dataclasses.dataclass(frozen=True)
-class _CountKey:
-    """Everything a FLOP count depends on (ModelConfig is mutable, so not hashable)."""
-
-    arch: str
-    variant: str
-    img_size: int
-    num_frames: int
-    tubelet_size: int
-    num_classes: int
-    decoder: bool
-    bridge: tuple[int, int, int]
-    num_visible: int
-
-    @classmethod
-    def of(cls, cfg: ModelConfig, mask_ratio: float) -> _CountKey:
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        n = cfg.num_tokens
-        return cls(
-            cfg.arch,
-            cfg.variant,
-            cfg.img_size,
-            cfg.num_frames,
-            cfg.tubelet_size,
-            cfg.num_classes,
-            cfg.decoder,
-            (cfg.bridge.embed_dim, cfg.bridge.depth, cfg.bridge.num_heads),
-            n - round(mask_ratio * n),
-        )
-
-    def model_config(self) -> ModelConfig:
-        # Dropout and stochastic depth cost no matmuls; they are switched off so the meta
-        # run has fewer ops. No gradient checkpointing: model FLOPs exclude recomputation.
-        embed_dim, depth, num_heads = self.bridge
-        return ModelConfig(
-            num_classes=self.num_classes,
-            arch=self.arch,
-            variant=self.variant,
-            img_size=self.img_size,
-            num_frames=self.num_frames,
-            tubelet_size=self.tubelet_size,
-            drop_path=0.0,
-            head_dropout=0.0,
-            decoder=self.decoder,
-            bridge=BridgeConfig(embed_dim, depth, num_heads),
-            grad_checkpointing=0,
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +124,11 @@ def _num_params(*modules: torch.nn.Module | None) -> int:
     return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
-def _count_on_meta(key: _CountKey) -> ModelCount:
-    cfg = key.model_config()
-    model = build_model(cfg, device="meta")
+def _count_on_meta(cfg: ModelConfig, clip: ClipConfig, nv: int) -> ModelCount:
+    model = build_model(cfg, clip, device="meta")
     model.train()
-    n, nv = cfg.num_tokens, key.num_visible
-    video = torch.empty(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device="meta")
+    n = num_tokens(clip, cfg.patch_size)
+    video = torch.empty(1, 3, clip.num_frames, clip.img_size, clip.img_size, device="meta")
     visible_idx = masked_idx = None
     if nv < n:
         visible_idx = torch.arange(nv, device="meta").unsqueeze(0)  # [1, Nv]
@@ -188,7 +139,8 @@ def _count_on_meta(key: _CountKey) -> ModelCount:
     # exact, while backward ops are not reliably attributed to the module they belong to.
     with FlopCounterMode(display=False) as fwd:
         out = model(video, visible_idx, masked_idx)
-    loss = total_loss(out, soft_target, recon_weight=1.0)["loss"]
+    loss = MARLoss(clip.tubelet_size, cfg.patch_size, clip.mean, clip.std, 1.0)(out, video, masked_idx, soft_target)
+    loss = loss["loss"]
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
 
@@ -246,14 +198,18 @@ def _read_cache(path: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _count(key: _CountKey) -> ModelCount:
+def _count(model_json: str, clip_json: str, num_visible: int) -> ModelCount:
+    # Keyed on the configs as JSON text: the dataclasses are mutable, so not hashable.
+    cfg = from_dict(ModelConfig, json.loads(model_json))
+    clip = from_dict(ClipConfig, json.loads(clip_json))
     path = _cache_file()
-    name = json.dumps(dataclasses.asdict(key), sort_keys=True)
+    name = json.dumps({"model": json.loads(model_json), "clip": json.loads(clip_json), "visible": num_visible},
+                      sort_keys=True)
     if path is not None:
         hit = _read_cache(path).get(name)
         if hit is not None:
             return ModelCount(**hit)
-    count = _count_on_meta(key)
+    count = _count_on_meta(cfg, clip, num_visible)
     if path is not None:
         # Re-read and merge just before writing, and replace atomically: several ranks
         # may count at once. Counts of an older fingerprint are dropped.
@@ -269,28 +225,37 @@ def _count(key: _CountKey) -> ModelCount:
     return count
 
 
-def count_model(cfg: ModelConfig, mask_ratio: float) -> ModelCount:
-    """Parameters and per-clip MACs of `cfg` with `mask_ratio` of the tokens masked.
+def count_model(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float) -> ModelCount:
+    """Parameters and per-clip MACs of `cfg` on clips shaped as `clip`, with `mask_ratio`
+    of the tokens masked.
 
     Counted once per shape on the meta device and cached. `cfg.arch` picks the model
     (MAR or full-token ViT); `cfg.decoder` whether MAR training runs the decoder.
     """
-    return _count(_CountKey.of(cfg, mask_ratio))
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    n = num_tokens(clip, cfg.patch_size)
+    # Dropout and stochastic depth cost no matmuls, and model FLOPs exclude the recomputation
+    # of gradient checkpointing: they are switched off so the meta run has fewer ops.
+    counted = dataclasses.replace(cfg, drop_path=0.0, head_dropout=0.0, grad_checkpointing=0, pretrained="")
+    return _count(
+        json.dumps(to_dict(counted), sort_keys=True), json.dumps(to_dict(clip), sort_keys=True), n - round(mask_ratio * n)
+    )
 
 
-def model_macs_per_clip(cfg: ModelConfig, mask_ratio: float, training: bool) -> int:
+def model_macs_per_clip(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float, training: bool) -> int:
     """Multiply-accumulates for one clip: the papers' "FLOPs" (ViT-B full: 180e9).
 
     training=False: one inference forward (encoder + classifier).
     training=True: forward (incl. the decoder for MAR) + backward.
     """
-    count = count_model(cfg, mask_ratio)
+    count = count_model(cfg, clip, mask_ratio)
     return count.macs_training if training else count.macs_inference
 
 
-def model_flops_per_clip(cfg: ModelConfig, mask_ratio: float, training: bool) -> int:
+def model_flops_per_clip(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float, training: bool) -> int:
     """True hardware FLOPs for one clip (2 x MACs): the numerator of TFLOP/s and MFU."""
-    return 2 * model_macs_per_clip(cfg, mask_ratio, training)
+    return 2 * model_macs_per_clip(cfg, clip, mask_ratio, training)
 
 
 # ----------------------------------------------------------------------------- table
@@ -330,9 +295,10 @@ def _setting(ratio: float) -> str:
     return "full" if ratio == 0 else f"MAR {round(ratio * 100)}%"
 
 
-def _config(variant: str, ratio: float, num_classes: int) -> ModelConfig:
-    # Ratio 0 is the standard full-token baseline; any masking means a MAR model.
-    return ModelConfig(num_classes=num_classes, arch="vit" if ratio == 0 else "mar", variant=variant)
+def _config(variant: str, ratio: float, num_classes: int) -> tuple[ModelConfig, ClipConfig]:
+    # Ratio 0 is the standard full-token baseline; any masking means a MAR model. The
+    # clip is the standard one: 16 x 224 x 224, tubelets 2 x patch x patch.
+    return ModelConfig(num_classes=num_classes, arch="vit" if ratio == 0 else "mar", variant=variant), ClipConfig()
 
 
 def cost_table(
@@ -346,12 +312,12 @@ def cost_table(
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
-    reference = count_model(_config(REFERENCE_VARIANT, 0.0, num_classes), 0.0)
+    reference = count_model(*_config(REFERENCE_VARIANT, 0.0, num_classes), 0.0)
     rows = []
     for variant in variants:
-        full = count_model(_config(variant, 0.0, num_classes), 0.0)
+        full = count_model(*_config(variant, 0.0, num_classes), 0.0)
         for ratio in ratios:
-            c = count_model(_config(variant, ratio, num_classes), ratio)
+            c = count_model(*_config(variant, ratio, num_classes), ratio)
             rows.append(
                 CostRow(
                     variant=variant,
@@ -387,10 +353,10 @@ class ClaimTerm:
 def vit_h_claim_terms(num_classes: int = 400, views: int = KINETICS_VIEWS) -> list[ClaimTerm]:
     """Every ratio MAR ViT-L / full ViT-H this module can count, for the paper's
     "MAR ViT-L costs 14.5% of ViT-H" (whose accounting the per-view figures do not pin down)."""
-    h = count_model(_config("vit_h", 0.0, num_classes), 0.0)
+    h = count_model(*_config("vit_h", 0.0, num_classes), 0.0)
     terms = []
     for ratio in (0.5, 0.75):
-        lm = count_model(_config("vit_l", ratio, num_classes), ratio)
+        lm = count_model(*_config("vit_l", ratio, num_classes), ratio)
         tag = _setting(ratio)
         terms += [
             ClaimTerm(f"{tag} ViT-L / ViT-H, inference per view", lm.macs_inference / h.macs_inference),
@@ -405,7 +371,7 @@ def vit_h_claim_terms(num_classes: int = 400, views: int = KINETICS_VIEWS) -> li
                 lm.macs_training / h.macs_training,
             ),
         ]
-    lm = count_model(_config("vit_l", 0.5, num_classes), 0.5)
+    lm = count_model(*_config("vit_l", 0.5, num_classes), 0.5)
     terms.append(ClaimTerm("MAR ViT-L / ViT-H, inference parameters", lm.params_inference / h.params_inference))
     return terms
 

@@ -1,4 +1,4 @@
-"""Distributed state in one place: rank, local rank, world size, main-rank logging.
+"""Distributed state in one place: rank, local rank, world size, this rank's device, main-rank logging.
 
 Everything else asks this module instead of reading environment variables or calling
 `torch.distributed` directly, so single-process runs (no launcher) and launched runs
@@ -32,6 +32,17 @@ def get_world_size() -> int:
 
 def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`run.device` (auto | cuda | cpu) -> the device of this rank (CUDA device = LOCAL_RANK)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device=cuda but CUDA is not available; use run.device=auto or cpu")
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
 
 
 def is_main() -> bool:

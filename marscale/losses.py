@@ -6,10 +6,13 @@ P = tubelet * patch * patch * C values per tubelet, K classes.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from marscale.clip import ClipConfig
 
 
 def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
@@ -70,17 +73,46 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), target)
 
 
-def total_loss(
-    outputs: dict[str, torch.Tensor], target: torch.Tensor, recon_weight: float
-) -> dict[str, torch.Tensor]:
-    """Weighted sum: classification + recon_weight x masked MSE (when the model reconstructs).
+@dataclasses.dataclass(frozen=True)
+class MARLoss:
+    """loss = classification + recon_weight x masked MSE, as MAE's `forward_loss`: the
+    reconstruction target is built here, from the clip the model saw, not by the model.
 
-    Returns {"loss", "loss_cls", "loss_recon"?} as tensors (no host sync).
+    Built once per run (`build_loss`) from the clip section, the encoder's patch size and
+    the weight; called per micro-batch. Returns {"loss", "loss_cls", "loss_recon"?} as
+    tensors (no host sync).
     """
-    parts = {"loss_cls": classification_loss(outputs["logits"], target)}
-    loss = parts["loss_cls"]
-    if "pred" in outputs and recon_weight > 0:
-        parts["loss_recon"] = masked_mse(outputs["pred"], outputs["target"])
-        loss = loss + recon_weight * parts["loss_recon"]
-    parts["loss"] = loss
-    return parts
+
+    tubelet_size: int
+    patch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    recon_weight: float
+
+    def __call__(
+        self,
+        outputs: dict[str, torch.Tensor],
+        video: torch.Tensor,
+        masked_idx: torch.Tensor | None,
+        target: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """outputs: the model's {"logits" [B, K], "pred"? [B, Nm, P]}; video: the normalised
+        clip the model saw [B, C, T, H, W]; masked_idx [B, Nm] (None: nothing masked);
+        target: soft [B, K] or hard [B] labels."""
+        parts = {"loss_cls": classification_loss(outputs["logits"], target)}
+        loss = parts["loss_cls"]
+        if "pred" in outputs and self.recon_weight > 0:
+            if masked_idx is None:
+                raise ValueError("the model reconstructed masked tokens but no masked_idx was given")
+            recon_target = normalized_pixel_target(
+                video, masked_idx, self.tubelet_size, self.patch_size, self.mean, self.std
+            )
+            parts["loss_recon"] = masked_mse(outputs["pred"], recon_target)
+            loss = loss + self.recon_weight * parts["loss_recon"]
+        parts["loss"] = loss
+        return parts
+
+
+def build_loss(clip: ClipConfig, patch_size: int, recon_weight: float) -> MARLoss:
+    """The training loss for clips shaped as `clip` cut into `patch_size` patches."""
+    return MARLoss(clip.tubelet_size, patch_size, tuple(clip.mean), tuple(clip.std), recon_weight)

@@ -15,17 +15,18 @@ shuffles the time slices per clip; evaluation uses phase 0 and no shuffle.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 
-MASK_KINDS = ("cell_running", "random", "tube", "none")
+from marscale.config import check_choices
 
 
 @dataclasses.dataclass
 class MaskingConfig:
     """How the encoder's visible tokens are chosen. The `masking:` section of a config."""
 
-    kind: str = "cell_running"
+    kind: Literal["cell_running", "random", "tube", "none"] = "cell_running"
     """cell_running (MAR), random, tube, or none (all tokens visible: the ViT baseline)."""
     ratio: float = 0.5
     """Share of tokens masked; for cell_running ratio x cell slots must be a whole number."""
@@ -39,8 +40,7 @@ class MaskingConfig:
     """Masking ratio at evaluation (None: same as `ratio`)."""
 
     def __post_init__(self):
-        if self.kind not in MASK_KINDS:
-            raise ValueError(f"masking.kind {self.kind!r} unknown; choose one of {MASK_KINDS}")
+        check_choices(self)
         self.cell = tuple(self.cell)
         if self.kind != "none":
             for r in (self.ratio, self.eval_ratio):
@@ -50,6 +50,13 @@ class MaskingConfig:
             for r in (self.ratio, self.eval_ratio):
                 if r is not None:
                     masked_per_cell(r, self.cell[0] * self.cell[1])
+
+
+    def ratio_at(self, train: bool = True) -> float:
+        """Share of tokens masked in training (train=True) or evaluation; 0 when masking is off."""
+        if self.kind == "none":
+            return 0.0
+        return self.ratio if (train or self.eval_ratio is None) else self.eval_ratio
 
 
 def masked_per_cell(ratio: float, slots: int) -> int:
@@ -126,8 +133,8 @@ def make_mask(
     train: bool = True,
 ) -> torch.Tensor | None:
     """The mask `cfg` asks for, or None when every token is visible."""
-    ratio = cfg.ratio if (train or cfg.eval_ratio is None) else cfg.eval_ratio
-    if cfg.kind == "none" or ratio == 0:
+    ratio = cfg.ratio_at(train)
+    if ratio == 0:
         return None
     if cfg.kind == "cell_running":
         return cell_running_mask(

@@ -170,3 +170,38 @@ def load_manifest(root: str) -> Manifest:
 
 def save_manifest(root: str, manifest: Manifest) -> None:
     atomic_write_bytes(manifest_path(root), json.dumps(manifest.to_dict(), indent=1).encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+    """What a run needs of one shard folder, read from its manifest once (`ShardSet.load`)
+    and passed to the loaders, the evaluation and the run plan."""
+
+    root: str
+    """The shard folder."""
+    shards: tuple[str, ...]
+    """Paths of the shards, in manifest order."""
+    shard_videos: tuple[int, ...]
+    """Videos in each shard."""
+    class_names: tuple[str, ...]
+    """Class names; a label is an index into them."""
+
+    @classmethod
+    def load(cls, root: str) -> "ShardSet":
+        manifest = load_manifest(root)
+        if not manifest.shards:
+            raise ValueError(f"{root}: the manifest lists no shards")
+        return cls(
+            root=root,
+            shards=tuple(manifest.shard_paths(root)),
+            shard_videos=tuple(s.num_samples for s in manifest.shards),
+            class_names=tuple(manifest.class_names),
+        )
+
+    @property
+    def num_videos(self) -> int:
+        return sum(self.shard_videos)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)

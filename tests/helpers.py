@@ -11,11 +11,9 @@ DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 
 # 32x32 clips of 4 frames: a 2x2x2 token grid (4 visible at 50%), fast on a CPU.
 TINY_CLIPS = (
-    "model.img_size=32",
-    "data.img_size=32",
+    "clip.img_size=32",
+    "clip.num_frames=4",
     "data.short_side=32",
-    "model.num_frames=4",
-    "data.num_frames=4",
 )
 
 
@@ -45,17 +43,22 @@ def subprocess_env(one_thread: bool = True) -> dict[str, str]:
     return env
 
 
+def tiny_clip(**kw):
+    """32x32 clips of 4 frames (the TINY_CLIPS shape); `kw` overrides any field."""
+    from marscale.clip import ClipConfig
+
+    return ClipConfig(**{"num_frames": 4, "img_size": 32, **kw})
+
+
 def tiny_model_config(arch: str = "mar", **kw):
-    """vit_tiny on 32x32 clips of 4 frames (the TINY_CLIPS shape), deterministic layers
-    (no drop path / dropout), head init 1.0 and a small bridge; `kw` overrides any field."""
+    """vit_tiny (for `tiny_clip()` clips), deterministic layers (no drop path / dropout),
+    head init 1.0 and a small bridge; `kw` overrides any field."""
     from marscale.model import BridgeConfig, ModelConfig
 
     fields = dict(
         num_classes=5,
         arch=arch,
         variant="vit_tiny",
-        img_size=32,
-        num_frames=4,
         drop_path=0.0,
         head_dropout=0.0,
         init_scale=1.0,

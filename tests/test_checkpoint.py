@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model_config
+from helpers import tiny_clip, tiny_model_config
 
 from marscale.checkpoint import CheckpointError, LoadReport, detect_layout, load_pretrained
 from marscale.masking import cell_running_mask, mask_to_indices
@@ -41,7 +41,7 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def _built(arch: str, seed: int, num_classes: int, dtype) -> torch.nn.Module:
     torch.manual_seed(seed)
     cls = MARModel if arch == "mar" else ViTClassifier
-    return randomised(cls(tiny_model_config(arch, num_classes=num_classes), dtype=dtype), seed)
+    return randomised(cls(tiny_model_config(arch, num_classes=num_classes), tiny_clip(), dtype=dtype), seed)
 
 
 # Building (initialising) a model dominates these tests on a small CPU: build each once, hand out copies.
@@ -277,8 +277,9 @@ def test_mar_reference_round_trip(tmp_path):
 
 def test_mar_reference_normalisation_mismatch_is_noted(tmp_path):
     path = save(tmp_path, mar_reference_layout(make_mar(0), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
-    report = load_pretrained(make_mar(1), path)
-    assert len(report.notes) == 2 and "pixel_mean" in report.notes[0] and "pixel_std" in report.notes[1]
+    report = load_pretrained(make_mar(1), path, clip=tiny_clip())
+    assert len(report.notes) == 2 and "clip.mean" in report.notes[0] and "clip.std" in report.notes[1]
+    assert load_pretrained(make_mar(1), path).notes == []  # without a clip to compare with
 
 
 def test_k_bias_leaves_attention_unchanged():

@@ -21,16 +21,9 @@ from marscale.config import (
     save_config,
     to_dict,
 )
-from marscale.engine.config import (
-    TrainConfig,
-    global_batch_size,
-    load_train_config,
-    steps_per_epoch,
-    total_steps,
-    validate,
-    warmup_steps,
-)
-from marscale.shards import Manifest, ShardInfo, save_manifest
+from marscale.engine.config import TrainConfig, load_train_config, presets, validate
+from marscale.engine.plan import clips_per_step, make_plan
+from marscale.shards import Manifest, ShardInfo, ShardSet, save_manifest
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 PRESETS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")) if not os.path.basename(p).startswith("_"))
@@ -63,8 +56,9 @@ class Outer:
 
 def minimal_train_dict() -> dict:
     return {
-        "model": {"num_classes": 10, "variant": "vit_tiny", "img_size": 64},
-        "data": {"train_shards": "a", "val_shards": "b", "img_size": 64, "short_side": 64},
+        "clip": {"img_size": 64},
+        "model": {"num_classes": 10, "variant": "vit_tiny"},
+        "data": {"train_shards": "a", "val_shards": "b", "short_side": 64},
         "optim": {"lr": 1e-3, "epochs": 2},
     }
 
@@ -148,8 +142,12 @@ def test_post_init_errors_carry_the_path():
     with pytest.raises(ConfigError, match=re.escape("name must not be 'bad'")):
         from_dict(Outer, {"name": "bad"})
     d = minimal_train_dict()
-    d["model"]["arch"] = "resnet"
-    with pytest.raises(ConfigError, match=re.escape("model: model.arch must be 'mar' or 'vit'")):
+    d["model"]["num_classes"] = 0
+    with pytest.raises(ConfigError, match=re.escape("model: model.num_classes must be >= 1")):
+        from_dict(TrainConfig, d)
+    d = minimal_train_dict()
+    d["model"]["arch"] = "resnet"  # a choice: checked against the Literal type, with the path
+    with pytest.raises(ConfigError, match=re.escape("'model.arch' expects 'mar' | 'vit', got 'resnet'")):
         from_dict(TrainConfig, d)
     d = minimal_train_dict()
     d["optim"]["layer_decay"] = 1.5
@@ -221,7 +219,7 @@ def test_save_load_round_trip(tmp_path):
     assert to_dict(again) == to_dict(cfg)
     # Sections in field order, tuples written as lists.
     saved = yaml.safe_load(path.read_text())
-    assert list(saved) == ["model", "masking", "data", "optim", "deepspeed", "checkpoint", "logging", "run"]
+    assert list(saved) == ["clip", "model", "masking", "data", "optim", "deepspeed", "checkpoint", "logging", "run"]
     assert saved["optim"]["betas"] == [0.9, 0.999]
 
 
@@ -250,7 +248,7 @@ def test_every_preset_loads_and_validates(path):
     cfg = load_train_config(path)
     validate(cfg)
     assert cfg.run.name == os.path.splitext(os.path.basename(path))[0]
-    assert cfg.data.num_frames == cfg.model.num_frames and cfg.data.img_size == cfg.model.img_size
+    assert cfg.clip.num_frames == 16 and cfg.clip.img_size in (64, 224)  # one clip section for every component
     if cfg.model.arch == "vit":
         assert cfg.masking.kind == "none"
 
@@ -267,21 +265,21 @@ def test_bases_are_used():
 def test_recipe_values():
     b = load_train_config(os.path.join(CONFIG_DIR, "mar_vit_b_k400.yaml"))
     assert (b.optim.lr, b.optim.layer_decay, b.optim.epochs, b.model.drop_path) == (1e-3, 0.65, 100, 0.1)
-    assert (b.data.batch_size, b.data.clips_per_video, b.data.sampling, b.data.flip) == (16, 2, "dense", True)
+    assert (b.data.batch_size, b.data.clips_per_video, b.clip.sampling, b.data.flip) == (16, 2, "dense", True)
     assert b.optim.recon_weight == 0.01 and b.deepspeed.zero_stage == 2 and b.deepspeed.precision == "bf16"
     assert (b.data.mixup, b.data.cutmix, b.data.label_smoothing, b.data.random_erasing) == (0.8, 1.0, 0.1, 0.25)
     assert b.data.rand_augment == "rand-m9-mstd0.5-inc1"
     assert (b.optim.warmup_epochs, b.optim.warmup_lr, b.optim.min_lr, b.optim.weight_decay) == (5.0, 1e-6, 1e-6, 0.05)
     ls = load_train_config(os.path.join(CONFIG_DIR, "mar_vit_l_ssv2.yaml"))
     assert (ls.optim.lr, ls.optim.layer_decay, ls.optim.epochs, ls.model.drop_path) == (2.5e-4, 0.75, 40, 0.2)
-    assert (ls.data.sampling, ls.data.flip, ls.optim.recon_weight, ls.model.num_classes) == (
+    assert (ls.clip.sampling, ls.data.flip, ls.optim.recon_weight, ls.model.num_classes) == (
         "segment",
         False,
         0.1,
         174,
     )
     demo = load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"))
-    assert demo.model.variant == "vit_tiny" and demo.model.num_classes == 4 and demo.data.sampling == "segment"
+    assert demo.model.variant == "vit_tiny" and demo.model.num_classes == 4 and demo.clip.sampling == "segment"
     assert demo.data.train_shards == "runs/demo/data/shards/train"
     assert demo.data.val_shards == "runs/demo/data/shards/val"
     assert (demo.data.test_num_clips, demo.data.test_num_crops) == (1, 1)
@@ -296,22 +294,28 @@ def test_preset_override():
     assert cfg.optim.lr == 3e-4 and cfg.deepspeed.zero_stage == 0 and cfg.masking.ratio == 0.75
     with pytest.raises(ConfigError, match=re.escape("unknown key 'optim.lrr' (did you mean 'optim.lr'?)")):
         load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"), ["optim.lrr=1e-4"])
-    with pytest.raises(ConfigError, match=re.escape("'deepspeed.zero_stage' expects int, got 'two' (str)")):
+    with pytest.raises(ConfigError, match=re.escape("'deepspeed.zero_stage' expects 0 | 1 | 2 | 3, got 'two' (str)")):
         load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"), ["deepspeed.zero_stage=two"])
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.num_frames=8"], "data.num_frames=8 but model.num_frames=16"),
-        (["data.img_size=32", "data.short_side=32"], "data.img_size=32 but model.img_size=64"),
+        # The clip shape and pixel statistics have one home: old keys name the new one.
+        (["data.num_frames=8"], "'data.num_frames' has moved: set 'clip.num_frames' instead"),
+        (["model.img_size=32"], "'model.img_size' has moved: set 'clip.img_size' instead"),
+        (["data.mean=[0.5,0.5,0.5]"], "'data.mean' has moved: set 'clip.mean' instead"),
+        (["model.pixel_std=[0.5,0.5,0.5]"], "'model.pixel_std' has moved: set 'clip.std' instead"),
+        (["clip.img_size=96"], "data.short_side=64 < clip.img_size=96"),
+        (["clip.img_size=40", "data.short_side=40"], "clip.img_size 40 is not a multiple of the encoder's patch size 16"),
+        (["clip.num_frames=5"], "clip.num_frames 5 is not a multiple of clip.tubelet_size 2"),
+        (["clip.sampling=uniform"], "'clip.sampling' expects 'dense' | 'segment', got 'uniform'"),
         (["model.arch=vit"], "model.arch=vit is the full-token baseline but masking.kind='cell_running'"),
-        (["data.mean=[0.5,0.5,0.5]"], "data.mean=[0.5, 0.5, 0.5] but model.pixel_mean"),
-        (["masking.cell=[4,4]", "masking.ratio=0.25", "model.img_size=96", "data.img_size=96", "data.short_side=96"],
+        (["masking.cell=[4,4]", "masking.ratio=0.25", "clip.img_size=96", "data.short_side=96"],
          "masking.cell=[4, 4] does not tile the 6x6 token grid"),
         (["run.device=cpu", "deepspeed.precision=fp16"], "fp16 is not supported on CPU"),
         (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "offload_optimizer needs ZeRO"),
-        (["deepspeed.precision=fp8"], "deepspeed.precision='fp8'"),
+        (["deepspeed.precision=fp8"], "'deepspeed.precision' expects 'bf16' | 'fp16' | 'fp32', got 'fp8'"),
         (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr=0.001]"),
         (["run.max_steps=0"], "run.max_steps must be >= 1"),
     ],
@@ -319,6 +323,31 @@ def test_preset_override():
 def test_cross_section_checks(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"), overrides)
+
+
+def test_old_clip_keys_in_a_file_name_the_new_key(tmp_path):
+    d = minimal_train_dict()
+    d["data"]["num_frames"] = 8
+    with pytest.raises(ConfigError, match=re.escape("'data.num_frames' has moved: set 'clip.num_frames' instead")):
+        load_train_config(write_yaml(tmp_path / "old.yaml", d))
+
+
+def test_choices_are_checked_when_built_in_python_too():
+    from marscale.data.config import DataConfig
+    from marscale.masking import MaskingConfig
+
+    with pytest.raises(ValueError, match=r"decoder='ffmpeg': use one of 'auto', 'decord', 'pyav', 'torchcodec'"):
+        DataConfig(train_shards="a", val_shards="b", decoder="ffmpeg")
+    with pytest.raises(ValueError, match="kind='blocks'"):
+        MaskingConfig(kind="blocks")
+
+
+def test_presets_by_name():
+    assert {"demo", "mar_vit_l_k400", "vit_h_k400"} <= set(presets())
+    assert load_train_config("demo") == load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"))
+    assert load_train_config("mar_vit_b_k400.yaml").model.variant == "vit_b"
+    with pytest.raises(FileNotFoundError, match="neither a file nor a preset"):
+        load_train_config("mar_vit_z")
 
 
 def test_vit_with_no_masking_and_mar_without_masking_are_allowed(caplog):
@@ -348,25 +377,46 @@ def train_cfg(**sections) -> TrainConfig:
     return from_dict(TrainConfig, d)
 
 
+def shard_set(videos: int, root: str = "train") -> ShardSet:
+    return ShardSet(root, (f"{root}/{root}-000000.tar",), (videos,), ("a",))
+
+
 def test_derived_steps_from_samples_per_epoch():
     cfg = train_cfg(
         data={"batch_size": 8, "clips_per_video": 2, "samples_per_epoch": 1000},
         deepspeed={"grad_accum_steps": 2},
         optim={"epochs": 3, "warmup_epochs": 0.5},
     )
-    assert global_batch_size(cfg, 4) == 8 * 4 * 2
+    assert clips_per_step(cfg, 4) == 8 * 4 * 2
+    plan = make_plan(cfg, 4, shard_set(5000), shard_set(10, "val"))
+    assert (plan.clips_per_step, plan.videos_per_step, plan.videos_per_epoch) == (64, 32, 1000)
     # 1000 videos x 2 clips / 64 clips per step = 31.25 -> 31 steps
-    assert steps_per_epoch(cfg, 4) == 31
-    assert total_steps(cfg, 4) == 93
-    assert warmup_steps(cfg, 4) == 16  # 15.5 rounds to 16
-    assert steps_per_epoch(cfg, 1) == 125
+    assert plan.steps_per_epoch == 31
+    assert plan.batches_per_epoch == 62  # loader batches per rank: 31 steps x 2 accumulation
+    assert plan.total_steps == 93
+    assert plan.warmup_steps == 16  # 15.5 rounds to 16
+    assert make_plan(cfg, 1, shard_set(5000), shard_set(10, "val")).steps_per_epoch == 125
     # max_steps replaces epochs x steps; warm-up never exceeds the run
     capped = train_cfg(
         data={"samples_per_epoch": 1000}, optim={"epochs": 3, "warmup_epochs": 5.0}, run={"max_steps": 40}
     )
-    assert total_steps(capped, 1) == 40
-    assert warmup_steps(capped, 1) == 40
-    assert warmup_steps(train_cfg(data={"samples_per_epoch": 1000}, optim={"epochs": 1, "warmup_epochs": 0.0}), 1) == 0
+    capped_plan = make_plan(capped, 1, shard_set(5000), shard_set(10, "val"))
+    assert capped_plan.total_steps == 40
+    assert capped_plan.warmup_steps == 40
+    no_warmup = train_cfg(data={"samples_per_epoch": 1000}, optim={"epochs": 1, "warmup_epochs": 0.0})
+    assert make_plan(no_warmup, 1, shard_set(5000), shard_set(10, "val")).warmup_steps == 0
+
+
+def test_plan_tokens_and_flops_come_from_the_clip_and_the_counted_model():
+    from marscale.cost import count_model
+
+    cfg = train_cfg(data={"samples_per_epoch": 100})  # vit_tiny, 16 x 64 x 64 clips, 50% masked
+    plan = make_plan(cfg, 1, shard_set(100), shard_set(10, "val"))
+    assert plan.token_grid == (8, 4, 4) and plan.tokens_per_clip == 128
+    assert (plan.visible_tokens_train, plan.visible_tokens_eval) == (64, 64)
+    count = count_model(cfg.model, cfg.clip, 0.5)
+    assert plan.flops_per_clip_train == 2 * count.macs_training and plan.macs_per_view_eval == count.macs_inference
+    assert "128 (8x4x4), visible 64 in training" in plan.summary()
 
 
 def test_steps_per_epoch_from_manifest(tmp_path):
@@ -375,14 +425,34 @@ def test_steps_per_epoch_from_manifest(tmp_path):
     cfg = train_cfg(data={"train_shards": str(tmp_path), "batch_size": 4, "clips_per_video": 2})
     assert cfg.data.samples_per_epoch is None
     # 100 videos, 2 clips each, 4 clips per rank x 2 ranks -> 25 steps
-    assert steps_per_epoch(cfg, 2) == 25
-    assert total_steps(cfg, 2) == 2 * 25
+    plan = make_plan(cfg, 2, val_set=shard_set(10, "val"))
+    assert plan.train_set.num_videos == 100 and plan.train_set.shard_videos == (40, 40, 20)
+    assert plan.steps_per_epoch == 25
+    assert plan.total_steps == 2 * 25
+
+
+def test_loader_batches_per_rank_from_the_plan():
+    # 16 videos, batches of 4 clips = 2 videos: 8 batches on one rank, 4 on each of two.
+    cfg = train_cfg(data={"batch_size": 4, "clips_per_video": 2})
+    assert make_plan(cfg, 1, shard_set(16), shard_set(4, "val")).batches_per_epoch == 8
+    assert make_plan(cfg, 2, shard_set(16), shard_set(4, "val")).batches_per_epoch == 4
+    one_clip = train_cfg(data={"batch_size": 4, "clips_per_video": 1, "samples_per_epoch": 100})
+    assert make_plan(one_clip, 3, shard_set(16), shard_set(4, "val")).batches_per_epoch == 8
+    with pytest.raises(ValueError, match="less than one optimizer step"):
+        make_plan(cfg, 16, shard_set(16), shard_set(4, "val"))
 
 
 def test_epoch_smaller_than_a_step_is_an_error():
     cfg = train_cfg(data={"batch_size": 8, "samples_per_epoch": 10})
     with pytest.raises(ValueError, match="less than one optimizer step"):
-        steps_per_epoch(cfg, 4)
+        make_plan(cfg, 4, shard_set(100), shard_set(10, "val"))
+
+
+def test_more_classes_in_the_shards_than_the_model_is_an_error():
+    cfg = train_cfg(data={"samples_per_epoch": 100})
+    many = ShardSet("train", ("t.tar",), (100,), tuple(str(i) for i in range(12)))
+    with pytest.raises(ValueError, match="has 12 classes but model.num_classes is 10"):
+        make_plan(cfg, 1, many, shard_set(10, "val"))
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
@@ -411,7 +481,8 @@ def test_eval_refuses_a_checkpoint_without_a_trained_classifier(tmp_path, capsys
 
     monkeypatch.delenv("MARSCALE_TRACEBACK", raising=False)
     demo = os.path.join(CONFIG_DIR, "demo.yaml")
-    path = save(tmp_path, videomae_pretrain_layout(build_model(load_train_config(demo).model)), "pretrain.pth")
+    cfg = load_train_config(demo)
+    path = save(tmp_path, videomae_pretrain_layout(build_model(cfg.model, cfg.clip)), "pretrain.pth")
     assert main(["eval", "--checkpoint", path, "--config", demo]) == 2
     err = capsys.readouterr().err
     assert "has no trained classifier for this model (4 classes)" in err and "classifier." in err

@@ -1,4 +1,4 @@
-"""The WebDataset loaders (marscale.data.pipeline) on the synthetic shards.
+"""The WebDataset loaders (marscale.data.loaders, marscale.data.stages) on the synthetic shards.
 
 The session fixture `synthetic_shards` has 16 training videos in 8 shards and 8
 evaluation videos in 4 shards (4 classes, 64x64, 32 frames). Clips here are 8 frames
@@ -16,18 +16,37 @@ import numpy as np
 import pytest
 import torch
 
-from marscale.data import DataConfig, build_eval_loader, build_train_loader, steps_per_epoch
-from marscale.data.pipeline import worker_batches
-from marscale.shards import Manifest, key_to_index, load_manifest, sample_key, save_manifest
+from marscale.clip import ClipConfig
+from marscale.data import DataConfig
+from marscale.data import build_eval_loader as _build_eval_loader
+from marscale.data import build_train_loader as _build_train_loader
+from marscale.data.loaders import worker_batches
+from marscale.shards import Manifest, ShardSet, key_to_index, load_manifest, sample_key, save_manifest
+
+CLIP = ClipConfig(num_frames=8, sampling_interval=2, img_size=32)
+
+
+def epoch_batches(cfg: DataConfig, world_size: int) -> int:
+    """Loader batches per rank per epoch, written out here as the run plan computes them
+    (one accumulation step): videos per epoch // (ranks x videos per batch)."""
+    videos = cfg.samples_per_epoch or ShardSet.load(cfg.train_shards).num_videos
+    return videos // (world_size * cfg.videos_per_batch)
+
+
+def build_train_loader(cfg: DataConfig, clip: ClipConfig = CLIP, **kw):
+    return _build_train_loader(
+        cfg, clip, ShardSet.load(cfg.train_shards), batches_per_epoch=epoch_batches(cfg, kw["world_size"]), **kw
+    )
+
+
+def build_eval_loader(cfg: DataConfig, clip: ClipConfig = CLIP, **kw):
+    return _build_eval_loader(cfg, clip, ShardSet.load(cfg.val_shards), **kw)
 
 
 def _cfg(shards: dict[str, str], **kw) -> DataConfig:
     base = dict(
         train_shards=shards["train"],
         val_shards=shards["val"],
-        num_frames=8,
-        sampling_interval=2,
-        img_size=32,
         short_side=32,
         batch_size=4,
         clips_per_video=2,
@@ -65,12 +84,14 @@ def _shard_keys(folder: str) -> dict[int, int]:
 
 
 def test_epoch_length_formula(synthetic_shards):
-    cfg = _cfg(synthetic_shards)  # 16 videos, 4 clips = 2 videos a batch
-    assert steps_per_epoch(cfg, 1) == 8
-    assert steps_per_epoch(cfg, 2) == 4
-    assert steps_per_epoch(_cfg(synthetic_shards, samples_per_epoch=100, clips_per_video=1), 3) == 8
-    with pytest.raises(ValueError, match="less than one batch"):
-        steps_per_epoch(cfg, 16)
+    # The epoch length itself is the run plan's (tests/test_config.py); the loader makes
+    # exactly the batches it is given, split over its workers.
+    cfg = _cfg(synthetic_shards)
+    assert len(_build_train_loader(cfg, CLIP, ShardSet.load(cfg.train_shards), batches_per_epoch=5, epoch=0, rank=0,
+                                   world_size=1, start_batch=2)) == 3
+    with pytest.raises(ValueError, match="batches_per_epoch must be >= 1"):
+        _build_train_loader(cfg, CLIP, ShardSet.load(cfg.train_shards), batches_per_epoch=0, epoch=0, rank=0,
+                            world_size=1)
     # 10 batches over 4 workers: workers make 3, 3, 2, 2.
     assert [worker_batches(10, 4, w, 0)[1] for w in range(4)] == [3, 3, 2, 2]
     firsts = [worker_batches(10, 4, w, 5) for w in range(4)]
@@ -95,10 +116,11 @@ def test_train_batches_shapes_and_repeated_clips(synthetic_shards):
 
 
 def test_segment_sampling_end_to_end(synthetic_shards):
-    cfg = _cfg(synthetic_shards, sampling="segment", num_frames=16, test_num_clips=2, test_num_crops=1)
-    batch = next(iter(build_train_loader(cfg, epoch=0, rank=0, world_size=1)))
+    cfg = _cfg(synthetic_shards, test_num_clips=2, test_num_crops=1)
+    clip = ClipConfig(sampling="segment", num_frames=16, img_size=32)
+    batch = next(iter(build_train_loader(cfg, clip, epoch=0, rank=0, world_size=1)))
     assert batch["video"].shape == (4, 3, 16, 32, 32)
-    views = list(build_eval_loader(cfg, rank=0, world_size=1))
+    views = list(build_eval_loader(cfg, clip, rank=0, world_size=1))
     assert sum(len(b["view"]) for b in views) == 8 * 2
     assert set(torch.cat([b["view"] for b in views]).tolist()) == {0, 1}
 
@@ -226,7 +248,7 @@ def test_corrupt_samples_do_not_stop_training(corrupt_shards, caplog):
     assert skipped["decode"] >= 1 and skipped["incomplete"] >= 1 and skipped["read"] == 0
     # Each skip is logged with the sample key and the reason.
     bad_keys = {sample_key(i) for i in corrupt_shards["train_bad"]}
-    messages = [r.getMessage() for r in caplog.records if r.name == "marscale.data.pipeline"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "marscale.data.stages"]
     assert len(messages) == 6
     assert all(m.startswith("skipping sample ") and m.split()[2] in bad_keys for m in messages)
     assert any("(decode)" in m for m in messages) and any("(incomplete)" in m for m in messages)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from marscale.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.data.mixup import VideoMixup, normalize, smoothed_one_hot
 from marscale.data.transforms import (
@@ -22,8 +23,11 @@ from marscale.data.transforms import (
 )
 
 
+CLIP = ClipConfig(img_size=32)  # ImageNet mean and std
+
+
 def _cfg(**kw) -> DataConfig:
-    base = dict(train_shards="train", val_shards="val", img_size=32, short_side=32)
+    base = dict(train_shards="train", val_shards="val", short_side=32)
     base.update(kw)
     return DataConfig(**base)
 
@@ -34,7 +38,7 @@ def _still_clip(t: int = 5, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarr
 
 
 def test_train_transform_keeps_identical_frames_identical():
-    transform = TrainTransform(_cfg(random_erasing=1.0, flip=True))
+    transform = TrainTransform(_cfg(random_erasing=1.0, flip=True), CLIP)
     clip = _still_clip()
     plain = np.asarray(Image.fromarray(clip[0]).resize((32, 32), Image.BILINEAR))
     changed = 0
@@ -48,7 +52,7 @@ def test_train_transform_keeps_identical_frames_identical():
 
 
 def test_train_transform_is_a_function_of_the_generator():
-    transform = TrainTransform(_cfg())
+    transform = TrainTransform(_cfg(), CLIP)
     clip = np.random.default_rng(3).integers(0, 256, size=(4, 40, 50, 3), dtype=np.uint8)
     a = transform(clip, np.random.default_rng(7))
     b = transform(clip, np.random.default_rng(7))
@@ -63,7 +67,7 @@ def test_flip_is_the_same_for_all_frames_and_can_be_disabled():
     common = dict(rand_augment="", random_erasing=0.0, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0))
     flipped = kept = 0
     for seed in range(30):
-        out = TrainTransform(_cfg(flip=True, **common))(clip, np.random.default_rng(seed)).permute(1, 2, 3, 0).numpy()
+        out = TrainTransform(_cfg(flip=True, **common), CLIP)(clip, np.random.default_rng(seed)).permute(1, 2, 3, 0).numpy()
         if np.array_equal(out, clip):
             kept += 1
         else:
@@ -71,7 +75,7 @@ def test_flip_is_the_same_for_all_frames_and_can_be_disabled():
             flipped += 1
     assert flipped > 5 and kept > 5
     for seed in range(10):
-        out = TrainTransform(_cfg(flip=False, **common))(clip, np.random.default_rng(seed))
+        out = TrainTransform(_cfg(flip=False, **common), CLIP)(clip, np.random.default_rng(seed))
         np.testing.assert_array_equal(out.permute(1, 2, 3, 0).numpy(), clip)
 
 
@@ -114,7 +118,7 @@ def test_rrc_params_ranges():
 
 
 def test_erasing_same_rectangle_and_noise_on_all_frames():
-    transform = TrainTransform(_cfg())
+    transform = TrainTransform(_cfg(), CLIP)
     clip = np.zeros((4, 32, 32, 3), np.uint8)
     for seed in range(10):
         out = transform.erase(clip, np.random.default_rng(seed))
@@ -143,11 +147,11 @@ def test_crop_offsets():
 
 @pytest.mark.parametrize("landscape", [True, False])
 def test_eval_views_order_and_positions(landscape):
-    cfg = _cfg(img_size=32, short_side=32, test_num_clips=2, test_num_crops=3)
+    cfg = _cfg(short_side=32, test_num_clips=2, test_num_crops=3)
     h, w = (40, 60) if landscape else (60, 40)
     frames = np.random.default_rng(0).integers(0, 256, size=(6, h, w, 3), dtype=np.uint8)
     clip_frames = np.array([[0, 1, 2], [3, 4, 5]])
-    views = EvalTransform(cfg)(frames, clip_frames)
+    views = EvalTransform(cfg, CLIP)(frames, clip_frames)
     assert len(views) == 6
     resized = resize_short_side(frames, 32)
     assert resized.shape[1:3] == ((32, 48) if landscape else (48, 32))
@@ -158,7 +162,7 @@ def test_eval_views_order_and_positions(landscape):
             part = resized[clip_frames[clip]]
             part = part[:, :, offset : offset + 32] if landscape else part[:, offset : offset + 32, :]
             np.testing.assert_array_equal(view.permute(1, 2, 3, 0).numpy(), part)
-    again = EvalTransform(cfg)(frames, clip_frames)
+    again = EvalTransform(cfg, CLIP)(frames, clip_frames)
     for a, b in zip(views, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from marscale import dist
+from marscale.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.engine.evaluate import ScoreTable, evaluate, video_accuracy
 from marscale.masking import MaskingConfig
+from marscale.shards import ShardSet
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,9 +69,6 @@ def test_evaluate_counts_every_view_once(synthetic_shards):
     cfg = DataConfig(
         train_shards=synthetic_shards["train"],
         val_shards=synthetic_shards["val"],
-        sampling="segment",
-        num_frames=4,
-        img_size=32,
         short_side=32,
         test_num_clips=2,
         test_num_crops=3,
@@ -86,7 +85,11 @@ def test_evaluate_counts_every_view_once(synthetic_shards):
         return logits
 
     masking = MaskingConfig(kind="cell_running", ratio=0.5)
-    result = evaluate(forward, cfg, masking, (2, 2, 2), 4, device=torch.device("cpu"), dtype=torch.float32)
+    clip = ClipConfig(sampling="segment", num_frames=4, img_size=32)
+    val_set = ShardSet.load(cfg.val_shards)
+    result = evaluate(
+        forward, cfg, clip, masking, val_set, (2, 2, 2), 4, device=torch.device("cpu"), dtype=torch.float32
+    )
     assert result.expected_videos == 8 and result.num_videos == 8
     assert result.num_views == 8 * 6
     assert result.incomplete_videos == 0
@@ -100,7 +103,7 @@ def test_evaluate_counts_every_view_once(synthetic_shards):
 
     seen.clear()
     full = evaluate(
-        forward, dataclasses.replace(cfg, num_workers=0), MaskingConfig(kind="none"), (2, 2, 2), 4,
+        forward, dataclasses.replace(cfg, num_workers=0), clip, MaskingConfig(kind="none"), val_set, (2, 2, 2), 4,
         device=torch.device("cpu"), dtype=torch.float32,
     )
     assert full.num_views == 48 and full.top1 == pytest.approx(25.0)

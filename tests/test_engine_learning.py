@@ -49,8 +49,7 @@ def test_mar_learns_temporal_order_from_shards(learning_shards, tmp_path):
             f"data.train_shards={learning_shards['train']}",
             f"data.val_shards={learning_shards['val']}",
             f"run.output_dir={tmp_path}",
-            "model.num_frames=8",
-            "data.num_frames=8",
+            "clip.num_frames=8",
             "optim.epochs=8",  # 400 videos x 2 clips / 32 = 25 steps per epoch
             "data.eval_batch_size=25",
             "logging.every_steps=25",

@@ -177,7 +177,7 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
         export(str(run_dir), out)
         payload = torch.load(out, weights_only=True)
         assert payload["step"] == 6 and payload["config"]["model"]["variant"] == "vit_tiny"
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.clip)
         report = load_pretrained(model, out)
         assert report.layout == "marscale" and not report.missing and not report.unexpected
         assert_same_logits(trainer, model)
@@ -189,7 +189,7 @@ def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
     from marscale.data import normalize
 
     video, _ = fixed_batch()
-    x = normalize(video, trainer.cfg.data.mean, trainer.cfg.data.std, trainer.dtype)
+    x = normalize(video, trainer.cfg.clip.mean, trainer.cfg.clip.std, trainer.dtype)
     visible_idx, masked_idx = trainer.train_masks(0, 0, video.shape[0])
     trainer.engine.eval()
     model.to(trainer.dtype).eval()
@@ -227,7 +227,7 @@ def test_export_from_zero3_bf16(synthetic_shards, tmp_path):
                 torch.testing.assert_close(state[name].to(torch.bfloat16), p.detach(), rtol=0, atol=0)
         out = str(tmp_path / "model.pt")
         export(path, out)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.clip)
         load_pretrained(model, out)
         assert_same_logits(trainer, model)
         history = read_jsonl(os.path.join(tmp_path, "eval.jsonl"))
@@ -244,7 +244,7 @@ def test_starts_from_videomae_pretraining(synthetic_shards, tmp_path):
     from test_checkpoint import randomised, save, videomae_pretrain_layout
 
     cfg = tiny_config(synthetic_shards, tmp_path, "deepspeed.zero_stage=2", "deepspeed.precision=fp32")
-    source = randomised(build_model(cfg.model), seed=3)
+    source = randomised(build_model(cfg.model, cfg.clip), seed=3)
     path = save(tmp_path, videomae_pretrain_layout(source), "videomae_pretrain.pth")
     fresh = Trainer(cfg)
     try:
@@ -273,16 +273,21 @@ def test_diverged_loss_stops_before_saving(synthetic_shards, tmp_path, monkeypat
     from marscale.engine import trainer as trainer_module
     from marscale.engine.trainer import TrainingDiverged
 
-    calls, original = [], trainer_module.total_loss
+    calls, original_build = [], trainer_module.build_loss
 
-    def poisoned(outputs, target, recon_weight):
-        parts = original(outputs, target, recon_weight)
-        calls.append(1)
-        if len(calls) >= 4:
-            parts["loss"] = parts["loss"] * float("nan")
-        return parts
+    def build_poisoned(*args, **kw):
+        loss = original_build(*args, **kw)
 
-    monkeypatch.setattr(trainer_module, "total_loss", poisoned)
+        def poisoned(*call_args):
+            parts = loss(*call_args)
+            calls.append(1)
+            if len(calls) >= 4:
+                parts["loss"] = parts["loss"] * float("nan")
+            return parts
+
+        return poisoned
+
+    monkeypatch.setattr(trainer_module, "build_loss", build_poisoned)
     cfg = tiny_config(
         synthetic_shards, tmp_path, "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
         "checkpoint.every_steps=2", "checkpoint.keep_last=3", "logging.every_steps=5",

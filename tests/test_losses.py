@@ -12,8 +12,17 @@ from marscale.losses import (
     normalized_pixel_target,
     patchify,
     soft_target_cross_entropy,
-    total_loss,
 )
+from marscale.losses import MARLoss, build_loss
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _clip_and_masked(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [B, 3, 4, 8, 8] clip (tubelet 2, patch 4: 8 tokens) and 6 masked tokens per clip."""
+    video = torch.randn(batch, 3, 4, 8, 8, generator=generator)
+    masked = torch.stack([torch.randperm(8, generator=generator)[:6] for _ in range(batch)])
+    return video, masked
 
 
 def test_patchify_matches_a_loop():
@@ -91,8 +100,10 @@ def test_masked_mse():
 def test_total_loss_weighting(w):
     g = torch.Generator().manual_seed(3)
     logits, labels = torch.randn(4, 5, generator=g), torch.tensor([1, 0, 4, 2])
-    pred, target = torch.randn(4, 6, 12, generator=g), torch.randn(4, 6, 12, generator=g)
-    out = total_loss({"logits": logits, "pred": pred, "target": target}, labels, w)
+    video, masked = _clip_and_masked(4, g)
+    pred = torch.randn(4, 6, 96, generator=g)
+    out = MARLoss(2, 4, MEAN, STD, w)({"logits": logits, "pred": pred}, video, masked, labels)
+    target = normalized_pixel_target(video, masked, 2, 4, MEAN, STD)  # built from the clip the model saw
     ce, mse = F.cross_entropy(logits, labels), ((pred - target) ** 2).mean()
     torch.testing.assert_close(out["loss_cls"], ce)
     torch.testing.assert_close(out["loss_recon"], mse)
@@ -101,20 +112,34 @@ def test_total_loss_weighting(w):
 
 def test_total_loss_without_reconstruction():
     logits, labels = torch.randn(2, 3), torch.tensor([0, 2])
-    only_cls = total_loss({"logits": logits}, labels, 0.1)
+    video, masked = _clip_and_masked(2, torch.Generator().manual_seed(0))
+    loss = MARLoss(2, 4, MEAN, STD, 0.1)
+    only_cls = loss({"logits": logits}, video, None, labels)
     assert set(only_cls) == {"loss", "loss_cls"}
     torch.testing.assert_close(only_cls["loss"], F.cross_entropy(logits, labels))
-    outputs = {"logits": logits, "pred": torch.ones(2, 1, 4), "target": torch.zeros(2, 1, 4)}
-    off = total_loss(outputs, labels, 0.0)
+    outputs = {"logits": logits, "pred": torch.ones(2, 6, 96)}
+    off = MARLoss(2, 4, MEAN, STD, 0.0)(outputs, video, masked, labels)
     assert "loss_recon" not in off
     torch.testing.assert_close(off["loss"], F.cross_entropy(logits, labels))
+    with pytest.raises(ValueError, match="masked_idx"):
+        loss(outputs, video, None, labels)
 
 
 def test_total_loss_backpropagates_to_both_terms():
     logits = torch.randn(2, 3, requires_grad=True)
-    pred = torch.randn(2, 1, 4, requires_grad=True)
-    out = total_loss({"logits": logits, "pred": pred, "target": torch.zeros(2, 1, 4)}, torch.tensor([0, 1]), 0.5)
+    video, masked = _clip_and_masked(2, torch.Generator().manual_seed(1))
+    target = normalized_pixel_target(video, masked, 2, 4, MEAN, STD)
+    pred = (target + torch.randn(target.shape)).requires_grad_(True)
+    out = MARLoss(2, 4, MEAN, STD, 0.5)({"logits": logits, "pred": pred}, video, masked, torch.tensor([0, 1]))
     out["loss"].backward()
-    # d(0.5 * mean(pred^2)) / d pred = pred / 8 for 8 elements.
-    torch.testing.assert_close(pred.grad, pred.detach() / 8)
+    # d(0.5 * mean((pred - target)^2)) / d pred = (pred - target) / numel.
+    torch.testing.assert_close(pred.grad, (pred.detach() - target) / target.numel())
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert video.grad is None  # the target carries no gradient
+
+
+def test_build_loss_reads_the_clip_section():
+    from marscale.clip import ClipConfig
+
+    clip = ClipConfig(num_frames=8, img_size=64, tubelet_size=4, mean=(0.5, 0.5, 0.5), std=(0.2, 0.3, 0.4))
+    assert build_loss(clip, patch_size=16, recon_weight=0.3) == MARLoss(4, 16, (0.5, 0.5, 0.5), (0.2, 0.3, 0.4), 0.3)

@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model_config
+from helpers import tiny_clip, tiny_model_config
 
+from marscale.clip import ClipConfig
+from marscale.losses import build_loss
 from marscale.model import VARIANTS, ModelConfig, build_model
 from marscale.model.layers import Attention, DropPath, sincos_table
 
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @functools.lru_cache(maxsize=None)
 def _built(arch: str, seed: int, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = build_model(tiny_model_config(arch, **kw))
+    model = build_model(tiny_model_config(arch, **kw), tiny_clip())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # make zero-initialised biases and tokens matter
         for p in model.parameters():
@@ -107,7 +109,7 @@ def test_output_shapes():
     m.train()
     out = m(video, VIS, MSK)
     assert out["logits"].shape == (2, 5)
-    assert out["pred"].shape == (2, 4, 1536) and out["target"].shape == (2, 4, 1536)
+    assert out["pred"].shape == (2, 4, 1536) and "target" not in out  # the loss builds the target
     m.eval()
     assert set(m(video, VIS, MSK)) == {"logits"}
     assert m(video)["logits"].shape == (2, 5)
@@ -193,21 +195,28 @@ def test_decoder_matches_in_place_reference():
 
 
 def test_reconstruction_target_by_hand():
-    m = model("mar").train()
+    # The loss builds the target from the clip the model saw, with the clip section's
+    # pixel statistics: a prediction equal to the by-hand target has zero loss.
+    c = tiny_clip()
+    loss = build_loss(c, patch_size=16, recon_weight=1.0)
     video = clip()
-    mean, std = m.cfg.pixel_mean, m.cfg.pixel_std
-    target = m(video, VIS, MSK)["target"]
+    mean, std = c.mean, c.std
+    target = torch.zeros(2, 4, 1536)
     for b in range(2):
         for j, n in enumerate(MSK[b].tolist()):
             t, rem = divmod(n, 4)
             y, x = divmod(rem, 2)
-            for c in range(3):
-                px = video[b, c, 2 * t : 2 * t + 2, 16 * y : 16 * y + 16, 16 * x : 16 * x + 16] * std[c] + mean[c]
+            for ch in range(3):
+                px = video[b, ch, 2 * t : 2 * t + 2, 16 * y : 16 * y + 16, 16 * x : 16 * x + 16] * std[ch] + mean[ch]
                 vals = px.double().flatten()
                 mu = vals.sum() / vals.numel()
                 sd = torch.sqrt(((vals - mu) ** 2).sum() / (vals.numel() - 1))
-                want = ((vals - mu) / (sd + 1e-6)).float()
-                torch.testing.assert_close(target[b, j, c::3], want, rtol=1e-5, atol=1e-5)
+                target[b, j, ch::3] = ((vals - mu) / (sd + 1e-6)).float()
+    logits = torch.zeros(2, 5)
+    parts = loss({"logits": logits, "pred": target}, video, MSK, torch.tensor([0, 1]))
+    assert parts["loss_recon"].item() < 1e-8
+    off = loss({"logits": logits, "pred": target + 0.5}, video, MSK, torch.tensor([0, 1]))
+    torch.testing.assert_close(off["loss_recon"], torch.tensor(0.25), rtol=1e-5, atol=1e-6)
 
 
 # --- building blocks ----------------------------------------------------------------------
@@ -304,7 +313,7 @@ def test_grad_checkpointing_gives_identical_gradients():
     assert g0.keys() == g1.keys() and "encoder.blocks.0.attn.qkv.weight" in g0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
-    cfg_built = build_model(tiny_model_config("mar", grad_checkpointing=6), device="meta")
+    cfg_built = build_model(tiny_model_config("mar", grad_checkpointing=6), tiny_clip(), device="meta")
     assert cfg_built.encoder.grad_checkpointing == 6
 
 
@@ -319,9 +328,13 @@ def test_set_grad_checkpointing_validates():
 
 
 def test_config_validation():
-    for bad in (dict(arch="cnn"), dict(variant="vit_xxl"), dict(img_size=40), dict(num_frames=5), dict(num_classes=0)):
+    for bad in (dict(arch="cnn"), dict(variant="vit_xxl"), dict(num_classes=0)):
         with pytest.raises(ValueError):
-            ModelConfig(**{"num_classes": 5, "img_size": 32, "num_frames": 4, **bad})
+            ModelConfig(**{"num_classes": 5, **bad})
+    with pytest.raises(ValueError, match="tubelet_size"):
+        ClipConfig(num_frames=5)
+    with pytest.raises(ValueError, match="patch size 16"):  # the clip must fit the encoder's patches
+        build_model(tiny_model_config(), tiny_clip(img_size=40), device="meta")
 
 
 # --- parameter counts on the meta device ----------------------------------------------------
@@ -362,16 +375,16 @@ def count(m) -> int:
     [("vit_b", 86.0e6, 87.0e6), ("vit_l", 303.5e6, 305.0e6), ("vit_h", 631.0e6, 633.0e6), ("vit_g", 1.00e9, 1.02e9)],
 )
 def test_parameter_counts_on_meta(variant, low, high):
-    vit = build_model(ModelConfig(num_classes=400, arch="vit", variant=variant), device="meta")
+    vit = build_model(ModelConfig(num_classes=400, arch="vit", variant=variant), ClipConfig(), device="meta")
     assert all(p.is_meta for p in vit.parameters())
     assert count(vit) == vit_params(variant, 400)
     assert low < count(vit) < high
-    mar = build_model(ModelConfig(num_classes=400, arch="mar", variant=variant), device="meta")
+    mar = build_model(ModelConfig(num_classes=400, arch="mar", variant=variant), ClipConfig(), device="meta")
     assert all(p.is_meta for p in mar.parameters())
     assert count(mar) == mar_params(variant, 400)
 
 
 def test_vit_g_geometry():
-    m = build_model(ModelConfig(num_classes=400, arch="vit", variant="vit_g"), device="meta")
+    m = build_model(ModelConfig(num_classes=400, arch="vit", variant="vit_g"), ClipConfig(), device="meta")
     assert m.encoder.grid == (8, 16, 16) and m.encoder.num_tokens == 2048
     assert m.encoder.blocks[0].mlp.fc1.out_features == 6144

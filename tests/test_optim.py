@@ -10,14 +10,15 @@ import torch
 from marscale.config import from_dict
 from marscale.engine.config import OptimConfig
 from marscale.engine.optim import apply_lr, build_optimizer, layer_id, lr_at, param_groups
+from marscale.clip import ClipConfig
 from marscale.model import ModelConfig, build_model
 
 DEPTH = 6  # vit_tiny
 
 
 def small_model(arch: str = "mar"):
-    cfg = ModelConfig(num_classes=4, arch=arch, variant="vit_tiny", img_size=32, num_frames=4)
-    return build_model(cfg)
+    cfg = ModelConfig(num_classes=4, arch=arch, variant="vit_tiny")
+    return build_model(cfg, ClipConfig(num_frames=4, img_size=32))
 
 
 def optim_cfg(**kw) -> OptimConfig:

@@ -13,12 +13,11 @@ import importlib
 from marscale.data.config import DataConfig
 
 _LAZY = {
-    "build_train_loader": "pipeline",
-    "build_eval_loader": "pipeline",
-    "steps_per_epoch": "pipeline",
-    "num_classes": "pipeline",
-    "TrainLoader": "pipeline",
-    "EvalLoader": "pipeline",
+    "build_train_loader": "loaders",
+    "build_eval_loader": "loaders",
+    "start_iterator": "loaders",
+    "TrainLoader": "loaders",
+    "EvalLoader": "loaders",
     "normalize": "mixup",
     "VideoMixup": "mixup",
     "build_mixup": "mixup",

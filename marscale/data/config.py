@@ -1,48 +1,40 @@
-"""`DataConfig`: everything the video loader needs, checked when it is built.
+"""`DataConfig`: where the shards are and how clips are batched, decoded and augmented.
 
-One flat dataclass (the `data:` section of a run's YAML file). Derived values - batches
-per epoch, videos per batch, the resolved decoder - come from functions in
-`marscale.data.pipeline` and `marscale.data.decode`, never from changing these fields.
+One flat dataclass (the `data:` section of a run's YAML file). The clip itself (frames,
+size, sampling, pixel statistics) is the `clip:` section (`marscale.clip.ClipConfig`),
+shared with the model and the loss. Derived values - batches per epoch, the resolved
+decoder - come from the run plan (`marscale.engine.plan`) and `marscale.data.decode`,
+never from changing these fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
-SAMPLING_MODES = ("dense", "segment")
-DECODERS = ("auto", "decord", "pyav", "torchcodec")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from marscale.config import check_choices
 
 
 @dataclasses.dataclass
 class DataConfig:
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "num_frames": "clip.num_frames",
+        "img_size": "clip.img_size",
+        "sampling": "clip.sampling",
+        "sampling_interval": "clip.sampling_interval",
+        "mean": "clip.mean",
+        "std": "clip.std",
+    }
+
     train_shards: str
     """Training shard folder (holds `manifest.json` and the `.tar` shards)."""
 
     val_shards: str
     """Evaluation shard folder, same layout as `train_shards`."""
 
-    sampling: str = "dense"
-    """Frame sampling. "dense" (Kinetics): `num_frames` frames `sampling_interval` apart
-    from a random window in training, `test_num_clips` evenly spaced windows in
-    evaluation. "segment" (Something-Something v2): the video is cut into `num_frames`
-    equal segments and one frame is taken from each, at a random offset in training and
-    at the centre in evaluation."""
-
-    num_frames: int = 16
-    """Frames per clip (T)."""
-
-    sampling_interval: int = 4
-    """Distance in source frames between two sampled frames ("dense" only)."""
-
-    img_size: int = 224
-    """Side of the square clips fed to the model (training crop and evaluation crop)."""
-
     short_side: int = 224
     """Evaluation: frames are resized so their short side is this long before cropping
-    `img_size` squares; must be >= `img_size`."""
+    `clip.img_size` squares; must be >= `clip.img_size`."""
 
     batch_size: int = 8
     """Clips per rank per step (all `clips_per_video` clips of a video count)."""
@@ -66,7 +58,7 @@ class DataConfig:
     """DataLoader worker processes per rank (0: decode in the training process). The
     training stream depends on it: resume with the same value."""
 
-    decoder: str = "auto"
+    decoder: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"
     """Video decoder backend: auto | decord | pyav | torchcodec. "auto" takes the fastest
     installed one (see `marscale.data.decode.AUTO_ORDER`)."""
 
@@ -94,12 +86,6 @@ class DataConfig:
     rrc_ratio: tuple = (0.75, 1.3333)
     """RandomResizedCrop aspect-ratio (width / height) range."""
 
-    mean: tuple = IMAGENET_MEAN
-    """Per-channel mean (RGB, 0-1 scale) subtracted on the device by `normalize`."""
-
-    std: tuple = IMAGENET_STD
-    """Per-channel std (RGB, 0-1 scale) divided out on the device by `normalize`."""
-
     mixup: float = 0.8
     """Mixup alpha (0 disables)."""
 
@@ -113,22 +99,14 @@ class DataConfig:
     """Root of every random stream of the loader (with epoch, rank and worker)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         # YAML gives lists; keep tuples so configs compare and hash the same way.
-        for name in ("rrc_scale", "rrc_ratio", "mean", "std"):
+        for name in ("rrc_scale", "rrc_ratio"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
 
         if not self.train_shards or not self.val_shards:
             raise ValueError("train_shards and val_shards must name shard folders (each with a manifest.json)")
-        if self.sampling not in SAMPLING_MODES:
-            raise ValueError(
-                f"sampling={self.sampling!r}: use 'dense' (Kinetics-style windows) or 'segment' (SSv2-style segments)"
-            )
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder={self.decoder!r}: use one of {', '.join(DECODERS)}")
         positive = (
-            "num_frames",
-            "sampling_interval",
-            "img_size",
             "short_side",
             "batch_size",
             "clips_per_video",
@@ -144,11 +122,6 @@ class DataConfig:
                 f"clips_per_video={self.clips_per_video} must divide batch_size={self.batch_size} "
                 f"(a batch holds whole videos); e.g. set batch_size to "
                 f"{self.clips_per_video * max(1, self.batch_size // self.clips_per_video)}"
-            )
-        if self.short_side < self.img_size:
-            raise ValueError(
-                f"short_side={self.short_side} < img_size={self.img_size}: evaluation crops "
-                f"img_size squares from frames resized to short_side; set short_side >= img_size"
             )
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0 decodes in the main process), got {self.num_workers}")
@@ -170,8 +143,6 @@ class DataConfig:
             raise ValueError(f"rrc_scale must be (min, max) with 0 < min <= max <= 1, got {self.rrc_scale}")
         if len(self.rrc_ratio) != 2 or not 0.0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
             raise ValueError(f"rrc_ratio must be (min, max) with 0 < min <= max, got {self.rrc_ratio}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values (RGB, 0-1 scale) and std > 0; got {self.mean}, {self.std}")
         if self.mixup < 0 or self.cutmix < 0:
             raise ValueError(f"mixup and cutmix are Beta alphas >= 0 (0 disables); got {self.mixup}, {self.cutmix}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from marscale.clip import ClipConfig
 from marscale.data.config import DataConfig
 
 # timm RandomErasing defaults (min_area, max_area, min_aspect; max_aspect = 1 / min_aspect).
@@ -146,15 +147,15 @@ class ClipRandAugment:
 class TrainTransform:
     """uint8 [T, H, W, 3] frames -> augmented uint8 [C, T, img_size, img_size] clip."""
 
-    def __init__(self, cfg: DataConfig):
-        self.size = cfg.img_size
+    def __init__(self, cfg: DataConfig, clip: ClipConfig):
+        self.size = clip.img_size
         self.scale = cfg.rrc_scale
         self.ratio = cfg.rrc_ratio
         self.flip = cfg.flip
         self.erase_prob = cfg.random_erasing
-        self.fill_mean = np.array(cfg.mean) * 255.0
-        self.fill_std = np.array(cfg.std) * 255.0
-        self.rand_augment = ClipRandAugment(cfg.rand_augment, cfg.img_size, cfg.mean) if cfg.rand_augment else None
+        self.fill_mean = np.array(clip.mean) * 255.0
+        self.fill_std = np.array(clip.std) * 255.0
+        self.rand_augment = ClipRandAugment(cfg.rand_augment, clip.img_size, clip.mean) if cfg.rand_augment else None
 
     def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         _, height, width, _ = frames.shape
@@ -208,8 +209,8 @@ def crop_offsets(length: int, size: int, num_crops: int) -> list[int]:
 class EvalTransform:
     """Decoded frames -> every (clip, crop) view of a video, deterministically."""
 
-    def __init__(self, cfg: DataConfig):
-        self.size = cfg.img_size
+    def __init__(self, cfg: DataConfig, clip: ClipConfig):
+        self.size = clip.img_size
         self.short_side = cfg.short_side
         self.num_crops = cfg.test_num_crops
 

@@ -1,6 +1,7 @@
 """The training config tree: one dataclass per YAML section, checks, and derived values.
 
     TrainConfig
+      clip: ClipConfig            marscale/clip.py: frames, size, tubelets, pixel stats, sampling
       model: ModelConfig          marscale/model/config.py
       masking: MaskingConfig      marscale/masking.py
       data: DataConfig            marscale/data/config.py
@@ -11,27 +12,31 @@
       run: RunConfig              output folder, seed, length, device
 
 Each file in `configs/` maps one-to-one onto this tree (`load_train_config`). Values
-that follow from several fields and the world size - global batch, steps per epoch,
-total and warm-up steps - are functions here; the config itself is never patched.
+that follow from several fields, the world size and the data - global batch, steps per
+epoch, total and warm-up steps, tokens and FLOPs per clip - are computed once, in the
+run plan (`marscale.engine.plan`); the config itself is never patched.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
+from typing import Literal
 
-from marscale.config import load_config
+import torch
+
+from marscale.clip import ClipConfig, token_grid
+from marscale.config import check_choices, load_config
 from marscale.data.config import DataConfig
 from marscale.masking import MaskingConfig
 from marscale.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-FUSED_CHOICES = ("auto", "torch", "deepspeed", "apex", "none")
-PRECISIONS = ("bf16", "fp16", "fp32")
-DEVICES = ("auto", "cuda", "cpu")
+Precision = Literal["bf16", "fp16", "fp32"]
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The torch dtype the model computes in for each `deepspeed.precision`."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -63,13 +68,14 @@ class OptimConfig:
     recon_weight: float = 0.01
     """w in loss = CE + w x reconstruction MSE (MAR: 0.01 Kinetics-400, 0.1 SSv2).
     Ignored for `model.arch: vit` and when the model has no decoder."""
-    fused: str = "auto"
+    fused: Literal["auto", "torch", "deepspeed", "apex", "none"] = "auto"
     """AdamW implementation. auto: torch's fused kernel on CUDA, the multi-tensor
     (foreach) one elsewhere; torch: torch fused on any device; deepspeed / apex: their
     FusedAdam (CUDA only, must be installed); none: the single-tensor reference loop.
     With `deepspeed.offload_optimizer` DeepSpeed's CPU Adam is used whatever this says."""
 
     def __post_init__(self):
+        check_choices(self)
         self.betas = tuple(self.betas)
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
@@ -93,18 +99,16 @@ class OptimConfig:
             raise ValueError(f"optim.clip_grad must be > 0, or null for no clipping; got {self.clip_grad}")
         if self.recon_weight < 0:
             raise ValueError(f"optim.recon_weight must be >= 0, got {self.recon_weight}")
-        if self.fused not in FUSED_CHOICES:
-            raise ValueError(f"optim.fused={self.fused!r}: use one of {', '.join(FUSED_CHOICES)}")
 
 
 @dataclasses.dataclass
 class DeepSpeedConfig:
     """How DeepSpeed wraps the model (the `deepspeed:` section; see ds_config.py)."""
 
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 0 plain data parallel, 1 shard optimizer state, 2 + gradients,
     3 + parameters. Stage 3 needs every rank to run the same modules each step."""
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     """bf16 | fp16 (dynamic loss scaling) | fp32. Master weights stay fp32 under bf16/fp16."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step (multiplies the global batch)."""
@@ -135,10 +139,7 @@ class DeepSpeedConfig:
     """fp16: lower bound of the dynamic loss scale."""
 
     def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"deepspeed.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        check_choices(self)
         if self.grad_accum_steps < 1:
             raise ValueError(f"deepspeed.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -217,10 +218,11 @@ class RunConfig:
     lr schedule spans this length either way."""
     eval_every_steps: int = 0
     """Evaluate every N optimizer steps (0: only at the end)."""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (CUDA if available, else CPU) | cuda | cpu."""
 
     def __post_init__(self):
+        check_choices(self)
         if not self.name:
             raise ValueError("run.name must not be empty")
         if not self.output_dir:
@@ -231,14 +233,14 @@ class RunConfig:
             raise ValueError(f"run.max_steps must be >= 1, or null for epochs x steps per epoch; got {self.max_steps}")
         if self.eval_every_steps < 0:
             raise ValueError(f"run.eval_every_steps must be >= 0 (0: only at the end), got {self.eval_every_steps}")
-        if self.device not in DEVICES:
-            raise ValueError(f"run.device={self.device!r}: use one of {', '.join(DEVICES)}")
 
 
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
     """A whole training run. Building one runs `validate` (the cross-section checks)."""
 
+    clip: ClipConfig = dataclasses.field(default_factory=ClipConfig)
+    """The clip every component reads: frames, size, tubelets, pixel statistics, sampling."""
     model: ModelConfig
     """Network to build."""
     masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
@@ -270,22 +272,13 @@ def validate(cfg: TrainConfig) -> None:
     - `model.arch: mar` with `masking.kind: none` is allowed (an ablation: every token
       visible, no reconstruction loss) and logged as a warning.
     """
-    m, d, k = cfg.model, cfg.data, cfg.masking
-    if d.num_frames != m.num_frames:
+    m, d, k, c = cfg.model, cfg.data, cfg.masking, cfg.clip
+    grid = token_grid(c, m.patch_size)  # raises when clip.img_size does not fit the patch size
+    if d.short_side < c.img_size:
         raise ValueError(
-            f"data.num_frames={d.num_frames} but model.num_frames={m.num_frames}: the model is built for "
-            f"the clip length the loader produces; set both to the same value"
+            f"data.short_side={d.short_side} < clip.img_size={c.img_size}: evaluation crops "
+            f"clip.img_size squares from frames resized to short_side; set data.short_side >= clip.img_size"
         )
-    if d.img_size != m.img_size:
-        raise ValueError(
-            f"data.img_size={d.img_size} but model.img_size={m.img_size}: set both to the same value"
-        )
-    for a, b, name in ((d.mean, m.pixel_mean, "mean"), (d.std, m.pixel_std, "std")):
-        if len(a) != len(b) or any(abs(x - y) > 1e-6 for x, y in zip(a, b)):
-            raise ValueError(
-                f"data.{name}={list(a)} but model.pixel_{name}={list(b)}: the reconstruction target is "
-                f"un-normalised with the model's values, so they must equal the loader's"
-            )
     if m.arch == "vit" and k.kind != "none":
         raise ValueError(
             f"model.arch=vit is the full-token baseline but masking.kind={k.kind!r}; set masking.kind: none "
@@ -296,11 +289,11 @@ def validate(cfg: TrainConfig) -> None:
             "model.arch=mar with masking.kind=none: every token is visible and no reconstruction loss is used"
         )
     if k.kind == "cell_running":
-        _, gh, gw = m.token_grid
+        _, gh, gw = grid
         ch, cw = k.cell
         if gh % ch or gw % cw:
             raise ValueError(
-                f"masking.cell={list(k.cell)} does not tile the {gh}x{gw} token grid of img_size {m.img_size}; "
+                f"masking.cell={list(k.cell)} does not tile the {gh}x{gw} token grid of clip.img_size {c.img_size}; "
                 f"choose a cell size that divides it"
             )
     if cfg.run.device == "cpu" and cfg.deepspeed.precision == "fp16":
@@ -309,61 +302,27 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("deepspeed.offload_optimizer is for GPU training; on CPU the optimizer already runs there")
 
 
-def load_train_config(yaml_path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
-    """`configs/*.yaml` + `--set key=value` overrides -> a checked TrainConfig."""
-    return load_config(TrainConfig, yaml_path, overrides)
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+"""The presets shipped inside the package (`marscale/configs/*.yaml`, package data, so an
+installed wheel has them; a checkout also links them as `configs/`)."""
 
 
-# ---------------------------------------------------------------------------------------
-# Derived values
+def presets() -> list[str]:
+    """Names of the packaged presets (`demo`, `mar_vit_l_k400`, ...)."""
+    return sorted(name[:-5] for name in os.listdir(PRESETS_DIR) if name.endswith(".yaml") and name[0] != "_")
 
 
-def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
-    """Clips per optimizer step over all ranks: data.batch_size x world x grad_accum_steps."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    return cfg.data.batch_size * world_size * cfg.deepspeed.grad_accum_steps
+def resolve_config_path(name_or_path: str | os.PathLike) -> str:
+    """A YAML file, or the name of a packaged preset (`mar_vit_l_k400`, `demo.yaml`)."""
+    path = os.fspath(name_or_path)
+    if os.path.isfile(path):
+        return path
+    preset = os.path.join(PRESETS_DIR, path if path.endswith(".yaml") else f"{path}.yaml")
+    if os.sep not in path and os.path.isfile(preset):
+        return preset
+    raise FileNotFoundError(f"config {path!r} is neither a file nor a preset (presets: {', '.join(presets())})")
 
 
-def samples_per_epoch(cfg: TrainConfig) -> int:
-    """Videos per epoch: data.samples_per_epoch, or the training manifest's count."""
-    if cfg.data.samples_per_epoch is not None:
-        return cfg.data.samples_per_epoch
-    from marscale.shards import load_manifest  # only when the count comes from disk
-
-    return load_manifest(cfg.data.train_shards).num_samples
-
-
-def steps_per_epoch(cfg: TrainConfig, world_size: int) -> int:
-    """Optimizer steps per epoch.
-
-    An epoch is `samples_per_epoch` videos, each cut into `clips_per_video` clips; a step
-    takes `global_batch_size` clips. This equals the loader's batches per rank
-    (samples // (world x videos per batch)) divided by grad_accum_steps, rounded down.
-    """
-    videos_per_step = global_batch_size(cfg, world_size) // cfg.data.clips_per_video
-    n = samples_per_epoch(cfg) // videos_per_step
-    if n < 1:
-        raise ValueError(
-            f"an epoch of {samples_per_epoch(cfg)} videos is less than one optimizer step of "
-            f"{videos_per_step} videos ({world_size} ranks x {cfg.data.videos_per_batch} videos x "
-            f"{cfg.deepspeed.grad_accum_steps} accumulation steps); lower data.batch_size or "
-            f"deepspeed.grad_accum_steps, or raise data.samples_per_epoch"
-        )
-    return n
-
-
-def total_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Optimizer steps of the whole run: run.max_steps, else optim.epochs x steps per epoch."""
-    if cfg.run.max_steps is not None:
-        return cfg.run.max_steps
-    return cfg.optim.epochs * steps_per_epoch(cfg, world_size)
-
-
-def warmup_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Linear warm-up length in optimizer steps: optim.warmup_epochs x steps per epoch,
-    rounded to the nearest step and at most the run length."""
-    if cfg.optim.warmup_epochs == 0:
-        return 0
-    steps = int(math.floor(cfg.optim.warmup_epochs * steps_per_epoch(cfg, world_size) + 0.5))
-    return min(steps, total_steps(cfg, world_size))
+def load_train_config(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML config (a file or a preset name) + `--set key=value` overrides -> a checked TrainConfig."""
+    return load_config(TrainConfig, resolve_config_path(name_or_path), overrides)

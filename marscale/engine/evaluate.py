@@ -21,45 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import torch
 import torch.distributed as torch_dist
 
 from marscale import dist
+from marscale.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.masking import MaskingConfig, make_mask, mask_to_indices
+from marscale.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 
 # forward(video [B,C,T,H,W] normalised, visible_idx [B,Nv] | None, masked_idx | None) -> logits [B, K]
 Forward = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
-
-
-# The signals a training job stops on (see trainer.StopSignal).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def start_iterator(loader: Iterable) -> Iterator:
-    """`iter(loader)` as the training and evaluation loops need it.
-
-    - Creating a DataLoader iterator draws a seed from torch's global generator: that
-      draw is kept out of the training stream (a resumed run draws what the original did).
-    - Its worker processes are forked with the stop signals blocked. A cluster that
-      pre-empts a job signals every process, and a worker would die of SIGTERM (torch
-      installs its own handler there) and take the step down with it; with the signals
-      blocked only the training process reacts, finishes the step and saves. Workers still
-      exit when the loader shuts them down or their parent dies. (Inherited with the
-      default "fork" start method.)
-    """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclasses.dataclass
@@ -146,7 +123,9 @@ def video_accuracy(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Tenso
 def evaluate(
     forward: Forward,
     data_cfg: DataConfig,
+    clip: ClipConfig,
     masking_cfg: MaskingConfig,
+    val_set: ShardSet,
     token_grid: tuple[int, int, int],
     num_classes: int,
     *,
@@ -156,16 +135,16 @@ def evaluate(
 ) -> EvalResult:
     """Score every view of the evaluation set on all ranks (collective).
 
-    `forward` runs the model in eval mode. lockstep: run the same number of forwards on
-    every rank (needed under ZeRO-3, see the module docstring).
+    `forward` runs the model in eval mode on `val_set` (the run plan's evaluation set, token
+    grid and classes). lockstep: run the same number of forwards on every rank (needed
+    under ZeRO-3, see the module docstring).
     """
-    from marscale.data import build_eval_loader, normalize
-    from marscale.shards import load_manifest
+    from marscale.data import build_eval_loader, normalize, start_iterator
 
     start = time.perf_counter()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    loader = build_eval_loader(data_cfg, rank=rank, world_size=world_size)
-    expected = load_manifest(data_cfg.val_shards).num_samples
+    loader = build_eval_loader(data_cfg, clip, val_set, rank=rank, world_size=world_size)
+    expected = val_set.num_videos
     lockstep = lockstep and world_size > 1
     masks: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
@@ -193,13 +172,13 @@ def evaluate(
             video = batch["video"].to(device, non_blocking=True)
         else:  # this rank is done but another is not: keep the collectives in step
             video = torch.zeros(
-                (data_cfg.eval_batch_size, 3, data_cfg.num_frames, data_cfg.img_size, data_cfg.img_size),
+                (data_cfg.eval_batch_size, 3, clip.num_frames, clip.img_size, clip.img_size),
                 dtype=torch.uint8,
                 device=device,
             )
         idx = indices(video.shape[0])
         visible_idx, masked_idx = idx if idx is not None else (None, None)
-        x = normalize(video, data_cfg.mean, data_cfg.std, dtype)
+        x = normalize(video, clip.mean, clip.std, dtype)
         logits = forward(x, visible_idx, masked_idx)
         if real:
             table.add(

@@ -7,7 +7,8 @@ One optimizer step, on every rank::
         batch  <- loader                    uint8 [B, C, T, H, W] + labels (host)
         mask   <- make_mask(generator(seed, step, micro, rank))   host, cheap
         video  -> device -> normalise -> mixup/cutmix (soft targets) -> precision
-        loss   = soft-target CE + recon_weight x masked MSE (MAR) | CE (ViT)
+        loss   = soft-target CE + recon_weight x masked MSE (MAR) | CE (ViT), the
+                 reconstruction target built from the clip the model saw
         engine.backward(loss); engine.step()   (DeepSpeed steps at the boundary)
 
 The step returns loss tensors; they are summed on the device and read (`.tolist()`,
@@ -30,8 +31,12 @@ Pre-emption: SIGTERM or SIGUSR1 sets a flag. At the next step boundary all ranks
 (one all-reduce of the flag over a gloo group), save a checkpoint and return
 `EXIT_PREEMPTED` (75, EX_TEMPFAIL: "try again"), which job scripts use to requeue
 (launch/slurm.sbatch). Data-loader workers start with these signals blocked
-(`evaluate.start_iterator`), so a signal sent to every process of the job does not kill
-them mid-step. A run that finishes returns 0.
+(`marscale.data.loaders.start_iterator`), so a signal sent to every process of the job
+does not kill them mid-step. A run that finishes returns 0.
+
+Every derived number (steps per epoch, loader batches, warm-up, FLOPs per clip) comes
+from the run plan (`marscale.engine.plan`), computed once at start, logged and saved as
+`plan.json` beside `config.yaml`.
 """
 
 from __future__ import annotations
@@ -41,25 +46,25 @@ import json
 import logging
 import math
 import os
-import random
-import signal
 import time
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 from marscale import dist
 from marscale.config import save_config, to_dict
 from marscale.engine import checkpointing as ckpt
-from marscale.io import write_json
-from marscale.engine.config import TrainConfig, global_batch_size, steps_per_epoch, total_steps, warmup_steps
-from marscale.engine.evaluate import STOP_SIGNALS, EvalResult, evaluate, start_iterator
+from marscale.engine.config import PRECISION_DTYPES, TrainConfig
+from marscale.engine.evaluate import EvalResult, evaluate
 from marscale.engine.metrics import IntervalTimer, MetricsWriter, StepCost, format_record, peak_memory_bytes
 from marscale.engine.metrics import peak_tflops, throughput
-from marscale.losses import total_loss
+from marscale.engine.plan import make_plan, save_plan
+from marscale.io import write_json
+from marscale.losses import build_loss
 from marscale.masking import make_mask, mask_to_indices
+from marscale.seeding import derive_seed, seed_everything
+from marscale.signals import StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +76,6 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite. Raised on every rank at once (the loss
     is all-reduced), before any checkpoint of the diverged weights is written."""
 
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 EVAL_FILE = "eval.json"
@@ -91,62 +95,6 @@ class TrainState:
     """Loader batches of this epoch already consumed by each rank (the resume offset)."""
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, step, rank, ...), well mixed by SeedSequence."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """run.device -> the device of this rank (CUDA device = LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda but CUDA is not available; use run.device=auto or cpu")
-        return torch.device("cuda", dist.get_local_rank())
-    return torch.device("cpu")
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 -> a flag, agreed on by all ranks at step boundaries.
-
-    The handler only sets the flag (nothing else is safe inside a signal handler); the
-    loop calls `agreed()` once per step. The agreement is an all-reduce (MAX) over a
-    gloo group of host tensors, so on GPUs it does not wait for the device's queue.
-    """
-
-    SIGNALS = STOP_SIGNALS
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        self._group = None
-        if dist.get_world_size() > 1:
-            backend = torch_dist.get_backend()
-            # new_group is collective: every rank constructs a StopSignal.
-            self._group = None if backend == "gloo" else torch_dist.new_group(backend="gloo")
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def agreed(self) -> bool:
-        """True on every rank if any rank received a signal (collective)."""
-        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-        if dist.get_world_size() > 1:
-            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
-
-    def close(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
 class Trainer:
     """Builds the model, optimizer, DeepSpeed engine and writers for `cfg`; `fit()` trains.
 
@@ -157,33 +105,26 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         import deepspeed
 
-        from marscale.cost import count_model
         from marscale.data import build_mixup
         from marscale.engine.ds_config import build_deepspeed_config
         from marscale.engine.optim import build_optimizer
         from marscale.model import build_model
-        from marscale.shards import load_manifest
 
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.output_dir = cfg.run.output_dir
         self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
-        device = resolve_device(cfg.run.device)
-
-        train_classes = load_manifest(cfg.data.train_shards).num_classes
-        if train_classes > cfg.model.num_classes:
-            raise ValueError(
-                f"{cfg.data.train_shards} has {train_classes} classes but model.num_classes is "
-                f"{cfg.model.num_classes}; set model.num_classes={train_classes}"
-            )
+        device = dist.resolve_device(cfg.run.device)
+        # Every derived number, from the config, the world size and the manifests (read once).
+        self.plan = make_plan(cfg, self.world_size)
 
         # Same seed on every rank for the initial weights (DeepSpeed also broadcasts them).
         seed_everything(cfg.run.seed)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.clip)
         if cfg.model.pretrained:
             from marscale.checkpoint import load_pretrained
 
-            load_pretrained(model, cfg.model.pretrained)
+            load_pretrained(model, cfg.model.pretrained, clip=cfg.clip)
         optimizer = build_optimizer(model, cfg.optim, device.type, offload=cfg.deepspeed.offload_optimizer)
         self.ds_config = build_deepspeed_config(cfg, self.world_size)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
@@ -195,17 +136,12 @@ class Trainer:
         seed_everything(derive_seed(cfg.run.seed, 1, self.rank))
 
         self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
-        self.grid = cfg.model.token_grid
-        self.steps_per_epoch = steps_per_epoch(cfg, self.world_size)
-        self.batches_per_epoch = self.steps_per_epoch * cfg.deepspeed.grad_accum_steps
-        self.total_steps = total_steps(cfg, self.world_size)
-        self.warmup_steps = warmup_steps(cfg, self.world_size)
-        ratio = cfg.masking.ratio if cfg.masking.kind != "none" else 0.0
-        count = count_model(cfg.model, ratio)
+        self.loss = build_loss(cfg.clip, cfg.model.patch_size, cfg.optim.recon_weight)
+        self.total_steps = self.plan.total_steps
         self.cost = StepCost(
-            clips_per_step=global_batch_size(cfg, self.world_size),
-            visible_tokens_per_clip=count.visible_tokens,
-            flops_per_clip=2 * count.macs_training,
+            clips_per_step=self.plan.clips_per_step,
+            visible_tokens_per_clip=self.plan.visible_tokens_train,
+            flops_per_clip=self.plan.flops_per_clip_train,
             world_size=self.world_size,
             peak_tflops=peak_tflops(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops),
         )
@@ -217,26 +153,24 @@ class Trainer:
         self._grad_norm: torch.Tensor | None = None
         self._save_records()
         logger.info(
-            "%s: %s %s, %d ranks, global batch %d, %d steps (%d per epoch, %d warm-up), ZeRO-%d %s",
+            "%s: %s %s, ZeRO-%d %s; %s",
             cfg.run.name,
             cfg.model.arch,
             cfg.model.variant,
-            self.world_size,
-            self.cost.clips_per_step,
-            self.total_steps,
-            self.steps_per_epoch,
-            self.warmup_steps,
             cfg.deepspeed.zero_stage,
             cfg.deepspeed.precision,
+            self.plan.summary(),
         )
 
     # --- records ----------------------------------------------------------------------
 
     def _save_records(self) -> None:
-        """The effective config (YAML) and the generated DeepSpeed config (JSON, a record)."""
+        """The effective config (YAML), the run plan and the generated DeepSpeed config (JSON,
+        records of the run)."""
         if dist.is_main():
             os.makedirs(self.output_dir, exist_ok=True)
             save_config(self.cfg, os.path.join(self.output_dir, CONFIG_FILE))
+            save_plan(self.plan, self.output_dir)
             with open(os.path.join(self.output_dir, DEEPSPEED_CONFIG_FILE), "w") as f:
                 json.dump(self.ds_config, f, indent=1)
                 f.write("\n")
@@ -256,8 +190,8 @@ class Trainer:
             base_lr=o.lr,
             min_lr=o.min_lr,
             warmup_lr=o.warmup_lr,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps,
+            warmup_steps=self.plan.warmup_steps,
+            total_steps=self.plan.total_steps,
         )
 
     def set_lr(self, lr: float) -> None:
@@ -270,7 +204,7 @@ class Trainer:
     def train_masks(self, step: int, micro: int, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(visible_idx, masked_idx) on the device for a training micro-batch, or (None, None)."""
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, step, micro, self.rank))
-        mask = make_mask(self.cfg.masking, batch, self.grid, generator, train=True)
+        mask = make_mask(self.cfg.masking, batch, self.plan.token_grid, generator, train=True)
         if mask is None:
             return None, None
         visible_idx, masked_idx = mask_to_indices(mask)
@@ -296,10 +230,11 @@ class Trainer:
         cfg = self.cfg
         video = video.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        x = normalize(video, cfg.data.mean, cfg.data.std)  # fp32 [B, C, T, H, W]
+        x = normalize(video, cfg.clip.mean, cfg.clip.std)  # fp32 [B, C, T, H, W]
         x, target = self.mixup(x, labels)  # soft targets [B, K]
-        outputs = self.engine(x.to(self.dtype), visible_idx, masked_idx)
-        parts = total_loss(outputs, target, cfg.optim.recon_weight)
+        x = x.to(self.dtype)  # the clip the model sees, and the loss builds its target from
+        outputs = self.engine(x, visible_idx, masked_idx)
+        parts = self.loss(outputs, x, masked_idx, target)
         self.engine.backward(parts["loss"])
         result = {k: v.detach() for k, v in parts.items()}
         boundary = self.engine.is_gradient_accumulation_boundary()
@@ -321,23 +256,25 @@ class Trainer:
         Reads `self.state` when it opens an epoch's loader, so the loop must update the
         position before asking for the next batch.
         """
-        from marscale.data import build_train_loader
+        from marscale.data import build_train_loader, start_iterator
 
+        batches = self.plan.batches_per_epoch
         while True:
             start = self.state.batch_in_epoch
             loader = build_train_loader(
-                self.cfg.data, epoch=self.state.epoch, rank=self.rank, world_size=self.world_size, start_batch=start
+                self.cfg.data, self.cfg.clip, self.plan.train_set, batches_per_epoch=batches,
+                epoch=self.state.epoch, rank=self.rank, world_size=self.world_size, start_batch=start,
             )
             it = start_iterator(loader)
             try:
-                for position in range(start, self.batches_per_epoch):
+                for position in range(start, batches):
                     batch = next(it, None)
                     if batch is None:
                         # Continuing would leave this rank a step behind the others (a hang
                         # under ZeRO): fail loudly instead.
                         raise RuntimeError(
                             f"rank {self.rank}: the training loader ended after {position} of "
-                            f"{self.batches_per_epoch} batches of epoch {self.state.epoch}"
+                            f"{batches} batches of epoch {self.state.epoch}"
                         )
                     yield batch
             finally:
@@ -382,7 +319,7 @@ class Trainer:
                 state.step += 1
                 state.samples_seen += self.cost.clips_per_step
                 state.batch_in_epoch += accum
-                if state.batch_in_epoch >= self.batches_per_epoch:
+                if state.batch_in_epoch >= self.plan.batches_per_epoch:
                     state.epoch += 1
                     state.batch_in_epoch = 0
                 timer.steps += 1
@@ -477,9 +414,11 @@ class Trainer:
             result = evaluate(
                 forward,
                 self.cfg.data,
+                self.cfg.clip,
                 self.cfg.masking,
-                self.grid,
-                self.cfg.model.num_classes,
+                self.plan.val_set,
+                self.plan.token_grid,
+                self.plan.num_classes,
                 device=self.device,
                 dtype=self.dtype,
                 lockstep=self.cfg.deepspeed.zero_stage == 3,
@@ -527,7 +466,7 @@ class Trainer:
         if saved["world_size"] != self.world_size:
             # The data position is per rank: with another world size it cannot be carried
             # over exactly. Continue from the same step at the start of its epoch position.
-            self.state.epoch, offset = divmod(self.state.step, self.steps_per_epoch)
+            self.state.epoch, offset = divmod(self.state.step, self.plan.steps_per_epoch)
             self.state.batch_in_epoch = offset * self.cfg.deepspeed.grad_accum_steps
             logger.warning(
                 "checkpoint was written by %d ranks, resuming on %d: the data order differs from the "

@@ -7,6 +7,9 @@ reference for ViT-B/L and VideoMAE's pre-training decoders for the others.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, Literal
+
+from marscale.config import check_choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,21 +60,27 @@ class BridgeConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Which network to build. Maps onto the `model:` section of a YAML config."""
+    """Which network to build. Maps onto the `model:` section of a YAML config.
+
+    The clip it runs on (frames, size, tubelets, pixel statistics) is the `clip:` section
+    (`marscale.clip.ClipConfig`), passed to `build_model` beside this one.
+    """
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "img_size": "clip.img_size",
+        "num_frames": "clip.num_frames",
+        "tubelet_size": "clip.tubelet_size",
+        "pixel_mean": "clip.mean",
+        "pixel_std": "clip.std",
+    }
 
     num_classes: int
     """Number of output classes (400 for Kinetics-400, 174 for SSv2)."""
-    arch: str = "mar"
+    arch: Literal["mar", "vit"] = "mar"
     """`mar` (encoder on visible tokens + decoder + bridging classifier) or `vit`
     (the standard full-token fine-tuning baseline: mean pool, fc_norm, Linear)."""
     variant: str = "vit_b"
-    """Encoder size, a key of `VARIANTS`."""
-    img_size: int = 224
-    """Input frame size (square)."""
-    num_frames: int = 16
-    """Frames per clip."""
-    tubelet_size: int = 2
-    """Frames per tubelet (temporal patch size)."""
+    """Encoder size, a key of `VARIANTS` (the table is the one list of sizes)."""
     drop_path: float = 0.1
     """Stochastic depth rate, linearly increasing over encoder blocks."""
     head_dropout: float = 0.5
@@ -86,23 +95,11 @@ class ModelConfig:
     """Path of a VideoMAE / MAR checkpoint to start from ("" = random init)."""
     init_scale: float = 0.001
     """Scale applied to the freshly initialised classifier Linear (VideoMAE uses 0.001)."""
-    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    """Mean the input was normalised with (used to un-normalise the reconstruction target)."""
-    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    """Std the input was normalised with."""
 
     def __post_init__(self):
-        if self.arch not in ("mar", "vit"):
-            raise ValueError(f"model.arch must be 'mar' or 'vit', got {self.arch!r}")
+        check_choices(self)
         if self.variant not in VARIANTS:
             raise ValueError(f"model.variant {self.variant!r} unknown; choose one of {sorted(VARIANTS)}")
-        patch = VARIANTS[self.variant].encoder.patch_size
-        if self.img_size % patch:
-            raise ValueError(f"model.img_size {self.img_size} is not a multiple of the patch size {patch}")
-        if self.num_frames % self.tubelet_size:
-            raise ValueError(
-                f"model.num_frames {self.num_frames} is not a multiple of model.tubelet_size {self.tubelet_size}"
-            )
         if self.num_classes < 1:
             raise ValueError("model.num_classes must be >= 1")
         if not 0 <= self.grad_checkpointing <= VARIANTS[self.variant].encoder.depth:
@@ -112,15 +109,5 @@ class ModelConfig:
 
     @property
     def patch_size(self) -> int:
+        """Spatial patch size of the encoder variant."""
         return VARIANTS[self.variant].encoder.patch_size
-
-    @property
-    def token_grid(self) -> tuple[int, int, int]:
-        """(T', H', W'): tokens along time, height and width."""
-        side = self.img_size // self.patch_size
-        return (self.num_frames // self.tubelet_size, side, side)
-
-    @property
-    def num_tokens(self) -> int:
-        t, h, w = self.token_grid
-        return t * h * w

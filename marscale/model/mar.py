@@ -3,6 +3,9 @@
 Shapes: B batch, C/T/H/W the clip, N tokens per clip, Nv visible, Nm masked, K classes.
 `visible_idx` [B, Nv] and `masked_idx` [B, Nm] hold token indices (see masking.py);
 together they cover all N tokens of each clip.
+
+The models return predictions only; the losses and the reconstruction target are built
+where the loss is computed (`marscale.losses`), from the clip the model saw.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from marscale.losses import normalized_pixel_target
+from marscale.clip import ClipConfig, token_grid
 from marscale.model.config import VARIANTS, ModelConfig
 from marscale.model.decoder import ReconstructionDecoder
 from marscale.model.encoder import VideoViTEncoder
@@ -18,17 +21,18 @@ from marscale.model.heads import BridgingClassifier, ClassifierHead
 from marscale.model.layers import init_weights
 
 
-def _build_encoder(cfg: ModelConfig, final_norm: bool, device, dtype) -> VideoViTEncoder:
+def _build_encoder(cfg: ModelConfig, clip: ClipConfig, final_norm: bool, device, dtype) -> VideoViTEncoder:
     spec = VARIANTS[cfg.variant].encoder
+    token_grid(clip, spec.patch_size)  # the clip must cut into whole patches
     return VideoViTEncoder(
         spec.embed_dim,
         spec.depth,
         spec.num_heads,
         spec.mlp_ratio,
         spec.patch_size,
-        cfg.tubelet_size,
-        cfg.img_size,
-        cfg.num_frames,
+        clip.tubelet_size,
+        clip.img_size,
+        clip.num_frames,
         cfg.drop_path,
         final_norm=final_norm,
         device=device,
@@ -48,14 +52,14 @@ def _init(model: nn.Module, head: nn.Linear, init_scale: float) -> None:
 class MARModel(nn.Module):
     """Encoder on visible tokens + reconstruction decoder + bridging classifier."""
 
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
         spec = VARIANTS[cfg.variant]
-        self.encoder = _build_encoder(cfg, final_norm=True, device=device, dtype=dtype)
+        self.encoder = _build_encoder(cfg, clip, final_norm=True, device=device, dtype=dtype)
         self.decoder = None
         if cfg.decoder:
-            patch_values = 3 * cfg.tubelet_size * cfg.patch_size**2
+            patch_values = 3 * clip.tubelet_size * cfg.patch_size**2
             self.decoder = ReconstructionDecoder(
                 spec.encoder.embed_dim,
                 spec.decoder.embed_dim,
@@ -92,25 +96,22 @@ class MARModel(nn.Module):
         """video: [B, C, T, H, W] normalised; visible_idx: [B, Nv] (None = all tokens).
 
         Returns {"logits": [B, K]}; when training with a decoder and a mask, also
-        {"pred": [B, Nm, P], "target": [B, Nm, P]} for the reconstruction loss.
+        {"pred": [B, Nm, P]}, the reconstruction of the masked tubelets.
         """
         x = self.encoder(video, visible_idx)  # [B, Nv, D]
         out = {"logits": self.classifier(x)}
         if self.training and self.decoder is not None and masked_idx is not None and masked_idx.shape[1] > 0:
             out["pred"] = self.decoder(x, visible_idx, masked_idx)
-            out["target"] = normalized_pixel_target(
-                video, masked_idx, self.cfg.tubelet_size, self.cfg.patch_size, self.cfg.pixel_mean, self.cfg.pixel_std
-            )
         return out
 
 
 class ViTClassifier(nn.Module):
     """The standard full-token fine-tuning baseline (VideoMAE): mean pool, fc_norm, Linear."""
 
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
-        self.encoder = _build_encoder(cfg, final_norm=False, device=device, dtype=dtype)
+        self.encoder = _build_encoder(cfg, clip, final_norm=False, device=device, dtype=dtype)
         self.head = ClassifierHead(
             VARIANTS[cfg.variant].encoder.embed_dim, cfg.num_classes, cfg.head_dropout, device=device, dtype=dtype
         )
@@ -132,7 +133,8 @@ class ViTClassifier(nn.Module):
         return {"logits": self.head(self.encoder(video, visible_idx))}
 
 
-def build_model(cfg: ModelConfig, device=None, dtype=None) -> nn.Module:
-    """`MARModel` or `ViTClassifier` for `cfg.arch`; device="meta" builds shapes only."""
+def build_model(cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None) -> nn.Module:
+    """`MARModel` or `ViTClassifier` for `cfg.arch` on clips shaped as `clip`;
+    device="meta" builds shapes only."""
     cls = MARModel if cfg.arch == "mar" else ViTClassifier
-    return cls(cfg, device=device, dtype=dtype)
+    return cls(cfg, clip, device=device, dtype=dtype)

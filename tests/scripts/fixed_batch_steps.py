@@ -30,13 +30,13 @@ def main() -> None:
     overrides.append(f"data.batch_size={per_rank}")
     cfg = load_train_config(config, overrides)
     trainer = Trainer(cfg)
-    grid = cfg.model.token_grid
+    grid = trainer.plan.token_grid
     g = torch.Generator().manual_seed(1234)
     losses = []
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     for step in range(steps):
         trainer.set_lr(cfg.optim.lr)
-        video = torch.randint(0, 256, (global_batch, 3, cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size),
+        video = torch.randint(0, 256, (global_batch, 3, cfg.clip.num_frames, cfg.clip.img_size, cfg.clip.img_size),
                               generator=g, dtype=torch.uint8)
         labels = torch.randint(0, cfg.model.num_classes, (global_batch,), generator=g)
         mask = make_mask(cfg.masking, global_batch, grid, g, train=True)

@@ -27,7 +27,8 @@ from marscale.shards import manifest_path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
+DEFAULT_CONFIG = "demo"
+"""The packaged preset `marscale/configs/demo.yaml` (found in an installed wheel too)."""
 DONE_MARKER = ".done"
 
 # (train videos per class, val videos per class): the full demo and --quick.
@@ -37,10 +38,12 @@ VIDEO_SIZE = 64
 VIDEO_FRAMES = 32
 
 
-def add_arguments(parser: argparse.ArgumentParser, name: str = "demo") -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for data, shards and the run")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run)")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="training config (default configs/demo.yaml)")
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="training config: a file or a preset name (default: demo)"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a training config value (repeatable)",
@@ -79,18 +82,19 @@ def prepare_data(root: str, train_per_class: int, val_per_class: int) -> dict[st
     return shards
 
 
-def print_cost(model_cfg, mask_ratio: float) -> None:
+def print_cost(model_cfg, clip_cfg, mask_ratio: float) -> None:
     """The demo model's cost, full tokens vs MAR, then the standard ViT table."""
     import dataclasses
 
-    from marscale.cost import count_model, cost_table, format_table
+    from marscale.commands.cost import cost_table, format_table
+    from marscale.cost import count_model
 
     print("\nCost of the demo model per clip (MACs, the papers' 'FLOPs'):")
     for name, cfg, ratio in (
         ("full tokens", dataclasses.replace(model_cfg, arch="vit"), 0.0),
         (f"MAR {round(mask_ratio * 100)}%", model_cfg, mask_ratio),
     ):
-        c = count_model(cfg, ratio)
+        c = count_model(cfg, clip_cfg, ratio)
         print(
             f"  {name:12s} {c.visible_tokens:4d}/{c.tokens} tokens  inference {c.macs_inference / 1e6:8.1f} M"
             f"  training {c.macs_training / 1e6:8.1f} M  params {c.params_training / 1e6:.2f} M"
@@ -147,12 +151,12 @@ def run(args: argparse.Namespace) -> int:
         f"  validation top-1 {result['top1']:.1f}% (chance {chance:.0f}%), top-5 {result['top5']:.1f}% "
         f"over {result['num_videos']} videos x {cfg.data.views_per_video} views, after {result['step']} steps"
     )
-    print_cost(cfg.model, cfg.masking.ratio if cfg.masking.kind != "none" else 0.0)
+    print_cost(cfg.model, cfg.clip, cfg.masking.ratio_at(train=True))
     return 0
 
 
 def _finished(eval_file: str, cfg) -> bool:
-    from marscale.engine.config import total_steps
+    from marscale.engine.plan import make_plan
 
     with open(eval_file) as f:
-        return json.load(f).get("step") == total_steps(cfg, 1)
+        return json.load(f).get("step") == make_plan(cfg, world_size=1).total_steps

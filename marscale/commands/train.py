@@ -1,0 +1,42 @@
+"""`marscale train`: fine-tune a MAR model (or the ViT baseline) from shards.
+
+    marscale train --config configs/demo.yaml [--set key=value ...] [--resume auto|PATH]
+
+Runs as one plain process or as one rank of a launched job (deepspeed, torchrun, srun;
+see launch/). Exit status: 0 finished, 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after
+saving a checkpoint: run it again with `--resume auto` to continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from marscale.commands.common import add_config_arguments, prepare_device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(
+        parser, required=True, help_text="YAML config: a file, or the name of a preset (e.g. mar_vit_l_k400)"
+    )
+    parser.add_argument(
+        "--resume", default=None, metavar="auto|PATH",
+        help="same as --set checkpoint.resume=...: 'auto' = newest complete checkpoint of the run",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from marscale import dist
+    from marscale.engine.config import load_train_config
+    from marscale.engine.trainer import train
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_train_config(args.config, overrides)
+    prepare_device(cfg.run.device)
+    dist.init_distributed()
+    dist.setup_logging()
+    try:
+        return train(cfg)
+    finally:
+        dist.destroy()

@@ -1,0 +1,229 @@
+"""The training and evaluation loaders: one rank's batches, built from a shard set.
+
+Training: `TrainStream` builds the stages of `stages.train_stages` inside each DataLoader
+worker. Epoch length is decided by the run plan (`marscale.engine.plan`) and passed in
+as `batches_per_epoch`, loader batches per rank; worker w of W makes batches
+k * W + w of the rank (DataLoader's round robin), i.e. ceil((batches_per_epoch - w) / W)
+of them, so every rank makes the same number of steps. Shards are drawn with
+replacement, so an epoch is a random sample of that size, not one exact pass over the set.
+
+The batch stream is a function of (seed, epoch, rank, world_size, num_workers, the
+config): a loader resumed with `start_batch=b` yields exactly batches b, b+1, ... of the
+uninterrupted epoch. On resume DataLoader worker i plays worker (i + b) mod W of the
+original run, so the round robin still starts at batch b, and each worker skips its
+earlier batches' samples before decoding them. (A video that fails to decode inside the
+skipped prefix would shift the resumed stream by one sample; the converter checks that
+every video decodes when it writes the shards.)
+
+Evaluation: the shard list split by rank then by worker
+(shards[rank::world_size][worker::num_workers]), read in order once. Ranks can get
+different numbers of batches: run no collective per evaluation batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from marscale.clip import ClipConfig
+from marscale.data.config import DataConfig
+from marscale.data.decode import resolve_decoder
+from marscale.data.stages import SkipStats, eval_stages, train_stages
+from marscale.data.transforms import EvalTransform, TrainTransform
+from marscale.shards import ShardSet
+from marscale.signals import stop_signals_blocked
+
+
+def _worker_slot() -> tuple[int, int]:
+    """(worker id, number of workers) of the calling DataLoader worker; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def worker_batches(batches_per_rank: int, num_workers: int, worker: int, start_batch: int) -> tuple[int, int]:
+    """(first local batch, number of batches) of `worker` in an epoch resumed at `start_batch`.
+
+    Worker w's local batch k is the rank's batch k * num_workers + w; it makes those
+    in [start_batch, batches_per_rank).
+    """
+    first = max(0, -(-(start_batch - worker) // num_workers))
+    end = max(0, -(-(batches_per_rank - worker) // num_workers))
+    return first, max(0, end - first)
+
+
+def start_iterator(loader: Iterable) -> Iterator:
+    """`iter(loader)` as the training and evaluation loops need it.
+
+    - Creating a DataLoader iterator draws a seed from torch's global generator: that
+      draw is kept out of the training stream (a resumed run draws what the original did).
+    - Its worker processes are forked with the stop signals blocked. A cluster that
+      pre-empts a job signals every process, and a worker would die of SIGTERM (torch
+      installs its own handler there) and take the step down with it; with the signals
+      blocked only the training process reacts, finishes the step and saves. Workers still
+      exit when the loader shuts them down or their parent dies. (Inherited with the
+      default "fork" start method.)
+    """
+    with stop_signals_blocked(), torch.random.fork_rng(devices=[]):
+        return iter(loader)
+
+
+class TrainStream(IterableDataset):
+    """One rank's training batches for one epoch; the pipeline is built in each worker.
+
+    The transform is made here, in the parent: the forked workers inherit timm already
+    imported instead of each importing it again.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, clip: ClipConfig, urls: list[str], *, epoch: int, rank: int, batches_per_rank: int,
+        start_batch: int, decoder: str, stats: SkipStats,
+    ):
+        super().__init__()
+        self.cfg, self.clip, self.urls, self.epoch, self.rank = cfg, clip, urls, epoch, rank
+        self.batches_per_rank, self.start_batch = batches_per_rank, start_batch
+        self.decoder, self.stats = decoder, stats
+        self.transform = TrainTransform(cfg, clip)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker_slot()
+        # Rotate roles so the DataLoader's round robin, which always starts at worker 0,
+        # starts at batch `start_batch` (made by role start_batch mod W in the full epoch).
+        role = (worker + self.start_batch) % num_workers
+        first_batch, num_batches = worker_batches(self.batches_per_rank, num_workers, role, self.start_batch)
+        stages = train_stages(
+            self.cfg, self.clip, self.urls, epoch=self.epoch, rank=self.rank, worker=role,
+            first_sample=first_batch * self.cfg.videos_per_batch, num_batches=num_batches,
+            transform=self.transform, decoder=self.decoder, stats=self.stats,
+        )
+        yield from wds.DataPipeline(*stages)
+
+
+class EvalStream(IterableDataset):
+    """One rank's evaluation views; shards are split between the workers at iteration."""
+
+    def __init__(self, cfg: DataConfig, clip: ClipConfig, rank_urls: list[str], *, decoder: str, stats: SkipStats):
+        super().__init__()
+        self.cfg, self.clip, self.rank_urls, self.decoder, self.stats = cfg, clip, rank_urls, decoder, stats
+        self.transform = EvalTransform(cfg, clip)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker_slot()
+        stages = eval_stages(
+            self.cfg, self.clip, self.rank_urls[worker::num_workers], transform=self.transform, decoder=self.decoder,
+            stats=self.stats,
+        )
+        yield from wds.DataPipeline(*stages)
+
+
+def _dataloader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None,  # the workers batch
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # a fresh pipeline (and seed) per epoch
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+class TrainLoader:
+    """Iterable of {"video": uint8 [B, C, T, H, W], "label": int64 [B]} for one epoch.
+
+    `len()` is the number of batches this iterator yields: batches_per_epoch - start_batch.
+    """
+
+    def __init__(self, loader: DataLoader, batches_per_epoch: int, start_batch: int, stats: SkipStats):
+        self._loader = loader
+        self.batches_per_epoch = batches_per_epoch
+        self.start_batch = start_batch
+        self.stats = stats
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self._loader)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far by this loader's workers, per reason."""
+        return self.stats.as_dict()
+
+
+class EvalLoader:
+    """Iterable of {"video", "label", "video_index", "view"} batches of this rank's views.
+
+    `len()` is the expected number of batches (exact when no sample is skipped);
+    `num_videos` the number of videos this rank reads, from the manifest.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int, num_videos: int, stats: SkipStats):
+        self._loader = loader
+        self.num_batches = num_batches
+        self.num_videos = num_videos
+        self.stats = stats
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self._loader)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def skipped(self) -> dict[str, int]:
+        return self.stats.as_dict()
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    clip: ClipConfig,
+    train_set: ShardSet,
+    *,
+    batches_per_epoch: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    start_batch: int = 0,
+) -> TrainLoader:
+    """Training batches of `rank` for `epoch`: `batches_per_epoch` of them (the run plan's
+    loader batches per rank), resumed at batch `start_batch` of the epoch."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if batches_per_epoch < 1:
+        raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
+    if not 0 <= start_batch <= batches_per_epoch:
+        raise ValueError(f"start_batch {start_batch} is outside the epoch's {batches_per_epoch} batches")
+    stats = SkipStats()
+    stream = TrainStream(
+        cfg, clip, list(train_set.shards), epoch=epoch, rank=rank, batches_per_rank=batches_per_epoch,
+        start_batch=start_batch, decoder=resolve_decoder(cfg.decoder), stats=stats,
+    )
+    return TrainLoader(_dataloader(stream, cfg.num_workers), batches_per_epoch, start_batch, stats)
+
+
+def build_eval_loader(cfg: DataConfig, clip: ClipConfig, val_set: ShardSet, *, rank: int, world_size: int) -> EvalLoader:
+    """Every view of every evaluation video, each read once over all ranks and workers."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    readers = world_size * max(1, cfg.num_workers)
+    if len(val_set.shards) < readers:
+        raise ValueError(
+            f"{val_set.root} has {len(val_set.shards)} shards but evaluation reads with {world_size} ranks x "
+            f"{max(1, cfg.num_workers)} workers = {readers} readers, each of which needs a shard; "
+            f"re-shard the evaluation set with smaller shards or lower num_workers"
+        )
+    # split_by_node then split_by_worker, with the rank given explicitly (not read from
+    # the environment), so the engine and the tests can build any rank's loader.
+    rank_urls = list(val_set.shards[rank::world_size])
+    rank_videos = val_set.shard_videos[rank::world_size]
+    workers = max(1, cfg.num_workers)
+    num_batches = sum(
+        math.ceil(sum(rank_videos[w::workers]) * cfg.views_per_video / cfg.eval_batch_size) for w in range(workers)
+    )
+    stats = SkipStats()
+    stream = EvalStream(cfg, clip, rank_urls, decoder=resolve_decoder(cfg.decoder), stats=stats)
+    return EvalLoader(_dataloader(stream, cfg.num_workers), num_batches, sum(rank_videos), stats)

@@ -1,0 +1,326 @@
+"""The stages of the WebDataset video pipelines, in order, and the skip counter they share.
+
+Training stages, run inside each DataLoader worker (`train_stages`)::
+
+    resampled shards   each (rank, worker) draws its own endless shard stream, seeded by
+                       (seed, epoch, rank, worker): this replaces split_by_node /
+                       split_by_worker, so no rank can run out of shards or hang
+    open               each shard (webdataset's gopen), closed when the next is read
+    tar -> samples     tar_file_expander + group_by_keys; unreadable shards and members
+                       are logged, counted and skipped (`SkipStats`)
+    complete samples   keep samples with a video and an integer label (else count, skip)
+    shuffle            sample-level buffer of `shuffle_buffer`, seeded likewise
+    number, skip       the n-th sample of the worker's stream gets the random generator
+                       (seed, epoch, rank, worker, n); samples before a resumed batch are
+                       dropped here, before any decoding
+    decode + augment   one frame sample decoded per video, `clips_per_video`
+                       independent augmentations of it; bad videos counted and skipped
+    batch              `batch_size` clips -> {"video": uint8 [B, C, T, H, W], "label": int64 [B]}
+    take               this worker's share of the epoch
+
+Evaluation stages (`eval_stages`): this reader's shards in order, read once, every
+(clip, crop) view of every video tagged with its video index (from the sample key) and
+view number, batches of `eval_batch_size` views (the last one may be smaller).
+
+How the stages are placed in workers, and the epoch arithmetic, are in `loaders.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from functools import partial
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from marscale.clip import ClipConfig
+from marscale.data import sampling
+from marscale.data.config import DataConfig
+from marscale.data.decode import DecodeError, open_video
+from marscale.data.transforms import EvalTransform, TrainTransform
+from marscale.seeding import derive_seed, seed_words
+from marscale.shards import LABEL_EXT, VIDEO_EXTENSIONS, key_to_index
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("read", "incomplete", "label", "decode")
+# After this many bad samples in a row a worker stops: the data is broken, not noisy.
+MAX_CONSECUTIVE_SKIPS = 200
+# Tags that keep the random streams of one worker independent of each other.
+_SHARD_STREAM, _SHUFFLE_STREAM, _SAMPLE_STREAM = 0, 1, 2
+
+
+class SkipStats:
+    """Counts of skipped samples per reason, shared by the worker processes of a loader."""
+
+    def __init__(self) -> None:
+        # Shared memory created before the workers start, so they inherit it.
+        self._counts = multiprocessing.Array("q", len(SKIP_REASONS))
+        self._consecutive = 0  # per process: the workers each keep their own
+
+    def skip(self, reason: str, key: str, detail: str) -> None:
+        with self._counts.get_lock():
+            self._counts[SKIP_REASONS.index(reason)] += 1
+        log.warning("skipping sample %s (%s): %s", key, reason, detail)
+        self._consecutive += 1
+        if self._consecutive >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(
+                f"{self._consecutive} bad samples in a row (last: {key}, {reason}: {detail}); "
+                f"check the shards with `marscale-shards verify`"
+            )
+
+    def good(self) -> None:
+        self._consecutive = 0
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset error handler: count, log and go on with the next member or shard."""
+        self.skip("read", str(exn.args[-1]) if exn.args else "?", repr(exn))
+        return True
+
+    def as_dict(self) -> dict[str, int]:
+        with self._counts.get_lock():
+            return dict(zip(SKIP_REASONS, self._counts[:]))
+
+
+def resampled_shards(urls: list[str], words: list[int]) -> Callable[[], Iterator[dict]]:
+    """An endless stream of {"url": shard} drawn with replacement, seeded by `words`."""
+
+    def stream() -> Iterator[dict]:
+        rng = np.random.default_rng(words)
+        while True:
+            yield {"url": urls[int(rng.integers(len(urls)))]}
+
+    return stream
+
+
+def shard_list(urls: list[str]) -> Callable[[], Iterator[dict]]:
+    def stream() -> Iterator[dict]:
+        for url in urls:
+            yield {"url": url}
+
+    return stream
+
+
+def opened_shards(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """{"url"} -> {"url", "stream"}, closing each shard once the next is asked for (or the
+    stream is dropped) rather than leaving open files to the garbage collector."""
+
+    def stage(shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in shards:
+            try:
+                stream = gopen(shard["url"])
+            except Exception as e:  # noqa: BLE001 - any opener failure is a bad shard, counted
+                stats.skip("read", shard["url"], repr(e))
+                continue
+            try:
+                yield {**shard, "stream": stream}
+            finally:
+                stream.close()
+
+    return stage
+
+
+def tar_samples(stats: SkipStats) -> list:
+    """Tar members -> samples grouped by key; read errors are counted and skipped."""
+    return [
+        partial(tar_file_expander, handler=stats.tar_error),
+        partial(group_by_keys, handler=stats.tar_error),
+    ]
+
+
+def complete_samples(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Raw tar samples -> {"key", "video" (bytes), "label" (int)}; others counted and dropped."""
+
+    def stage(samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            key = sample.get("__key__", "?")
+            video_ext = next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
+            if video_ext is None or LABEL_EXT not in sample:
+                missing = [name for name, ok in (("video", video_ext), (LABEL_EXT, LABEL_EXT in sample)) if not ok]
+                stats.skip("incomplete", key, f"no {' or '.join(missing)} member in {sample.get('__url__')}")
+                continue
+            try:
+                label = int(sample[LABEL_EXT].decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError) as e:
+                stats.skip("label", key, f"label is not an integer: {e}")
+                continue
+            if label < 0:
+                stats.skip("label", key, f"negative label {label}")
+                continue
+            yield {"key": key, "video": sample[video_ext], "label": label}
+
+    return stage
+
+
+def numbered_from(first: int) -> Callable[[Iterable[dict]], Iterator[tuple[int, dict]]]:
+    """Number samples 0, 1, ... in stream order and drop those before `first` undecoded."""
+
+    def stage(samples: Iterable[dict]) -> Iterator[tuple[int, dict]]:
+        for n, sample in enumerate(samples):
+            if n >= first:
+                yield n, sample
+
+    return stage
+
+
+def _decode(sample: dict, decoder: str, frame_indices: Callable[[int], list[np.ndarray]], stats: SkipStats):
+    """Decode the frames `frame_indices(num_frames)` need: (distinct frames, per-clip positions)."""
+    reader = None
+    try:
+        reader = open_video(sample["video"], decoder)
+        clips = frame_indices(reader.num_frames)
+        wanted, positions = np.unique(np.stack(clips), return_inverse=True)
+        frames = reader.get_frames(wanted)
+    except DecodeError as e:
+        stats.skip("decode", sample["key"], str(e))
+        return None
+    finally:
+        if reader is not None:
+            reader.close()
+    stats.good()
+    return frames, positions.reshape(len(clips), -1)
+
+
+def decode_train_clips(
+    cfg: DataConfig, clip: ClipConfig, transform: TrainTransform, decoder: str, stats: SkipStats, words: list[int]
+) -> Callable[[Iterable[tuple[int, dict]]], Iterator[dict]]:
+    """(n, sample) -> `clips_per_video` augmented clips {"video": uint8 [C, T, H, W], "label"}.
+
+    Repeated augmentation as in VideoMAE/MAR: one frame sample is decoded per video and
+    each clip is an independent spatial augmentation of those frames, so the decoding is
+    paid once per video (separate temporal windows would cost nearly a decode each).
+    """
+
+    def stage(numbered: Iterable[tuple[int, dict]]) -> Iterator[dict]:
+        for n, sample in numbered:
+            rng = np.random.default_rng(words + [n])
+
+            def indices(num_video_frames: int) -> list[np.ndarray]:
+                return [
+                    sampling.train_indices(clip.sampling, num_video_frames, clip.num_frames, clip.sampling_interval, rng)
+                ]
+
+            decoded = _decode(sample, decoder, indices, stats)
+            if decoded is None:
+                continue
+            frames, positions = decoded
+            window = frames[positions[0]]  # [T, H, W, 3]
+            for _ in range(cfg.clips_per_video):
+                yield {"video": transform(window, rng), "label": sample["label"]}
+
+    return stage
+
+
+def decode_eval_views(
+    cfg: DataConfig, clip: ClipConfig, transform: EvalTransform, decoder: str, stats: SkipStats
+) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """sample -> its test_num_clips x test_num_crops views, tagged with video index and view."""
+
+    def stage(samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+
+            def indices(num_video_frames: int) -> list[np.ndarray]:
+                return list(
+                    sampling.eval_indices(
+                        clip.sampling, num_video_frames, clip.num_frames, clip.sampling_interval, cfg.test_num_clips
+                    )
+                )
+
+            decoded = _decode(sample, decoder, indices, stats)
+            if decoded is None:
+                continue
+            video_index = key_to_index(sample["key"])
+            for view, video in enumerate(transform(*decoded)):
+                yield {"video": video, "label": sample["label"], "video_index": video_index, "view": view}
+
+    return stage
+
+
+def batched(size: int, keep_partial: bool) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Stack `size` items: "video" -> uint8 [B, C, T, H, W], every other field -> int64 [B]."""
+
+    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+        out = {"video": torch.stack([item["video"] for item in items])}
+        for name in items[0]:
+            if name != "video":
+                out[name] = torch.tensor([item[name] for item in items], dtype=torch.int64)
+        return out
+
+    def stage(items: Iterable[dict]) -> Iterator[dict]:
+        batch: list[dict] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == size:
+                yield collate(batch)
+                batch = []
+        if batch and keep_partial:
+            yield collate(batch)
+
+    return stage
+
+
+def take(count: int) -> Callable[[Iterable], Iterator]:
+    def stage(items: Iterable) -> Iterator:
+        if count <= 0:
+            return
+        for i, item in enumerate(items):
+            yield item
+            if i + 1 == count:
+                return
+
+    return stage
+
+
+def train_stages(
+    cfg: DataConfig,
+    clip: ClipConfig,
+    urls: list[str],
+    *,
+    epoch: int,
+    rank: int,
+    worker: int,
+    first_sample: int,
+    num_batches: int,
+    transform: TrainTransform,
+    decoder: str,
+    stats: SkipStats,
+) -> list:
+    """The training pipeline of one (rank, worker) as an explicit list of stages."""
+    base = (cfg.seed, epoch, rank, worker)
+    shuffle_seed = derive_seed(*base, _SHUFFLE_STREAM)
+    # Start yielding after 100 samples (not a full buffer) so the first batch comes quickly.
+    shuffle = (
+        [wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=shuffle_seed)]
+        if cfg.shuffle_buffer > 1
+        else []
+    )
+    return [
+        resampled_shards(urls, seed_words(*base, _SHARD_STREAM)),
+        opened_shards(stats),
+        *tar_samples(stats),
+        complete_samples(stats),
+        *shuffle,
+        numbered_from(first_sample),
+        decode_train_clips(cfg, clip, transform, decoder, stats, seed_words(*base, _SAMPLE_STREAM)),
+        batched(cfg.batch_size, keep_partial=False),
+        take(num_batches),
+    ]
+
+
+def eval_stages(
+    cfg: DataConfig, clip: ClipConfig, urls: list[str], *, transform: EvalTransform, decoder: str, stats: SkipStats
+) -> list:
+    """The evaluation pipeline over `urls` (this reader's shards, in order) as a list of stages."""
+    return [
+        shard_list(urls),
+        opened_shards(stats),
+        *tar_samples(stats),
+        complete_samples(stats),
+        decode_eval_views(cfg, clip, transform, decoder, stats),
+        batched(cfg.eval_batch_size, keep_partial=True),
+    ]

@@ -1,0 +1,145 @@
+"""The run plan: every number derived from the config, the world size and the shard sets,
+computed once at start, frozen, logged and saved beside the run (`plan.json`).
+
+    videos per epoch    data.samples_per_epoch, or the training manifest's video count
+    clips per step      data.batch_size x world size x deepspeed.grad_accum_steps
+    videos per step     clips per step / data.clips_per_video
+    steps per epoch     videos per epoch // videos per step (optimizer steps)
+    loader batches      steps per epoch x grad_accum_steps (batches per rank per epoch;
+                        the loader takes exactly this many, so both count the same epoch)
+    total steps         run.max_steps, else optim.epochs x steps per epoch
+    warm-up steps       round(optim.warmup_epochs x steps per epoch), at most total steps
+    tokens              the clip's token grid; visible tokens in training and evaluation
+    FLOPs               per training clip (forward + backward) and per evaluation view,
+                        counted on the real modules (`marscale.cost`)
+
+The loaders, the trainer, the learning-rate schedule, evaluation and the metrics read
+these values from the plan; none of them derives its own copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from marscale.clip import token_grid
+from marscale.engine.config import TrainConfig
+from marscale.io import write_json
+from marscale.shards import ShardSet
+
+PLAN_FILE = "plan.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Numbers of one run on one world size (see the module docstring for each rule)."""
+
+    world_size: int
+    train_set: ShardSet
+    val_set: ShardSet
+    num_classes: int
+    """Classes the model predicts (model.num_classes; the training set has at most as many)."""
+    videos_per_epoch: int
+    clips_per_step: int
+    """Global batch: clips per optimizer step over all ranks."""
+    videos_per_step: int
+    steps_per_epoch: int
+    """Optimizer steps per epoch."""
+    batches_per_epoch: int
+    """Loader batches per rank per epoch (steps_per_epoch x grad_accum_steps)."""
+    total_steps: int
+    warmup_steps: int
+    token_grid: tuple[int, int, int]
+    tokens_per_clip: int
+    visible_tokens_train: int
+    visible_tokens_eval: int
+    flops_per_clip_train: int
+    """Hardware FLOPs (2 x MACs) of one training clip, forward + backward: the MFU numerator."""
+    macs_per_view_eval: int
+    """MACs (the papers' "FLOPs") of one evaluation view."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """A few lines for the start of the log."""
+        t, h, w = self.token_grid
+        return "\n".join(
+            [
+                f"run plan ({self.world_size} ranks): {self.videos_per_epoch} videos per epoch "
+                f"({self.train_set.num_videos} in {self.train_set.root}), {self.clips_per_step} clips "
+                f"({self.videos_per_step} videos) per step",
+                f"  {self.steps_per_epoch} steps per epoch ({self.batches_per_epoch} loader batches per rank), "
+                f"{self.total_steps} steps, {self.warmup_steps} warm-up",
+                f"  tokens per clip {self.tokens_per_clip} ({t}x{h}x{w}), visible {self.visible_tokens_train} "
+                f"in training, {self.visible_tokens_eval} in evaluation",
+                f"  {self.flops_per_clip_train / 1e9:.2f} GFLOP per training clip (fwd+bwd, hardware FLOPs), "
+                f"{self.macs_per_view_eval / 1e9:.2f} GMACs per evaluation view; "
+                f"{self.val_set.num_videos} evaluation videos, {self.num_classes} classes",
+            ]
+        )
+
+
+def clips_per_step(cfg: TrainConfig, world_size: int) -> int:
+    """Clips per optimizer step over all ranks: data.batch_size x world x grad_accum_steps."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    return cfg.data.batch_size * world_size * cfg.deepspeed.grad_accum_steps
+
+
+def make_plan(
+    cfg: TrainConfig, world_size: int, train_set: ShardSet | None = None, val_set: ShardSet | None = None
+) -> RunPlan:
+    """The plan of `cfg` on `world_size` ranks. The shard sets are read from their
+    manifests unless given."""
+    from marscale.cost import count_model  # counting imports the model
+
+    train_set = train_set if train_set is not None else ShardSet.load(cfg.data.train_shards)
+    val_set = val_set if val_set is not None else ShardSet.load(cfg.data.val_shards)
+    if train_set.num_classes > cfg.model.num_classes:
+        raise ValueError(
+            f"{train_set.root} has {train_set.num_classes} classes but model.num_classes is "
+            f"{cfg.model.num_classes}; set model.num_classes={train_set.num_classes}"
+        )
+    videos = cfg.data.samples_per_epoch if cfg.data.samples_per_epoch is not None else train_set.num_videos
+    clips = clips_per_step(cfg, world_size)
+    videos_per_step = clips // cfg.data.clips_per_video
+    steps = videos // videos_per_step
+    if steps < 1:
+        raise ValueError(
+            f"an epoch of {videos} videos is less than one optimizer step of {videos_per_step} videos "
+            f"({world_size} ranks x {cfg.data.videos_per_batch} videos x {cfg.deepspeed.grad_accum_steps} "
+            f"accumulation steps); lower data.batch_size or deepspeed.grad_accum_steps, or raise "
+            f"data.samples_per_epoch"
+        )
+    total = cfg.run.max_steps if cfg.run.max_steps is not None else cfg.optim.epochs * steps
+    warmup = 0 if cfg.optim.warmup_epochs == 0 else min(int(math.floor(cfg.optim.warmup_epochs * steps + 0.5)), total)
+    train_count = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=True))
+    eval_count = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=False))
+    return RunPlan(
+        world_size=world_size,
+        train_set=train_set,
+        val_set=val_set,
+        num_classes=cfg.model.num_classes,
+        videos_per_epoch=videos,
+        clips_per_step=clips,
+        videos_per_step=videos_per_step,
+        steps_per_epoch=steps,
+        batches_per_epoch=steps * cfg.deepspeed.grad_accum_steps,
+        total_steps=total,
+        warmup_steps=warmup,
+        token_grid=token_grid(cfg.clip, cfg.model.patch_size),
+        tokens_per_clip=train_count.tokens,
+        visible_tokens_train=train_count.visible_tokens,
+        visible_tokens_eval=eval_count.visible_tokens,
+        flops_per_clip_train=2 * train_count.macs_training,
+        macs_per_view_eval=eval_count.macs_inference,
+    )
+
+
+def save_plan(plan: RunPlan, run_dir: str) -> str:
+    """Write `run_dir/plan.json` (a record of the run; never read back as a source)."""
+    path = os.path.join(run_dir, PLAN_FILE)
+    write_json(path, plan.to_dict())
+    return path
