@@ -12,7 +12,6 @@ import os
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,45 @@ class IntervalTimer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+class LossMeter:
+    """Micro-batch losses summed on the device until a logging step reads them.
+
+    `add` costs no host sync; `read` (collective) averages over the interval and the
+    ranks and makes the one `.tolist()` of the interval, then starts a new interval.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._grad_norm: torch.Tensor | None = None
+        self.micro_steps = 0
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        """parts: {"loss", "loss_cls", ...} tensors of one micro-batch, "grad_norm" optional."""
+        parts = dict(parts)
+        norm = parts.pop("grad_norm", None)
+        if norm is not None:
+            self._grad_norm = norm
+        for k, v in parts.items():
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.float().clone()
+        self.micro_steps += 1
+
+    def read(self, world_size: int) -> dict[str, float]:
+        """Collective. {name: mean over the interval's micro-batches and the ranks}, with
+        "grad_norm" (this rank's last) when one was given."""
+        names = sorted(self._sums)
+        losses = torch.stack([self._sums[k] for k in names]) / self.micro_steps
+        if world_size > 1:
+            torch_dist.all_reduce(losses)
+            losses /= world_size
+        values: dict[str, float] = dict(zip(names, losses.tolist()))
+        if self._grad_norm is not None:
+            values["grad_norm"] = float(self._grad_norm)
+        self._sums.clear()
+        self._grad_norm = None
+        self.micro_steps = 0
+        return values
 
 
 class MetricsWriter:

@@ -50,15 +50,14 @@ import time
 from typing import Iterator
 
 import torch
-import torch.distributed as torch_dist
 
 from marscale import dist
 from marscale.config import save_config, to_dict
 from marscale.engine import checkpointing as ckpt
 from marscale.engine.config import PRECISION_DTYPES, TrainConfig
 from marscale.engine.evaluate import EvalResult, evaluate
-from marscale.engine.metrics import IntervalTimer, MetricsWriter, StepCost, format_record, peak_memory_bytes
-from marscale.engine.metrics import peak_tflops, throughput
+from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, StepCost, format_record
+from marscale.engine.metrics import peak_memory_bytes, peak_tflops, throughput
 from marscale.engine.plan import make_plan, save_plan
 from marscale.io import write_json
 from marscale.losses import build_loss
@@ -75,6 +74,7 @@ EXIT_PREEMPTED = 75
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite. Raised on every rank at once (the loss
     is all-reduced), before any checkpoint of the diverged weights is written."""
+
 
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
@@ -148,9 +148,7 @@ class Trainer:
         self.state = TrainState()
         self.writer = MetricsWriter(self.output_dir, enabled=dist.is_main(), tensorboard=cfg.logging.tensorboard)
         self.stop = StopSignal()
-        self._sums: dict[str, torch.Tensor] = {}
-        self._micro_steps = 0
-        self._grad_norm: torch.Tensor | None = None
+        self.meter = LossMeter()
         self._save_records()
         logger.info(
             "%s: %s %s, ZeRO-%d %s; %s",
@@ -315,7 +313,7 @@ class Trainer:
                     parts = self.train_step(
                         batch["video"], batch["label"], visible_idx, masked_idx, want_grad_norm=log_now
                     )
-                    self._accumulate(parts)
+                    self.meter.add(parts)
                 state.step += 1
                 state.samples_seen += self.cost.clips_per_step
                 state.batch_in_epoch += accum
@@ -331,7 +329,7 @@ class Trainer:
                     self._check_finite(values)
                 if self.stop.agreed():
                     logger.warning("signal %s received: saving step %d and exiting", self.stop.received, state.step)
-                    if self._micro_steps:  # losses not read since the last log: check them first
+                    if self.meter.micro_steps:  # losses not read since the last log: check them first
                         self._check_finite(self._log(lr, timer))
                     if last_saved != state.step:
                         self.save()
@@ -353,15 +351,6 @@ class Trainer:
                 self.evaluate()
         return exit_code
 
-    def _accumulate(self, parts: dict[str, torch.Tensor]) -> None:
-        """Sum the micro-batch losses on the device until the next logging step."""
-        norm = parts.pop("grad_norm", None)
-        if norm is not None:
-            self._grad_norm = norm
-        for k, v in parts.items():
-            self._sums[k] = self._sums[k] + v if k in self._sums else v.float().clone()
-        self._micro_steps += 1
-
     def _check_finite(self, values: dict) -> None:
         """Raise TrainingDiverged if the logged interval loss is NaN or infinite."""
         if math.isfinite(values["loss"]):
@@ -376,15 +365,8 @@ class Trainer:
 
     def _log(self, lr: float, timer: IntervalTimer) -> dict:
         """Collective. Losses averaged over the interval and the ranks, plus rates and memory."""
-        names = sorted(self._sums)
-        losses = torch.stack([self._sums[k] for k in names]) / self._micro_steps
-        if self.world_size > 1:
-            torch_dist.all_reduce(losses)
-            losses /= self.world_size
-        values: dict = dict(zip(names, losses.tolist()))  # the host sync of this interval
+        values = self.meter.read(self.world_size)  # the host sync of this interval
         values["lr"] = lr
-        if self._grad_norm is not None:
-            values["grad_norm"] = float(self._grad_norm)
         if self.cfg.deepspeed.precision == "fp16":
             values["loss_scale"] = float(getattr(self.engine.optimizer, "loss_scale", float("nan")))
             values["skipped_steps"] = int(self.engine.skipped_steps)
@@ -392,9 +374,6 @@ class Trainer:
         values["samples"] = self.state.samples_seen
         values.update(throughput(self.cost, timer.steps, timer.elapsed(), timer.data_seconds))
         values["peak_mem_gib"] = peak_memory_bytes(self.device) / 2**30
-        self._sums.clear()
-        self._micro_steps = 0
-        self._grad_norm = None
         self.writer.log("metrics", self.state.step, values)
         logger.info("step %d/%d | %s", self.state.step, self.total_steps, format_record(values))
         return values
