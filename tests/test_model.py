@@ -1,5 +1,6 @@
 """Tests for marscale.model: shapes, masking semantics against a reference written here from
-primitives, position table, qkv bias layout, parameter counts, checkpointing, drop path."""
+primitives, position table, qkv bias layout, parameter counts, checkpointing, drop path,
+timm's MLP and the weight init."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny_clip, tiny_model_config
+from timm.layers import Mlp
 
 from marscale.clip import ClipConfig
 from marscale.losses import build_loss
 from marscale.model import VARIANTS, ModelConfig, build_model
-from marscale.model.layers import Attention, DropPath, sincos_table
+from marscale.model.layers import Attention, Block, DropPath, drop_path_rates, init_weights, sincos_table
 
 # Tokens in the tiny clips: 4 frames / tubelet 2, 32 px / patch 16 -> a 2 x 2 x 2 grid.
 N = 8
@@ -278,6 +280,79 @@ def test_drop_path_is_identity_in_eval_and_per_sample_in_training():
     dropped = (y == 0).flatten(1).all(1)
     assert bool((kept | dropped).all()) and 0 < int(kept.sum()) < 64
     torch.testing.assert_close(y[kept], x[kept] / 0.5)
+
+
+def test_drop_path_scales_kept_samples_by_exactly_one_over_keep():
+    # The exact bits seeded runs depend on: x * mask / keep from one Bernoulli draw per
+    # sample. (timm's x * (mask / keep) rounds 1/keep first and differs in the last bit.)
+    x = torch.randn(64, 3, 4, generator=torch.Generator().manual_seed(0))
+    for p in (0.1, 0.3):
+        torch.manual_seed(0)
+        y = DropPath(p).train()(x)
+        torch.manual_seed(0)
+        mask = torch.empty(64, 1, 1).bernoulli_(1 - p)
+        assert torch.equal(y, x * mask / (1 - p))
+
+
+def test_drop_path_rates_rise_linearly_from_zero_in_double_precision():
+    rates = drop_path_rates(0.1, 12)
+    assert rates[0] == 0.0 and rates[-1] == 0.1 and rates[1] == 0.1 / 11
+    # Not float32-rounded (as a float32 linspace would give).
+    assert rates[1] != torch.tensor(0.1 / 11, dtype=torch.float32).item()
+    assert drop_path_rates(0.3, 1) == [0.3]
+    enc = build_model(tiny_model_config("vit", drop_path=0.3), tiny_clip(), device="meta").encoder
+    assert [b.drop_path.p for b in enc.blocks[1:]] == drop_path_rates(0.3, len(enc.blocks))[1:]
+    assert isinstance(enc.blocks[0].drop_path, torch.nn.Identity)  # rate 0: switched off
+
+
+def test_block_mlp_is_timm_mlp_with_videomae_keys_and_exact_numbers():
+    torch.manual_seed(0)
+    block = Block(16, 2, drop_path=0.2).train()
+    mlp = block.mlp
+    assert isinstance(mlp, Mlp) and mlp.fc1.out_features == 64
+    assert [k for k in block.state_dict() if k.startswith("mlp.")] == [
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+    ]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    rng = torch.get_rng_state()
+    y = mlp(x)
+    assert torch.equal(torch.get_rng_state(), rng), "its p=0 dropouts must draw no random numbers"
+    expected = F.linear(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+    assert torch.equal(y, expected)
+    g = torch.randn_like(y)
+    inputs = [x, *mlp.parameters()]
+    for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        assert torch.equal(got, want)
+
+
+def test_init_weights_statistics():
+    def build():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(Block(384, 6), Block(384, 6), torch.nn.Conv3d(3, 384, (2, 16, 16), stride=(2, 16, 16)))
+        init_weights(m)
+        return m
+
+    m = build()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), build().state_dict().values()))
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    w = torch.cat([mod.weight.flatten() for mod in linears]).double()  # 3.5M weights
+    z = w / 0.02
+    assert abs(w.mean().item()) < 1e-4
+    assert abs(w.std().item() / 0.02 - 1) < 5e-3
+    assert abs((z**4).mean().item() - 3) < 0.05, "kurtosis of a normal"
+    assert z.abs().max().item() < 6, "no far-tail (clamped) weights"
+    assert all(not mod.bias.any() for mod in linears if mod.bias is not None)
+    for blk in m[:2]:
+        assert not blk.attn.q_bias.any() and not blk.attn.v_bias.any()
+        for norm in (blk.norm1, blk.norm2):
+            assert bool((norm.weight == 1).all()) and not norm.bias.any()
+    conv = m[2]
+    bound = math.sqrt(6 / (3 * 2 * 16 * 16 + 384))  # xavier-uniform over the flattened tubelet
+    assert conv.weight.abs().max().item() <= bound and not conv.bias.any()
+    assert abs(conv.weight.std().item() / (bound / math.sqrt(3)) - 1) < 0.01
 
 
 def test_drop_path_model_is_deterministic_in_eval():

@@ -2,14 +2,18 @@
 
 Shapes: B batch, N tokens, D width, h heads.
 Switched-off features (drop path 0, no q/v bias) are `nn.Identity` or None, not branches.
+
+The MLP is timm's (`timm.layers.Mlp`: same `fc1`/`fc2` keys, same numbers). Drop path, the
+drop-path schedule and the weight init stay here: timm's versions give different numbers
+(see each one's comment), and seeded runs must reproduce.
 """
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Mlp
 
 
 def sincos_table(num_positions: int, dim: int, device=None) -> torch.Tensor:
@@ -26,7 +30,13 @@ def sincos_table(num_positions: int, dim: int, device=None) -> torch.Tensor:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample."""
+    """Stochastic depth: drop the whole residual branch per sample.
+
+    Not `timm.layers.DropPath`: it draws the same Bernoulli mask but scales by a rounded
+    reciprocal, `x * (mask / keep)`, where this computes `x * mask / keep`. On CPU the two
+    differ in the last bit for 8-60% of the elements (float32 and bfloat16, drop rates 0.05
+    to 0.7; equal only where 1/keep is exact, as for 0.5), so seeded runs would change.
+    """
 
     def __init__(self, p: float):
         super().__init__()
@@ -41,17 +51,6 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -104,6 +103,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
         self.attn = Attention(dim, num_heads, qv_bias, device=device, dtype=dtype)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
+        # fc1 -> exact GELU -> fc2; its dropouts (p=0) return their input and draw nothing.
         self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), device=device, dtype=dtype)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -113,7 +113,15 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """timm/VideoMAE init: truncated-normal(0.02) Linear, unit LayerNorm, zero biases."""
+    """timm/VideoMAE init: truncated-normal(0.02) Linear, unit LayerNorm, zero biases.
+
+    torch's `trunc_normal_`, not `timm.layers.trunc_normal_`: timm's (and torch < 2.12's)
+    maps uniform draws through erfinv, torch >= 2.12 draws normals and rejects the few
+    outside [a, b]. Same distribution, different numbers from the same seed; timm's would
+    change the initial weights of seeded runs on the torch this project installs. It is
+    also worse here: with std 0.02 and bounds +-2 (100 std), a uniform draw of exactly -1
+    becomes erfinv(-1) = -inf, clamped to -2.0 (5 such weights in 86M draws, ViT-B's count).
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -131,7 +139,12 @@ def init_weights(module: nn.Module) -> None:
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
-    """Stochastic depth increasing linearly from 0 to `rate` over `depth` blocks."""
+    """Stochastic depth increasing linearly from 0 to `rate` over `depth` blocks.
+
+    Not `timm.layers.calculate_drop_path_rates`: that rounds the rates through a float32
+    `torch.linspace` (0.1 over 12 blocks: off by up to 5e-9, which changes the drop-path
+    scale 1/keep), and gives [0.0] instead of [rate] for a single block.
+    """
     if depth == 1:
         return [rate]
     return [rate * i / (depth - 1) for i in range(depth)]
