@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny_clip, tiny_model_config
-from timm.layers import Mlp
 
 from marscale.clip import ClipConfig
 from marscale.losses import build_loss
@@ -305,11 +304,15 @@ def test_drop_path_rates_rise_linearly_from_zero_in_double_precision():
     assert isinstance(enc.blocks[0].drop_path, torch.nn.Identity)  # rate 0: switched off
 
 
-def test_block_mlp_is_timm_mlp_with_videomae_keys_and_exact_numbers():
+def test_block_mlp_equals_timm_mlp_with_videomae_keys_and_exact_numbers():
+    # The model keeps its own copy so that it imports with PyTorch alone; it must stay
+    # a copy: timm's Mlp with the same weights gives bit-identical outputs and gradients.
+    from timm.layers import Mlp as TimmMlp
+
     torch.manual_seed(0)
     block = Block(16, 2, drop_path=0.2).train()
     mlp = block.mlp
-    assert isinstance(mlp, Mlp) and mlp.fc1.out_features == 64
+    assert mlp.fc1.out_features == 64
     assert [k for k in block.state_dict() if k.startswith("mlp.")] == [
         "mlp.fc1.weight",
         "mlp.fc1.bias",
@@ -326,6 +329,9 @@ def test_block_mlp_is_timm_mlp_with_videomae_keys_and_exact_numbers():
     inputs = [x, *mlp.parameters()]
     for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(expected, inputs, g)):
         assert torch.equal(got, want)
+    timm_mlp = TimmMlp(16, 64)
+    assert timm_mlp.load_state_dict(mlp.state_dict()) is not None  # same keys, strict
+    assert torch.equal(timm_mlp(x), y)
 
 
 def test_init_weights_statistics():

@@ -10,13 +10,19 @@ Training stages, run inside each DataLoader worker (`train_stages`)::
                        are logged, counted and skipped (`SkipStats`)
     complete samples   keep samples with a video and an integer label (else count, skip)
     shuffle            sample-level buffer of `shuffle_buffer`, seeded likewise
-    number, skip       the n-th sample of the worker's stream gets the random generator
-                       (seed, epoch, rank, worker, n); samples before a resumed batch are
-                       dropped here, before any decoding
+    number, skip       enumerate + wds.slice: the n-th sample of the worker's stream gets
+                       the random generator (seed, epoch, rank, worker, n); samples before a
+                       resumed batch are dropped here, before any decoding
     decode + augment   one frame sample decoded per video, `clips_per_video`
                        independent augmentations of it; bad videos counted and skipped
-    batch              `batch_size` clips -> {"video": uint8 [B, C, T, H, W], "label": int64 [B]}
-    take               this worker's share of the epoch
+    take, batch        wds.slice to this worker's share of the epoch, then wds.batched:
+                       `batch_size` clips -> {"video": uint8 [B, C, T, H, W], "label": int64 [B]}
+
+webdataset's own stages are used where they give the same stream (shuffle, slice,
+batched, SimpleShardList). Shard resampling stays here: `wds.ResampledShards` seeds
+Python's generator with a folded 31-bit seed whose (seed, epoch, worker) combinations
+collide and reads the real worker id, while resume needs the rotated worker role.
+Opening stays here too, to close each shard as soon as the next is read.
 
 Evaluation stages (`eval_stages`): this reader's shards in order, read once, every
 (clip, crop) view of every video tagged with its video index (from the sample key) and
@@ -98,14 +104,6 @@ def resampled_shards(urls: list[str], words: list[int]) -> Callable[[], Iterator
     return stream
 
 
-def shard_list(urls: list[str]) -> Callable[[], Iterator[dict]]:
-    def stream() -> Iterator[dict]:
-        for url in urls:
-            yield {"url": url}
-
-    return stream
-
-
 def opened_shards(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """{"url"} -> {"url", "stream"}, closing each shard once the next is asked for (or the
     stream is dropped) rather than leaving open files to the garbage collector."""
@@ -153,17 +151,6 @@ def complete_samples(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[di
                 stats.skip("label", key, f"negative label {label}")
                 continue
             yield {"key": key, "video": sample[video_ext], "label": label}
-
-    return stage
-
-
-def numbered_from(first: int) -> Callable[[Iterable[dict]], Iterator[tuple[int, dict]]]:
-    """Number samples 0, 1, ... in stream order and drop those before `first` undecoded."""
-
-    def stage(samples: Iterable[dict]) -> Iterator[tuple[int, dict]]:
-        for n, sample in enumerate(samples):
-            if n >= first:
-                yield n, sample
 
     return stage
 
@@ -241,39 +228,17 @@ def decode_eval_views(
     return stage
 
 
-def batched(size: int, keep_partial: bool) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """Stack `size` items: "video" -> uint8 [B, C, T, H, W], every other field -> int64 [B]."""
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack items: "video" -> uint8 [B, C, T, H, W], every other field -> int64 [B].
 
-    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        out = {"video": torch.stack([item["video"] for item in items])}
-        for name in items[0]:
-            if name != "video":
-                out[name] = torch.tensor([item[name] for item in items], dtype=torch.int64)
-        return out
-
-    def stage(items: Iterable[dict]) -> Iterator[dict]:
-        batch: list[dict] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == size:
-                yield collate(batch)
-                batch = []
-        if batch and keep_partial:
-            yield collate(batch)
-
-    return stage
-
-
-def take(count: int) -> Callable[[Iterable], Iterator]:
-    def stage(items: Iterable) -> Iterator:
-        if count <= 0:
-            return
-        for i, item in enumerate(items):
-            yield item
-            if i + 1 == count:
-                return
-
-    return stage
+    Given to `wds.batched` explicitly: its default collation would turn the labels into
+    numpy arrays.
+    """
+    out = {"video": torch.stack([item["video"] for item in items])}
+    for name in items[0]:
+        if name != "video":
+            out[name] = torch.tensor([item[name] for item in items], dtype=torch.int64)
+    return out
 
 
 def train_stages(
@@ -305,10 +270,13 @@ def train_stages(
         *tar_samples(stats),
         complete_samples(stats),
         *shuffle,
-        numbered_from(first_sample),
+        enumerate,  # (n, sample): n seeds the sample's augmentation
+        wds.slice(first_sample, None),  # a resumed epoch drops earlier samples before decoding them
         decode_train_clips(cfg, clip, transform, decoder, stats, seed_words(*base, _SAMPLE_STREAM)),
-        batched(cfg.batch_size, keep_partial=False),
-        take(num_batches),
+        # This worker's share, cut in clips before batching: wds.batched waits for the next
+        # item before releasing a batch, so a cut after it would decode one video too many.
+        wds.slice(num_batches * cfg.batch_size),
+        wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
     ]
 
 
@@ -317,10 +285,10 @@ def eval_stages(
 ) -> list:
     """The evaluation pipeline over `urls` (this reader's shards, in order) as a list of stages."""
     return [
-        shard_list(urls),
+        wds.SimpleShardList(urls),
         opened_shards(stats),
         *tar_samples(stats),
         complete_samples(stats),
         decode_eval_views(cfg, clip, transform, decoder, stats),
-        batched(cfg.eval_batch_size, keep_partial=True),
+        wds.batched(cfg.eval_batch_size, collation_fn=collate, partial=True),
     ]

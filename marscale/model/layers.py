@@ -3,9 +3,11 @@
 Shapes: B batch, N tokens, D width, h heads.
 Switched-off features (drop path 0, no q/v bias) are `nn.Identity` or None, not branches.
 
-The MLP is timm's (`timm.layers.Mlp`: same `fc1`/`fc2` keys, same numbers). Drop path, the
-drop-path schedule and the weight init stay here: timm's versions give different numbers
-(see each one's comment), and seeded runs must reproduce.
+Each piece here was measured against timm's (`timm.layers`): drop path, the drop-path
+schedule and the weight init give different numbers there (see each one's comment), and
+seeded runs must reproduce. The MLP gives the same numbers as `timm.layers.Mlp` (tested)
+but stays a ten-line copy: importing timm pulls in torchvision, and the model must import
+with PyTorch alone (the GPU benchmark runs on machines that have nothing else).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp
 
 
 def sincos_table(num_positions: int, dim: int, device=None) -> torch.Tensor:
@@ -51,6 +52,19 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2 (VideoMAE's keys `mlp.fc1`, `mlp.fc2`)."""
+
+    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -103,7 +117,6 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
         self.attn = Attention(dim, num_heads, qv_bias, device=device, dtype=dtype)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, device=device, dtype=dtype)
-        # fc1 -> exact GELU -> fc2; its dropouts (p=0) return their input and draw nothing.
         self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), device=device, dtype=dtype)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
