@@ -41,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from marscale.cost import DISPLAY_NAMES, model_flops_per_clip  # noqa: E402
+from marscale.cost import model_flops_per_clip  # noqa: E402
+from marscale.cost_table import DISPLAY_NAMES  # noqa: E402
 from marscale.losses import total_loss  # noqa: E402
 from marscale.masking import MaskingConfig, make_mask, mask_to_indices  # noqa: E402
 from marscale.model import VARIANTS, ModelConfig, build_model  # noqa: E402
