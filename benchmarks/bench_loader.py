@@ -35,11 +35,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import marscale  # noqa: F401,E402  (makes `import timm` work on CPU-only machines)
+from marscale.clip import ClipConfig  # noqa: E402
 from marscale.data import DataConfig, available_decoders, build_train_loader  # noqa: E402
 from marscale.data.decode import open_video  # noqa: E402
 from marscale.data.sampling import dense_train_indices  # noqa: E402
 from shards_tools.convert import ConvertOptions, convert  # noqa: E402
-from marscale.shards import VIDEO_EXTENSIONS, load_manifest  # noqa: E402
+from marscale.shards import VIDEO_EXTENSIONS, ShardSet, load_manifest  # noqa: E402
 from shards_tools.synth import make_synthetic_dataset  # noqa: E402
 
 
@@ -118,7 +119,7 @@ def bench_augment(videos: list[bytes], repeats: int) -> float:
     """Median over repeats of CPU ms for the training augmentation of one 16-frame clip."""
     from marscale.data.transforms import TrainTransform
 
-    transform = TrainTransform(DataConfig(train_shards="-", val_shards="-"))
+    transform = TrainTransform(DataConfig(train_shards="-", val_shards="-"), ClipConfig())
     clips = []
     for data in videos:
         reader = open_video(data, "pyav")
@@ -155,7 +156,11 @@ def bench_pipeline(
             samples_per_epoch=videos + 2,  # the first batch (2 videos) warms up
             seed=r,
         )
-        batches = iter(build_train_loader(cfg, epoch=r, rank=0, world_size=1))
+        # One rank, one accumulation step: the run plan's loader batches are videos // videos per batch.
+        batches = iter(build_train_loader(
+            cfg, ClipConfig(), ShardSet.load(folder), batches_per_epoch=(videos + 2) // 2, epoch=r, rank=0,
+            world_size=1,
+        ))
         next(batches)  # fills the shuffle buffer, first decode
         cpu, wall = time.process_time(), time.perf_counter()
         clips = sum(batch["video"].shape[0] for batch in batches)

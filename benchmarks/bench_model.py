@@ -41,8 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from marscale.cost import DISPLAY_NAMES, model_flops_per_clip  # noqa: E402
-from marscale.losses import total_loss  # noqa: E402
+from marscale.cost import model_flops_per_clip  # noqa: E402
+from marscale.cost_table import DISPLAY_NAMES  # noqa: E402
+from marscale.clip import ClipConfig, token_grid  # noqa: E402
+from marscale.losses import build_loss  # noqa: E402
 from marscale.masking import MaskingConfig, make_mask, mask_to_indices  # noqa: E402
 from marscale.model import VARIANTS, ModelConfig, build_model  # noqa: E402
 
@@ -102,10 +104,12 @@ def model_config(args, s: Setup) -> ModelConfig:
         num_classes=args.num_classes,
         arch="vit" if s.ratio == 0 else "mar",
         variant=s.variant,
-        img_size=args.img_size,
-        num_frames=args.num_frames,
         grad_checkpointing=VARIANTS[s.variant].encoder.depth if args.grad_checkpointing else 0,
     )
+
+
+def clip_config(args) -> ClipConfig:
+    return ClipConfig(num_frames=args.num_frames, img_size=args.img_size)
 
 
 class Case:
@@ -113,19 +117,21 @@ class Case:
 
     def __init__(self, args, setup: Setup, device: torch.device):
         self.setup, self.device = setup, device
-        self.cfg = model_config(args, setup)
-        self.model = build_model(self.cfg, device=device)
+        self.cfg, self.clip = model_config(args, setup), clip_config(args)
+        self.model = build_model(self.cfg, self.clip, device=device)
+        self.loss = build_loss(self.clip, self.cfg.patch_size, RECON_WEIGHT)
+        grid = token_grid(self.clip, self.cfg.patch_size)
         g = torch.Generator().manual_seed(0)
         b = args.batch
-        shape = (b, 3, self.cfg.num_frames, self.cfg.img_size, self.cfg.img_size)
+        shape = (b, 3, self.clip.num_frames, self.clip.img_size, self.clip.img_size)
         self.video = torch.randn(shape, generator=g).to(device)
         self.target = torch.softmax(torch.randn(b, self.cfg.num_classes, generator=g), -1).to(device)
         self.visible_idx = self.masked_idx = self.eval_visible_idx = None
         if setup.ratio > 0:
             masking = MaskingConfig(kind=args.mask, ratio=setup.ratio)
-            vis, msk = mask_to_indices(make_mask(masking, b, self.cfg.token_grid, g, train=True))
+            vis, msk = mask_to_indices(make_mask(masking, b, grid, g, train=True))
             self.visible_idx, self.masked_idx = vis.to(device), msk.to(device)
-            vis, _ = mask_to_indices(make_mask(masking, b, self.cfg.token_grid, g, train=False))
+            vis, _ = mask_to_indices(make_mask(masking, b, grid, g, train=False))
             self.eval_visible_idx = vis.to(device)
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext()
@@ -136,7 +142,7 @@ class Case:
         self.model.zero_grad(set_to_none=True)
         with self.autocast:
             out = self.model(self.video, self.visible_idx, self.masked_idx)
-            loss = total_loss(out, self.target, RECON_WEIGHT)["loss"]
+            loss = self.loss(out, self.video, self.masked_idx, self.target)["loss"]
         loss.backward()
 
     def infer_step(self) -> None:
@@ -210,12 +216,12 @@ def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device)
 
 def result(case: Case, mode: str, times: list[float], args) -> Result:
     s = case.setup
-    flops = model_flops_per_clip(case.cfg, s.ratio, training=mode == "train")
+    flops = model_flops_per_clip(case.cfg, case.clip, s.ratio, training=mode == "train")
     return Result(s.label, s.variant, s.ratio, mode, args.batch, times, flops)
 
 
 def failed(args, s: Setup, mode: str, error: str) -> Result:
-    flops = model_flops_per_clip(model_config(args, s), s.ratio, training=mode == "train")
+    flops = model_flops_per_clip(model_config(args, s), clip_config(args), s.ratio, training=mode == "train")
     return Result(s.label, s.variant, s.ratio, mode, args.batch, [], flops, error=error)
 
 

@@ -23,7 +23,7 @@ COMMANDS = {
     "eval": ("marscale.commands.eval", "evaluate a checkpoint (multi-view, exact across ranks)"),
     "export": ("marscale.commands.export", "write a consolidated fp32 state dict from a DeepSpeed checkpoint"),
     "demo": ("marscale.commands.demo", "render synthetic data, shard it, train a tiny MAR model, evaluate"),
-    "cost": ("marscale.cost", "parameter and FLOP table for ViT-S/B/L/H/g, full tokens vs MAR"),
+    "cost": ("marscale.commands.cost", "parameter and FLOP table for ViT-S/B/L/H/g, full tokens vs MAR"),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from marscale.config import check_choices
+from marscale.choices import check_choices
 
 
 @dataclasses.dataclass

@@ -6,10 +6,7 @@ in-memory cache) into a fresh disk cache under a temporary directory.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from marscale import cost
-from marscale.cli import main as cli_main
+from marscale.clip import ClipConfig
 from marscale.model import VARIANTS, ModelConfig, build_model
 
 K = 400  # Kinetics-400 head
@@ -36,10 +33,14 @@ def fresh_cache(tmp_path_factory):
     cost._count.cache_clear()
 
 
+CLIP_KEYS = ("num_frames", "img_size", "tubelet_size")
+
+
 def count(variant: str, ratio: float, **kw) -> cost.ModelCount:
     arch = "vit" if ratio == 0 else "mar"
+    clip = ClipConfig(**{k: kw.pop(k) for k in CLIP_KEYS if k in kw})
     cfg = ModelConfig(num_classes=kw.pop("num_classes", K), arch=arch, variant=variant, **kw)
-    return cost.count_model(cfg, ratio)
+    return cost.count_model(cfg, clip, ratio)
 
 
 # ----------------------------------------------------------------- analytic formula
@@ -125,12 +126,12 @@ def test_inference_count_matches_an_eval_mode_forward():
     # count_model takes inference MACs from the training forward's encoder + classifier;
     # check that equals a plain eval-mode forward (decoder skipped).
     cfg = ModelConfig(num_classes=K, arch="mar", variant="vit_tiny")
-    model = build_model(cfg, device="meta").eval()
+    model = build_model(cfg, ClipConfig(), device="meta").eval()
     video = torch.empty(1, 3, 16, 224, 224, device="meta")
     visible = torch.arange(784, device="meta").unsqueeze(0)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(video, visible)
-    assert fc.get_total_flops() // 2 == cost.count_model(cfg, 0.5).macs_inference
+    assert fc.get_total_flops() // 2 == cost.count_model(cfg, ClipConfig(), 0.5).macs_inference
 
 
 # -------------------------------------------------------------- published figures
@@ -168,7 +169,7 @@ def test_parameters(variant, millions):
 def test_mar_parameters_split():
     c = count("vit_b", 0.5)
     cfg = ModelConfig(num_classes=K, arch="mar", variant="vit_b")
-    model = build_model(cfg, device="meta")
+    model = build_model(cfg, ClipConfig(), device="meta")
     dec = sum(p.numel() for p in model.decoder.parameters())
     assert c.params_training == sum(p.numel() for p in model.parameters())
     assert c.params_inference == c.params_training - dec
@@ -185,16 +186,18 @@ def test_training_exceeds_three_inference_forwards_for_mar():
 
 def test_model_flops_per_clip_any_shape():
     # The training loop's numerator: true FLOPs = 2 x MACs, at the config's own shape.
-    cfg = ModelConfig(num_classes=10, arch="mar", variant="vit_tiny", img_size=112, num_frames=8)
+    cfg = ModelConfig(num_classes=10, arch="mar", variant="vit_tiny")
+    clip = ClipConfig(img_size=112, num_frames=8)
     n, nv = 4 * 7 * 7, 196 - 98
     fwd = encoder("vit_tiny", n, nv) + bridging("vit_tiny", nv, k=10)
-    assert cost.model_macs_per_clip(cfg, 0.5, training=False) == fwd
-    assert cost.model_flops_per_clip(cfg, 0.5, training=False) == 2 * fwd
-    train = cost.model_flops_per_clip(cfg, 0.5, training=True)
-    assert train == 2 * cost.count_model(cfg, 0.5).macs_training
-    # Gradient checkpointing and dropout do not change model FLOPs.
+    assert cost.model_macs_per_clip(cfg, clip, 0.5, training=False) == fwd
+    assert cost.model_flops_per_clip(cfg, clip, 0.5, training=False) == 2 * fwd
+    train = cost.model_flops_per_clip(cfg, clip, 0.5, training=True)
+    assert train == 2 * cost.count_model(cfg, clip, 0.5).macs_training
+    # Gradient checkpointing and dropout do not change model FLOPs; nor do the pixel statistics.
     same = dataclasses.replace(cfg, grad_checkpointing=3, drop_path=0.3)
-    assert cost.model_flops_per_clip(same, 0.5, training=True) == train
+    assert cost.model_flops_per_clip(same, clip, 0.5, training=True) == train
+    assert cost.model_flops_per_clip(cfg, dataclasses.replace(clip, mean=(0.5, 0.5, 0.5)), 0.5, True) == train
 
 
 def test_no_decoder_means_no_decoder_flops():
@@ -203,68 +206,6 @@ def test_no_decoder_means_no_decoder_flops():
     assert without.macs_decoder == 0
     assert without.macs_inference == with_dec.macs_inference
     assert without.macs_training < with_dec.macs_training
-
-
-def test_disk_cache_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setenv("MARSCALE_CACHE_DIR", str(tmp_path))
-    cfg = ModelConfig(num_classes=7, arch="mar", variant="vit_tiny", img_size=64, num_frames=4)
-    cost._count.cache_clear()
-    first = cost.count_model(cfg, 0.5)
-    stored = json.loads((tmp_path / "flop_counts.json").read_text())
-    assert stored["fingerprint"] == cost._fingerprint() and len(stored["counts"]) == 1
-    cost._count.cache_clear()
-    assert cost.count_model(cfg, 0.5) == first  # read back from disk
-    # Counts written under another fingerprint (older code or torch) are not used.
-    stored["fingerprint"] = "stale"
-    (tmp_path / "flop_counts.json").write_text(json.dumps(stored))
-    assert cost._read_cache(tmp_path / "flop_counts.json") == {}
-    cost._count.cache_clear()
-
-
-def test_ratios_in_table():
-    rows = cost.cost_table(["vit_l"], [0.0, 0.5])
-    full, mar = rows
-    assert full.view_vs_full == 1.0 and full.setting == "full" and mar.setting == "MAR 50%"
-    assert mar.view_vs_full == pytest.approx(mar.macs_view / full.macs_view)
-    h = count("vit_h", 0.0)
-    assert mar.view_vs_vit_h == pytest.approx(mar.macs_view / h.macs_inference)
-    assert mar.training_vs_vit_h == pytest.approx(mar.macs_training / h.macs_training)
-    assert mar.macs_multiview == 15 * mar.macs_view
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def run_cli(capsys, *args: str) -> str:
-    assert cli_main(["cost", "--variants", "vit_tiny", "vit_b", "--ratios", "0,0.5", *args]) == 0
-    return capsys.readouterr().out
-
-
-def test_cli_csv(capsys):
-    rows = list(csv.DictReader(io.StringIO(run_cli(capsys, "--format", "csv"))))
-    assert len(rows) == 4
-    assert list(rows[0]) == [f.name for f in dataclasses.fields(cost.CostRow)]
-    b50 = rows[3]
-    assert (b50["variant"], b50["setting"]) == ("vit_b", "MAR 50%")
-    assert int(b50["macs_view"]) == count("vit_b", 0.5).macs_inference
-
-
-def test_cli_json(capsys):
-    doc = json.loads(run_cli(capsys, "--format", "json"))
-    assert [r["setting"] for r in doc["rows"]] == ["full", "MAR 50%"] * 2
-    terms = doc["mar_vit_l_vs_vit_h"]
-    per_view = terms["MAR 50% ViT-L / ViT-H, inference per view"]
-    assert per_view == pytest.approx(count("vit_l", 0.5).macs_inference / count("vit_h", 0.0).macs_inference)
-
-
-def test_cli_markdown_and_table(capsys):
-    md = run_cli(capsys, "--format", "markdown").splitlines()
-    table = [line for line in md if line.startswith("|")]
-    assert len(table) == 2 + 4 and set(table[1]) <= set("|-")
-    assert all(line.count("|") == table[0].count("|") for line in table)
-    assert "14.5%" in "\n".join(md)
-    text = run_cli(capsys)
-    assert "ViT-B" in text and "MAR 50%" in text and "Backward:" in text
 
 
 # ----------------------------------------------------------------------- imports
@@ -277,7 +218,7 @@ def test_gpu_benchmark_imports_only_torch_and_model_modules():
         "spec = importlib.util.spec_from_file_location('bench', 'benchmarks/bench_model.py')\n"
         "sys.modules['bench'] = module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
-        "import marscale.cost, marscale.masking, marscale.losses, marscale.model\n"
+        "import marscale.cost, marscale.cost_table, marscale.masking, marscale.losses, marscale.model\n"
         "heavy = {'deepspeed', 'webdataset', 'decord', 'timm', 'torchvision', 'av', 'yaml'}\n"
         "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
     )

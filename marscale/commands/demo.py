@@ -86,8 +86,9 @@ def print_cost(model_cfg, clip_cfg, mask_ratio: float) -> None:
     """The demo model's cost, full tokens vs MAR, then the standard ViT table."""
     import dataclasses
 
-    from marscale.commands.cost import cost_table, format_table
+    from marscale.commands.cost import format_table
     from marscale.cost import count_model
+    from marscale.cost_table import cost_table
 
     print("\nCost of the demo model per clip (MACs, the papers' 'FLOPs'):")
     for name, cfg, ratio in (

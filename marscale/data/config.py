@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal, Optional
 
-from marscale.config import check_choices
+from marscale.choices import check_choices
 
 
 @dataclasses.dataclass

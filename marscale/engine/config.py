@@ -27,7 +27,8 @@ from typing import Literal
 import torch
 
 from marscale.clip import ClipConfig, token_grid
-from marscale.config import check_choices, load_config
+from marscale.choices import check_choices
+from marscale.config import load_config
 from marscale.data.config import DataConfig
 from marscale.masking import MaskingConfig
 from marscale.model.config import ModelConfig

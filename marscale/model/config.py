@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-from marscale.config import check_choices
+from marscale.choices import check_choices
 
 
 @dataclasses.dataclass(frozen=True)
