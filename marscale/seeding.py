@@ -19,12 +19,16 @@ def seed_words(*parts: int) -> list[int]:
     return [int(p) for p in parts]
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, step, rank, ...), well mixed by SeedSequence.
+def seed_word(*parts: int) -> int:
+    """A 64-bit unsigned seed from integers, well mixed by SeedSequence (for Python's
+    `random.Random`, which takes any integer)."""
+    return int(np.random.SeedSequence(seed_words(*parts)).generate_state(1, np.uint64)[0])
 
-    63 bits so that it is accepted wherever a seed is a signed 64-bit integer (torch).
-    """
-    return int(np.random.SeedSequence(seed_words(*parts)).generate_state(1, np.uint64)[0] >> 1)
+
+def derive_seed(*parts: int) -> int:
+    """`seed_word` shifted to 63 bits, accepted wherever a seed is a signed 64-bit integer
+    (torch generators)."""
+    return seed_word(*parts) >> 1
 
 
 def seed_everything(seed: int) -> None:

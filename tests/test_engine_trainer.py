@@ -7,6 +7,7 @@ session's synthetic shards, decoded in the training process (num_workers 0).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -133,6 +134,11 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
     straight = losses(straight_dir)
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]
     assert os.path.isfile(straight_dir / "config.yaml") and os.path.isfile(straight_dir / "deepspeed_config.json")
+    # The run plan, saved once at start: 8 videos x 2 clips / 4 clips per step.
+    plan = json.load(open(straight_dir / "plan.json"))
+    assert (plan["steps_per_epoch"], plan["batches_per_epoch"], plan["total_steps"], plan["warmup_steps"]) == (4, 4, 6, 2)
+    assert plan["token_grid"] == [2, 2, 2] and plan["visible_tokens_train"] == 4 and plan["world_size"] == 1
+    assert plan["train_set"]["shard_videos"] == [2] * 8 and plan["val_set"]["root"] == synthetic_shards["val"]
     assert [s for s, _ in ckpt.list_checkpoints(ckpt.checkpoints_root(str(straight_dir)))] == [6]
 
     run_dir = tmp_path / "preempted"

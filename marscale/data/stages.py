@@ -49,7 +49,7 @@ from marscale.data import sampling
 from marscale.data.config import DataConfig
 from marscale.data.decode import DecodeError, open_video
 from marscale.data.transforms import EvalTransform, TrainTransform
-from marscale.seeding import derive_seed, seed_words
+from marscale.seeding import seed_word, seed_words
 from marscale.shards import LABEL_EXT, VIDEO_EXTENSIONS, key_to_index
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def train_stages(
 ) -> list:
     """The training pipeline of one (rank, worker) as an explicit list of stages."""
     base = (cfg.seed, epoch, rank, worker)
-    shuffle_seed = derive_seed(*base, _SHUFFLE_STREAM)
+    shuffle_seed = seed_word(*base, _SHUFFLE_STREAM)
     # Start yielding after 100 samples (not a full buffer) so the first batch comes quickly.
     shuffle = (
         [wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=shuffle_seed)]

@@ -21,6 +21,7 @@ first (so a folder half-deleted by a crash is simply incomplete), then the files
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -40,6 +41,26 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SUBDIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 _TAG = re.compile(r"step-(\d+)")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint (client state)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    samples_seen: int = 0
+    """Clips trained on, over all ranks."""
+    epoch: int = 0
+    """Current data epoch."""
+    batch_in_epoch: int = 0
+    """Loader batches of this epoch already consumed by each rank (the resume offset)."""
+
+
+def client_state(state: TrainState, world_size: int, config: dict[str, Any]) -> dict[str, Any]:
+    """What marscale stores beside DeepSpeed's files: the training state, the world size
+    it was written on and the effective config."""
+    return {"marscale": {"train_state": dataclasses.asdict(state), "world_size": world_size, "config": config}}
 
 
 def tag_for(step: int) -> str:
@@ -234,3 +255,26 @@ def load_checkpoint(engine, path: str, *, load_optimizer: bool = True) -> dict[s
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path!r}")
     return client_state or {}
+
+
+def resume_state(
+    engine, path: str, *, world_size: int, steps_per_epoch: int, grad_accum_steps: int
+) -> TrainState:
+    """Load checkpoint `path` into `engine` (collective) and return where training stands.
+
+    The data position is per rank: on another world size it cannot be carried over
+    exactly, so training continues from the same step at the start of that step's epoch
+    position, and the log says the data order differs from here on.
+    """
+    saved = load_checkpoint(engine, path).get("marscale")
+    if saved is None:
+        raise ValueError(f"{path} was not written by marscale (no training state in it)")
+    state = TrainState(**saved["train_state"])
+    if saved["world_size"] != world_size:
+        state.epoch, offset = divmod(state.step, steps_per_epoch)
+        state.batch_in_epoch = offset * grad_accum_steps
+        logger.warning(
+            "checkpoint was written by %d ranks, resuming on %d: the data order differs from the "
+            "original run from here on", saved["world_size"], world_size,
+        )
+    return state

@@ -41,7 +41,6 @@ from the run plan (`marscale.engine.plan`), computed once at start, logged and s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -79,20 +78,6 @@ class TrainingDiverged(RuntimeError):
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 EVAL_FILE = "eval.json"
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Where training is; saved in every checkpoint (client state)."""
-
-    step: int = 0
-    """Optimizer steps done."""
-    samples_seen: int = 0
-    """Clips trained on, over all ranks."""
-    epoch: int = 0
-    """Current data epoch."""
-    batch_in_epoch: int = 0
-    """Loader batches of this epoch already consumed by each rank (the resume offset)."""
 
 
 class Trainer:
@@ -145,16 +130,19 @@ class Trainer:
             world_size=self.world_size,
             peak_tflops=peak_tflops(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops),
         )
-        self.state = TrainState()
+        self.state = ckpt.TrainState()
         self.writer = MetricsWriter(self.output_dir, enabled=dist.is_main(), tensorboard=cfg.logging.tensorboard)
         self.stop = StopSignal()
         self.meter = LossMeter()
         self._save_records()
         logger.info(
-            "%s: %s %s, ZeRO-%d %s; %s",
+            "%s: %s %s, %d ranks, global batch %d, %d steps, ZeRO-%d %s\n%s",
             cfg.run.name,
             cfg.model.arch,
             cfg.model.variant,
+            self.world_size,
+            self.plan.clips_per_step,
+            self.plan.total_steps,
             cfg.deepspeed.zero_stage,
             cfg.deepspeed.precision,
             self.plan.summary(),
@@ -415,19 +403,11 @@ class Trainer:
         )
         return result
 
-    def client_state(self) -> dict:
-        return {
-            "marscale": {
-                "train_state": dataclasses.asdict(self.state),
-                "world_size": self.world_size,
-                "config": to_dict(self.cfg),
-            }
-        }
-
     def save(self) -> str:
         """Checkpoint `step-N` (collective), then keep the newest checkpoint.keep_last."""
         return ckpt.save_checkpoint(
-            self.engine, self.checkpoints_root, self.state.step, self.client_state(),
+            self.engine, self.checkpoints_root, self.state.step,
+            ckpt.client_state(self.state, self.world_size, to_dict(self.cfg)),
             keep_last=self.cfg.checkpoint.keep_last,
         )
 
@@ -438,19 +418,10 @@ class Trainer:
             if self.cfg.checkpoint.resume == "auto":
                 logger.info("no complete checkpoint in %s: starting from scratch", self.checkpoints_root)
             return False
-        saved = ckpt.load_checkpoint(self.engine, path).get("marscale")
-        if saved is None:
-            raise ValueError(f"{path} was not written by marscale (no training state in it)")
-        self.state = TrainState(**saved["train_state"])
-        if saved["world_size"] != self.world_size:
-            # The data position is per rank: with another world size it cannot be carried
-            # over exactly. Continue from the same step at the start of its epoch position.
-            self.state.epoch, offset = divmod(self.state.step, self.plan.steps_per_epoch)
-            self.state.batch_in_epoch = offset * self.cfg.deepspeed.grad_accum_steps
-            logger.warning(
-                "checkpoint was written by %d ranks, resuming on %d: the data order differs from the "
-                "original run from here on", saved["world_size"], self.world_size,
-            )
+        self.state = ckpt.resume_state(
+            self.engine, path, world_size=self.world_size, steps_per_epoch=self.plan.steps_per_epoch,
+            grad_accum_steps=self.cfg.deepspeed.grad_accum_steps,
+        )
         # Last, after anything that might draw random numbers.
         if not ckpt.load_rng_state(path, self.rank):
             logger.warning("no RNG state for rank %d in %s: random streams restart", self.rank, path)
