@@ -8,6 +8,9 @@ Both are session-scoped and built once (a few seconds on a 2-core CPU):
 - `synthetic_shards`: ``{"train": dir, "val": dir}``, that dataset converted to shards
   with 2 samples per shard (8 train shards, 4 val shards: enough for 2 ranks x 2 workers).
 - `single_thread` (module scope, opt-in): torch on one intra-op thread for the module.
+- `no_count_cache` (session, automatic): `MARSCALE_CACHE_DIR=""` for the tests and every
+  process they start, so no test reads or writes the user's FLOP count cache (the cache
+  tests point it at their own folders).
 
 Helpers shared by the engine tests (tiny clip overrides, child-process environment)
 are in helpers.py.
@@ -29,6 +32,13 @@ SYNTH_VAL_PER_CLASS = 2
 SYNTH_SIZE = 64
 SYNTH_FRAMES = 32
 SYNTH_SAMPLES_PER_SHARD = 2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_count_cache():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MARSCALE_CACHE_DIR", "")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,14 @@ def tiny_model_config(arch: str = "mar", **kw):
     )
     fields.update(kw)
     return ModelConfig(**fields)
+
+
+def count_standard(variant: str, ratio: float, num_classes: int = 400):
+    """`marscale.cost.count_model` of a size at the standard 16 x 224 x 224 clip: the
+    full-token ViT at ratio 0, MAR otherwise (as the rows of `marscale cost`)."""
+    from marscale import cost
+    from marscale.clip import ClipConfig
+    from marscale.model import ModelConfig
+
+    model = ModelConfig(num_classes=num_classes, arch="vit" if ratio == 0 else "mar", variant=variant)
+    return cost.count_model(model, ClipConfig(), ratio)

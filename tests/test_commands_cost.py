@@ -8,28 +8,11 @@ import io
 import json
 
 import pytest
+from helpers import count_standard as count
 
-from marscale import cost
 from marscale.cli import main as cli_main
 from marscale.commands.cost import claim_paragraph
 from marscale.cost_table import ClaimTerm, CostRow
-from marscale.clip import ClipConfig
-from marscale.model import ModelConfig
-
-K = 400  # Kinetics-400 head
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_disk_cache():
-    """Never read or write the user's count cache; counts stay in this process's memory."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MARSCALE_CACHE_DIR", "")
-        yield
-
-
-def count(variant: str, ratio: float) -> cost.ModelCount:
-    model = ModelConfig(num_classes=K, arch="vit" if ratio == 0 else "mar", variant=variant)
-    return cost.count_model(model, ClipConfig(), ratio)
 
 
 def run_cli(capsys, *args: str) -> str:

@@ -3,25 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers import count_standard as count
 
-from marscale import cost, cost_table
-from marscale.clip import ClipConfig
-from marscale.model import ModelConfig
-
-K = 400  # Kinetics-400 head
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_disk_cache():
-    """Never read or write the user's count cache; counts stay in this process's memory."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MARSCALE_CACHE_DIR", "")
-        yield
-
-
-def count(variant: str, ratio: float) -> cost.ModelCount:
-    model = ModelConfig(num_classes=K, arch="vit" if ratio == 0 else "mar", variant=variant)
-    return cost.count_model(model, ClipConfig(), ratio)
+from marscale import cost_table
 
 
 def test_ratios_in_table():
@@ -41,7 +25,7 @@ def test_unknown_variant_is_named():
 
 
 def test_claim_terms_are_mar_vit_l_over_full_vit_h():
-    terms = {t.name: t.value for t in cost_table.vit_h_claim_terms(K, views=15)}
+    terms = {t.name: t.value for t in cost_table.vit_h_claim_terms(400, views=15)}
     h, l75 = count("vit_h", 0.0), count("vit_l", 0.75)
     assert terms["MAR 75% ViT-L / ViT-H, inference per view"] == l75.macs_inference / h.macs_inference
     assert terms["MAR 75% ViT-L / ViT-H, training per clip (fwd+bwd, MAR incl. decoder)"] == (
