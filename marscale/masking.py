@@ -38,6 +38,17 @@ class MaskingConfig:
     """Training: permute the time slices of the mask per clip."""
     eval_ratio: float | None = None
     """Masking ratio at evaluation (None: same as `ratio`)."""
+    eval_complement: bool = False
+    """Evaluation: also score each view with the complementary mask (the masked tokens
+    visible) and average the two passes' logits, as the MAR reference's `MASK_INV_TEST`;
+    together the two passes see every token. Costs a second encoder pass per view: 2x
+    the evaluation compute at 50%, and at 75% the complement shows 75% of the tokens
+    (4x the masked pass). Off by default."""
+    eval_temporal_shuffle: bool = False
+    """Evaluation: permute the time slices of the evaluation mask per view (the reference's
+    test-time temporal shuffle), from a generator seeded by (video index, view), so a
+    video's score does not depend on batching, ranks or workers. No extra compute. Off by
+    default (one fixed pattern)."""
 
     def __post_init__(self):
         check_choices(self)
@@ -50,7 +61,11 @@ class MaskingConfig:
             for r in (self.ratio, self.eval_ratio):
                 if r is not None:
                     masked_per_cell(r, self.cell[0] * self.cell[1])
-
+        if self.kind == "none" and (self.eval_complement or self.eval_temporal_shuffle):
+            raise ValueError(
+                "masking.eval_complement and masking.eval_temporal_shuffle change the evaluation mask, "
+                "but masking.kind is none (every token visible); switch them off"
+            )
 
     def ratio_at(self, train: bool = True) -> float:
         """Share of tokens masked in training (train=True) or evaluation; 0 when masking is off."""
@@ -150,6 +165,19 @@ def make_mask(
     if cfg.kind == "random":
         return random_mask(batch, grid, ratio, generator)
     return tube_mask(batch, grid, ratio, generator)
+
+
+def shuffle_time_slices(
+    mask: torch.Tensor, grid: tuple[int, int, int], generators: list[torch.Generator]
+) -> torch.Tensor:
+    """Permute the T' time slices of each clip's mask, clip b with `generators[b]`:
+    bool [B, N] -> bool [B, N], the same number of masked tokens per clip."""
+    T, H, W = grid
+    if len(generators) != mask.shape[0]:
+        raise ValueError(f"{mask.shape[0]} masks but {len(generators)} generators")
+    perm = torch.stack([torch.randperm(T, generator=g) for g in generators])  # [B, T']
+    slices = mask.view(mask.shape[0], T, H * W)
+    return slices.gather(1, perm.unsqueeze(-1).expand(-1, -1, H * W)).reshape(mask.shape)
 
 
 def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from marscale import dist
 from marscale.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.engine.evaluate import ScoreTable, evaluate, video_accuracy
-from marscale.masking import MaskingConfig
+from marscale.masking import MaskingConfig, make_mask
 from marscale.shards import ShardSet
 
 
@@ -108,3 +108,72 @@ def test_evaluate_counts_every_view_once(synthetic_shards):
     )
     assert full.num_views == 48 and full.top1 == pytest.approx(25.0)
     assert all(s[1] is None and s[2] is None for s in seen)  # every token visible
+
+
+def _eval_cfg(shards: dict[str, str], **kw) -> DataConfig:
+    base = dict(
+        train_shards=shards["train"], val_shards=shards["val"], short_side=32, test_num_clips=2,
+        test_num_crops=1, eval_batch_size=3, num_workers=0,
+    )
+    return DataConfig(**{**base, **kw})
+
+
+def test_eval_complement_averages_the_logits_of_mask_and_complement(synthetic_shards):
+    cfg = _eval_cfg(synthetic_shards)
+    clip = ClipConfig(sampling="segment", num_frames=4, img_size=32)
+    val_set = ShardSet.load(cfg.val_shards)
+    passes = []
+
+    def forward(x, visible_idx, masked_idx):
+        passes.append((visible_idx.clone(), masked_idx.clone()))
+        # Class 0 when token 0 is visible, class 2 otherwise: each pass votes for one class.
+        logits = torch.zeros(x.shape[0], 4)
+        sees_token_0 = (visible_idx == 0).any(dim=1)
+        logits[sees_token_0, 0] = 4.0
+        logits[~sees_token_0, 2] = 3.0
+        return logits
+
+    masking = MaskingConfig(kind="cell_running", ratio=0.5, eval_complement=True)
+    result = evaluate(forward, cfg, clip, masking, val_set, (2, 2, 2), 4, device=torch.device("cpu"),
+                      dtype=torch.float32)
+    assert result.num_views == 16 and len(passes) == 2 * 6  # 6 batches of up to 3 views, two passes each
+    for (vis, msk), (vis2, msk2) in zip(passes[0::2], passes[1::2]):
+        assert torch.equal(vis2, msk) and torch.equal(msk2, vis)  # the complement
+        union = torch.cat([vis, vis2], dim=1).sort(dim=1).values
+        assert torch.equal(union, torch.arange(8).expand_as(union))  # together: every token
+    # Each view is seen once with token 0 and once without: averaged logits 2.0 (class 0)
+    # and 1.5 (class 2) for every view, so every video is called class 0: 2 of 8 right.
+    assert result.top1 == pytest.approx(25.0) and result.top5 == pytest.approx(100.0)
+
+
+def test_eval_temporal_shuffle_is_per_view_and_independent_of_batching(synthetic_shards):
+    clip = ClipConfig(sampling="segment", num_frames=8, img_size=32)  # 4 x 2 x 2 tokens
+    val_set = ShardSet.load(synthetic_shards["val"])
+    masking = MaskingConfig(kind="cell_running", ratio=0.5, eval_temporal_shuffle=True)
+    grid = (4, 2, 2)
+
+    def run(batch_size: int) -> dict[tuple[int, int], torch.Tensor]:
+        cfg = _eval_cfg(synthetic_shards, eval_batch_size=batch_size)
+        masks: list[torch.Tensor] = []
+
+        def forward(x, visible_idx, masked_idx):
+            masks.append(visible_idx)
+            return torch.zeros(x.shape[0], 4)
+
+        seen: dict[tuple[int, int], torch.Tensor] = {}
+        loader_order = []
+        from marscale.data import build_eval_loader
+
+        for batch in build_eval_loader(cfg, clip, val_set, rank=0, world_size=1):
+            loader_order += list(zip(batch["video_index"].tolist(), batch["view"].tolist()))
+        evaluate(forward, cfg, clip, masking, val_set, grid, 4, device=torch.device("cpu"), dtype=torch.float32)
+        for key, visible in zip(loader_order, torch.cat(masks)):
+            seen[key] = visible
+        return seen
+
+    a, b = run(3), run(5)
+    assert a.keys() == b.keys() and len(a) == 16
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same mask for a view whatever the batching
+    assert len({tuple(v.tolist()) for v in a.values()}) > 1  # views get different permutations
+    fixed = make_mask(MaskingConfig(kind="cell_running", ratio=0.5), 1, grid, None, train=False)
+    assert all(v.numel() == int((~fixed).sum()) for v in a.values())  # still half the tokens

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from marscale.masking import (
+    shuffle_time_slices,
     MaskingConfig,
     cell_running_mask,
     make_mask,
@@ -198,3 +199,28 @@ def test_mask_to_indices_rejects_ragged_batches():
     with pytest.raises(ValueError, match="same number"):
         mask_to_indices(mask)
 
+
+
+def test_shuffle_time_slices_permutes_whole_slices_per_clip():
+    grid = (8, 4, 4)
+    # The same random mask for all three clips: slices that differ from each other.
+    base = random_mask(1, grid, 0.5, torch.Generator().manual_seed(0)).expand(3, -1).contiguous()
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2, 1)]
+    shuffled = shuffle_time_slices(base, grid, generators)
+    slices, before = shuffled.view(3, 8, 16), base.view(3, 8, 16)
+    assert len({tuple(row.tolist()) for row in before[0]}) == 8
+    for b in range(3):
+        # every slice of the result is one of the original slices, each used once
+        used = sorted(next(t for t in range(8) if torch.equal(slices[b, s], before[b, t])) for s in range(8))
+        assert used == list(range(8))
+    assert torch.equal(shuffled[0], shuffled[2])  # same seed, same permutation
+    assert not torch.equal(shuffled[0], shuffled[1])
+    assert torch.equal(shuffled.sum(1), base.sum(1))
+    with pytest.raises(ValueError, match="3 masks but 2 generators"):
+        shuffle_time_slices(base, grid, generators[:2])
+
+
+def test_evaluation_options_need_a_mask():
+    with pytest.raises(ValueError, match="masking.kind is none"):
+        MaskingConfig(kind="none", eval_complement=True)
+    assert MaskingConfig(eval_complement=True, eval_temporal_shuffle=True).eval_complement

@@ -8,7 +8,11 @@ rank adds its views' scores into a [num_videos, K] table; one all-reduce sums th
 so every video is counted once whatever the number of ranks, workers or batches.
 
 MAR models are evaluated with the deterministic evaluation mask (`make_mask(train=False)`):
-the same visible tokens for every view.
+the same visible tokens for every view. Two options of the MAR reference change that:
+`masking.eval_temporal_shuffle` permutes the mask's time slices per view (seeded by the
+video index and view, so the result does not depend on batching), and
+`masking.eval_complement` scores every view a second time with the complementary mask
+and averages the two passes' logits.
 
 Ranks may get different numbers of batches (shards differ in size). Outside ZeRO-3 that
 is fine: the forward pass has no collectives. Under ZeRO-3 every forward gathers
@@ -30,7 +34,8 @@ import torch.distributed as torch_dist
 from marscale import dist
 from marscale.clip import ClipConfig
 from marscale.data import DataConfig
-from marscale.masking import MaskingConfig, make_mask, mask_to_indices
+from marscale.masking import MaskingConfig, make_mask, mask_to_indices, shuffle_time_slices
+from marscale.seeding import derive_seed
 from marscale.shards import ShardSet
 
 logger = logging.getLogger(__name__)
@@ -148,12 +153,20 @@ def evaluate(
     lockstep = lockstep and world_size > 1
     masks: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
-    def indices(batch: int):
-        # The evaluation mask is deterministic: one per batch size, built once on the host.
-        if batch not in masks:
-            mask = make_mask(masking_cfg, batch, token_grid, None, train=False)
-            masks[batch] = None if mask is None else tuple(t.to(device) for t in mask_to_indices(mask))
-        return masks[batch]
+    def indices(batch: int, views: torch.Tensor | None):
+        """(visible_idx, masked_idx) on the device for `batch` views, or None (no mask).
+        views: [B, 2] (video index, view) when the mask is shuffled per view."""
+        if views is None or not masking_cfg.eval_temporal_shuffle:
+            # Deterministic: one mask per batch size, built once on the host.
+            if batch not in masks:
+                mask = make_mask(masking_cfg, batch, token_grid, None, train=False)
+                masks[batch] = None if mask is None else tuple(t.to(device) for t in mask_to_indices(mask))
+            return masks[batch]
+        mask = make_mask(masking_cfg, batch, token_grid, None, train=False)
+        if mask is None:
+            return None
+        generators = [torch.Generator().manual_seed(derive_seed(int(v), int(k))) for v, k in views.tolist()]
+        return tuple(t.to(device) for t in mask_to_indices(shuffle_time_slices(mask, token_grid, generators)))
 
     table = ScoreTable(num_classes)
     it = start_iterator(loader)
@@ -176,10 +189,14 @@ def evaluate(
                 dtype=torch.uint8,
                 device=device,
             )
-        idx = indices(video.shape[0])
+        views_of_batch = torch.stack([batch["video_index"], batch["view"]], dim=1) if real else None
+        idx = indices(video.shape[0], views_of_batch)
         visible_idx, masked_idx = idx if idx is not None else (None, None)
         x = normalize(video, clip.mean, clip.std, dtype)
         logits = forward(x, visible_idx, masked_idx)
+        if masking_cfg.eval_complement and idx is not None:
+            # The complementary pass: the masked tokens visible. Every rank runs it (lockstep).
+            logits = (logits.float() + forward(x, masked_idx, visible_idx).float()) / 2
         if real:
             table.add(
                 torch.softmax(logits.float(), dim=-1),
