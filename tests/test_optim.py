@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_layer_ids():
 @pytest.mark.parametrize("arch", ["mar", "vit"])
 def test_every_trainable_param_in_exactly_one_group(arch):
     model = small_model(arch)
-    groups = param_groups(model, 0.05, 0.75, DEPTH)
+    groups = param_groups(model, 0.05, 0.75, DEPTH, "all")
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in model.parameters()}
@@ -55,7 +56,7 @@ def test_every_trainable_param_in_exactly_one_group(arch):
 
 def test_weight_decay_membership_mar():
     model = small_model("mar")
-    groups = param_groups(model, 0.05, 0.75, DEPTH)
+    groups = param_groups(model, 0.05, 0.75, DEPTH, "all")
     no_decay = [
         "encoder.patch_embed.proj.bias",
         "encoder.blocks.0.norm1.weight",
@@ -91,7 +92,7 @@ def test_weight_decay_membership_mar():
 
 def test_layer_scales():
     model = small_model("mar")
-    groups = param_groups(model, 0.05, 0.5, DEPTH)
+    groups = param_groups(model, 0.05, 0.5, DEPTH, "all")
     # scale = 0.5 ** (DEPTH + 1 - layer id)
     assert group_of(groups, model, "encoder.patch_embed.proj.weight")["lr_scale"] == 0.5**7
     assert group_of(groups, model, "encoder.blocks.0.attn.qkv.weight")["lr_scale"] == 0.5**6
@@ -105,15 +106,133 @@ def test_layer_scales():
     assert [g["name"] for g in groups[:3]] == ["layer0_decay", "layer0_no_decay", "layer1_decay"]
     assert groups[-1]["name"] == f"layer{DEPTH + 1}_no_decay"
     vit = small_model("vit")
-    vit_groups = param_groups(vit, 0.05, 0.5, DEPTH)
+    vit_groups = param_groups(vit, 0.05, 0.5, DEPTH, "all")
     assert group_of(vit_groups, vit, "head.head.weight")["lr_scale"] == 1.0
     assert group_of(vit_groups, vit, "head.fc_norm.weight")["weight_decay"] == 0.0
+
+
+# Every kind of parameter of a K400 ViT-B MAR model (layer_decay 0.65, depth 12, wd 0.05):
+# (lr scale, weight decay) under each scope, written out.
+VIT_B_WEIGHTS_SCOPE = {
+    "encoder.patch_embed.proj.weight": (0.65**13, 0.05),
+    "encoder.patch_embed.proj.bias": (1.0, 0.0),
+    "encoder.blocks.0.norm1.weight": (1.0, 0.0),
+    "encoder.blocks.0.norm1.bias": (1.0, 0.0),
+    "encoder.blocks.0.attn.q_bias": (1.0, 0.0),
+    "encoder.blocks.0.attn.v_bias": (1.0, 0.0),
+    "encoder.blocks.0.attn.qkv.weight": (0.65**12, 0.05),
+    "encoder.blocks.0.attn.proj.weight": (0.65**12, 0.05),
+    "encoder.blocks.0.attn.proj.bias": (1.0, 0.0),
+    "encoder.blocks.0.mlp.fc1.weight": (0.65**12, 0.05),
+    "encoder.blocks.5.mlp.fc1.bias": (1.0, 0.0),
+    "encoder.blocks.5.norm2.weight": (1.0, 0.0),
+    "encoder.blocks.11.mlp.fc2.weight": (0.65, 0.05),
+    "encoder.blocks.11.mlp.fc2.bias": (1.0, 0.0),
+    "encoder.norm.weight": (1.0, 0.0),
+    "encoder.norm.bias": (1.0, 0.0),
+    "decoder.mask_token": (0.65**13, 0.05),
+    "decoder.encoder_to_decoder.weight": (1.0, 0.05),
+    "decoder.blocks.3.attn.qkv.weight": (1.0, 0.05),
+    "decoder.blocks.3.attn.v_bias": (1.0, 0.0),
+    "decoder.blocks.3.norm1.weight": (1.0, 0.0),
+    "decoder.norm.bias": (1.0, 0.0),
+    "decoder.head.weight": (1.0, 0.05),
+    "decoder.head.bias": (1.0, 0.0),
+    "classifier.embed.weight": (1.0, 0.05),
+    "classifier.blocks.1.mlp.fc1.weight": (1.0, 0.05),
+    "classifier.blocks.1.mlp.fc1.bias": (1.0, 0.0),
+    "classifier.head.fc_norm.weight": (1.0, 0.0),
+    "classifier.head.head.weight": (1.0, 0.05),
+    "classifier.head.head.bias": (1.0, 0.0),
+}
+VIT_B_ALL_SCOPE = {
+    **VIT_B_WEIGHTS_SCOPE,  # weight matrices agree; biases, norms and the mask token differ
+    "encoder.patch_embed.proj.bias": (0.65**13, 0.0),
+    "encoder.blocks.0.norm1.weight": (0.65**12, 0.0),
+    "encoder.blocks.0.norm1.bias": (0.65**12, 0.0),
+    "encoder.blocks.0.attn.q_bias": (0.65**12, 0.0),
+    "encoder.blocks.0.attn.v_bias": (0.65**12, 0.0),
+    "encoder.blocks.0.attn.proj.bias": (0.65**12, 0.0),
+    "encoder.blocks.5.mlp.fc1.bias": (0.65**7, 0.0),
+    "encoder.blocks.5.norm2.weight": (0.65**7, 0.0),
+    "encoder.blocks.11.mlp.fc2.bias": (0.65, 0.0),
+    "decoder.mask_token": (1.0, 0.0),
+}
+
+
+def expected_scale_and_wd(name: str, scope: str, depth: int, decay: float, wd: float) -> tuple[float, float]:
+    """The rules of each scope restated over parameter names (see OptimConfig.layer_decay_scope)."""
+    block = re.match(r"encoder\.blocks\.(\d+)\.", name)
+    by_layer = decay ** (depth + 1) if name.startswith("encoder.patch_embed.") else 1.0
+    if block:
+        by_layer = decay ** (depth - int(block.group(1)))
+    bias_or_norm = name.endswith("bias") or "norm" in name
+    if scope == "all":
+        return by_layer, (0.0 if bias_or_norm or name.endswith("mask_token") else wd)
+    if name.endswith("mask_token"):
+        return decay ** (depth + 1), wd
+    return (1.0, 0.0) if bias_or_norm else (by_layer, wd)
+
+
+def scale_and_wd_by_name(model, opt) -> dict[str, tuple[float, float]]:
+    of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    return {name: of[id(p)] for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("scope", ["weights", "all"])
+@pytest.mark.parametrize(
+    "arch, variant, depth, decay",
+    [("mar", "vit_b", 12, 0.65), ("mar", "vit_l", 24, 0.75), ("vit", "vit_b", 12, 0.65)],
+)
+def test_layer_decay_scope_every_parameter(arch, variant, depth, decay, scope):
+    model = build_model(ModelConfig(num_classes=400, arch=arch, variant=variant), ClipConfig(), device="meta")
+    opt = build_optimizer(model, optim_cfg(layer_decay=decay, layer_decay_scope=scope, weight_decay=0.05), "cpu")
+    got = scale_and_wd_by_name(model, opt)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"])
+    for name, (scale, wd) in got.items():
+        want_scale, want_wd = expected_scale_and_wd(name, scope, depth, decay, 0.05)
+        assert scale == pytest.approx(want_scale, rel=1e-12), name
+        assert wd == want_wd, name
+    if arch == "mar" and variant == "vit_b":
+        table = VIT_B_WEIGHTS_SCOPE if scope == "weights" else VIT_B_ALL_SCOPE
+        for name, (scale, wd) in table.items():
+            assert got[name] == (pytest.approx(scale, rel=1e-12), wd), name
+    if arch == "mar" and variant == "vit_l":
+        want = {
+            "weights": {
+                "decoder.mask_token": (0.75**25, 0.05),
+                "encoder.patch_embed.proj.weight": (0.75**25, 0.05),
+                "encoder.patch_embed.proj.bias": (1.0, 0.0),
+                "encoder.blocks.0.attn.qkv.weight": (0.75**24, 0.05),
+                "encoder.blocks.0.attn.q_bias": (1.0, 0.0),
+                "encoder.blocks.23.mlp.fc2.weight": (0.75, 0.05),
+                "encoder.blocks.23.norm2.bias": (1.0, 0.0),
+                "decoder.blocks.11.mlp.fc1.weight": (1.0, 0.05),
+            },
+            "all": {
+                "decoder.mask_token": (1.0, 0.0),
+                "encoder.patch_embed.proj.weight": (0.75**25, 0.05),
+                "encoder.patch_embed.proj.bias": (0.75**25, 0.0),
+                "encoder.blocks.0.attn.qkv.weight": (0.75**24, 0.05),
+                "encoder.blocks.0.attn.q_bias": (0.75**24, 0.0),
+                "encoder.blocks.23.mlp.fc2.weight": (0.75, 0.05),
+                "encoder.blocks.23.norm2.bias": (0.75, 0.0),
+                "decoder.blocks.11.mlp.fc1.weight": (1.0, 0.05),
+            },
+        }[scope]
+        for name, (scale, wd) in want.items():
+            assert got[name] == (pytest.approx(scale, rel=1e-12), wd), name
+
+
+def test_layer_decay_scope_default_is_videomae():
+    assert optim_cfg().layer_decay_scope == "all" and optim_cfg().schedule == "warmup_then_cosine"
 
 
 def test_frozen_params_left_out():
     model = small_model("vit")
     model.encoder.patch_embed.proj.weight.requires_grad_(False)
-    groups = param_groups(model, 0.05, 0.75, DEPTH)
+    groups = param_groups(model, 0.05, 0.75, DEPTH, "all")
     assert all(p is not model.encoder.patch_embed.proj.weight for g in groups for p in g["params"])
 
 
@@ -165,6 +284,7 @@ def test_fused_on_cuda():
 
 def test_schedule_values():
     kw = dict(base_lr=1e-3, min_lr=1e-6, warmup_lr=1e-7, warmup_steps=10, total_steps=110)
+    kw["schedule"] = "warmup_then_cosine"
     assert lr_at(0, **kw) == pytest.approx(1e-7)
     assert lr_at(5, **kw) == pytest.approx(1e-7 + (1e-3 - 1e-7) * 0.5)
     assert lr_at(10, **kw) == pytest.approx(1e-3)  # end of warm-up = peak
@@ -176,7 +296,52 @@ def test_schedule_values():
     assert all(a <= b for a, b in zip(lrs[:11], lrs[1:11]))  # rises through warm-up
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then only falls
     # No warm-up: starts at the peak.
-    assert lr_at(0, base_lr=1.0, min_lr=0.0, warmup_lr=0.0, warmup_steps=0, total_steps=4) == 1.0
-    assert lr_at(2, base_lr=1.0, min_lr=0.0, warmup_lr=0.0, warmup_steps=0, total_steps=4) == pytest.approx(0.5)
+    short = dict(schedule="warmup_then_cosine", base_lr=1.0, min_lr=0.0, warmup_lr=0.0)
+    assert lr_at(0, **short, warmup_steps=0, total_steps=4) == 1.0
+    assert lr_at(2, **short, warmup_steps=0, total_steps=4) == pytest.approx(0.5)
     # Warm-up as long as the run: never decays.
-    assert lr_at(4, base_lr=1.0, min_lr=0.0, warmup_lr=0.0, warmup_steps=8, total_steps=8) == pytest.approx(0.5)
+    assert lr_at(4, **short, warmup_steps=8, total_steps=8) == pytest.approx(0.5)
+
+
+def test_schedule_cosine_whole_run_values():
+    kw = dict(base_lr=1e-3, min_lr=1e-6, warmup_lr=1e-7, warmup_steps=10, total_steps=110)
+    kw["schedule"] = "cosine_whole_run"
+
+    def cosine(step):  # min + (base - min) (1 + cos(pi step / total)) / 2, over the whole run
+        return 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * step / 110)) / 2
+
+    assert lr_at(0, **kw) == pytest.approx(1e-7)
+    assert lr_at(4, **kw) == pytest.approx(1e-7 + (cosine(10) - 1e-7) * 4 / 10)  # line to the cosine at step 10
+    assert lr_at(10, **kw) == pytest.approx(cosine(10))  # the peak, below base_lr
+    assert lr_at(10, **kw) < 1e-3
+    for step in (11, 35, 55, 80, 109):
+        assert lr_at(step, **kw) == pytest.approx(cosine(step), rel=1e-12), step
+    assert lr_at(55, **kw) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))  # midpoint of the run, not of the decay
+    assert lr_at(110, **kw) == pytest.approx(1e-6)
+    assert lr_at(500, **kw) == pytest.approx(1e-6)
+    lrs = [lr_at(s, **kw) for s in range(111)]
+    assert max(lrs) == lrs[10]
+    assert all(a <= b for a, b in zip(lrs[:11], lrs[1:11]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # Without warm-up both forms are the same cosine.
+    for step in range(0, 121, 7):
+        same = dict(base_lr=1e-3, min_lr=1e-6, warmup_lr=1e-7, warmup_steps=0, total_steps=110)
+        assert lr_at(step, schedule="cosine_whole_run", **same) == pytest.approx(
+            lr_at(step, schedule="warmup_then_cosine", **same), rel=1e-12
+        )
+
+
+def test_schedule_k400_vit_b_peak():
+    """K400 ViT-B: lr 1e-3, min 1e-6, warm-up from 1e-6 for 5 of 100 epochs (1000 steps each)."""
+    kw = dict(base_lr=1e-3, min_lr=1e-6, warmup_lr=1e-6, warmup_steps=5_000, total_steps=100_000)
+    peak = lr_at(5_000, schedule="cosine_whole_run", **kw)
+    assert peak == pytest.approx(1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * 5 / 100)) / 2, rel=1e-12)
+    assert f"{peak:.2e}" == "9.94e-04"  # FACTS: "9.94e-4 for K400 ViT-B"
+    assert lr_at(2_500, schedule="cosine_whole_run", **kw) == pytest.approx((1e-6 + peak) / 2)  # the warm-up line
+    assert max(lr_at(s, schedule="cosine_whole_run", **kw) for s in range(0, 100_001, 50)) == peak
+    assert lr_at(5_000, schedule="warmup_then_cosine", **kw) == 1e-3  # VideoMAE's form reaches lr
+
+
+def test_schedule_unknown_form():
+    with pytest.raises(ValueError, match="optim.schedule"):
+        lr_at(0, schedule="cosine", base_lr=1.0, min_lr=0.0, warmup_lr=0.0, warmup_steps=0, total_steps=4)

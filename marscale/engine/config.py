@@ -38,11 +38,17 @@ logger = logging.getLogger(__name__)
 Precision = Literal["bf16", "fp16", "fp32"]
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """The torch dtype the model computes in for each `deepspeed.precision`."""
+LayerDecayScope = Literal["all", "weights"]
+LrSchedule = Literal["warmup_then_cosine", "cosine_whole_run"]
 
 
 @dataclasses.dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW with layer-wise lr decay, cosine schedule with linear warm-up (the `optim:` section)."""
+    """AdamW with layer-wise lr decay, cosine schedule with linear warm-up (the `optim:` section).
+
+    The VideoMAE-style baselines use VideoMAE's rules (`layer_decay_scope: all`,
+    `schedule: warmup_then_cosine`, the defaults); the MAR presets the reference code's
+    (`weights`, `cosine_whole_run`)."""
 
     lr: float
     """Peak learning rate, absolute: it is not rescaled by the batch size. The presets
@@ -50,20 +56,50 @@ class OptimConfig:
     min_lr: float = 1e-6
     """Learning rate at the end of the cosine decay."""
     warmup_lr: float = 1e-6
-    """Learning rate at step 0; it rises linearly to `lr` over the warm-up."""
+    """Learning rate at step 0; it rises linearly over the warm-up (to the peak `schedule` says)."""
     warmup_epochs: float = 5.0
     """Length of the linear warm-up, in epochs (converted to optimizer steps)."""
     epochs: int
     """Training length in epochs (unless `run.max_steps` is set)."""
     weight_decay: float = 0.05
-    """AdamW decoupled weight decay; not applied to norms, biases and tokens."""
+    """AdamW decoupled weight decay; not applied to norms and biases (tokens: `layer_decay_scope`)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW (beta1, beta2)."""
     eps: float = 1e-8
     """AdamW epsilon."""
     layer_decay: float = 0.75
     """Layer-wise lr decay: encoder block i trains at lr x layer_decay^(depth - i); the
-    heads at lr. 1.0 turns it off (use that when training from scratch)."""
+    heads at lr. 1.0 turns it off (use that when training from scratch). Which
+    parameters it applies to is `layer_decay_scope`."""
+    layer_decay_scope: LayerDecayScope = "all"
+    """Which parameters take their layer's lr scale, and which get weight decay. Lr
+    layers: 0 the tubelet embedding, i+1 encoder block i, d+1 the rest (d = encoder
+    depth); layer l trains at lr x layer_decay^(d+1-l). Weight matrices get the same lr
+    and decay in both scopes (patch embedding and encoder blocks by layer; the decoder's
+    encoder_to_decoder, blocks and head, the classifier's embedding, blocks and head at
+    lr x1; all decayed). The scopes differ in biases, LayerNorms and the mask token:
+    - all (VideoMAE's fine-tuning, optim_factory.py get_parameter_groups): every encoder
+      parameter, biases, q/v biases and LayerNorms included, takes its block's layer;
+      encoder.norm, decoder and heads lr x1. No weight decay on 1-D parameters, biases
+      and tokens: the decoder's mask token trains at lr x1 without decay.
+    - weights (the MAR reference, models/utils/optimizer.py construct_optimizer with
+      LAYER_LRDECAY on): every bias (encoder ones incl. q/v biases and the patch
+      embedding's; the decoder's and classifier's) trains at lr x1 (x BIAS_LR_MULT, 1.0 in
+      every MAR config, not modelled) without weight decay; every LayerNorm (the
+      reference: "norm" in the name) and a position table or cls token, if they were
+      parameters, at lr x1 without weight decay. The mask token is put in layer 0 by its
+      name (the reference's get_num_layer_for_vit): lr x layer_decay^(d+1), 0.65^13 for
+      K400 ViT-B, with weight decay."""
+    schedule: LrSchedule = "warmup_then_cosine"
+    """Form of the lr schedule, in optimizer steps (warm-up and total from the run plan).
+    warmup_then_cosine (VideoMAE): linear from `warmup_lr` to `lr` over the warm-up, then
+    a half cosine from `lr` to `min_lr` over the remaining steps.
+    cosine_whole_run (the MAR reference, models/utils/lr_policy.py get_lr_at_epoch with
+    lr_func_cosine, SlowFast's, per iteration): one half cosine
+    min_lr + (lr - min_lr) (1 + cos(pi step / total)) / 2 over the whole run, warm-up
+    included; during warm-up a line from `warmup_lr` to that cosine's value at the
+    warm-up's end, so the peak is a little below `lr` (9.94e-4 for lr 1e-3, min_lr 1e-6,
+    5 of 100 epochs of warm-up). Both stay at `min_lr` from the last step on."""
     clip_grad: float | None = None
     """Clip the global gradient norm to this value (None: no clipping)."""
     recon_weight: float = 0.01

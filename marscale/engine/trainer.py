@@ -173,6 +173,7 @@ class Trainer:
         o = self.cfg.optim
         return lr_at(
             step,
+            schedule=o.schedule,
             base_lr=o.lr,
             min_lr=o.min_lr,
             warmup_lr=o.warmup_lr,
