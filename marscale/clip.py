@@ -38,7 +38,17 @@ class ClipConfig:
     (Something-Something v2): the video is cut into `num_frames` equal segments and one
     frame is taken from each, at a random offset in training and at the centre in evaluation."""
     sampling_interval: int = 4
-    """Distance in source frames between two sampled frames ("dense" only)."""
+    """Distance in source frames between two sampled frames ("dense" only); with
+    `sampling_fps`, the distance at that frame rate."""
+    sampling_fps: float | None = None
+    """"dense" only. None: frames exactly `sampling_interval` apart whatever the video's
+    frame rate. A rate (the MAR reference: 30.0): the window covers `num_frames` x
+    `sampling_interval` frames *at this rate*, i.e. that many x video fps / sampling_fps
+    source frames, and the `num_frames` indices are spread evenly over it and truncated
+    (16 x 4 at 30.0: first and last index 63 frames apart in a 30 fps video, 52 or 53 in
+    a 25 fps one), so a clip covers the same time (about 2.1 s) at any frame rate, in
+    training and evaluation. The video's fps is the decoder's (`marscale.data.sampling`
+    has the formula)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel mean (RGB, 0-1 scale) the clip is normalised with on the device; the
     reconstruction target un-normalises with the same values."""
@@ -56,6 +66,16 @@ class ClipConfig:
             raise ValueError(
                 f"clip.num_frames {self.num_frames} is not a multiple of clip.tubelet_size {self.tubelet_size}"
             )
+        if self.sampling_fps is not None:
+            self.sampling_fps = float(self.sampling_fps)
+            if not self.sampling_fps > 0:
+                raise ValueError(
+                    f"clip.sampling_fps must be > 0 (e.g. 30.0), or null for a fixed interval; got {self.sampling_fps}"
+                )
+            if self.sampling != "dense":
+                raise ValueError(
+                    f"clip.sampling_fps scales dense windows only; set it to null for sampling={self.sampling!r}"
+                )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(
                 f"clip.mean and clip.std need 3 values (RGB, 0-1 scale) and std > 0; got {self.mean}, {self.std}"

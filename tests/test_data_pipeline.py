@@ -12,6 +12,7 @@ import os
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,3 +266,151 @@ def test_missing_shard_is_counted_as_read_error(synthetic_shards, tmp_path):
     videos = {int(v) for batch in loader for v in batch["video_index"]}
     assert videos == set(_shard_keys(synthetic_shards["val"])) - lost
     assert loader.skipped() == {"read": 1, "incomplete": 0, "label": 0, "decode": 0}
+
+
+# --- MAR reference options: flip label pairs, independent windows, frame-rate sampling ---
+
+
+class _Recorder:
+    """Wraps `stages.open_video`: counts the readers opened and the frames each decodes."""
+
+    def __init__(self, monkeypatch):
+        from marscale.data import stages
+
+        self.opened = 0
+        self.requests: list[np.ndarray] = []  # the indices of each get_frames call
+        self.fps: list[float] = []
+        real_open = stages.open_video
+
+        def open_video(data, backend):
+            reader = real_open(data, backend)
+            real_get = reader.get_frames
+            self.opened += 1
+            self.fps.append(reader.fps)
+
+            def get_frames(indices):
+                self.requests.append(np.asarray(indices))
+                return real_get(indices)
+
+            reader.get_frames = get_frames
+            return reader
+
+        monkeypatch.setattr(stages, "open_video", open_video)
+
+
+# Full-frame crops of the 64x64 synthetic frames, no RandAugment or erasing: a clip is the
+# (possibly flipped) frames resized to 32x32, so its content can be read back.
+NO_SPATIAL = dict(rand_augment="", random_erasing=0.0, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0))
+
+
+def _motion(video: torch.Tensor) -> tuple[float, float]:
+    """(dx, dy) of the bright object's centroid from the first to the last frame of
+    uint8 [C, T, H, W] (the synthetic object is lighter than its background)."""
+    bright = (video.float().mean(0) > 130).float()  # [T, H, W]
+    mass = bright.sum((1, 2)).clamp(min=1)
+    ys = torch.arange(bright.shape[1], dtype=torch.float32)
+    xs = torch.arange(bright.shape[2], dtype=torch.float32)
+    cx = (bright.sum(1) * xs).sum(1) / mass
+    cy = (bright.sum(2) * ys).sum(1) / mass
+    return float(cx[-1] - cx[0]), float(cy[-1] - cy[0])
+
+
+@pytest.mark.parametrize("pairs", [((0, 1),), ()])
+def test_flipped_clips_get_the_mirrored_label(synthetic_shards, pairs):
+    # Synthetic classes 0/1 are move_right/move_left (2/3: down/up): a flipped move_right
+    # clip shows a move_left, and with the pair (0, 1) it must be labelled so. Whole-video
+    # segment sampling makes the motion large; two clips a video flip independently.
+    cfg = _cfg(synthetic_shards, flip=True, flip_label_pairs=pairs, samples_per_epoch=32, **NO_SPATIAL)
+    clip = ClipConfig(sampling="segment", num_frames=8, img_size=32)
+    agree = disagree = 0
+    mirrored_pairs = 0
+    for batch in build_train_loader(cfg, clip, epoch=0, rank=0, world_size=1):
+        for video, label in zip(batch["video"], batch["label"].tolist()):
+            dx, dy = _motion(video)
+            if label in (0, 1):
+                assert abs(dx) > 4, dx
+                agree += (dx > 0) == (label == 0)
+                disagree += (dx > 0) != (label == 0)
+            else:  # up/down: a horizontal flip changes neither the motion nor the label
+                assert abs(dy) > 4 and (dy > 0) == (label == 2), (dy, label)
+        # The two clips of a video: the same frames, mirrored or not.
+        for a, b, la, lb in zip(batch["video"][0::2], batch["video"][1::2], batch["label"][0::2], batch["label"][1::2]):
+            if torch.equal(a, b.flip(-1)) and not torch.equal(a, b):
+                mirrored_pairs += 1
+                if pairs and int(la) in (0, 1):
+                    assert int(la) + int(lb) == 1  # swapped for exactly one of them
+                else:
+                    assert la == lb
+            else:
+                assert torch.equal(a, b) and la == lb
+    assert mirrored_pairs >= 4 and agree + disagree >= 8
+    if pairs:
+        assert disagree == 0
+    else:  # a plain flip makes some move_right clips look like move_left: the test can see it
+        assert disagree >= 2
+
+
+def test_shared_windows_decode_one_window_per_video(synthetic_shards, monkeypatch):
+    recorder = _Recorder(monkeypatch)
+    cfg = _cfg(synthetic_shards, flip=False, samples_per_epoch=16, **NO_SPATIAL)
+    batches = _batches(cfg, epoch=0, rank=0, world_size=1)
+    assert recorder.opened == len(recorder.requests) == 16
+    assert all(len(r) == 8 and np.all(np.diff(r) == 2) for r in recorder.requests)  # one dense window
+    for batch in batches:  # no spatial augmentation: the two clips are the same pixels
+        assert torch.equal(batch["video"][0::2], batch["video"][1::2])
+
+
+def test_independent_windows_each_clip_its_own_window_decoded_once(synthetic_shards, monkeypatch):
+    from marscale.data import stages
+
+    recorder = _Recorder(monkeypatch)
+    windows: list[list[np.ndarray]] = []
+    real_windows = stages.train_windows
+
+    def record_windows(*args, **kw):
+        windows.append(real_windows(*args, **kw))
+        return windows[-1]
+
+    monkeypatch.setattr(stages, "train_windows", record_windows)
+    cfg = _cfg(synthetic_shards, flip=False, samples_per_epoch=16, clip_windows="independent", **NO_SPATIAL)
+    batches = _batches(cfg, epoch=0, rank=0, world_size=1)
+    # One reader and one decoding pass per video, for the union of its two windows.
+    assert recorder.opened == len(recorder.requests) == len(windows) == 16
+    for pair, request in zip(windows, recorder.requests):
+        assert len(pair) == 2
+        for w in pair:  # each a valid dense window of the 32-frame video: 8 frames 2 apart
+            assert len(w) == 8 and np.all(np.diff(w) == 2) and 0 <= w[0] and w[-1] <= 31
+        np.testing.assert_array_equal(np.sort(request), np.unique(np.concatenate(pair)))
+    assert sum(not np.array_equal(a, b) for a, b in windows) >= 12  # 18 possible starts
+    clips = torch.cat([b["video"] for b in batches])
+    different = [not torch.equal(a, b) for a, b in zip(clips[0::2], clips[1::2])]
+    assert different == [not np.array_equal(a, b) for a, b in windows]
+
+
+def test_independent_windows_resume_exactly(synthetic_shards):
+    cfg = _cfg(
+        synthetic_shards, clip_windows="independent", flip=True, flip_label_pairs=((0, 1),), samples_per_epoch=12
+    )
+    full = _batches(cfg, epoch=2, rank=0, world_size=1)
+    assert len(full) == 6
+    assert _same(full[4:], list(build_train_loader(cfg, epoch=2, rank=0, world_size=1, start_batch=4)))
+
+
+def test_fps_scaled_windows_use_the_decoders_frame_rate(synthetic_shards, monkeypatch):
+    # The synthetic videos are 32 frames at 16 fps; at sampling_fps 30 a window of 8 frames
+    # at interval 2 is 8 * 2 * 16 / 30 = 8.53 source frames long.
+    from marscale.data import sampling
+
+    recorder = _Recorder(monkeypatch)
+    clip = ClipConfig(num_frames=8, sampling_interval=2, img_size=32, sampling_fps=30.0)
+    cfg = _cfg(synthetic_shards, test_num_clips=3, test_num_crops=1)
+    views = list(build_eval_loader(cfg, clip, rank=0, world_size=1))
+    assert sum(len(b["view"]) for b in views) == 8 * 3
+    assert recorder.fps == [pytest.approx(16.0)] * 8
+    expected = sampling.eval_indices(clip, 32, 16.0, 3)
+    np.testing.assert_array_equal(expected[0], [0, 1, 2, 3, 4, 5, 6, 7])
+    np.testing.assert_array_equal(expected[:, 0], [0, 11, 22])
+    for request in recorder.requests:
+        np.testing.assert_array_equal(np.sort(request), np.unique(expected))
+    batch = next(iter(build_train_loader(cfg, clip, epoch=0, rank=0, world_size=1)))
+    assert batch["video"].shape == (4, 3, 8, 32, 32)

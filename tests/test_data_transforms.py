@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from marscale.clip import ClipConfig
-from marscale.data import DataConfig
+from marscale.data import SSV2_FLIP_LABEL_PAIRS, DataConfig
 from marscale.data.mixup import VideoMixup, normalize, smoothed_one_hot
 from marscale.data.transforms import (
     ClipRandAugment,
@@ -21,6 +22,7 @@ from marscale.data.transforms import (
     resize_short_side,
     rrc_params,
 )
+from marscale.engine.config import load_train_config, presets
 
 
 CLIP = ClipConfig(img_size=32)  # ImageNet mean and std
@@ -37,13 +39,14 @@ def _still_clip(t: int = 5, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarr
     return np.repeat(frame[None], t, axis=0)
 
 
-def test_train_transform_keeps_identical_frames_identical():
-    transform = TrainTransform(_cfg(random_erasing=1.0, flip=True), CLIP)
+@pytest.mark.parametrize("before_crop", [False, True])
+def test_train_transform_keeps_identical_frames_identical(before_crop):
+    transform = TrainTransform(_cfg(random_erasing=1.0, flip=True, rand_augment_before_crop=before_crop), CLIP)
     clip = _still_clip()
     plain = np.asarray(Image.fromarray(clip[0]).resize((32, 32), Image.BILINEAR))
     changed = 0
     for seed in range(25):
-        out = transform(clip, np.random.default_rng(seed))
+        out, _ = transform(clip, np.random.default_rng(seed))
         assert out.dtype == torch.uint8 and out.shape == (3, 5, 32, 32)
         for t in range(1, 5):
             torch.testing.assert_close(out[:, t], out[:, 0], rtol=0, atol=0)
@@ -54,29 +57,103 @@ def test_train_transform_keeps_identical_frames_identical():
 def test_train_transform_is_a_function_of_the_generator():
     transform = TrainTransform(_cfg(), CLIP)
     clip = np.random.default_rng(3).integers(0, 256, size=(4, 40, 50, 3), dtype=np.uint8)
-    a = transform(clip, np.random.default_rng(7))
-    b = transform(clip, np.random.default_rng(7))
-    c = transform(clip, np.random.default_rng(8))
+    a, _ = transform(clip, np.random.default_rng(7))
+    b, _ = transform(clip, np.random.default_rng(7))
+    c, _ = transform(clip, np.random.default_rng(8))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
 
 
-def test_flip_is_the_same_for_all_frames_and_can_be_disabled():
-    # Full-frame crop (scale 1, the frame's own aspect): only the flip changes the image.
+# Full-frame crop (scale 1, the frame's own aspect), no RandAugment, no erasing: only the
+# flip changes the image.
+NO_AUGMENT = dict(rand_augment="", random_erasing=0.0, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0))
+
+
+def test_flip_is_the_same_for_all_frames_says_so_and_can_be_disabled():
     clip = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
-    common = dict(rand_augment="", random_erasing=0.0, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0))
     flipped = kept = 0
     for seed in range(30):
-        out = TrainTransform(_cfg(flip=True, **common), CLIP)(clip, np.random.default_rng(seed)).permute(1, 2, 3, 0).numpy()
-        if np.array_equal(out, clip):
-            kept += 1
-        else:
+        out, was_flipped = TrainTransform(_cfg(flip=True, **NO_AUGMENT), CLIP)(clip, np.random.default_rng(seed))
+        out = out.permute(1, 2, 3, 0).numpy()
+        if was_flipped:
             np.testing.assert_array_equal(out, clip[:, :, ::-1])
             flipped += 1
+        else:
+            np.testing.assert_array_equal(out, clip)
+            kept += 1
     assert flipped > 5 and kept > 5
     for seed in range(10):
-        out = TrainTransform(_cfg(flip=False, **common), CLIP)(clip, np.random.default_rng(seed))
+        out, was_flipped = TrainTransform(_cfg(flip=False, **NO_AUGMENT), CLIP)(clip, np.random.default_rng(seed))
         np.testing.assert_array_equal(out.permute(1, 2, 3, 0).numpy(), clip)
+        assert not was_flipped
+
+
+def test_flip_probability_is_one_half():
+    transform = TrainTransform(_cfg(flip=True, flip_label_pairs=SSV2_FLIP_LABEL_PAIRS, **NO_AUGMENT), CLIP)
+    clip = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    flips = sum(transform(clip, rng)[1] for _ in range(4000))
+    # Binomial(4000, 0.5): std 32 flips; this seed gives 2006.
+    assert abs(flips - 2000) < 100, flips
+
+
+def test_ssv2_flip_label_map_swaps_only_the_listed_pairs():
+    mapping = _cfg(flip_label_pairs=SSV2_FLIP_LABEL_PAIRS).flip_label_map
+    after_flip = {label: mapping.get(label, label) for label in range(174)}
+    changed = {label: new for label, new in after_flip.items() if new != label}
+    assert changed == {86: 87, 87: 86, 93: 94, 94: 93, 166: 167, 167: 166}
+    assert SSV2_FLIP_LABEL_PAIRS == ((86, 87), (93, 94), (166, 167))
+
+
+@pytest.mark.parametrize("name", [name for name in presets() if "ssv2" in name])
+def test_ssv2_presets_that_flip_swap_the_reference_pairs(name):
+    # A preset that flips Something-Something v2 must swap left/right classes, with the
+    # reference's pairs written out in the YAML (a preset that does not flip is left alone).
+    data = load_train_config(name).data
+    if data.flip:
+        assert data.flip_label_pairs == SSV2_FLIP_LABEL_PAIRS, name
+
+
+def _sizes_seen_by_rand_augment(monkeypatch, before_crop: bool) -> list[tuple[int, int]]:
+    seen = []
+
+    def record(self, images, rng):
+        seen.extend(image.size for image in images)
+        return images
+
+    monkeypatch.setattr(ClipRandAugment, "__call__", record)
+    transform = TrainTransform(_cfg(rand_augment_before_crop=before_crop, random_erasing=0.0), CLIP)
+    transform(_still_clip(t=3, h=48, w=64), np.random.default_rng(0))
+    return seen
+
+
+def test_rand_augment_placement_sees_the_full_frame_or_the_crop(monkeypatch):
+    # PIL sizes are (width, height): the 64x48 decoded frame before the crop, the 32x32 crop after.
+    assert _sizes_seen_by_rand_augment(monkeypatch, before_crop=True) == [(64, 48)] * 3
+    assert _sizes_seen_by_rand_augment(monkeypatch, before_crop=False) == [(32, 32)] * 3
+
+
+def test_rand_augment_before_crop_is_augment_then_crop():
+    # The order written out by hand: RandAugment on the full frames, then the crop box, drawn
+    # from the same generator in that order.
+    frames = np.random.default_rng(4).integers(0, 256, size=(3, 48, 64, 3), dtype=np.uint8)
+    cfg = _cfg(rand_augment_before_crop=True, random_erasing=0.0, flip=False)
+    ra = ClipRandAugment(cfg.rand_augment, CLIP.img_size, CLIP.mean)
+    differs = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        images = ra([Image.fromarray(f) for f in frames], rng)
+        top, left, h, w = rrc_params(48, 64, cfg.rrc_scale, cfg.rrc_ratio, rng)
+        expected = np.stack(
+            [np.asarray(im.resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h))) for im in images]
+        )
+        out, _ = TrainTransform(cfg, CLIP)(frames, np.random.default_rng(seed))
+        np.testing.assert_array_equal(out.permute(1, 2, 3, 0).numpy(), expected)
+        after, _ = TrainTransform(dataclasses.replace(cfg, rand_augment_before_crop=False), CLIP)(
+            frames, np.random.default_rng(seed)
+        )
+        differs += not torch.equal(out, after)
+    assert differs == 6
 
 
 def test_rand_augment_same_ops_per_frame_and_global_random_untouched():

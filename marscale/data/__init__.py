@@ -4,13 +4,15 @@ Importing this package is cheap (only the config dataclass); the loaders, decode
 timm-based transforms are imported on first use of their names::
 
     from marscale.data import DataConfig, build_train_loader, build_eval_loader
+
+`SSV2_FLIP_LABEL_PAIRS` holds the Something-Something v2 classes a horizontal flip swaps.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from marscale.data.config import DataConfig
+from marscale.data.config import SSV2_FLIP_LABEL_PAIRS, DataConfig
 
 _LAZY = {
     "build_train_loader": "loaders",
@@ -25,7 +27,7 @@ _LAZY = {
     "resolve_decoder": "decode",
 }
 
-__all__ = ["DataConfig", *_LAZY]
+__all__ = ["DataConfig", "SSV2_FLIP_LABEL_PAIRS", *_LAZY]
 
 
 def __getattr__(name: str):

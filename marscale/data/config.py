@@ -14,6 +14,17 @@ from typing import ClassVar, Literal, Optional
 
 from marscale.choices import check_choices
 
+SSV2_FLIP_LABEL_PAIRS: tuple[tuple[int, int], ...] = ((86, 87), (93, 94), (166, 167))
+"""Something-Something v2 classes that a horizontal flip turns into each other (0-based
+indices of the official label file; the MAR reference's `label_transforms` in
+`dataset/base/base_dataset.py`, `__getitem__`): 86/87 "Pulling something from left to
+right" / "... from right to left", 93/94 "Pushing something from left to right" / "...
+from right to left", 166/167 "Turning the camera left / right while filming something".
+The SSv2 presets write these pairs out as `data.flip_label_pairs`
+(tests/test_data_transforms.py checks that they match)."""
+
+ClipWindows = Literal["shared", "independent"]
+
 
 @dataclasses.dataclass
 class DataConfig:
@@ -40,9 +51,17 @@ class DataConfig:
     """Clips per rank per step (all `clips_per_video` clips of a video count)."""
 
     clips_per_video: int = 1
-    """Repeated augmentation: clips made from one decoded video (the same frames, each
-    with its own spatial augmentation, as in VideoMAE/MAR). Must divide `batch_size`; the
+    """Repeated augmentation: clips made from one decoded video, each with its own spatial
+    augmentation (their temporal windows: `clip_windows`). Must divide `batch_size`; the
     clips of a video are consecutive within one batch."""
+
+    clip_windows: ClipWindows = "shared"
+    """Temporal windows of the `clips_per_video` clips of a video. "shared": one window,
+    decoded once, cut into differently augmented clips (VideoMAE's repeated augmentation).
+    "independent" (the MAR reference, which samples a window per clip): each clip draws
+    its own window; the union of the windows' frames is read with one reader in one
+    call, so the video is opened and parsed once (a backend that decodes forward, such
+    as PyAV, may still decode the frames between two distant windows)."""
 
     test_num_clips: int = 5
     """Evaluation: temporal windows per video."""
@@ -71,11 +90,28 @@ class DataConfig:
     manifest. Each video yields `clips_per_video` clips."""
 
     flip: bool = True
-    """Random horizontal flip in training. Set False when labels depend on left/right
-    (Something-Something v2, the synthetic set)."""
+    """Random horizontal flip in training, drawn per clip with probability 0.5. Where labels
+    depend on left/right, either list the classes that swap in `flip_label_pairs`
+    (Something-Something v2 in the MAR recipe) or set False (the synthetic set)."""
+
+    flip_label_pairs: tuple[tuple[int, int], ...] = ()
+    """Classes that a horizontal flip turns into each other: for each pair (a, b), a
+    flipped clip labelled a is labelled b and one labelled b is labelled a; other labels
+    are kept, and unflipped clips keep theirs. Swapped in the worker for the clip whose
+    flip was drawn, so before mixup. () (default): a plain flip. Something-Something v2:
+    the pairs of `SSV2_FLIP_LABEL_PAIRS`, written out in the preset. Pairs are disjoint
+    non-negative class indices; they describe the labels, so they may stay set with
+    `flip` off (then nothing is flipped or swapped)."""
 
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     """timm RandAugment config string, applied with the same ops to every frame; "" disables."""
+
+    rand_augment_before_crop: bool = False
+    """Where RandAugment runs. False (default; the MAR reference for Something-Something
+    v2): on the `clip.img_size` crop, after RandomResizedCrop. True (the MAR reference for
+    Kinetics-400, as VideoMAE): on the full decoded frames, before the crop; costlier in
+    proportion to the frame's area. Either way the ops and magnitudes are the same on
+    every frame of a clip. No effect when `rand_augment` is ""."""
 
     random_erasing: float = 0.25
     """Probability of erasing one rectangle (the same on every frame of a clip)."""
@@ -103,6 +139,7 @@ class DataConfig:
         # YAML gives lists; keep tuples so configs compare and hash the same way.
         for name in ("rrc_scale", "rrc_ratio"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        self.flip_label_pairs = check_flip_label_pairs(self.flip_label_pairs)
 
         if not self.train_shards or not self.val_shards:
             raise ValueError("train_shards and val_shards must name shard folders (each with a manifest.json)")
@@ -156,6 +193,11 @@ class DataConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     @property
+    def flip_label_map(self) -> dict[int, int]:
+        """label -> label after a horizontal flip, for the labels that change (both ways)."""
+        return {**dict(self.flip_label_pairs), **{b: a for a, b in self.flip_label_pairs}}
+
+    @property
     def videos_per_batch(self) -> int:
         """Distinct videos in a training batch: batch_size / clips_per_video."""
         return self.batch_size // self.clips_per_video
@@ -164,3 +206,24 @@ class DataConfig:
     def views_per_video(self) -> int:
         """Evaluation views of one video: test_num_clips x test_num_crops."""
         return self.test_num_clips * self.test_num_crops
+
+
+def check_flip_label_pairs(pairs) -> tuple[tuple[int, int], ...]:
+    """`pairs` as a tuple of (a, b) int pairs; ValueError unless each has two distinct
+    non-negative class indices and no class is in two pairs."""
+    out, seen = [], set()
+    for pair in pairs:
+        pair = tuple(pair)
+        if len(pair) != 2 or not all(isinstance(c, int) and not isinstance(c, bool) for c in pair):
+            raise ValueError(f"flip_label_pairs holds [a, b] pairs of class indices, e.g. [[86, 87]]; got {pair!r}")
+        a, b = pair
+        if a < 0 or b < 0 or a == b:
+            raise ValueError(f"flip_label_pairs: {pair} must be two different class indices >= 0")
+        repeated = seen & {a, b}
+        if repeated:
+            raise ValueError(
+                f"flip_label_pairs: class {min(repeated)} is in more than one pair; each class swaps with one other"
+            )
+        seen |= {a, b}
+        out.append((a, b))
+    return tuple(out)

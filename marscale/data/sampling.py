@@ -5,12 +5,25 @@ functions return shape [T], evaluation functions [num_clips, T] (clip k, frame t
 Videos shorter than a clip are handled by clamping to the last frame (the last frame
 repeats), so the output length is always T.
 
-Two schemes, as in VideoMAE / MAR:
+Two schemes, as in VideoMAE / MAR, the first in two forms (`clip.sampling_fps`):
 
-* dense (Kinetics): T frames `interval` apart, a window of ``(T - 1) * interval + 1``
-  source frames. Training draws the window start uniformly; evaluation takes
-  `num_clips` evenly spaced windows from the first to the last possible start (one
-  window: the centred one). Frame rate is ignored, as in the reference code.
+* dense (Kinetics), fixed interval (``sampling_fps`` None): T frames `interval` apart, a
+  window of ``(T - 1) * interval + 1`` source frames. Training draws the window start
+  uniformly; evaluation takes `num_clips` evenly spaced windows from the first to the
+  last possible start (one window: the centred one). Frame rate is ignored (VideoMAE).
+* dense, scaled by frame rate (the MAR reference, `_interval_based_sampling` in its
+  `dataset/base/base_dataset.py` with ``TARGET_FPS: 30`` and ``MINUS_INTERVAL: false``):
+  the window is ``length = T * interval * video_fps / sampling_fps`` source frames (a
+  float: 64 at 30 fps for 16 x 4, 53.3 at 25 fps), its start ``s`` is a float, and the
+  indices are ``trunc(linspace(s, s + length - 1, T))`` clamped to the video (so the
+  first and last index are 63 frames apart at 30 fps, 52 or 53 at 25 fps). With
+  ``last = max(num_video_frames - length, 0)``: training draws ``s`` uniformly in
+  ``[0, last]``; evaluation clip k of n starts at ``k * floor(last / (n - 1))`` (one
+  clip: ``last / 2``). The reference computes the linspace in float32 (torch); float64
+  here gave the same evaluation indices in a check at 12.5 to 60 fps. The video's fps
+  is the decoder's (`reader.fps`, decord's average rate as in the reference): it belongs
+  to the same reader as the frame count the indices address, and every sample has it
+  (the shard's JSON record is not read by the loader and is rounded).
 * segment (Something-Something v2): the video is cut into T equal segments and one
   frame is taken from each; segment i spans ``[round(s * i), round(s * (i + 1))]`` with
   ``s = (num_video_frames - 1) / T``. Training picks uniformly inside each segment,
@@ -20,7 +33,15 @@ Two schemes, as in VideoMAE / MAR:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from marscale.clip import ClipConfig
+
+
+class FrameRateError(ValueError):
+    """`clip.sampling_fps` is set and the video has no usable frame rate (the loader skips it)."""
 
 
 def _check(num_video_frames: int, num_frames: int) -> None:
@@ -61,6 +82,45 @@ def dense_eval_indices(num_video_frames: int, num_frames: int, interval: int, nu
     return _dense_from_start(starts, num_video_frames, num_frames, interval)
 
 
+def scaled_dense_length(num_frames: int, interval: int, fps_ratio: float) -> float:
+    """Source frames of one frame-rate-scaled dense window: T * interval * video_fps / sampling_fps."""
+    return num_frames * interval * fps_ratio
+
+
+def _scaled_dense_from_start(
+    start: float | np.ndarray, length: float, num_video_frames: int, num_frames: int
+) -> np.ndarray:
+    start = np.asarray(start, dtype=np.float64)[..., None]
+    steps = np.linspace(0.0, length - 1, num_frames)
+    # Truncation toward zero, as torch's .long() in the reference (all values are >= 0).
+    return np.clip(start + steps, 0, num_video_frames - 1).astype(np.int64)
+
+
+def scaled_dense_train_indices(
+    num_video_frames: int, num_frames: int, interval: int, fps_ratio: float, rng: np.random.Generator
+) -> np.ndarray:
+    """[T] indices of a frame-rate-scaled dense clip (`fps_ratio` = video fps / sampling fps)
+    whose float start is drawn uniformly."""
+    _check(num_video_frames, num_frames)
+    length = scaled_dense_length(num_frames, interval, fps_ratio)
+    start = rng.uniform(0.0, max(num_video_frames - length, 0.0))
+    return _scaled_dense_from_start(start, length, num_video_frames, num_frames)
+
+
+def scaled_dense_eval_indices(
+    num_video_frames: int, num_frames: int, interval: int, fps_ratio: float, num_clips: int
+) -> np.ndarray:
+    """[num_clips, T] indices of frame-rate-scaled dense windows, placed as the reference does."""
+    _check(num_video_frames, num_frames)
+    length = scaled_dense_length(num_frames, interval, fps_ratio)
+    last_start = max(num_video_frames - length, 0.0)
+    if num_clips == 1:
+        starts = np.array([last_start / 2])
+    else:
+        starts = np.arange(num_clips) * math.floor(last_start / (num_clips - 1))
+    return _scaled_dense_from_start(starts, length, num_video_frames, num_frames)
+
+
 def _segment_bounds(num_video_frames: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
     size = (num_video_frames - 1) / num_frames
     i = np.arange(num_frames)
@@ -82,21 +142,28 @@ def segment_eval_indices(num_video_frames: int, num_frames: int, num_clips: int)
     return (lo + np.floor((hi - lo) * where[:, None])).astype(np.int64)
 
 
-def train_indices(
-    sampling: str, num_video_frames: int, num_frames: int, interval: int, rng: np.random.Generator
-) -> np.ndarray:
-    """[T] training indices for `sampling` ("dense" or "segment")."""
-    if sampling == "dense":
-        return dense_train_indices(num_video_frames, num_frames, interval, rng)
-    if sampling == "segment":
-        return segment_train_indices(num_video_frames, num_frames, rng)
-    raise ValueError(f"unknown sampling {sampling!r}: use 'dense' or 'segment'")
+def _fps_ratio(clip: ClipConfig, video_fps: float) -> float:
+    if not (math.isfinite(video_fps) and video_fps > 0):
+        raise FrameRateError(f"clip.sampling_fps needs the video's frame rate; the decoder reports {video_fps}")
+    return video_fps / clip.sampling_fps
 
 
-def eval_indices(sampling: str, num_video_frames: int, num_frames: int, interval: int, num_clips: int) -> np.ndarray:
-    """[num_clips, T] evaluation indices for `sampling` ("dense" or "segment")."""
-    if sampling == "dense":
-        return dense_eval_indices(num_video_frames, num_frames, interval, num_clips)
-    if sampling == "segment":
-        return segment_eval_indices(num_video_frames, num_frames, num_clips)
-    raise ValueError(f"unknown sampling {sampling!r}: use 'dense' or 'segment'")
+def train_indices(clip: ClipConfig, num_video_frames: int, video_fps: float, rng: np.random.Generator) -> np.ndarray:
+    """[T] training indices of one window as `clip` samples it (`video_fps` is read only
+    when `clip.sampling_fps` is set)."""
+    if clip.sampling == "segment":
+        return segment_train_indices(num_video_frames, clip.num_frames, rng)
+    if clip.sampling_fps is None:
+        return dense_train_indices(num_video_frames, clip.num_frames, clip.sampling_interval, rng)
+    ratio = _fps_ratio(clip, video_fps)
+    return scaled_dense_train_indices(num_video_frames, clip.num_frames, clip.sampling_interval, ratio, rng)
+
+
+def eval_indices(clip: ClipConfig, num_video_frames: int, video_fps: float, num_clips: int) -> np.ndarray:
+    """[num_clips, T] evaluation indices as `clip` samples them (same rule as `train_indices`)."""
+    if clip.sampling == "segment":
+        return segment_eval_indices(num_video_frames, clip.num_frames, num_clips)
+    if clip.sampling_fps is None:
+        return dense_eval_indices(num_video_frames, clip.num_frames, clip.sampling_interval, num_clips)
+    ratio = _fps_ratio(clip, video_fps)
+    return scaled_dense_eval_indices(num_video_frames, clip.num_frames, clip.sampling_interval, ratio, num_clips)

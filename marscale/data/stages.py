@@ -13,8 +13,11 @@ Training stages, run inside each DataLoader worker (`train_stages`)::
     number, skip       enumerate + wds.slice: the n-th sample of the worker's stream gets
                        the random generator (seed, epoch, rank, worker, n); samples before a
                        resumed batch are dropped here, before any decoding
-    decode + augment   one frame sample decoded per video, `clips_per_video`
-                       independent augmentations of it; bad videos counted and skipped
+    decode + augment   `clips_per_video` clips per video: one temporal window for all
+                       (clip_windows "shared") or one each ("independent"), the union of
+                       their frames decoded in one pass; each clip augmented on its own,
+                       flipped labels swapped (flip_label_pairs); bad videos counted and
+                       skipped
     take, batch        wds.slice to this worker's share of the epoch, then wds.batched:
                        `batch_size` clips -> {"video": uint8 [B, C, T, H, W], "label": int64 [B]}
 
@@ -155,15 +158,18 @@ def complete_samples(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[di
     return stage
 
 
-def _decode(sample: dict, decoder: str, frame_indices: Callable[[int], list[np.ndarray]], stats: SkipStats):
-    """Decode the frames `frame_indices(num_frames)` need: (distinct frames, per-clip positions)."""
+def _decode(
+    sample: dict, decoder: str, frame_indices: Callable[[int, float], list[np.ndarray]], stats: SkipStats
+):
+    """Decode the frames `frame_indices(num_frames, fps)` need, the union of all its index
+    arrays in one pass: (distinct frames, per-array positions into them)."""
     reader = None
     try:
         reader = open_video(sample["video"], decoder)
-        clips = frame_indices(reader.num_frames)
+        clips = frame_indices(reader.num_frames, reader.fps)
         wanted, positions = np.unique(np.stack(clips), return_inverse=True)
         frames = reader.get_frames(wanted)
-    except DecodeError as e:
+    except (DecodeError, sampling.FrameRateError) as e:
         stats.skip("decode", sample["key"], str(e))
         return None
     finally:
@@ -173,32 +179,39 @@ def _decode(sample: dict, decoder: str, frame_indices: Callable[[int], list[np.n
     return frames, positions.reshape(len(clips), -1)
 
 
+def train_windows(cfg: DataConfig, clip: ClipConfig, num_video_frames: int, fps: float, rng: np.random.Generator):
+    """The temporal windows of one video's clips: [T] index arrays, one shared by all
+    `clips_per_video` clips or one per clip (`cfg.clip_windows`)."""
+    count = cfg.clips_per_video if cfg.clip_windows == "independent" else 1
+    return [sampling.train_indices(clip, num_video_frames, fps, rng) for _ in range(count)]
+
+
 def decode_train_clips(
     cfg: DataConfig, clip: ClipConfig, transform: TrainTransform, decoder: str, stats: SkipStats, words: list[int]
 ) -> Callable[[Iterable[tuple[int, dict]]], Iterator[dict]]:
     """(n, sample) -> `clips_per_video` augmented clips {"video": uint8 [C, T, H, W], "label"}.
 
-    Repeated augmentation as in VideoMAE/MAR: one frame sample is decoded per video and
-    each clip is an independent spatial augmentation of those frames, so the decoding is
-    paid once per video (separate temporal windows would cost nearly a decode each).
+    Repeated augmentation as in VideoMAE/MAR, decoded once per video: with shared windows
+    the clips are independent spatial augmentations of one frame sample; with
+    independent windows (the MAR reference) each clip also has its own window, and the
+    frames of all windows are decoded together. A flipped clip's label goes through
+    `cfg.flip_label_map`. Every draw comes from the sample's generator, in a fixed order
+    (windows, then each clip's augmentation), so a resumed epoch repeats it.
     """
+    flip_label_map = cfg.flip_label_map
 
     def stage(numbered: Iterable[tuple[int, dict]]) -> Iterator[dict]:
         for n, sample in numbered:
             rng = np.random.default_rng(words + [n])
-
-            def indices(num_video_frames: int) -> list[np.ndarray]:
-                return [
-                    sampling.train_indices(clip.sampling, num_video_frames, clip.num_frames, clip.sampling_interval, rng)
-                ]
-
-            decoded = _decode(sample, decoder, indices, stats)
+            decoded = _decode(sample, decoder, partial(train_windows, cfg, clip, rng=rng), stats)
             if decoded is None:
                 continue
             frames, positions = decoded
-            window = frames[positions[0]]  # [T, H, W, 3]
-            for _ in range(cfg.clips_per_video):
-                yield {"video": transform(window, rng), "label": sample["label"]}
+            for k in range(cfg.clips_per_video):
+                window = frames[positions[k % len(positions)]]  # [T, H, W, 3]; shared: one row for all
+                video, flipped = transform(window, rng)
+                label = flip_label_map.get(sample["label"], sample["label"]) if flipped else sample["label"]
+                yield {"video": video, "label": label}
 
     return stage
 
@@ -208,16 +221,11 @@ def decode_eval_views(
 ) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """sample -> its test_num_clips x test_num_crops views, tagged with video index and view."""
 
+    def indices(num_video_frames: int, fps: float) -> list[np.ndarray]:
+        return list(sampling.eval_indices(clip, num_video_frames, fps, cfg.test_num_clips))
+
     def stage(samples: Iterable[dict]) -> Iterator[dict]:
         for sample in samples:
-
-            def indices(num_video_frames: int) -> list[np.ndarray]:
-                return list(
-                    sampling.eval_indices(
-                        clip.sampling, num_video_frames, clip.num_frames, clip.sampling_interval, cfg.test_num_clips
-                    )
-                )
-
             decoded = _decode(sample, decoder, indices, stats)
             if decoded is None:
                 continue

@@ -8,7 +8,8 @@ Training (`TrainTransform`), one random draw per clip applied to every frame, so
 is not corrupted by per-frame jitter:
 
 1. RandomResizedCrop to ``img_size`` (area `rrc_scale`, aspect `rrc_ratio`, bilinear).
-2. Horizontal flip with probability 0.5 (when ``flip``).
+2. Horizontal flip with probability 0.5 (when ``flip``). The transform says whether it
+   flipped, so the loader can swap the labels of `flip_label_pairs` for that clip.
 3. timm RandAugment with the same ops and magnitudes on every frame: the ops are drawn
    once, and Python's `random` (which timm's ops read for probability, magnitude noise
    and sign) is reseeded to the same value before each frame.
@@ -17,8 +18,17 @@ is not corrupted by per-frame jitter:
    same per-pixel Gaussian noise of mean ``255 * mean`` and std ``255 * std`` (clipped to
    uint8). After normalisation that is timm's "pixel" mode noise, N(0, 1).
 
-RandomResizedCrop comes before RandAugment (VideoMAE applies RandAugment to the full
-frame first): the ops are the same kind, and running them on the small crop is cheaper.
+RandAugment placement (``rand_augment_before_crop``). By default it runs on the crop
+(step 3), as the MAR reference does for Something-Something v2: the ops are the same
+kind and running them on the small crop is cheaper. With ``rand_augment_before_crop``
+it runs first, on the full decoded frames, as the MAR reference (`kinetics400.py`,
+``AUTOAUGMENT.BEFORE_CROP``) and VideoMAE do for Kinetics: geometric ops then move
+content across the crop border and the cost grows with the frame's area. The
+hyper-parameters are the same in both places (the reference sizes them by the crop),
+and timm's "rand" ops translate by a fraction of the image they see. The reference
+flips first (Kinetics) or last, after erasing (its Something-Something v2 flip); the
+flip right after the crop draws the same distribution, since the crop box, every
+RandAugment op and the erased rectangle are as likely mirrored.
 
 Evaluation (`EvalTransform`): frames are resized so the short side is ``short_side``,
 then ``test_num_crops`` squares of ``img_size`` are cut along the long side (3: start /
@@ -144,8 +154,12 @@ class ClipRandAugment:
         return images
 
 
+def _no_augment(images: list[Image.Image], rng: np.random.Generator) -> list[Image.Image]:
+    return images
+
+
 class TrainTransform:
-    """uint8 [T, H, W, 3] frames -> augmented uint8 [C, T, img_size, img_size] clip."""
+    """uint8 [T, H, W, 3] frames -> (augmented uint8 [C, T, img_size, img_size] clip, flipped)."""
 
     def __init__(self, cfg: DataConfig, clip: ClipConfig):
         self.size = clip.img_size
@@ -155,23 +169,27 @@ class TrainTransform:
         self.erase_prob = cfg.random_erasing
         self.fill_mean = np.array(clip.mean) * 255.0
         self.fill_std = np.array(clip.std) * 255.0
-        self.rand_augment = ClipRandAugment(cfg.rand_augment, clip.img_size, clip.mean) if cfg.rand_augment else None
+        rand_augment = ClipRandAugment(cfg.rand_augment, clip.img_size, clip.mean) if cfg.rand_augment else _no_augment
+        # One of the two places runs RandAugment; the other is a no-op.
+        self.augment_frames = rand_augment if cfg.rand_augment_before_crop else _no_augment
+        self.augment_crops = _no_augment if cfg.rand_augment_before_crop else rand_augment
 
-    def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+        """The augmented clip uint8 [C, T, S, S], and whether it was flipped horizontally."""
         _, height, width, _ = frames.shape
+        images = self.augment_frames([Image.fromarray(frame) for frame in frames], rng)  # full frames
         top, left, h, w = rrc_params(height, width, self.scale, self.ratio, rng)
-        flip = self.flip and rng.random() < 0.5
+        flipped = self.flip and rng.random() < 0.5
         box = (left, top, left + w, top + h)
-        images = []
-        for frame in frames:
-            image = Image.fromarray(frame).resize((self.size, self.size), Image.BILINEAR, box=box)
-            images.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
-        if self.rand_augment is not None:
-            images = self.rand_augment(images, rng)
-        clip = np.stack([np.asarray(image.convert("RGB")) for image in images])  # [T, S, S, 3]
+        crops = []
+        for image in images:
+            crop = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+            crops.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else crop)
+        crops = self.augment_crops(crops, rng)
+        clip = np.stack([np.asarray(crop.convert("RGB")) for crop in crops])  # [T, S, S, 3]
         if rng.random() < self.erase_prob:
             clip = self.erase(clip, rng)
-        return to_channels_first(clip)
+        return to_channels_first(clip), flipped
 
     def erase(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Fill one rectangle, the same on all frames, with the same Gaussian noise."""
