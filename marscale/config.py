@@ -115,6 +115,12 @@ MOVED_KEYS_ATTR = "MOVED_KEYS"
 still uses an old key gets an error that names the new one."""
 
 
+MOVED_SCALAR_ATTR = "MOVED_SCALAR"
+"""A config dataclass that replaced a plain value may name the field that value now sets
+(`decoder: true` became `decoder: {enabled: true}`; `MOVED_SCALAR: ClassVar[str] = "enabled"`):
+a file that still gives the plain value gets an error that names the field."""
+
+
 def _unknown_key(path: str, key: str, valid: list[str], cls: type | None = None) -> ConfigError:
     moved = getattr(cls, MOVED_KEYS_ATTR, {}) if cls is not None else {}
     if str(key) in moved:
@@ -222,6 +228,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, path: str = "") 
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
+        moved = getattr(cls, MOVED_SCALAR_ATTR, None)
+        if moved is not None and path and not isinstance(data, (list, tuple)):
+            raise ConfigError(
+                f"'{path}' is a section now, not a value: set '{path}.{moved}: {_yaml_scalar(data)}' instead"
+            )
         where = f"'{path}'" if path else "the config"
         raise ConfigError(f"{where} must be a mapping of keys to values ({cls.__name__}), got {data!r}")
 
@@ -243,6 +254,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, path: str = "") 
         raise
     except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 # ---------------------------------------------------------------------------------------

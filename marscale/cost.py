@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from marscale import cost_cache
 from marscale.clip import ClipConfig, num_tokens
 from marscale.losses import MARLoss
-from marscale.model import BridgeConfig, ModelConfig, build_model
+from marscale.model import BridgeConfig, DecoderConfig, ModelConfig, build_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,10 @@ def _count(model_json: str, clip_json: str, num_visible: int) -> ModelCount:
     if stored is not None:
         return ModelCount(**stored)
     fields = json.loads(model_json)
-    cfg = ModelConfig(**{**fields, "bridge": BridgeConfig(**fields["bridge"])})
+    # dataclasses.asdict flattened the sections to dicts: rebuild them.
+    cfg = ModelConfig(
+        **{**fields, "bridge": BridgeConfig(**fields["bridge"]), "decoder": DecoderConfig(**fields["decoder"])}
+    )
     clip = ClipConfig(**json.loads(clip_json))
     count = _count_on_meta(cfg, clip, num_visible)
     cost_cache.store(name, dataclasses.asdict(count))
@@ -157,14 +160,21 @@ def count_model(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float) -> ModelC
     of the tokens masked.
 
     Counted once per shape on the meta device and cached. `cfg.arch` picks the model
-    (MAR or full-token ViT); `cfg.decoder` whether MAR training runs the decoder.
+    (MAR or full-token ViT); `cfg.decoder` whether MAR training runs the decoder, and its size.
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     n = num_tokens(clip, cfg.patch_size)
     # Dropout and stochastic depth cost no matmuls, and model FLOPs exclude the recomputation
     # of gradient checkpointing: they are switched off so the meta run has fewer ops.
-    counted = dataclasses.replace(cfg, drop_path=0.0, head_dropout=0.0, grad_checkpointing=0, pretrained="")
+    # Keyed on the decoder as built (None filled in from the variant), so `depth: null` and
+    # the variant's depth written out are one count.
+    spec = cfg.decoder_spec
+    decoder = DecoderConfig(cfg.decoder.enabled, spec.embed_dim, spec.depth, spec.num_heads)
+    counted = dataclasses.replace(
+        cfg, drop_path=0.0, head_dropout=0.0, grad_checkpointing=0, pretrained="", pretrained_partial=False,
+        decoder=decoder,
+    )
     model_json = json.dumps(dataclasses.asdict(counted), sort_keys=True)
     return _count(model_json, json.dumps(dataclasses.asdict(clip), sort_keys=True), n - round(mask_ratio * n))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import json
+import logging
 import os
 
 import pytest
@@ -16,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_clip, tiny_model_config
 
-from marscale.checkpoint import CheckpointError, LoadReport, detect_layout, load_pretrained
+from marscale.checkpoint import CheckpointError, LoadReport, detect_layout, key_group, load_pretrained
+from marscale.clip import ClipConfig
 from marscale.masking import cell_running_mask, mask_to_indices
-from marscale.model import MARModel, ViTClassifier
-from marscale.model.layers import Attention
+from marscale.model import BridgeConfig, DecoderConfig, MARModel, ModelConfig, ViTClassifier, build_model
+from marscale.model.layers import Attention, sincos_table
 
 NUM_CLASSES = 10
 
@@ -207,7 +210,7 @@ def test_layout_writers_cover_every_source_tensor():
     )
 
 
-def test_videomae_pretrain_round_trip(tmp_path):
+def test_videomae_pretrain_round_trip(tmp_path, caplog):
     src, dst = make_mar(0), make_mar(1)
     video, (vis, msk) = clip(), indices()
     ref, before = mar_outputs(src, video, vis, msk), mar_outputs(dst, video, vis, msk)
@@ -216,7 +219,8 @@ def test_videomae_pretrain_round_trip(tmp_path):
 
     ckpt = videomae_pretrain_layout(src)
     ckpt["args"] = argparse.Namespace(model="pretrain_videomae_base_patch16_224", mask_ratio=0.9)
-    report = load_pretrained(dst, save(tmp_path, ckpt))
+    with caplog.at_level(logging.INFO, logger="marscale.checkpoint"):
+        report = load_pretrained(dst, save(tmp_path, ckpt))
 
     assert isinstance(report, LoadReport) and report.layout == "videomae_pretrain"
     after = mar_outputs(dst, video, vis, msk)
@@ -228,6 +232,25 @@ def test_videomae_pretrain_round_trip(tmp_path):
     for k, v in dst.classifier.state_dict().items():
         torch.testing.assert_close(v, classifier_before[k], rtol=0, atol=0)
     assert "missing" in str(report) and "classifier.blocks.*." in str(report)
+
+    # By part: encoder and decoder whole, the classifier fresh; logged as a warning (missing).
+    n_enc, n_dec, n_cls = (len(getattr(dst, part).state_dict()) for part in ("encoder", "decoder", "classifier"))
+    assert report.by_group() == {
+        "encoder": {"loaded": n_enc, "missing": 0, "unexpected": 0, "dropped": 0},
+        "decoder": {"loaded": n_dec, "missing": 0, "unexpected": 0, "dropped": 0},
+        "classifier": {"loaded": 0, "missing": n_cls, "unexpected": 0, "dropped": 0},
+        "other": {"loaded": 0, "missing": 0, "unexpected": 0, "dropped": 0},
+    }
+    (record,) = [r for r in caplog.records if r.name == "marscale.checkpoint"]
+    assert record.levelno == logging.WARNING
+    table = record.getMessage().splitlines()
+    assert table[1].split() == ["loaded", "missing", "unexpected", "dropped"]
+    assert table[2].split() == ["encoder", str(n_enc), "0", "0", "0"]
+    assert table[3].split() == ["decoder", str(n_dec), "0", "0", "0"]
+    assert table[4].split() == ["classifier", "0", str(n_cls), "0", "0"]
+    as_json = json.loads(json.dumps(report.to_json()))
+    assert as_json["groups"] == report.by_group() and as_json["missing"] == report.missing
+    assert as_json["layout"] == "videomae_pretrain" and as_json["partial"] is False
 
 
 def test_videomae_pretrain_into_vit_baseline(tmp_path):
@@ -297,19 +320,28 @@ def test_k_bias_leaves_attention_unchanged():
         torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("container", ["plain", "ddp", "export"])
-def test_marscale_layout_round_trip(tmp_path, container):
+@pytest.mark.parametrize("container", ["plain", "ddp", "compiled", "ddp_compiled", "compiled_encoder", "export"])
+def test_marscale_layout_round_trip(tmp_path, caplog, container):
     src, dst = make_mar(0), make_mar(1)
     video, (vis, msk) = clip(), indices()
     ref = mar_outputs(src, video, vis, msk)
     sd = src.state_dict()
     if container == "ddp":
         sd = {"module." + k: v for k, v in sd.items()}
+    if container == "compiled":  # torch.compile(model).state_dict()
+        sd = {"_orig_mod." + k: v for k, v in sd.items()}
+    if container == "ddp_compiled":  # DDP around a compiled model
+        sd = {"module._orig_mod." + k: v for k, v in sd.items()}
+    if container == "compiled_encoder":  # model.encoder = torch.compile(model.encoder)
+        sd = {k.replace("encoder.", "encoder._orig_mod.", 1) if k.startswith("encoder.") else k: v
+              for k, v in sd.items()}
     if container == "export":  # what `marscale export` writes
         sd = {"model": sd, "config": {"model": {"variant": "vit_tiny", "num_classes": NUM_CLASSES}}, "step": 100}
     path = save(tmp_path, sd)
-    report = load_pretrained(dst, path)
+    with caplog.at_level(logging.INFO, logger="marscale.checkpoint"):
+        report = load_pretrained(dst, path)
     assert report.layout == "marscale" and report.missing == [] and report.unexpected == []
+    assert [r.levelno for r in caplog.records if r.name == "marscale.checkpoint"] == [logging.INFO]  # all loaded
     after = mar_outputs(dst, video, vis, msk)
     for k in ref:
         torch.testing.assert_close(after[k], ref[k], rtol=0, atol=0)
@@ -323,6 +355,171 @@ def test_detect_layout_names():
     assert detect_layout({"backbone.norm.weight": torch.zeros(1)}) == "mar_reference"
     assert detect_layout({"encoder.norm.weight": torch.zeros(1), "head.head.bias": torch.zeros(1)}) == "marscale"
     assert detect_layout({"fc.weight": torch.zeros(1)}) is None
+
+
+# --- decoders of other sizes, prefixes ------------------------------------------------------
+
+
+def zero_strided(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of the same shapes that store one element each (stride 0): a ViT-H-shaped
+    checkpoint of a few kilobytes."""
+    return {k: torch.zeros(()).expand(v.shape) for k, v in sd.items()}
+
+
+def vit_h(**decoder) -> MARModel:
+    cfg = ModelConfig(num_classes=400, variant="vit_h", decoder=DecoderConfig(**decoder))
+    return build_model(cfg, ClipConfig(), device="meta")
+
+
+# Loading into a meta model checks names and shapes; copying values into it is a no-op.
+meta_copy = pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+
+
+@meta_copy
+def test_videomae_vit_h_pretraining_loads_whole_into_mar_vit_h(tmp_path):
+    """VideoMAE's ViT-H pre-training decoder has 12 blocks (640 wide, 8 heads): MAR ViT-H
+    builds the same, so encoder and decoder load whole."""
+    src = vit_h()
+    assert len(src.decoder.blocks) == 12
+    sd = {**encoder_tensors(src.encoder, "encoder.", True), **videomae_decoder_tensors(src.decoder)}
+    assert sum(1 for k in sd if k.startswith("decoder.blocks.")) == 12 * 13
+    path = save(tmp_path, {"model": zero_strided(sd)}, "videomae_vit_h_pretrain.pth")
+    assert os.path.getsize(path) < 2_000_000
+
+    report = load_pretrained(vit_h(), path)
+    assert report.unexpected == [] and report.dropped == [] and report.ignored == []
+    assert report.missing == [k for k in src.state_dict() if k.startswith("classifier.")]
+    groups = report.by_group()
+    assert groups["encoder"]["loaded"] == len(src.encoder.state_dict()) == 2 + 32 * 13 + 2
+    assert groups["decoder"]["loaded"] == len(src.decoder.state_dict()) == 12 * 13 + 6
+    assert groups["decoder"]["missing"] == groups["decoder"]["unexpected"] == 0
+
+    # The 4-block decoder (the table's value before) refuses it and says what to set.
+    before = vit_h(depth=4)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(before, path)
+    message = str(err.value)
+    assert "set model.decoder.depth=12 (the checkpoint's decoder has 12 blocks, the model's 4)" in message
+    assert "104 weights have no place in the model's modules: decoder.blocks.4-11.*" in message
+    assert "model.pretrained_partial: true" in message and path in message
+    # Asked for, a partial load takes blocks 0-3 and reports 4-11 as unexpected.
+    report = load_pretrained(before, path, partial=True)
+    assert len(report.unexpected) == 104 and all(k.startswith("decoder.blocks.") for k in report.unexpected)
+    assert report.by_group()["decoder"] == {"loaded": 4 * 13 + 6, "missing": 0, "unexpected": 104, "dropped": 0}
+    assert any("decoder.blocks.4-11.*" in n for n in report.notes)
+
+
+@meta_copy
+def test_encoder_of_another_size_names_the_variant(tmp_path):
+    """A VideoMAE ViT-L pre-training checkpoint given to MAR ViT-H: the fix is the variant,
+    whose decoder (12 x 512) then fits too, so no decoder setting is named."""
+    src = build_model(ModelConfig(num_classes=400, variant="vit_l"), ClipConfig(), device="meta")
+    sd = {**encoder_tensors(src.encoder, "encoder.", True), **videomae_decoder_tensors(src.decoder)}
+    path = save(tmp_path, {"model": zero_strided(sd)})
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(vit_h(), path)
+    message = str(err.value)
+    assert "it lacks 104 weights of the model: encoder.blocks.24-31.*" in message
+    assert ("To fit it, set model.variant=vit_l (the checkpoint's encoder has 24 blocks 1024 wide, the model's "
+            "32 blocks 1280 wide). To load only") in message
+
+
+def test_custom_decoder_round_trip(tmp_path):
+    """model.decoder sizes a decoder that VideoMAE pre-trained otherwise; it loads whole
+    and predicts as the source does."""
+    custom = DecoderConfig(embed_dim=64, depth=3, num_heads=4)
+    torch.manual_seed(0)
+    src = randomised(MARModel(tiny_model_config(num_classes=NUM_CLASSES, decoder=custom), tiny_clip()), 0)
+    torch.manual_seed(1)
+    dst = randomised(MARModel(tiny_model_config(num_classes=NUM_CLASSES, decoder=custom), tiny_clip()), 1)
+    video, (vis, msk) = clip(), indices()
+    ref = mar_outputs(src, video, vis, msk)
+    report = load_pretrained(dst, save(tmp_path, videomae_pretrain_layout(src)))
+    assert report.unexpected == [] and report.dropped == [] and report.by_group()["decoder"]["missing"] == 0
+    torch.testing.assert_close(mar_outputs(dst, video, vis, msk)["pred"], ref["pred"], rtol=0, atol=0)
+
+
+def test_decoder_of_another_width_names_the_settings(tmp_path):
+    torch.manual_seed(0)
+    src = MARModel(tiny_model_config(num_classes=NUM_CLASSES, decoder=DecoderConfig(embed_dim=64, num_heads=4)),
+                   tiny_clip())
+    path = save(tmp_path, videomae_pretrain_layout(src))
+    dst = make_mar(1)  # vit_tiny's decoder: 96 wide
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(dst, path)
+    message = str(err.value)
+    assert "set model.decoder.embed_dim=64 and model.decoder.num_heads to the checkpoint's" in message
+    assert "(its decoder is 64 wide, the model's 96; head counts are not stored)" in message
+    assert "31 weights have another shape: decoder.blocks.0.norm1.weight (64,) vs the model's (96,)" in message
+    for k, v in dst.state_dict().items():  # nothing was loaded
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    report = load_pretrained(dst, path, partial=True)
+    # Only the output bias (1536 pixel values) has the same shape in both widths.
+    assert report.by_group()["decoder"]["loaded"] == 1 and report.loaded[-1] == "decoder.head.bias"
+    assert report.by_group()["decoder"]["dropped"] == len(dst.decoder.state_dict()) - 1
+    torch.testing.assert_close(dst.encoder.blocks[0].attn.qkv.weight, src.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_decoder_shallower_than_the_model_names_the_depth(tmp_path):
+    torch.manual_seed(0)
+    src = MARModel(tiny_model_config(num_classes=NUM_CLASSES, decoder=DecoderConfig(depth=1)), tiny_clip())
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(make_mar(1), save(tmp_path, videomae_pretrain_layout(src)))
+    assert "it lacks 13 weights of the model: decoder.blocks.1.*" in str(err.value)
+    assert "set model.decoder.depth=1 (the checkpoint's decoder has 1 block, the model's 2)" in str(err.value)
+
+
+def test_bridge_depth_mismatch_names_the_setting(tmp_path):
+    path = save(tmp_path, mar_reference_layout(make_mar(0)))
+    torch.manual_seed(0)
+    dst = MARModel(tiny_model_config(num_classes=NUM_CLASSES, bridge=BridgeConfig(embed_dim=64, depth=1, num_heads=4)),
+                   tiny_clip())
+    with pytest.raises(CheckpointError, match=r"set model\.bridge\.depth=2 \(the checkpoint's classifier has 2"):
+        load_pretrained(dst, path)
+
+
+def test_weights_of_modules_the_model_lacks_are_unexpected_not_errors(tmp_path):
+    # A switched-off decoder: the pre-training decoder has no module to go to.
+    torch.manual_seed(0)
+    no_decoder = MARModel(tiny_model_config(num_classes=NUM_CLASSES, decoder=DecoderConfig(enabled=False)),
+                          tiny_clip())
+    src = make_mar(0)
+    report = load_pretrained(no_decoder, save(tmp_path, videomae_pretrain_layout(src)))
+    n_decoder = len(videomae_decoder_tensors(src.decoder))
+    assert report.by_group()["decoder"] == {"loaded": 0, "missing": 0, "unexpected": n_decoder, "dropped": 0}
+    torch.testing.assert_close(no_decoder.encoder.norm.weight, src.encoder.norm.weight, rtol=0, atol=0)
+    # The full-token baseline has no final encoder norm (nn.Identity): unexpected, not a misfit.
+    report = load_pretrained(make_vit(1), save(tmp_path, videomae_pretrain_layout(src), "b.pth"))
+    assert {"encoder.norm.weight", "encoder.norm.bias"} <= set(report.unexpected)
+    # But a tensor the encoder's modules do not have is a misfit.
+    ckpt = videomae_pretrain_layout(src)
+    ckpt["model"]["encoder.blocks.0.attn.k_bias"] = torch.zeros(192)
+    with pytest.raises(CheckpointError, match=r"encoder\.blocks\.0\.attn\.k_bias"):
+        load_pretrained(make_mar(1), save(tmp_path, ckpt, "c.pth"))
+
+
+def test_backbone_prefix_loads_the_encoder(tmp_path):
+    """Encoder weights under `backbone.` (the MAR reference's name for it), alone."""
+    src, dst = make_mar(0), make_mar(1)
+    sd = encoder_tensors(src.encoder, "backbone.", True)
+    report = load_pretrained(dst, save(tmp_path, {"state_dict": detached(sd)}))
+    assert report.layout == "mar_reference" and report.unexpected == []
+    assert report.by_group()["encoder"] == {"loaded": len(sd), "missing": 0, "unexpected": 0, "dropped": 0}
+    with torch.no_grad():
+        torch.testing.assert_close(dst.encoder(clip()), src.encoder(clip()), rtol=0, atol=0)
+
+
+def test_key_groups_of_every_layout():
+    for key in ("encoder.blocks.0.norm1.weight", "backbone.norm.bias", "blocks.3.mlp.fc1.weight", "norm.weight",
+                "patch_embed.proj.weight"):
+        assert key_group(key) == "encoder", key
+    for key in ("decoder.blocks.0.norm1.weight", "decoder.mask_token", "encoder_to_decoder.weight", "mask_token"):
+        assert key_group(key) == "decoder", key
+    for key in ("classifier.embed.weight", "head.head.bias", "fc_norm.weight", "head.weight",
+                "cls_head.blocks.0.norm.weight", "encoder_to_cls_decoder.weight"):
+        assert key_group(key) == "classifier", key
+    assert key_group("mean") == key_group("step_counter") == "other"
 
 
 # --- heads, missing and mismatched weights, dtypes ----------------------------------------
@@ -367,33 +564,71 @@ def test_missing_encoder_weights_raise_unless_partial(tmp_path):
 
 
 def test_encoder_shape_mismatch_names_key_and_shapes(tmp_path):
-    ckpt = videomae_finetune_layout(make_vit(0))
+    src = make_vit(0)
+    ckpt = videomae_finetune_layout(src)
     ckpt["module"]["blocks.0.attn.qkv.weight"] = torch.zeros(10, 192)
     path = save(tmp_path, ckpt)
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.qkv\.weight.*\(10, 192\).*\(576, 192\)"):
-        load_pretrained(make_vit(1), path, partial=True)
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.qkv\.weight \(10, 192\) vs the model's "
+                       r"encoder\.blocks\.0\.attn\.qkv\.weight \(576, 192\)") as err:
+        load_pretrained(make_vit(1), path)
+    assert "model.pretrained_partial: true" in str(err.value)
+    # A partial load leaves it out and says so.
+    dst = make_vit(1)
+    before = dst.encoder.blocks[0].attn.qkv.weight.clone()
+    report = load_pretrained(dst, path, partial=True)
+    assert report.dropped == ["encoder.blocks.0.attn.qkv.weight"] == report.missing
+    assert any("another shape" in n for n in report.notes)
+    torch.testing.assert_close(dst.encoder.blocks[0].attn.qkv.weight, before, rtol=0, atol=0)
+    torch.testing.assert_close(dst.encoder.blocks[0].attn.proj.weight, src.encoder.blocks[0].attn.proj.weight)
 
 
-def test_position_tables_are_skipped_with_notes(tmp_path):
+def test_position_tables(tmp_path):
+    """A stored table equal to the fixed sin-cos one is skipped; one for another clip size
+    too, with a note; learned positions are an error (partial: skipped with a note)."""
     src = make_vit(0)
     video = clip()
     with torch.no_grad():
         ref = src(video)["logits"]
     ckpt = videomae_finetune_layout(src)
-    ckpt["module"]["pos_embed"] = torch.randn(1, 16 * 14 * 14, 192)  # made for 16x224x224 clips
-    report = load_pretrained(make_vit(1), save(tmp_path, ckpt, "a.pth"))
-    assert report.ignored == ["pos_embed"] and "(1, 3136, 192)" in report.notes[0]
 
     ckpt["module"]["pos_embed"] = src.encoder.pos_embed.unsqueeze(0).clone()  # the same fixed table
     dst = make_vit(2)
-    report = load_pretrained(dst, save(tmp_path, ckpt, "b.pth"))
+    report = load_pretrained(dst, save(tmp_path, ckpt, "same.pth"))
     assert report.ignored == ["pos_embed"] and report.notes == []
     with torch.no_grad():
         torch.testing.assert_close(dst(video)["logits"], ref, rtol=0, atol=0)
 
-    ckpt["module"]["pos_embed"] = torch.randn(1, 8, 192)  # a learned table of the right shape
-    report = load_pretrained(make_vit(3), save(tmp_path, ckpt, "c.pth"))
-    assert "differs" in report.notes[0]
+    ckpt["module"]["pos_embed"] = src.encoder.pos_embed.unsqueeze(0).to(torch.bfloat16)  # rounded: still it
+    assert load_pretrained(make_vit(2), save(tmp_path, ckpt, "bf16.pth")).notes == []
+
+    ckpt["module"]["pos_embed"] = sincos_table(16 * 14 * 14, 192).unsqueeze(0)  # fixed, for 16x224x224 clips
+    report = load_pretrained(make_vit(1), save(tmp_path, ckpt, "other_size.pth"))
+    assert report.ignored == ["pos_embed"] and "3136 positions" in report.notes[0] and "has 8" in report.notes[0]
+
+    noise = torch.randn(1, 8, 192, generator=torch.Generator().manual_seed(0))
+    learned = src.encoder.pos_embed.unsqueeze(0) + 0.01 * noise
+    ckpt["module"]["pos_embed"] = learned
+    path = save(tmp_path, ckpt, "learned.pth")
+    dst = make_vit(3)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"pos_embed \(1, 8, 192\) is not the fixed sin-cos table"):
+        load_pretrained(dst, path)
+    for k, v in dst.state_dict().items():  # nothing was loaded
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    ckpt["module"]["pos_embed"] = torch.randn(1, 3136, 192)  # learned, for another clip size
+    with pytest.raises(CheckpointError, match="not the fixed sin-cos table"):
+        load_pretrained(make_vit(3), save(tmp_path, ckpt, "learned_other_size.pth"))
+    report = load_pretrained(dst, path, partial=True)
+    assert report.ignored == ["pos_embed"] and any("not the fixed sin-cos table" in n for n in report.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(video)["logits"], ref, rtol=0, atol=0)
+
+
+def test_mar_reference_learned_decoder_table_is_an_error(tmp_path):
+    ckpt = mar_reference_layout(make_mar(0))
+    ckpt["model_state"]["pos_embed"] = ckpt["model_state"]["pos_embed"] * 1.5
+    with pytest.raises(CheckpointError, match=r"position table pos_embed \(1, 8, 96\) is not the fixed"):
+        load_pretrained(make_mar(1), save(tmp_path, ckpt))
 
 
 def test_dtypes_are_converted_to_the_model(tmp_path):

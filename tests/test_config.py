@@ -306,6 +306,11 @@ def test_preset_override():
         (["model.img_size=32"], "'model.img_size' has moved: set 'clip.img_size' instead"),
         (["data.mean=[0.5,0.5,0.5]"], "'data.mean' has moved: set 'clip.mean' instead"),
         (["model.pixel_std=[0.5,0.5,0.5]"], "'model.pixel_std' has moved: set 'clip.std' instead"),
+        (["model.decoder=false"],
+         "'model.decoder' is a section now, not a value: set 'model.decoder.enabled: false' instead"),
+        (["model.decoder.depth=0"], "decoder.depth must be >= 1"),
+        (["model.decoder.num_heads=5"], "width 96 is not divisible by 5 heads; set model.decoder.num_heads"),
+        (["model.bridge.init=kaiming"], "'model.bridge.init' expects 'xavier' | 'trunc_normal', got 'kaiming'"),
         (["clip.img_size=96"], "data.short_side=64 < clip.img_size=96"),
         (["clip.img_size=40", "data.short_side=40"], "clip.img_size 40 is not a multiple of the encoder's patch size 16"),
         (["clip.num_frames=5"], "clip.num_frames 5 is not a multiple of clip.tubelet_size 2"),
@@ -330,6 +335,30 @@ def test_old_clip_keys_in_a_file_name_the_new_key(tmp_path):
     d["data"]["num_frames"] = 8
     with pytest.raises(ConfigError, match=re.escape("'data.num_frames' has moved: set 'clip.num_frames' instead")):
         load_train_config(write_yaml(tmp_path / "old.yaml", d))
+
+
+def test_decoder_section_replaces_the_old_bool(tmp_path):
+    """`model.decoder` was a bool; a file that still says `decoder: true` is told the field."""
+    from marscale.model.config import DecoderSpec
+
+    d = minimal_train_dict()
+    d["model"]["decoder"] = True
+    message = "'model.decoder' is a section now, not a value: set 'model.decoder.enabled: true' instead"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(write_yaml(tmp_path / "old.yaml", d))
+    d["model"]["decoder"] = {"depth": 3, "embed_dim": 64, "num_heads": 4}
+    cfg = load_train_config(write_yaml(tmp_path / "new.yaml", d))
+    assert cfg.model.decoder.enabled and cfg.model.decoder_spec == DecoderSpec(64, 3, 4)
+    # A section's own errors and the generic "must be a mapping" message stay as they were.
+    typo = "unknown key 'model.decoder.width' (did you mean 'model.decoder.depth'?)"
+    with pytest.raises(ConfigError, match=re.escape(typo)):
+        load_train_config(write_yaml(tmp_path / "typo.yaml", {**d, "model": {**d["model"], "decoder": {"width": 3}}}))
+    with pytest.raises(ConfigError, match=re.escape("'model.bridge' must be a mapping of keys to values")):
+        load_train_config(write_yaml(tmp_path / "b.yaml", {**d, "model": {**d["model"], "bridge": True}}))
+    for name in ("vit_b_k400", "vit_l_k400", "vit_h_k400"):
+        assert not load_train_config(os.path.join(CONFIG_DIR, f"{name}.yaml")).model.decoder.enabled
+    h = load_train_config(os.path.join(CONFIG_DIR, "mar_vit_h_k400.yaml")).model
+    assert h.decoder.enabled and h.decoder_spec == DecoderSpec(640, 12, 8) and not h.pretrained_partial
 
 
 def test_choices_are_checked_when_built_in_python_too():

@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from marscale import cost
 from marscale.clip import ClipConfig
-from marscale.model import VARIANTS, ModelConfig, build_model
+from marscale.model import VARIANTS, DecoderConfig, ModelConfig, build_model
+from marscale.model.config import DecoderSpec
 
 K = 400  # Kinetics-400 head
 REPO = Path(__file__).resolve().parents[1]
@@ -66,11 +67,12 @@ def bridging(variant: str, nv: int, k: int = K) -> int:
     return d * 512 * nv + blocks(2, 512, nv) + 512 * k
 
 
-def decoder(variant: str, n: int, nv: int, tubelet: int = 2) -> int:
-    """Linear d -> Dd on visible, blocks on all n tokens, head Dd -> P on the masked ones."""
-    spec = VARIANTS[variant]
-    dd, p = spec.decoder.embed_dim, 3 * tubelet * spec.encoder.patch_size**2
-    return spec.encoder.embed_dim * dd * nv + blocks(spec.decoder.depth, dd, n) + dd * p * (n - nv)
+def decoder(variant: str, n: int, nv: int, tubelet: int = 2, spec: DecoderSpec | None = None) -> int:
+    """Linear d -> Dd on visible, blocks on all n tokens, head Dd -> P on the masked ones
+    (the variant's decoder unless `spec` is given)."""
+    enc, dec = VARIANTS[variant].encoder, spec or VARIANTS[variant].decoder
+    dd, p = dec.embed_dim, 3 * tubelet * enc.patch_size**2
+    return enc.embed_dim * dd * nv + blocks(dec.depth, dd, n) + dd * p * (n - nv)
 
 
 def test_blocks_formula_is_the_facts_formula():
@@ -200,9 +202,31 @@ def test_model_flops_per_clip_any_shape():
     assert cost.model_flops_per_clip(cfg, dataclasses.replace(clip, mean=(0.5, 0.5, 0.5)), 0.5, True) == train
 
 
+def test_vit_h_decoder_is_twelve_blocks():
+    # VideoMAE's ViT-H pre-training decoder: 12 blocks, 640 wide, on all 1568 tokens.
+    c = count("vit_h", 0.5)
+    assert c.macs_decoder == decoder("vit_h", 1568, 784, spec=DecoderSpec(640, 12, 8))
+    four = count("vit_h", 0.5, decoder=DecoderConfig(depth=4))
+    assert c.macs_decoder - four.macs_decoder == blocks(8, 640, 1568)
+    assert c.params_training - four.params_training == 8 * 4_922_880  # 8 blocks of width 640
+    assert (c.macs_inference, c.params_inference) == (four.macs_inference, four.params_inference)
+
+
+def test_decoder_section_sizes_the_count():
+    custom = DecoderConfig(embed_dim=128, depth=3, num_heads=4)
+    c = count("vit_tiny", 0.5, decoder=custom)
+    assert c.macs_decoder == decoder("vit_tiny", c.tokens, c.visible_tokens, spec=DecoderSpec(128, 3, 4))
+    # The variant's values written out are the same model as None: one count, one cache entry.
+    table = VARIANTS["vit_tiny"].decoder
+    spelled = DecoderConfig(embed_dim=table.embed_dim, depth=table.depth, num_heads=table.num_heads)
+    cost._count.cache_clear()
+    assert count("vit_tiny", 0.5, decoder=spelled) == count("vit_tiny", 0.5)
+    assert cost._count.cache_info().currsize == 1
+
+
 def test_no_decoder_means_no_decoder_flops():
     with_dec = count("vit_tiny", 0.5)
-    without = count("vit_tiny", 0.5, decoder=False)
+    without = count("vit_tiny", 0.5, decoder=DecoderConfig(enabled=False))
     assert without.macs_decoder == 0
     assert without.macs_inference == with_dec.macs_inference
     assert without.macs_training < with_dec.macs_training

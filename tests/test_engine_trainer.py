@@ -23,7 +23,7 @@ from marscale import dist
 from marscale.engine import checkpointing as ckpt
 from marscale.engine.config import load_train_config
 from marscale.engine.metrics import by_step, read_jsonl
-from marscale.engine.trainer import EXIT_PREEMPTED, Trainer
+from marscale.engine.trainer import EXIT_PREEMPTED, LOAD_REPORT_FILE, Trainer
 
 
 def tiny_config(shards: dict[str, str], out, *overrides: str):
@@ -257,6 +257,8 @@ def test_starts_from_videomae_pretraining(synthetic_shards, tmp_path):
         fresh_classifier = {k: v.clone() for k, v in fresh.engine.module.classifier.state_dict().items()}
     finally:
         fresh.close()
+    report_path = os.path.join(cfg.run.output_dir, LOAD_REPORT_FILE)
+    assert not os.path.exists(report_path)  # nothing loaded, no report
 
     cfg = tiny_config(synthetic_shards, tmp_path, "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
                       f"model.pretrained={path}")
@@ -269,6 +271,20 @@ def test_starts_from_videomae_pretraining(synthetic_shards, tmp_path):
                 torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=f"{part}.{name}")
         for name, value in module.classifier.state_dict().items():
             torch.testing.assert_close(value, fresh_classifier[name], rtol=0, atol=0, msg=f"classifier.{name}")
+
+        # The run folder records what was loaded, by part of the model.
+        with open(report_path) as f:
+            report = json.load(f)
+        assert report["path"] == path and report["layout"] == "videomae_pretrain" and report["partial"] is False
+        n = {part: len(getattr(module, part).state_dict()) for part in ("encoder", "decoder", "classifier")}
+        assert report["groups"] == {
+            "encoder": {"loaded": n["encoder"], "missing": 0, "unexpected": 0, "dropped": 0},
+            "decoder": {"loaded": n["decoder"], "missing": 0, "unexpected": 0, "dropped": 0},
+            "classifier": {"loaded": 0, "missing": n["classifier"], "unexpected": 0, "dropped": 0},
+            "other": {"loaded": 0, "missing": 0, "unexpected": 0, "dropped": 0},
+        }
+        assert report["missing"] == [f"classifier.{k}" for k in module.classifier.state_dict()]
+        assert report["unexpected"] == report["dropped"] == []
     finally:
         trainer.close()
 

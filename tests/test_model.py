@@ -15,7 +15,7 @@ from helpers import tiny_clip, tiny_model_config
 
 from marscale.clip import ClipConfig
 from marscale.losses import build_loss
-from marscale.model import VARIANTS, ModelConfig, build_model
+from marscale.model import VARIANTS, BridgeConfig, DecoderConfig, ModelConfig, build_model
 from marscale.model.layers import Attention, Block, DropPath, drop_path_rates, init_weights, sincos_table
 
 # Tokens in the tiny clips: 4 frames / tubelet 2, 32 px / patch 16 -> a 2 x 2 x 2 grid.
@@ -119,8 +119,36 @@ def test_output_shapes():
 
 
 def test_decoder_can_be_switched_off():
-    m = model("mar", decoder=False).train()
+    m = build_model(tiny_model_config("mar", decoder=DecoderConfig(enabled=False)), tiny_clip()).train()
     assert m.decoder is None and set(m(clip(), VIS, MSK)) == {"logits"}
+
+
+def test_decoder_size_defaults_to_the_variant_and_can_be_set():
+    assert VARIANTS["vit_h"].decoder.depth == 12  # VideoMAE's ViT-H pre-training: --decoder_depth 12
+    assert (VARIANTS["vit_l"].decoder.embed_dim, VARIANTS["vit_l"].decoder.depth) == (512, 12)
+    h = build_model(ModelConfig(num_classes=400, variant="vit_h"), ClipConfig(), device="meta")
+    assert len(h.decoder.blocks) == 12 and h.decoder.norm.normalized_shape == (640,)
+    assert h.decoder.blocks[0].attn.num_heads == 8
+
+    cfg = tiny_model_config("mar", decoder=DecoderConfig(embed_dim=64, depth=3, num_heads=2))
+    assert (cfg.decoder_spec.embed_dim, cfg.decoder_spec.depth, cfg.decoder_spec.num_heads) == (64, 3, 2)
+    m = build_model(cfg, tiny_clip(), device="meta")
+    dec = m.decoder
+    assert len(dec.blocks) == 3 and dec.blocks[0].attn.num_heads == 2
+    assert dec.encoder_to_decoder.weight.shape == (64, 192) and dec.mask_token.shape == (1, 1, 64)
+    assert dec.pos_embed.shape == (N, 64) and dec.head.weight.shape == (1536, 64)
+    # Only the fields that are set replace the variant's.
+    only_depth = tiny_model_config("mar", decoder=DecoderConfig(depth=5)).decoder_spec
+    assert (only_depth.embed_dim, only_depth.depth, only_depth.num_heads) == (96, 5, 3)
+
+
+def test_decoder_section_validation():
+    with pytest.raises(ValueError, match="decoder.depth must be >= 1"):
+        DecoderConfig(depth=0)
+    with pytest.raises(ValueError, match=r"width 96 is not divisible by 5 heads.*model\.decoder\.num_heads"):
+        tiny_model_config("mar", decoder=DecoderConfig(num_heads=5))
+    with pytest.raises(TypeError, match=r"model\.decoder\.enabled"):
+        tiny_model_config("mar", decoder=False)
 
 
 @pytest.mark.parametrize("arch", ["mar", "vit"])
@@ -361,6 +389,73 @@ def test_init_weights_statistics():
     assert abs(conv.weight.std().item() / (bound / math.sqrt(3)) - 1) < 0.01
 
 
+def _mar(init: str, seed: int = 0, init_scale: float = 0.001, **kw):
+    torch.manual_seed(seed)
+    bridge = BridgeConfig(embed_dim=512, depth=2, num_heads=4, init=init)
+    return build_model(
+        ModelConfig(num_classes=400, variant="vit_tiny", bridge=bridge, init_scale=init_scale, **kw), tiny_clip()
+    )
+
+
+def test_bridge_xavier_init_is_the_mar_reference():
+    """Every Linear of the bridging blocks and the final head: xavier-uniform weights, zero
+    biases; unit LayerNorms; no head down-scaling; the input Linear keeps torch's default."""
+    m = _mar("xavier")
+    cls = m.classifier
+    linears = [mod for part in (cls.blocks, cls.head) for mod in part.modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(linears) == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block; the head
+    for lin in linears:
+        fan_out, fan_in = lin.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = lin.weight.detach().double()
+        assert w.abs().max().item() <= bound
+        # uniform(-b, b): std b/sqrt(3), 4th moment / var^2 = 9/5; tolerance from the count
+        rel = 4 / math.sqrt(w.numel())
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < rel, (lin, w.std().item())
+        if w.numel() > 100_000:
+            assert abs((w**4).mean().item() / w.var().item() ** 2 - 1.8) < 0.02, "kurtosis of a uniform"
+        assert lin.bias is None or not lin.bias.any()
+    head = cls.head.head  # 512 -> 400, not scaled by init_scale (0.001 here)
+    assert abs(head.weight.std().item() / (math.sqrt(6 / 912) / math.sqrt(3)) - 1) < 0.02
+    for blk in cls.blocks:
+        assert not blk.attn.q_bias.any() and not blk.attn.v_bias.any()
+        for norm in (blk.norm1, blk.norm2):
+            assert bool((norm.weight == 1).all()) and not norm.bias.any()
+    assert bool((cls.head.fc_norm.weight == 1).all()) and not cls.head.fc_norm.bias.any()
+    # encoder_to_cls_decoder in the reference: torch's nn.Linear init, uniform(+-1/sqrt(fan_in)).
+    w = cls.embed.weight.detach()
+    assert w.shape == (512, 192) and w.abs().max().item() <= 1 / math.sqrt(192)
+    assert abs(w.std().item() / (1 / math.sqrt(192) / math.sqrt(3)) - 1) < 0.02
+
+
+def test_bridge_trunc_normal_init_is_the_previous_videomae_init(monkeypatch):
+    """`trunc_normal` draws what one init_weights over the whole model and the head scaled by
+    init_scale drew before the option existed; the encoder and decoder are the same draws
+    under either option (the classifier is initialised last)."""
+    from marscale.model import heads, mar
+
+    m = _mar("trunc_normal", seed=3, init_scale=0.01)
+    with monkeypatch.context() as mp:  # the constructor alone, then the previous init
+        mp.setattr(mar, "init_weights", lambda module: None)
+        mp.setattr(heads.BridgingClassifier, "reset_parameters", lambda self, init, scale: None)
+        ref = _mar("trunc_normal", seed=3, init_scale=0.01)
+    init_weights(ref)
+    with torch.no_grad():
+        ref.classifier.head.head.weight.mul_(0.01)
+        ref.classifier.head.head.bias.mul_(0.01)
+    for (name, a), b in zip(m.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+    w = m.classifier.head.head.weight
+    assert abs(w.std().item() / (0.02 * 0.01) - 1) < 0.02
+    assert abs(m.classifier.blocks[0].mlp.fc1.weight.std().item() / 0.02 - 1) < 0.02
+    x = _mar("xavier", seed=3)
+    for name, value in m.state_dict().items():
+        if not name.startswith("classifier."):
+            assert torch.equal(value, x.state_dict()[name]), name
+    with pytest.raises(ValueError, match="init='kaiming'"):
+        BridgeConfig(init="kaiming")
+
+
 def test_drop_path_model_is_deterministic_in_eval():
     with_dp = model("mar", drop_path=0.5, head_dropout=0.5)
     without = model("mar")
@@ -438,11 +533,12 @@ def vit_params(variant: str, k: int) -> int:
     return encoder_params(variant) + 2 * d + d * k + k  # fc_norm + Linear
 
 
-def mar_params(variant: str, k: int, bridge: int = 512, bridge_depth: int = 2) -> int:
+def mar_params(variant: str, k: int, bridge: int = 512, bridge_depth: int = 2, decoder_depth: int | None = None) -> int:
     v = VARIANTS[variant]
     d, dd = v.encoder.embed_dim, v.decoder.embed_dim
+    depth = v.decoder.depth if decoder_depth is None else decoder_depth
     out = 3 * 2 * v.encoder.patch_size**2
-    decoder = d * dd + dd + v.decoder.depth * block_params(dd, 4 * dd) + 2 * dd + dd * out + out
+    decoder = d * dd + dd + depth * block_params(dd, 4 * dd) + 2 * dd + dd * out + out
     classifier = d * bridge + bridge_depth * block_params(bridge, 4 * bridge) + 2 * bridge + bridge * k + k
     return encoder_params(variant) + 2 * d + decoder + classifier
 
@@ -463,6 +559,16 @@ def test_parameter_counts_on_meta(variant, low, high):
     mar = build_model(ModelConfig(num_classes=400, arch="mar", variant=variant), ClipConfig(), device="meta")
     assert all(p.is_meta for p in mar.parameters())
     assert count(mar) == mar_params(variant, 400)
+
+
+def test_vit_h_decoder_parameters():
+    # 12 blocks of width 640 (VideoMAE's ViT-H pre-training decoder), 4 when set so.
+    h12 = build_model(ModelConfig(num_classes=400, variant="vit_h"), ClipConfig(), device="meta")
+    h4 = build_model(ModelConfig(num_classes=400, variant="vit_h", decoder=DecoderConfig(depth=4)), ClipConfig(),
+                     device="meta")
+    assert count(h12) == mar_params("vit_h", 400, decoder_depth=12)
+    assert count(h4) == mar_params("vit_h", 400, decoder_depth=4)
+    assert count(h12) - count(h4) == 8 * block_params(640, 2560) == 39_383_040
 
 
 def test_vit_g_geometry():

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     # Weights first: a wrong checkpoint fails before any process group exists.
     model = build_model(cfg.model, cfg.clip)
     if state is None:
-        report = load_pretrained(model, args.checkpoint, clip=cfg.clip)
+        report = load_pretrained(model, args.checkpoint, clip=cfg.clip, partial=cfg.model.pretrained_partial)
         untrained = [k for k in report.missing + report.dropped if not k.startswith("decoder.")]
         if untrained:
             # e.g. a pre-training checkpoint, or one fine-tuned on another label set

@@ -78,6 +78,8 @@ class TrainingDiverged(RuntimeError):
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 EVAL_FILE = "eval.json"
+LOAD_REPORT_FILE = "load_report.json"
+"""What `model.pretrained` filled, by part of the model (`marscale.checkpoint.LoadReport`)."""
 
 
 class Trainer:
@@ -109,7 +111,10 @@ class Trainer:
         if cfg.model.pretrained:
             from marscale.checkpoint import load_pretrained
 
-            load_pretrained(model, cfg.model.pretrained, clip=cfg.clip)
+            report = load_pretrained(model, cfg.model.pretrained, clip=cfg.clip, partial=cfg.model.pretrained_partial)
+            if dist.is_main():
+                os.makedirs(self.output_dir, exist_ok=True)
+                write_json(os.path.join(self.output_dir, LOAD_REPORT_FILE), report.to_json())
         optimizer = build_optimizer(model, cfg.optim, device.type, offload=cfg.deepspeed.offload_optimizer)
         self.ds_config = build_deepspeed_config(cfg, self.world_size)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)

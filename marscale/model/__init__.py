@@ -4,7 +4,7 @@ Only `nn.Module`s live here; masking, losses, checkpoints and engine wrapping ar
 from outside.
 """
 
-from marscale.model.config import VARIANTS, BridgeConfig, ModelConfig
+from marscale.model.config import VARIANTS, BridgeConfig, DecoderConfig, ModelConfig
 from marscale.model.mar import MARModel, ViTClassifier, build_model
 
-__all__ = ["VARIANTS", "BridgeConfig", "ModelConfig", "MARModel", "ViTClassifier", "build_model"]
+__all__ = ["VARIANTS", "BridgeConfig", "DecoderConfig", "ModelConfig", "MARModel", "ViTClassifier", "build_model"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from marscale.model.layers import Block
+from marscale.model.layers import Block, init_weights, xavier_init
 
 
 class ClassifierHead(nn.Module):
@@ -46,6 +46,22 @@ class BridgingClassifier(nn.Module):
         self.embed = nn.Linear(encoder_dim, embed_dim, bias=False, device=device, dtype=dtype)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, device=device, dtype=dtype) for _ in range(depth))
         self.head = ClassifierHead(embed_dim, num_classes, dropout, device=device, dtype=dtype)
+
+    def reset_parameters(self, init: str, init_scale: float) -> None:
+        """Fresh weights (`BridgeConfig.init`). `xavier`, the MAR reference: its head
+        (`TransformerBridgingClsHead`) applies xavier-uniform / zero bias / unit norm to its
+        blocks and final Linear, with no scaling; its input Linear (`encoder_to_cls_decoder`)
+        lives outside the head and keeps PyTorch's default init. `trunc_normal`: VideoMAE's
+        init for every Linear, the final one scaled by `init_scale`."""
+        if init == "xavier":
+            self.embed.reset_parameters()
+            xavier_init(self.blocks)
+            xavier_init(self.head)
+        else:
+            init_weights(self)
+            with torch.no_grad():
+                self.head.head.weight.mul_(init_scale)
+                self.head.head.bias.mul_(init_scale)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(x)

@@ -151,6 +151,22 @@ def init_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def xavier_init(module: nn.Module) -> None:
+    """The MAR reference's head init: xavier-uniform Linear weights, zero biases (q/v biases
+    included: the reference's qkv Linear has a plain bias, set to 0), unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, Attention) and m.q_bias is not None:
+            nn.init.zeros_(m.q_bias)
+            nn.init.zeros_(m.v_bias)
+
+
 def drop_path_rates(rate: float, depth: int) -> list[float]:
     """Stochastic depth increasing linearly from 0 to `rate` over `depth` blocks.
 

@@ -40,9 +40,13 @@ def _build_encoder(cfg: ModelConfig, clip: ClipConfig, final_norm: bool, device,
     )
 
 
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())  # shapes only: nothing to initialise
+
+
 def _init(model: nn.Module, head: nn.Linear, init_scale: float) -> None:
-    if any(p.is_meta for p in model.parameters()):
-        return  # shapes only: nothing to initialise
+    if _on_meta(model):
+        return
     init_weights(model)
     with torch.no_grad():
         head.weight.mul_(init_scale)
@@ -55,23 +59,24 @@ class MARModel(nn.Module):
     def __init__(self, cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
-        spec = VARIANTS[cfg.variant]
+        encoder_dim = VARIANTS[cfg.variant].encoder.embed_dim
         self.encoder = _build_encoder(cfg, clip, final_norm=True, device=device, dtype=dtype)
         self.decoder = None
-        if cfg.decoder:
+        if cfg.decoder.enabled:
+            spec = cfg.decoder_spec
             patch_values = 3 * clip.tubelet_size * cfg.patch_size**2
             self.decoder = ReconstructionDecoder(
-                spec.encoder.embed_dim,
-                spec.decoder.embed_dim,
-                spec.decoder.depth,
-                spec.decoder.num_heads,
+                encoder_dim,
+                spec.embed_dim,
+                spec.depth,
+                spec.num_heads,
                 self.encoder.num_tokens,
                 patch_values,
                 device=device,
                 dtype=dtype,
             )
         self.classifier = BridgingClassifier(
-            spec.encoder.embed_dim,
+            encoder_dim,
             cfg.num_classes,
             cfg.bridge.embed_dim,
             cfg.bridge.depth,
@@ -80,7 +85,12 @@ class MARModel(nn.Module):
             device=device,
             dtype=dtype,
         )
-        _init(self, self.classifier.head.head, cfg.init_scale)
+        if not _on_meta(self):
+            # Module order, as one init_weights(self) would draw: the same weights for a seed.
+            init_weights(self.encoder)
+            if self.decoder is not None:
+                init_weights(self.decoder)
+            self.classifier.reset_parameters(cfg.bridge.init, cfg.init_scale)
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(cfg.grad_checkpointing)
 
