@@ -272,12 +272,14 @@ def test_recipe_values():
     assert (b.optim.warmup_epochs, b.optim.warmup_lr, b.optim.min_lr, b.optim.weight_decay) == (5.0, 1e-6, 1e-6, 0.05)
     ls = load_train_config(os.path.join(CONFIG_DIR, "mar_vit_l_ssv2.yaml"))
     assert (ls.optim.lr, ls.optim.layer_decay, ls.optim.epochs, ls.model.drop_path) == (2.5e-4, 0.75, 40, 0.2)
+    # SSv2 flips with the left/right classes swapped (the reference recipe: tests/test_recipe.py).
     assert (ls.clip.sampling, ls.data.flip, ls.optim.recon_weight, ls.model.num_classes) == (
         "segment",
-        False,
+        True,
         0.1,
         174,
     )
+    assert ls.data.flip_label_pairs == ((86, 87), (93, 94), (166, 167))
     demo = load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"))
     assert demo.model.variant == "vit_tiny" and demo.model.num_classes == 4 and demo.clip.sampling == "segment"
     assert demo.data.train_shards == "runs/demo/data/shards/train"

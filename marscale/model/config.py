@@ -87,13 +87,14 @@ class BridgeConfig:
     """Number of transformer blocks."""
     num_heads: int = 4
     """Attention heads per block."""
-    init: Literal["xavier", "trunc_normal"] = "xavier"
+    init: Literal["xavier", "trunc_normal"] = "trunc_normal"
     """How the fresh classifier starts. `xavier`, the MAR reference: xavier-uniform weights
     for every Linear of the blocks and of the final head, zero biases, unit LayerNorms, no
     down-scaling of the head (`model.init_scale` does not apply); the bias-free input Linear
     keeps PyTorch's default Linear init, as the reference's `encoder_to_cls_decoder` does.
-    `trunc_normal`, VideoMAE's head init: truncated-normal(0.02) for every Linear, zero
-    biases, and the final Linear scaled by `model.init_scale`."""
+    `trunc_normal` (the default, marscale's earlier init): VideoMAE's head init,
+    truncated-normal(0.02) for every Linear, zero biases, and the final Linear scaled by
+    `model.init_scale`. The MAR presets set `xavier`."""
 
     def __post_init__(self):
         check_choices(self)
