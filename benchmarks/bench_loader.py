@@ -157,9 +157,10 @@ def bench_pipeline(
             seed=r,
         )
         # One rank, one accumulation step: the run plan's loader batches are videos // videos per batch.
+        shard_set = ShardSet.load(folder)
         batches = iter(build_train_loader(
-            cfg, ClipConfig(), ShardSet.load(folder), batches_per_epoch=(videos + 2) // 2, epoch=r, rank=0,
-            world_size=1,
+            cfg, ClipConfig(), shard_set, batches_per_epoch=(videos + 2) // 2, epoch=r, rank=0, world_size=1,
+            num_classes=shard_set.num_classes,
         ))
         next(batches)  # fills the shuffle buffer, first decode
         cpu, wall = time.process_time(), time.perf_counter()

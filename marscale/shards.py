@@ -48,7 +48,11 @@ def sample_key(index: int) -> str:
 
 
 def key_to_index(key: str) -> int:
-    return int(key.rsplit("/", 1)[-1])
+    """The global sample index a `sample_key` encodes; ValueError naming the key for anything
+    else (another tool's key, a member name such as ``../x``, a sign, non-ASCII digits)."""
+    if not (len(key) >= KEY_DIGITS and key.isascii() and key.isdigit()):
+        raise ValueError(f"sample key {key!r} is not a marscale key ({KEY_DIGITS} or more digits: the sample index)")
+    return int(key)
 
 
 def shard_name(prefix: str, index: int) -> str:

@@ -12,9 +12,10 @@ Formats (see FACTS.md, "Annotation formats users bring"):
 - ``folder``: one folder per class under the root (class = folder name, sorted).
 
 A parser only reads the annotations. Malformed lines are errors that name the file and
-line; entries that are well formed but cannot be used (a label outside the class list, a
-path outside the root, a repeated video) are kept, flagged by `Item.problem`, so the
-converter can skip and report them.
+line, and so is a source that lists no video at all (an empty file, a folder without
+class folders); entries that are well formed but cannot be used (a label outside the
+class list, a path outside the root, a repeated video) are kept, flagged by
+`Item.problem`, so the converter can skip and report them.
 """
 
 from __future__ import annotations
@@ -218,6 +219,8 @@ def parse_folder(root: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> A
     if not os.path.isdir(root):
         raise AnnotationError(f"{root}: not a folder")
     class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not class_names:
+        raise AnnotationError(f"{root}: no class folders (the folder format reads ROOT/CLASS/VIDEO)")
     items = []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(root, name)
@@ -247,7 +250,13 @@ def parse_annotations(
     }
     if fmt not in parsers:
         raise ValueError(f"unknown annotation format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return parsers[fmt]()
+    result = parsers[fmt]()
+    if not result.items:
+        if fmt == "folder":
+            extensions = ", ".join(VIDEO_EXTENSIONS)
+            raise AnnotationError(f"{root}: no videos with extensions {extensions} in its class folders")
+        raise AnnotationError(f"{annotations}: no entries")
+    return result
 
 
 def _need(value: str | None, name: str, fmt: str) -> str:

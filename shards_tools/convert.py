@@ -7,10 +7,16 @@ Stages, in order:
    shuffle, number the samples and cut the list into shards. Shard k always holds the
    same samples, so a re-run knows what each shard should contain;
 3. for every shard not already finished: read, probe (decode every frame) and
-   optionally re-encode each video (`video.py`) in a process pool, then write the shard
+   optionally re-encode each video (`video.py`) in a process pool, check that the
+   training loader's default decoder reads it (the one `data.decoder: auto` picks here,
+   `marscale.data.decode.resolve_decoder`; a video it cannot read is re-encoded to
+   H.264 at its own size and kept if that fixes it, else skipped), then write the shard
    in the main process in plan order (`write.py`). Output bytes do not depend on the
    number of workers;
 4. write ``manifest.json`` atomically.
+
+Inputs that give no sample at all (an empty annotation file, a folder without class
+folders, every video skipped) are errors, not an empty shard set.
 
 Progress is recorded in ``.convert-state.json`` after every shard (`write.py`), so
 re-running the same command after an interruption keeps the finished shards whose
@@ -34,8 +40,9 @@ import av
 
 from . import annotations as ann
 from .plan import DEFAULT_SAMPLES_PER_SHARD, PlannedSample, plan, plan_digest
-from .video import SkipVideo, probe_video, reencode_video
-from .write import ProcessedSample, prepare_out, save_state, shard_finished, write_shard
+from .video import SkipVideo, VideoInfo, probe_video, reader_error, reencode_video
+from .write import ConvertError, ProcessedSample, prepare_out, save_state, shard_finished, write_shard
+from marscale.data.decode import resolve_decoder
 from marscale.shards import VIDEO_EXTENSIONS, Manifest, SampleMeta, ShardInfo, Skipped, save_manifest, shard_name
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ SKIP_REASONS = {
     "truncated": "file is cut short (container framing or frame count)",
     "no_frames": "no frame decodes",
     "reencode_error": "re-encoding failed",
+    "decoder": "the loader's default decoder cannot read it, re-encoded or not",
 }
 
 
@@ -162,6 +170,30 @@ class _Task:
     reencode: bool
     short_side: int
     keyframe_interval: int
+    decoder: str
+    """The loader's default decoder, which must read the stored video."""
+
+
+def _readable(data: bytes, info: VideoInfo, task: _Task) -> tuple[bytes, VideoInfo, bool]:
+    """(data, info, False) if `task.decoder` reads `data`; else, unless it was re-encoded
+    already, (`data` re-encoded to H.264 at its own size, its probe, True) if the decoder
+    reads that. Raises SkipVideo("decoder") when neither works."""
+    error = reader_error(data, task.decoder)
+    if error is None:
+        return data, info, False
+    if task.reencode:
+        raise SkipVideo("decoder", f"{task.decoder}: {error}")
+    try:
+        fixed = reencode_video(data, min(info.width, info.height), task.keyframe_interval)
+        fixed_info = probe_video(fixed)
+    except (av.FFmpegError, SkipVideo, ValueError, OSError) as e:
+        raise SkipVideo("decoder", f"{task.decoder}: {error}; re-encoding failed: {e}") from None
+    still = reader_error(fixed, task.decoder)
+    if still is not None:
+        raise SkipVideo("decoder", f"{task.decoder}: {error}; after re-encoding: {still}")
+    log.info("%s: re-encoded to H.264 (same size) for %s, which could not read it: %s",
+             task.sample.source, task.decoder, error)
+    return fixed, fixed_info, True
 
 
 def _process(task: _Task) -> ProcessedSample:
@@ -183,6 +215,9 @@ def _process(task: _Task) -> ProcessedSample:
             ext = "mp4"
         elif ext not in VIDEO_EXTENSIONS:
             raise SkipVideo("unsupported_extension", f".{ext}")
+        data, info, fixed = _readable(data, info, task)
+        if fixed:
+            ext = "mp4"
     except FileNotFoundError as e:
         return ProcessedSample(sample, skip=Skipped(sample.source, "missing", str(e)))
     except OSError as e:
@@ -199,7 +234,7 @@ def _process(task: _Task) -> ProcessedSample:
         width=info.width,
         height=info.height,
         codec=info.codec,
-        reencoded=task.reencode,
+        reencoded=task.reencode or fixed,
     )
     return ProcessedSample(sample, ext=ext, data=data, meta=meta)
 
@@ -215,6 +250,15 @@ def _results(tasks: list[_Task], workers: int) -> Iterator[ProcessedSample]:
         yield from pool.imap(_process, tasks, chunksize=1)
 
 
+def _skip_summary(skipped: list[Skipped]) -> str:
+    """"5 listed, all skipped: 3 missing, 2 truncated (e.g. a.mp4: missing)" for an error message."""
+    if not skipped:
+        return "nothing listed"
+    counts = ", ".join(f"{n} {reason}" for reason, n in sorted(collections.Counter(s.reason for s in skipped).items()))
+    first = skipped[0]
+    return f"{len(skipped)} listed, all skipped: {counts} (e.g. {first.source}: {first.reason} {first.detail})"
+
+
 def convert(options: ConvertOptions, overwrite: bool = False, progress: bool | None = None) -> ConvertResult:
     """Run (or resume) a conversion; returns the manifest written and what was done.
 
@@ -227,6 +271,10 @@ def convert(options: ConvertOptions, overwrite: bool = False, progress: bool | N
         options.format, options.root, options.annotations, options.labels, options.classes
     )
     shards, static_skipped = plan(options, annotations)
+    if not shards:
+        raise ConvertError(f"no usable video: {_skip_summary(static_skipped)}")
+    # The reader the loader's `data.decoder: auto` picks on this machine must read every stored video.
+    decoder = resolve_decoder("auto")
     record = options.record()
     state = prepare_out(options.out, options.prefix, record, plan_digest(shards), overwrite)
     save_state(options.out, state)
@@ -245,6 +293,7 @@ def convert(options: ConvertOptions, overwrite: bool = False, progress: bool | N
             reencode=options.reencode,
             short_side=options.short_side,
             keyframe_interval=options.keyframe_interval,
+            decoder=decoder,
         )
         for k in todo
         for s in shards[k]
@@ -276,6 +325,8 @@ def convert(options: ConvertOptions, overwrite: bool = False, progress: bool | N
         if entry["info"] is not None:
             shard_infos.append(ShardInfo(**entry["info"]))
         dynamic_skipped.extend(Skipped(**s) for s in entry["skipped"])
+    if not shard_infos:
+        raise ConvertError(f"no video could be stored: {_skip_summary(static_skipped + dynamic_skipped)}")
     manifest = Manifest(
         prefix=options.prefix,
         class_names=annotations.class_names,

@@ -3,8 +3,10 @@
 For every shard the manifest lists: the file is there, its size and sha256 match, it is
 a readable tar whose members group into whole samples (one video, `.cls`, `.json`), and
 its sample and class counts match. For every sample: the label is an integer in range
-and equals the label in its meta record, and the video decodes completely (PyAV) to the
-frame count the meta record states. Keys must be unique across the set.
+and equals the label in its meta record, the video decodes completely (PyAV) to the
+frame count the meta record states, and every decoder installed here that the training
+loader can use (`marscale.data.decode.available_decoders`) opens it and reads its first,
+middle and last frames. Keys must be unique across the set.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import os
 import tarfile
 from typing import Any
 
-from .video import SkipVideo, probe_video
+from .video import SkipVideo, probe_video, reader_error
 from .write import sha256_file
+from marscale.data.decode import available_decoders
 from marscale.io import PARTIAL_SUFFIX
 from marscale.shards import (
     LABEL_EXT,
@@ -73,8 +76,11 @@ def read_samples(path: str) -> list[tuple[str, dict[str, bytes]]]:
     return samples
 
 
-def _check_sample(key: str, parts: dict[str, bytes], num_classes: int, decode: bool) -> tuple[int | None, list[str]]:
-    """Problems with one sample; also returns its label when it is readable."""
+def _check_sample(
+    key: str, parts: dict[str, bytes], num_classes: int, decoders: list[str]
+) -> tuple[int | None, list[str]]:
+    """Problems with one sample; also returns its label when it is readable. `decoders`:
+    the loader's decoders that must read the video (none: do not decode it)."""
     problems = []
     videos = [ext for ext in parts if ext in VIDEO_EXTENSIONS]
     missing = [ext for ext in (LABEL_EXT, META_EXT) if ext not in parts]
@@ -96,7 +102,7 @@ def _check_sample(key: str, parts: dict[str, bytes], num_classes: int, decode: b
         return label, problems + [f"sample {key}: bad .{META_EXT} record ({e})"]
     if meta.label != label:
         problems.append(f"sample {key}: .{LABEL_EXT} says {label}, meta says {meta.label}")
-    if decode:
+    if decoders:
         try:
             info = probe_video(parts[videos[0]])
         except SkipVideo as e:
@@ -108,12 +114,17 @@ def _check_sample(key: str, parts: dict[str, bytes], num_classes: int, decode: b
                 problems.append(
                     f"sample {key}: decodes at {info.width}x{info.height}, meta says {meta.width}x{meta.height}"
                 )
+            for decoder in decoders:  # a whole video that one of the loader's decoders cannot read
+                error = reader_error(parts[videos[0]], decoder)
+                if error is not None:
+                    problems.append(f"sample {key}: the {decoder} decoder cannot read the video: {error}")
     return label, problems
 
 
 def _check_shard(job: tuple[str, ShardInfo, int, bool]) -> tuple[list[str], list[str], int]:
     """(problems, keys, samples checked) for one shard listed in the manifest."""
     root, info, num_classes, decode = job
+    decoders = available_decoders() if decode else []
     path = os.path.join(root, info.name)
     if not os.path.isfile(path):
         return [f"{info.name}: missing"], [], 0
@@ -130,7 +141,7 @@ def _check_shard(job: tuple[str, ShardInfo, int, bool]) -> tuple[list[str], list
         return problems + [f"{info.name}: not a readable tar ({e})"], [], 0
     counts: collections.Counter[str] = collections.Counter()
     for key, parts in samples:
-        label, sample_problems = _check_sample(key, parts, num_classes, decode)
+        label, sample_problems = _check_sample(key, parts, num_classes, decoders)
         problems += [f"{info.name}: {p}" for p in sample_problems]
         if label is not None:
             counts[str(label)] += 1

@@ -4,6 +4,9 @@
   from the container's own box and element sizes;
 - `probe_video`: decode every frame; raise `SkipVideo` (with a reason the converter
   reports) when the video is not whole;
+- `reader_error`: whether one of the training loader's decoders (`marscale.data.decode`)
+  reads the video: PyAV decoding it says little about decord, which fails on some
+  inputs PyAV reads (frames 16, 24, 48 or 72 pixels wide);
 - `reencode_video`: H.264 at a smaller short side and a fixed keyframe interval;
 - `x264_options`: the encoder settings that keep x264's bytes reproducible, shared by
   the re-encoder and the synthetic set's encoder (`synth.encode_video`).
@@ -20,8 +23,9 @@ import io
 from fractions import Fraction
 
 import av
+import numpy as np
 
-from marscale.data.decode import stream_frame_rate
+from marscale.data.decode import open_video, stream_frame_rate
 
 # x264's macroblock-tree rate control gives run-to-run different bytes on small frames
 # (64x64 and below), even single-threaded; without it the output is reproducible.
@@ -168,6 +172,25 @@ def probe_video(data: bytes) -> VideoInfo:
         if declared - num_frames > max(1.0, _TRUNCATION_TOLERANCE * declared):
             raise SkipVideo("truncated", f"{num_frames} of {declared:.0f} declared frames decode")
         return VideoInfo(num_frames, fps, width, height, stream.codec_context.name)
+
+
+def reader_error(data: bytes, decoder: str) -> str | None:
+    """Why the loader's `decoder` (decord, pyav, torchcodec) cannot read `data`, or None.
+
+    Opens the video as the loader does and decodes its first, middle and last frames: a
+    decoder that fails on a video's format fails on every read of it.
+    """
+    reader = None
+    try:
+        reader = open_video(data, decoder)
+        last = reader.num_frames - 1
+        reader.get_frames(np.unique([0, last // 2, last]))
+    except Exception as e:  # noqa: BLE001 - any failure of the reader is the answer, reported by the caller
+        return str(e) or type(e).__name__
+    finally:
+        if reader is not None:
+            reader.close()
+    return None
 
 
 def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tarfile
 
@@ -24,6 +25,8 @@ from marscale.data.loaders import worker_batches
 from marscale.shards import Manifest, ShardSet, key_to_index, load_manifest, sample_key, save_manifest
 
 CLIP = ClipConfig(num_frames=8, sampling_interval=2, img_size=32)
+NUM_CLASSES = 4  # the synthetic set's, and the model's in these tests
+NO_SKIPS = {"read": 0, "incomplete": 0, "label": 0, "key": 0, "decode": 0}
 
 
 def epoch_batches(cfg: DataConfig, world_size: int) -> int:
@@ -34,12 +37,14 @@ def epoch_batches(cfg: DataConfig, world_size: int) -> int:
 
 
 def build_train_loader(cfg: DataConfig, clip: ClipConfig = CLIP, **kw):
+    kw.setdefault("num_classes", NUM_CLASSES)
     return _build_train_loader(
         cfg, clip, ShardSet.load(cfg.train_shards), batches_per_epoch=epoch_batches(cfg, kw["world_size"]), **kw
     )
 
 
 def build_eval_loader(cfg: DataConfig, clip: ClipConfig = CLIP, **kw):
+    kw.setdefault("num_classes", NUM_CLASSES)
     return _build_eval_loader(cfg, clip, ShardSet.load(cfg.val_shards), **kw)
 
 
@@ -88,10 +93,10 @@ def test_epoch_length_formula(synthetic_shards):
     # exactly the batches it is given, split over its workers.
     cfg = _cfg(synthetic_shards)
     assert len(_build_train_loader(cfg, CLIP, ShardSet.load(cfg.train_shards), batches_per_epoch=5, epoch=0, rank=0,
-                                   world_size=1, start_batch=2)) == 3
+                                   world_size=1, num_classes=NUM_CLASSES, start_batch=2)) == 3
     with pytest.raises(ValueError, match="batches_per_epoch must be >= 1"):
         _build_train_loader(cfg, CLIP, ShardSet.load(cfg.train_shards), batches_per_epoch=0, epoch=0, rank=0,
-                            world_size=1)
+                            world_size=1, num_classes=NUM_CLASSES)
     # 10 batches over 4 workers: workers make 3, 3, 2, 2.
     assert [worker_batches(10, 4, w, 0)[1] for w in range(4)] == [3, 3, 2, 2]
     firsts = [worker_batches(10, 4, w, 5) for w in range(4)]
@@ -112,7 +117,7 @@ def test_train_batches_shapes_and_repeated_clips(synthetic_shards):
         assert torch.equal(batch["label"][0::2], batch["label"][1::2])
         assert not torch.equal(batch["video"][0], batch["video"][1])
     assert set(torch.cat([b["label"] for b in batches]).tolist()) <= {0, 1, 2, 3}
-    assert loader.skipped() == {"read": 0, "incomplete": 0, "label": 0, "decode": 0}
+    assert loader.skipped() == NO_SKIPS
 
 
 def test_segment_sampling_end_to_end(synthetic_shards):
@@ -178,13 +183,13 @@ def test_eval_needs_a_shard_per_reader(synthetic_shards):
         build_eval_loader(_cfg(synthetic_shards, num_workers=2), rank=0, world_size=3)
 
 
-def _rewrite(src: str, dst: str, edit) -> None:
+def _rewrite(src: str, dst: str, edit, rename=lambda name: name) -> None:
     with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
         for member in tin.getmembers():
             data = edit(member.name, tin.extractfile(member).read())
             if data is None:
                 continue
-            info = tarfile.TarInfo(member.name)
+            info = tarfile.TarInfo(rename(member.name))
             info.size = len(data)
             tout.addfile(info, io.BytesIO(data))
 
@@ -231,7 +236,7 @@ def test_corrupt_samples_are_skipped_and_counted_in_eval(corrupt_shards, synthet
     videos = {int(v) for batch in loader for v in batch["video_index"]}
     expected = set(_shard_keys(synthetic_shards["val"])) - set(corrupt_shards["val_bad"])
     assert videos == expected
-    assert loader.skipped() == {"read": 0, "incomplete": 1, "label": 0, "decode": 1}
+    assert loader.skipped() == {**NO_SKIPS, "incomplete": 1, "decode": 1}
 
 
 def test_corrupt_samples_do_not_stop_training(corrupt_shards, caplog):
@@ -265,7 +270,125 @@ def test_missing_shard_is_counted_as_read_error(synthetic_shards, tmp_path):
     loader = build_eval_loader(cfg, rank=0, world_size=1)
     videos = {int(v) for batch in loader for v in batch["video_index"]}
     assert videos == set(_shard_keys(synthetic_shards["val"])) - lost
-    assert loader.skipped() == {"read": 1, "incomplete": 0, "label": 0, "decode": 0}
+    assert loader.skipped() == {**NO_SKIPS, "read": 1}
+
+
+def test_key_to_index_takes_only_sample_keys():
+    assert [key_to_index(sample_key(i)) for i in (0, 7, 10**9 + 3)] == [0, 7, 10**9 + 3]
+    for key in ("../x", "video7", "00000001", "-00000001", "+00000001", " 000000001", "dir/000000001",
+                "\uff10" * 9):  # full-width digits: int() would take them
+        with pytest.raises(ValueError, match=re.escape(f"sample key {key!r} is not a marscale key")):
+            key_to_index(key)
+
+
+@pytest.fixture(scope="module")
+def mislabelled_shards(synthetic_shards, tmp_path_factory) -> dict:
+    """Copies with bad labels and keys. Training (shards 0 and 1 only): the first sample of
+    each shard has label 99 (the model has 4 classes). Evaluation: the first sample of
+    shard 0 has label 99, that of shard 1 the key "../x" (a tar member outside the shard's
+    folder), that of shard 2 the key "video7"; out["bad"] maps each split's broken keys to
+    their shard names."""
+    out: dict = {"bad": {}}
+    edits = {"train": {0: ("label", None), 1: ("label", None)},
+             "val": {0: ("label", None), 1: ("key", "../x"), 2: ("key", "video7")}}
+    for split, by_shard in edits.items():
+        folder = str(tmp_path_factory.mktemp(f"mislabelled_{split}"))
+        manifest = load_manifest(synthetic_shards[split])
+        for info in manifest.shards:
+            shutil.copy(os.path.join(synthetic_shards[split], info.name), folder)
+        bad = {}
+        for k, (what, new_key) in by_shard.items():
+            name = manifest.shards[k].name
+            path = os.path.join(folder, name)
+            with tarfile.open(path) as tar:
+                first = min(m.name.split(".", 1)[0] for m in tar.getmembers())
+
+            def edit(member: str, data: bytes, first=first, what=what):
+                return b"99" if what == "label" and member == f"{first}.cls" else data
+
+            def rename(member: str, first=first, new_key=new_key):
+                key, ext = member.split(".", 1)
+                return f"{new_key}.{ext}" if new_key and key == first else member
+
+            _rewrite(os.path.join(synthetic_shards[split], name), path, edit, rename)
+            bad[new_key or first] = (what, name)
+        if split == "train":
+            manifest = Manifest(
+                manifest.prefix, manifest.class_names, manifest.shards[:2], manifest.skipped, manifest.options
+            )
+        save_manifest(folder, manifest)
+        out[split] = folder
+        out["bad"][split] = bad
+    return out
+
+
+def _skip_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "marscale.data.stages"]
+
+
+def test_training_skips_labels_past_the_models_classes(mislabelled_shards, caplog):
+    # Before: label 99 reached mixup's one-hot targets and the step died with
+    # "index 99 is out of bounds".
+    from marscale.data import build_mixup, normalize
+
+    cfg = _cfg(mislabelled_shards, samples_per_epoch=6, batch_size=2, clips_per_video=1, shuffle_buffer=0)
+    loader = build_train_loader(cfg, epoch=0, rank=0, world_size=1)
+    mixup = build_mixup(cfg, NUM_CLASSES)
+    batches = list(loader)
+    assert len(batches) == 3
+    for batch in batches:
+        assert int(batch["label"].max()) < NUM_CLASSES
+        mixed, target = mixup(normalize(batch["video"], CLIP.mean, CLIP.std), batch["label"])
+        assert target.shape == (2, NUM_CLASSES)
+    # Each shard read gives the mislabelled sample, then a good one.
+    assert loader.skipped() == {**NO_SKIPS, "label": 6}
+    messages = _skip_messages(caplog)
+    assert len(messages) == 6
+    for message in messages:
+        key = message.split()[2]
+        assert key in mislabelled_shards["bad"]["train"] and "(label)" in message
+        assert "label 99 is outside the model's classes 0..3" in message
+        assert mislabelled_shards["bad"]["train"][key][1] in message  # the shard file
+
+
+def test_eval_skips_and_counts_bad_labels_and_keys(mislabelled_shards, synthetic_shards, caplog):
+    # Before: label 99 was scored as a class the model cannot predict (top-5 87.5% for a
+    # perfect model), and the key "../x" crashed evaluation in key_to_index, naming neither.
+    cfg = _cfg(mislabelled_shards, test_num_clips=1, test_num_crops=1)  # in this process: caplog sees the log
+    loader = build_eval_loader(cfg, rank=0, world_size=1)
+    batches = list(loader)
+    labels = {int(v): int(y) for b in batches for v, y in zip(b["video_index"], b["label"])}
+    assert len(labels) == 8 - 3 and max(labels.values()) < NUM_CLASSES
+    assert loader.skipped() == {**NO_SKIPS, "label": 1, "key": 2}
+    messages = _skip_messages(caplog)
+    assert len(messages) == 3
+    for key, (what, shard) in mislabelled_shards["bad"]["val"].items():
+        message, = [m for m in messages if m.startswith(f"skipping sample {key} ({what})")]
+        assert shard in message
+    assert any("'../x' is not a marscale key" in m for m in messages)
+
+
+def test_a_video_the_decoder_cannot_read_is_skipped_with_its_message(synthetic_shards, tmp_path, caplog):
+    # A 16-pixel-wide H.264 video: PyAV reads it, decord fails on every read.
+    pytest.importorskip("decord")
+    from shards_tools.synth import encode_video, render_clip
+
+    folder = str(tmp_path / "val")
+    shutil.copytree(synthetic_shards["val"], folder)
+    name = load_manifest(folder).shards[1].name
+    narrow = encode_video(render_clip(0, np.random.default_rng(0), 16, 32, 32), 16.0)
+    with tarfile.open(os.path.join(synthetic_shards["val"], name)) as tar:
+        first = min(m.name.split(".", 1)[0] for m in tar.getmembers())
+    _rewrite(os.path.join(synthetic_shards["val"], name), os.path.join(folder, name),
+             lambda member, data: narrow if member == f"{first}.mp4" else data)
+    cfg = _cfg({"train": synthetic_shards["train"], "val": folder}, decoder="decord", test_num_clips=1,
+               test_num_crops=1)
+    loader = build_eval_loader(cfg, rank=0, world_size=1)
+    assert sum(len(b["view"]) for b in loader) == 7
+    assert loader.skipped() == {**NO_SKIPS, "decode": 1}
+    message, = _skip_messages(caplog)
+    assert message.startswith(f"skipping sample {first} (decode): decord: decord cannot decode frames")
+    assert message.endswith(f"in {os.path.join(folder, name)}")
 
 
 # --- MAR reference options: flip label pairs, independent windows, frame-rate sampling ---

@@ -164,7 +164,7 @@ def test_eval_temporal_shuffle_is_per_view_and_independent_of_batching(synthetic
         loader_order = []
         from marscale.data import build_eval_loader
 
-        for batch in build_eval_loader(cfg, clip, val_set, rank=0, world_size=1):
+        for batch in build_eval_loader(cfg, clip, val_set, rank=0, world_size=1, num_classes=4):
             loader_order += list(zip(batch["video_index"].tolist(), batch["view"].tolist()))
         evaluate(forward, cfg, clip, masking, val_set, grid, 4, device=torch.device("cpu"), dtype=torch.float32)
         for key, visible in zip(loader_order, torch.cat(masks)):

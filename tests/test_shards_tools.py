@@ -427,6 +427,107 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
     assert verify(out_re).ok
 
 
+def _encode_png_mov(frames: np.ndarray, fps: int = 12) -> bytes:
+    """PNG frames in QuickTime: PyAV reads it, decord does not (at 32 pixels wide)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mov") as container:
+        stream = container.add_stream("png", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def test_videos_the_default_decoder_cannot_read_are_skipped(tmp_path):
+    # Before: 16 and 24 pixel wide videos converted and verified, then failed every read in
+    # training with decord, the default decoder.
+    pytest.importorskip("decord")
+    root = tmp_path / "root"
+    lines = []
+    for i, width in enumerate((16, 24, 32)):
+        clip = render_clip(i % 2, np.random.default_rng(i), width, 32, 12)
+        _write(str(root / f"w{width}.mp4"), encode_video(clip, 12))
+        lines.append(f"w{width}.mp4 {i % 2}")
+    # decord cannot read this one either, but it can once re-encoded to H.264: kept, re-encoded.
+    _write(str(root / "png.mov"), _encode_png_mov(render_clip(0, np.random.default_rng(9), 32, 32, 12)))
+    lines.append("png.mov 0")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    for reencode in (False, True):
+        out = str(tmp_path / f"out_{reencode}")
+        result = convert(_options(format="kinetics", root=str(root), annotations=str(tmp_path / "list.txt"),
+                                  out=out, reencode=reencode))
+        skipped = {s.source: s for s in result.manifest.skipped}
+        assert sorted(skipped) == ["w16.mp4", "w24.mp4"]
+        assert all(s.reason == "decoder" and s.detail.startswith("decord: decord cannot decode frames")
+                   for s in skipped.values())
+        kept = {m.source: m for m in (SampleMeta.from_json(x["json"]) for x in _read_back(out))}
+        assert sorted(kept) == ["png.mov", "w32.mp4"]
+        assert kept["png.mov"].reencoded and kept["png.mov"].codec == "h264" and kept["png.mov"].width == 32
+        assert kept["w32.mp4"].reencoded == reencode
+        assert verify(out).ok
+        assert "decoder" in result.summary()
+
+
+def test_verify_reads_every_video_with_every_installed_decoder(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("decord")
+    import shards_tools.convert as convert_module
+
+    root = tmp_path / "root"
+    for width in (16, 32):
+        _write(str(root / f"w{width}.mp4"), encode_video(render_clip(0, np.random.default_rng(0), width, 32, 12), 12))
+    (tmp_path / "list.txt").write_text("w16.mp4 0\nw32.mp4 0\n")
+    # Shards as an older converter wrote them, before it checked the default decoder.
+    monkeypatch.setattr(convert_module, "reader_error", lambda data, decoder: None)
+    out = str(tmp_path / "out")
+    convert(_options(format="kinetics", root=str(root), annotations=str(tmp_path / "list.txt"), out=out))
+    assert cli_main(["verify", out]) == 1
+    printed = capsys.readouterr().out
+    problem, = [line for line in printed.splitlines() if "MISMATCH" in line]
+    assert problem.startswith("  MISMATCH: s-000000.tar: sample 000000000: the decord decoder cannot read the video: "
+                              "decord cannot decode frames [0, 5, 11]")
+    assert verify(out, decode=False).ok
+
+
+def test_inputs_without_any_sample_are_errors(tmp_path, capsys):
+    # Before: each of these "succeeded" with a manifest of 0 samples and exit status 0.
+    root = tmp_path / "root"
+    root.mkdir()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    missing = tmp_path / "missing.txt"
+    missing.write_text("a.mp4 0\nb.mp4 1\n")
+    _write(str(root / "junk.mp4"), b"not a video")
+    junk = tmp_path / "junk.txt"
+    junk.write_text("junk.mp4 0\n")
+    (tmp_path / "no_videos" / "a_class").mkdir(parents=True)
+    ssv2 = tmp_path / "ssv2.json"
+    ssv2.write_text("[]")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"Holding something": "0"}))
+    cases = [
+        (["--format", "kinetics", "--annotations", str(empty), "--root", str(root)], f"{empty}: no entries"),
+        (["--format", "csv", "--annotations", str(empty), "--root", str(root)], f"{empty}: no entries"),
+        (["--format", "ssv2", "--annotations", str(ssv2), "--labels", str(labels), "--root", str(root)],
+         f"{ssv2}: no entries"),
+        (["--format", "folder", "--root", str(root)], f"{root}: no class folders"),
+        (["--format", "folder", "--root", str(tmp_path / "no_videos")],
+         f"{tmp_path / 'no_videos'}: no videos with extensions mp4, webm"),
+        (["--format", "kinetics", "--annotations", str(missing), "--root", str(root)],
+         "no usable video: 2 listed, all skipped: 2 missing (e.g. a.mp4: missing"),
+        (["--format", "kinetics", "--annotations", str(junk), "--root", str(root)],
+         "no video could be stored: 1 listed, all skipped: 1 unreadable (e.g. junk.mp4: unreadable"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = str(tmp_path / f"out{i}")
+        assert cli_main(["convert", *args, "--out", out, "--prefix", "p"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("marscale-shards convert: error: ") and message in err, (args, err)
+        assert not os.path.exists(os.path.join(out, "manifest.json"))
+
+
 def test_container_truncation_detection():
     mp4, webm = _video_bytes(0, seed=1), _video_bytes(1, seed=2, fmt="webm")
     assert container_truncation(mp4) is None and container_truncation(webm) is None

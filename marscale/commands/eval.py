@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from marscale.engine.config import PRECISION_DTYPES
     from marscale.engine.evaluate import evaluate
     from marscale.engine.export import consolidate
-    from marscale.engine.plan import make_plan
+    from marscale.engine.preflight import preflight
     from marscale.model import build_model
 
     state, stored = None, None
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     dist.init_distributed()
     dist.setup_logging()
     try:
-        plan = make_plan(cfg, dist.get_world_size())
+        plan = preflight(cfg, dist.get_world_size(), training=False)
         device = dist.resolve_device(cfg.run.device)
         dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         model.to(device=device, dtype=dtype).eval()

@@ -18,6 +18,15 @@ every video decodes when it writes the shards.)
 Evaluation: the shard list split by rank then by worker
 (shards[rank::world_size][worker::num_workers]), read in order once. Ranks can get
 different numbers of batches: run no collective per evaluation batch.
+
+Bad samples, both splits: `num_classes` is the model's (the run plan's). A label outside
+[0, num_classes), a missing member, an undecodable video and, in evaluation, a key that is
+not a sample index are logged with the shard and key, counted per reason (`skipped()`)
+and skipped. Training skips them so one bad sample cannot end a run. Evaluation skips
+them too rather than failing, because a reader that raised on one rank would leave the
+others waiting in the score all-reduce; the result reports the videos scored against
+the manifest's, and the pre-flight (`marscale.engine.preflight`) has already refused
+shard sets whose manifests list more classes than the model has.
 """
 
 from __future__ import annotations
@@ -80,12 +89,12 @@ class TrainStream(IterableDataset):
 
     def __init__(
         self, cfg: DataConfig, clip: ClipConfig, urls: list[str], *, epoch: int, rank: int, batches_per_rank: int,
-        start_batch: int, decoder: str, stats: SkipStats,
+        start_batch: int, decoder: str, stats: SkipStats, num_classes: int,
     ):
         super().__init__()
         self.cfg, self.clip, self.urls, self.epoch, self.rank = cfg, clip, urls, epoch, rank
         self.batches_per_rank, self.start_batch = batches_per_rank, start_batch
-        self.decoder, self.stats = decoder, stats
+        self.decoder, self.stats, self.num_classes = decoder, stats, num_classes
         self.transform = TrainTransform(cfg, clip)
 
     def __iter__(self) -> Iterator[dict]:
@@ -97,7 +106,7 @@ class TrainStream(IterableDataset):
         stages = train_stages(
             self.cfg, self.clip, self.urls, epoch=self.epoch, rank=self.rank, worker=role,
             first_sample=first_batch * self.cfg.videos_per_batch, num_batches=num_batches,
-            transform=self.transform, decoder=self.decoder, stats=self.stats,
+            transform=self.transform, decoder=self.decoder, stats=self.stats, num_classes=self.num_classes,
         )
         yield from wds.DataPipeline(*stages)
 
@@ -105,16 +114,20 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """One rank's evaluation views; shards are split between the workers at iteration."""
 
-    def __init__(self, cfg: DataConfig, clip: ClipConfig, rank_urls: list[str], *, decoder: str, stats: SkipStats):
+    def __init__(
+        self, cfg: DataConfig, clip: ClipConfig, rank_urls: list[str], *, decoder: str, stats: SkipStats,
+        num_classes: int,
+    ):
         super().__init__()
         self.cfg, self.clip, self.rank_urls, self.decoder, self.stats = cfg, clip, rank_urls, decoder, stats
+        self.num_classes = num_classes
         self.transform = EvalTransform(cfg, clip)
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker_slot()
         stages = eval_stages(
             self.cfg, self.clip, self.rank_urls[worker::num_workers], transform=self.transform, decoder=self.decoder,
-            stats=self.stats,
+            stats=self.stats, num_classes=self.num_classes,
         )
         yield from wds.DataPipeline(*stages)
 
@@ -185,10 +198,12 @@ def build_train_loader(
     epoch: int,
     rank: int,
     world_size: int,
+    num_classes: int,
     start_batch: int = 0,
 ) -> TrainLoader:
     """Training batches of `rank` for `epoch`: `batches_per_epoch` of them (the run plan's
-    loader batches per rank), resumed at batch `start_batch` of the epoch."""
+    loader batches per rank), resumed at batch `start_batch` of the epoch. Samples whose
+    label is not below `num_classes` (the model's) are skipped and counted ("label")."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if epoch < 0:
@@ -200,13 +215,19 @@ def build_train_loader(
     stats = SkipStats()
     stream = TrainStream(
         cfg, clip, list(train_set.shards), epoch=epoch, rank=rank, batches_per_rank=batches_per_epoch,
-        start_batch=start_batch, decoder=resolve_decoder(cfg.decoder), stats=stats,
+        start_batch=start_batch, decoder=resolve_decoder(cfg.decoder), stats=stats, num_classes=num_classes,
     )
     return TrainLoader(_dataloader(stream, cfg.num_workers), batches_per_epoch, start_batch, stats)
 
 
-def build_eval_loader(cfg: DataConfig, clip: ClipConfig, val_set: ShardSet, *, rank: int, world_size: int) -> EvalLoader:
-    """Every view of every evaluation video, each read once over all ranks and workers."""
+def build_eval_loader(
+    cfg: DataConfig, clip: ClipConfig, val_set: ShardSet, *, rank: int, world_size: int, num_classes: int
+) -> EvalLoader:
+    """Every view of every evaluation video, each read once over all ranks and workers.
+
+    Samples with a label not below `num_classes` (the model's) or a key that is not a
+    sample index are skipped and counted ("label", "key"), not failed: see the module
+    docstring."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     readers = world_size * max(1, cfg.num_workers)
@@ -225,5 +246,7 @@ def build_eval_loader(cfg: DataConfig, clip: ClipConfig, val_set: ShardSet, *, r
         math.ceil(sum(rank_videos[w::workers]) * cfg.views_per_video / cfg.eval_batch_size) for w in range(workers)
     )
     stats = SkipStats()
-    stream = EvalStream(cfg, clip, rank_urls, decoder=resolve_decoder(cfg.decoder), stats=stats)
+    stream = EvalStream(
+        cfg, clip, rank_urls, decoder=resolve_decoder(cfg.decoder), stats=stats, num_classes=num_classes
+    )
     return EvalLoader(_dataloader(stream, cfg.num_workers), num_batches, sum(rank_videos), stats)

@@ -8,7 +8,8 @@ Training stages, run inside each DataLoader worker (`train_stages`)::
     open               each shard (webdataset's gopen), closed when the next is read
     tar -> samples     tar_file_expander + group_by_keys; unreadable shards and members
                        are logged, counted and skipped (`SkipStats`)
-    complete samples   keep samples with a video and an integer label (else count, skip)
+    complete samples   keep samples with a video and a label in [0, num_classes) (else count
+                       and skip, naming the shard and key: reasons "incomplete", "label")
     shuffle            sample-level buffer of `shuffle_buffer`, seeded likewise
     number, skip       enumerate + wds.slice: the n-th sample of the worker's stream gets
                        the random generator (seed, epoch, rank, worker, n); samples before a
@@ -27,9 +28,17 @@ Python's generator with a folded 31-bit seed whose (seed, epoch, worker) combina
 collide and reads the real worker id, while resume needs the rotated worker role.
 Opening stays here too, to close each shard as soon as the next is read.
 
-Evaluation stages (`eval_stages`): this reader's shards in order, read once, every
-(clip, crop) view of every video tagged with its video index (from the sample key) and
-view number, batches of `eval_batch_size` views (the last one may be smaller).
+Evaluation stages (`eval_stages`): this reader's shards in order, read once, the same
+complete samples, each tagged with its video index (from the sample key; a key that is
+not a marscale key is counted and skipped, reason "key"), every (clip, crop) view of
+every video tagged with that index and its view number, batches of `eval_batch_size`
+views (the last one may be smaller).
+
+Evaluation skips and counts bad samples too, rather than failing: a reader that raised
+on one rank would leave the other ranks waiting in the score all-reduce. The result
+still shows them (videos scored vs the manifest's, `engine/evaluate.py`), and labels
+the manifest already knows to be out of range fail before training starts
+(`engine/preflight.py`).
 
 How the stages are placed in workers, and the epoch arithmetic, are in `loaders.py`.
 """
@@ -57,7 +66,7 @@ from marscale.shards import LABEL_EXT, VIDEO_EXTENSIONS, key_to_index
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("read", "incomplete", "label", "decode")
+SKIP_REASONS = ("read", "incomplete", "label", "key", "decode")
 # After this many bad samples in a row a worker stops: the data is broken, not noisy.
 MAX_CONSECUTIVE_SKIPS = 200
 # Tags that keep the random streams of one worker independent of each other.
@@ -134,26 +143,47 @@ def tar_samples(stats: SkipStats) -> list:
     ]
 
 
-def complete_samples(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """Raw tar samples -> {"key", "video" (bytes), "label" (int)}; others counted and dropped."""
+def complete_samples(stats: SkipStats, num_classes: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Raw tar samples -> {"key", "url" (its shard), "video" (bytes), "label" (int in
+    [0, num_classes), the model's classes)}; others counted and dropped.
+
+    A label past the model's classes would index past the one-hot targets of mixup in
+    training and be scored as a class the model cannot predict in evaluation.
+    """
 
     def stage(samples: Iterable[dict]) -> Iterator[dict]:
         for sample in samples:
-            key = sample.get("__key__", "?")
+            key, url = sample.get("__key__", "?"), sample.get("__url__")
             video_ext = next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
             if video_ext is None or LABEL_EXT not in sample:
                 missing = [name for name, ok in (("video", video_ext), (LABEL_EXT, LABEL_EXT in sample)) if not ok]
-                stats.skip("incomplete", key, f"no {' or '.join(missing)} member in {sample.get('__url__')}")
+                stats.skip("incomplete", key, f"no {' or '.join(missing)} member in {url}")
                 continue
             try:
                 label = int(sample[LABEL_EXT].decode("ascii").strip())
             except (UnicodeDecodeError, ValueError) as e:
-                stats.skip("label", key, f"label is not an integer: {e}")
+                stats.skip("label", key, f"label is not an integer in {url}: {e}")
                 continue
-            if label < 0:
-                stats.skip("label", key, f"negative label {label}")
+            if not 0 <= label < num_classes:
+                stats.skip("label", key, f"label {label} is outside the model's classes 0..{num_classes - 1} in {url}")
                 continue
-            yield {"key": key, "video": sample[video_ext], "label": label}
+            yield {"key": key, "url": url, "video": sample[video_ext], "label": label}
+
+    return stage
+
+
+def indexed_samples(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Complete samples -> the same with "video_index" (`shards.key_to_index` of the key),
+    which evaluation sums each video's view scores under; other keys counted and dropped."""
+
+    def stage(samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            try:
+                index = key_to_index(sample["key"])
+            except ValueError as e:
+                stats.skip("key", sample["key"], f"{e} in {sample['url']}")
+                continue
+            yield {**sample, "video_index": index}
 
     return stage
 
@@ -170,7 +200,7 @@ def _decode(
         wanted, positions = np.unique(np.stack(clips), return_inverse=True)
         frames = reader.get_frames(wanted)
     except (DecodeError, sampling.FrameRateError) as e:
-        stats.skip("decode", sample["key"], str(e))
+        stats.skip("decode", sample["key"], f"{decoder}: {e} in {sample['url']}")
         return None
     finally:
         if reader is not None:
@@ -219,7 +249,7 @@ def decode_train_clips(
 def decode_eval_views(
     cfg: DataConfig, clip: ClipConfig, transform: EvalTransform, decoder: str, stats: SkipStats
 ) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """sample -> its test_num_clips x test_num_crops views, tagged with video index and view."""
+    """indexed sample -> its test_num_clips x test_num_crops views, tagged with video index and view."""
 
     def indices(num_video_frames: int, fps: float) -> list[np.ndarray]:
         return list(sampling.eval_indices(clip, num_video_frames, fps, cfg.test_num_clips))
@@ -229,9 +259,8 @@ def decode_eval_views(
             decoded = _decode(sample, decoder, indices, stats)
             if decoded is None:
                 continue
-            video_index = key_to_index(sample["key"])
             for view, video in enumerate(transform(*decoded)):
-                yield {"video": video, "label": sample["label"], "video_index": video_index, "view": view}
+                yield {"video": video, "label": sample["label"], "video_index": sample["video_index"], "view": view}
 
     return stage
 
@@ -262,6 +291,7 @@ def train_stages(
     transform: TrainTransform,
     decoder: str,
     stats: SkipStats,
+    num_classes: int,
 ) -> list:
     """The training pipeline of one (rank, worker) as an explicit list of stages."""
     base = (cfg.seed, epoch, rank, worker)
@@ -276,7 +306,7 @@ def train_stages(
         resampled_shards(urls, seed_words(*base, _SHARD_STREAM)),
         opened_shards(stats),
         *tar_samples(stats),
-        complete_samples(stats),
+        complete_samples(stats, num_classes),
         *shuffle,
         enumerate,  # (n, sample): n seeds the sample's augmentation
         wds.slice(first_sample, None),  # a resumed epoch drops earlier samples before decoding them
@@ -289,14 +319,16 @@ def train_stages(
 
 
 def eval_stages(
-    cfg: DataConfig, clip: ClipConfig, urls: list[str], *, transform: EvalTransform, decoder: str, stats: SkipStats
+    cfg: DataConfig, clip: ClipConfig, urls: list[str], *, transform: EvalTransform, decoder: str, stats: SkipStats,
+    num_classes: int,
 ) -> list:
     """The evaluation pipeline over `urls` (this reader's shards, in order) as a list of stages."""
     return [
         wds.SimpleShardList(urls),
         opened_shards(stats),
         *tar_samples(stats),
-        complete_samples(stats),
+        complete_samples(stats, num_classes),
+        indexed_samples(stats),
         decode_eval_views(cfg, clip, transform, decoder, stats),
         wds.batched(cfg.eval_batch_size, collation_fn=collate, partial=True),
     ]

@@ -148,7 +148,7 @@ def evaluate(
 
     start = time.perf_counter()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    loader = build_eval_loader(data_cfg, clip, val_set, rank=rank, world_size=world_size)
+    loader = build_eval_loader(data_cfg, clip, val_set, rank=rank, world_size=world_size, num_classes=num_classes)
     expected = val_set.num_videos
     lockstep = lockstep and world_size > 1
     masks: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}

@@ -88,6 +88,21 @@ def clips_per_step(cfg: TrainConfig, world_size: int) -> int:
     return cfg.data.batch_size * world_size * cfg.deepspeed.grad_accum_steps
 
 
+def class_problem(shard_set: ShardSet, num_classes: int) -> str | None:
+    """Why the labels of `shard_set` do not fit a model of `num_classes` classes, or None.
+
+    The manifest's class list bounds the labels the converter wrote (`marscale-shards`
+    skips labels outside it); a label read past the model's classes anyway (a shard that
+    disagrees with its manifest) is skipped by the loader.
+    """
+    if shard_set.num_classes > num_classes:
+        return (
+            f"{shard_set.root} has {shard_set.num_classes} classes but model.num_classes is "
+            f"{num_classes}; set model.num_classes={shard_set.num_classes}"
+        )
+    return None
+
+
 def make_plan(
     cfg: TrainConfig, world_size: int, train_set: ShardSet | None = None, val_set: ShardSet | None = None
 ) -> RunPlan:
@@ -97,11 +112,9 @@ def make_plan(
 
     train_set = train_set if train_set is not None else ShardSet.load(cfg.data.train_shards)
     val_set = val_set if val_set is not None else ShardSet.load(cfg.data.val_shards)
-    if train_set.num_classes > cfg.model.num_classes:
-        raise ValueError(
-            f"{train_set.root} has {train_set.num_classes} classes but model.num_classes is "
-            f"{cfg.model.num_classes}; set model.num_classes={train_set.num_classes}"
-        )
+    problem = class_problem(train_set, cfg.model.num_classes)
+    if problem:
+        raise ValueError(problem)
     videos = cfg.data.samples_per_epoch if cfg.data.samples_per_epoch is not None else train_set.num_videos
     clips = clips_per_step(cfg, world_size)
     videos_per_step = clips // cfg.data.clips_per_video

@@ -57,7 +57,8 @@ from marscale.engine.config import PRECISION_DTYPES, TrainConfig
 from marscale.engine.evaluate import EvalResult, evaluate
 from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, StepCost, format_record
 from marscale.engine.metrics import peak_memory_bytes, peak_tflops, throughput
-from marscale.engine.plan import make_plan, save_plan
+from marscale.engine.plan import save_plan
+from marscale.engine.preflight import preflight
 from marscale.io import write_json
 from marscale.losses import build_loss
 from marscale.masking import make_mask, mask_to_indices
@@ -102,8 +103,9 @@ class Trainer:
         self.output_dir = cfg.run.output_dir
         self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         device = dist.resolve_device(cfg.run.device)
-        # Every derived number, from the config, the world size and the manifests (read once).
-        self.plan = make_plan(cfg, self.world_size)
+        # Every derived number, from the config, the world size and the manifests (read once),
+        # after every check that can run before the first step (all problems in one error).
+        self.plan = preflight(cfg, self.world_size)
 
         # Same seed on every rank for the initial weights (DeepSpeed also broadcasts them).
         seed_everything(cfg.run.seed)
@@ -256,6 +258,7 @@ class Trainer:
             loader = build_train_loader(
                 self.cfg.data, self.cfg.clip, self.plan.train_set, batches_per_epoch=batches,
                 epoch=self.state.epoch, rank=self.rank, world_size=self.world_size, start_batch=start,
+                num_classes=self.plan.num_classes,
             )
             it = start_iterator(loader)
             try:
