@@ -1,20 +1,27 @@
 """Reading a checkpoint file safely, and the key names of each layout users bring.
 
-`read_checkpoint` loads a file with `torch.load(weights_only=True)` (a checkpoint from
-the internet can run no code here; `argparse.Namespace` is allowed because VideoMAE and
-MAE store their command line in every checkpoint), unwraps the state dict and strips
-wrapper prefixes. `detect_layout` names the layout from the keys, and `MAPPINGS[layout]`
-maps each key onto marscale's parameter names (see `marscale.checkpoint` for the layouts
-and what loading checks).
+`load_file` is the one way marscale unpickles a checkpoint file: `torch.load(weights_only=True)`,
+so a file from the internet (or a planted one) can run no code here, with an explicit
+allow-list of the few classes a kind of file legitimately holds: `argparse.Namespace` for
+the files users bring (VideoMAE and MAE store their command line in every checkpoint), a
+handful of DeepSpeed's own classes for DeepSpeed's files (`DEEPSPEED_GLOBALS`). Anything
+else is an `UnsafeCheckpointError`; a truncated or foreign file a `CorruptCheckpointError`.
+
+`read_checkpoint` unwraps the state dict and strips wrapper prefixes. `detect_layout`
+names the layout from the keys, and `MAPPINGS[layout]` maps each key onto marscale's
+parameter names (see `marscale.checkpoint` for the layouts and what loading checks).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib
 import os
 import pickle
 import re
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -26,7 +33,29 @@ _WRAPPER_KEYS = ("model_state", "module", "model", "state_dict")
 # (`_orig_mod.`, also in front of a compiled submodule's keys).
 _WRAPPER_PREFIX = "module."
 _COMPILE_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
-_SAFE_GLOBALS = [argparse.Namespace]
+
+USER_GLOBALS = (argparse.Namespace,)
+"""Allowed in the checkpoint files users bring: VideoMAE and MAE store their command line."""
+
+DEEPSPEED_GLOBALS = (
+    # ZeRO 1-3 optimizer states (`loss_scaler`): the static scaler under bf16/fp32, the
+    # dynamic one under fp16.
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    # ZeRO 1-3 optimizer states (`zero_stage`).
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    # ZeRO 1-2 optimizer states (`param_slice_mappings`).
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+"""The classes DeepSpeed stores in its checkpoint files besides tensors and plain
+containers (found with `torch.serialization.get_unsafe_globals_in_checkpoint` on every
+ZeRO stage x precision; the model states files need none). Unpickling them only sets
+attributes or looks up an enum member: no code of the file's choosing runs."""
+
+_TRUST_HINT = (
+    "If you trust the file, extract its weights once: torch.save(torch.load(path, weights_only=False)[KEY], "
+    "'weights.pt'), KEY being the entry that holds the state dict."
+)
 
 IGNORE = "<ignored>"
 """Mapping target of a key the layout is known to hold and loading skips."""
@@ -36,39 +65,90 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be read or does not fit the model. The message names the file."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds Python objects outside the allow-list: unpickling it could run
+    code, so it is refused."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is truncated, corrupt or not a PyTorch file (or differs from the size
+    and sha256 its checkpoint's COMPLETE marker recorded)."""
+
+
+@functools.lru_cache(maxsize=None)
+def deepspeed_globals() -> tuple:
+    """`DEEPSPEED_GLOBALS` as objects, for `load_file(allow=...)`. Imports DeepSpeed; a name
+    the installed version lacks is left out (its files cannot hold it)."""
+    found = []
+    for dotted in DEEPSPEED_GLOBALS:
+        module, name = dotted.rsplit(".", 1)
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def allowing(globals_: Sequence[Any]):
+    """`globals_` allowed for weights_only loads inside the block."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5 has only the process-wide allow-list
+        torch.serialization.add_safe_globals(list(globals_))
+        yield
+        return
+    with safe_globals(list(globals_)):
+        yield
+
+
+def load_file(
+    path: str, *, allow: Sequence[Any] = USER_GLOBALS, mmap: bool = False, hint: str = _TRUST_HINT
+) -> Any:
+    """The object stored in checkpoint file `path`, unpickled with `weights_only=True` and
+    `allow` as the only classes beyond tensors and plain containers.
+
+    mmap: map the tensors' storage instead of reading it (only the pickle is read: a cheap
+    way to check a large file); files in torch's pre-1.6 format are read whole.
+
+    Raises `UnsafeCheckpointError` (naming the refused global; `hint` says what to do),
+    `CorruptCheckpointError` for anything torch cannot read, and `CheckpointError` when
+    `path` is no file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist (or is not a file)")
+    if mmap:
+        with open(path, "rb") as f:
+            mmap = f.read(4) == b"PK\x03\x04"  # torch maps only its zip format
+    try:
+        with allowing(allow):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            reason = refused_global(e)
+            raise UnsafeCheckpointError(
+                f"checkpoint {path!r} holds Python objects other than tensors and plain containers, so it "
+                f"is refused (read with weights_only=True). {reason} {hint}".rstrip()
+            ) from e
+        raise CorruptCheckpointError(f"{path!r} is not a PyTorch checkpoint ({e})") from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        # A truncated zip, random bytes or an empty file surface as any of these.
+        raise CorruptCheckpointError(
+            f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
+
+
+def refused_global(error: pickle.UnpicklingError) -> str:
+    """"Unsupported global: GLOBAL module.name" from torch's weights_only error ("" if absent)."""
+    found = re.search(r"Unsupported global: GLOBAL \S+", str(error))
+    return f"{found.group(0)}." if found else ""
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The raw state dict stored in `path` (unwrapped from its container, wrapper prefixes
     `module.` and `_orig_mod.` stripped)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist (or is not a file)")
-    try:
-        obj = _torch_load(path)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
-            raise CheckpointError(
-                f"checkpoint {path!r} holds Python objects other than tensors and plain containers, so it "
-                f"is refused (read with weights_only=True). {reason} If you trust the file, extract its "
-                f"weights once: torch.save(torch.load(path, weights_only=False)[KEY], 'weights.pt'), KEY "
-                f"being the entry that holds the state dict."
-            ) from e
-        raise CheckpointError(f"{path!r} is not a PyTorch checkpoint ({e})") from e
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        # A truncated zip, random bytes or an empty file surface as any of these.
-        raise CheckpointError(
-            f"{path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
-        ) from e
-    return _unwrap(obj, path)
-
-
-def _torch_load(path: str):
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is None:  # torch < 2.5 has only the process-wide allowlist
-        torch.serialization.add_safe_globals(_SAFE_GLOBALS)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    with safe_globals(_SAFE_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return _unwrap(load_file(path), path)
 
 
 def _is_state_dict(obj) -> bool:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad input (configs, checkpoints, shard folders; ConfigError and CheckpointError
-        # are ValueErrors) and a diverged run end with one line naming the problem.
+        # are ValueErrors), a diverged run and a full disk end with one line naming the problem.
         # Anything else, or MARSCALE_TRACEBACK=1, keeps the full traceback.
         if os.environ.get("MARSCALE_TRACEBACK") == "1" or not _is_reported(e):
             raise
@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_reported(error: BaseException) -> bool:
-    """Errors whose message is the whole story: input errors and a diverged loss."""
+    """Errors whose message is the whole story: input errors, a diverged loss, a full disk."""
     if isinstance(error, (ValueError, FileNotFoundError)):
         return True
+    from marscale.engine.checkpointing import NoSpaceLeft
     from marscale.engine.trainer import TrainingDiverged
 
-    return isinstance(error, TrainingDiverged)
+    return isinstance(error, (TrainingDiverged, NoSpaceLeft))
 
 
 if __name__ == "__main__":

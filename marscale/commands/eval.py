@@ -43,13 +43,11 @@ def _eval_config(args: argparse.Namespace, stored: dict | None):
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate weights on the config's evaluation shards, without DeepSpeed (collective)."""
-    import torch
-
     from marscale import dist
     from marscale.checkpoint import CheckpointError, load_pretrained
     from marscale.engine.config import PRECISION_DTYPES
     from marscale.engine.evaluate import evaluate
-    from marscale.engine.export import consolidate
+    from marscale.engine.export import consolidate, exported_config
     from marscale.engine.preflight import preflight
     from marscale.model import build_model
 
@@ -58,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
         state, client = consolidate(args.checkpoint)
         stored = client.get("config")
     elif not args.config:
-        # Files written by `marscale export` carry their training config.
-        stored = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True).get("config")
+        # Files written by `marscale export` carry their training config; anything that is
+        # no readable checkpoint is a CheckpointError naming the file (one line, exit 2).
+        stored = exported_config(args.checkpoint)
     cfg = _eval_config(args, stored if isinstance(stored, dict) else None)
     # Weights first: a wrong checkpoint fails before any process group exists.
     model = build_model(cfg.model, cfg.clip)

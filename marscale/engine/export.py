@@ -8,6 +8,10 @@
 `marscale export` writes ``{"model": state dict, "config": the training config, "step": N}``
 with marscale's own parameter names, which `marscale.checkpoint.load_pretrained` detects
 as its "marscale" layout and `marscale eval --checkpoint` reads.
+
+The checkpoint is checked first (`checkpointing.find_checkpoint`: intact, every file safe
+to unpickle; a run folder falls back to its newest intact checkpoint), and every file is
+read with weights_only=True, DeepSpeed's `zero_to_fp32` included (`weights_only_loads`).
 """
 
 from __future__ import annotations
@@ -20,17 +24,10 @@ from typing import Any
 
 import torch
 
-from marscale.engine.checkpointing import find_checkpoint, step_of
+from marscale.checkpoint_layouts import CheckpointError, load_file
+from marscale.engine.checkpointing import find_checkpoint, read_model_states, step_of, weights_only_loads
 
 logger = logging.getLogger(__name__)
-
-
-def _model_states_file(path: str) -> str:
-    # ZeRO 0-2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_0_mp_rank_00_model_states.pt
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    raise FileNotFoundError(f"{path!r} holds no DeepSpeed model states file (*model_states.pt)")
 
 
 def has_zero_shards(path: str) -> bool:
@@ -39,27 +36,41 @@ def has_zero_shards(path: str) -> bool:
 
 
 def consolidate(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(fp32 state dict, marscale client state) of a complete checkpoint folder `step-N`."""
-    path = find_checkpoint(path)
-    # DeepSpeed's own file (it pickles more than tensors); the checkpoint is the user's own.
-    states = torch.load(_model_states_file(path), map_location="cpu", weights_only=False)
+    """(fp32 state dict, marscale client state) of the checkpoint `find_checkpoint(path)`."""
+    return _consolidate(find_checkpoint(path))
+
+
+def _consolidate(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`consolidate` of a `step-N` folder that `find_checkpoint` has checked."""
+    states = read_model_states(path)
     client = states.get("marscale", {})
     if has_zero_shards(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         root, tag = os.path.split(os.path.normpath(path))
-        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        with weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     else:
         state = states["module"]
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
     return state, client
 
 
+def exported_config(path: str) -> dict[str, Any] | None:
+    """The training config stored in file `path` by `marscale export`; None for a file of
+    another layout. A file that is no checkpoint is a `CheckpointError` naming it."""
+    obj = load_file(path, mmap=True)  # the weights are read later, by load_pretrained
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
+    config = obj.get("config")
+    return config if isinstance(config, dict) else None
+
+
 def export(checkpoint: str, out: str) -> str:
     """Write the consolidated fp32 weights of `checkpoint` (a step-N folder, a checkpoints
-    folder or a run folder: the newest complete checkpoint) to `out`. Returns the folder used."""
+    folder or a run folder: the newest intact checkpoint) to `out`. Returns the folder used."""
     path = find_checkpoint(checkpoint)
-    state, client = consolidate(path)
+    state, client = _consolidate(path)
     payload = {
         "model": state,
         "config": client.get("config", {}),

@@ -422,7 +422,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the checkpoint `checkpoint.resume` names, if any. True if one was loaded."""
-        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir)
+        # Checked first (intact, safe, written for this model), falling back past damaged ones.
+        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir, config=to_dict(self.cfg))
         if path is None:
             if self.cfg.checkpoint.resume == "auto":
                 logger.info("no complete checkpoint in %s: starting from scratch", self.checkpoints_root)
