@@ -15,6 +15,8 @@ import torch
 
 from marscale import cli
 from marscale.engine import checkpointing as ckpt
+from marscale.engine import checkpoint_integrity as integrity
+from marscale.engine import rng_state
 
 
 def make_checkpoint(root, step: int, complete: bool = True, checksums: bool = True) -> str:
@@ -26,7 +28,7 @@ def make_checkpoint(root, step: int, complete: bool = True, checksums: bool = Tr
     if complete:
         info = {"step": step}
         if checksums:
-            info["files"] = ckpt.file_records(path)
+            info["files"] = integrity.file_records(path)
         ckpt.mark_complete(path, info)
     return path
 
@@ -105,7 +107,7 @@ def test_marker_records_size_and_sha256_of_every_file(tmp_path):
     path = make_checkpoint(str(tmp_path), 3, complete=False)
     os.makedirs(os.path.join(path, "offloaded_tensors", "rank0"))
     torch.save(torch.zeros(3), os.path.join(path, "offloaded_tensors", "rank0", "t.pt"))
-    records = ckpt.file_records(path)
+    records = integrity.file_records(path)
     assert sorted(records) == ["mp_rank_00_model_states.pt", os.path.join("offloaded_tensors", "rank0", "t.pt")]
     for name, record in records.items():
         data = open(os.path.join(path, name), "rb").read()
@@ -154,7 +156,7 @@ def test_resume_marks_damaged_checkpoints_only_when_one_is_intact(tmp_path):
     truncate(os.path.join(bad, "mp_rank_00_model_states.pt"))
     assert ckpt.resolve_resume("auto", run) == os.path.join(root, "step-1")
     assert not ckpt.is_complete(bad)
-    assert "has 100 bytes" in json.load(open(os.path.join(bad, ckpt.DAMAGED_MARKER)))["reason"]
+    assert "has 100 bytes" in json.load(open(os.path.join(bad, integrity.DAMAGED_MARKER)))["reason"]
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [1]
 
     truncate(os.path.join(root, "step-1", "mp_rank_00_model_states.pt"))
@@ -166,7 +168,7 @@ def test_resume_marks_damaged_checkpoints_only_when_one_is_intact(tmp_path):
 def test_checkpoint_without_checksums_still_loads_with_a_note(tmp_path, caplog):
     root = str(tmp_path)
     old = make_checkpoint(root, 4, checksums=False)
-    with caplog.at_level(logging.INFO, logger=ckpt.logger.name):
+    with caplog.at_level(logging.INFO, logger=integrity.logger.name):
         assert ckpt.find_checkpoint(root) == old
     assert "before checkpoints recorded checksums" in caplog.text
     truncate(os.path.join(old, "mp_rank_00_model_states.pt"))  # still caught: unreadable
@@ -182,11 +184,11 @@ def test_same_model_check_names_the_settings(tmp_path):
     # Regularisation, the initialisation and the clip length may change on resume.
     free = {"model": {"variant": "vit_tiny", "drop_path": 0.3, "bridge": {"depth": 2, "init": "trunc_normal"}},
             "clip": {"tubelet_size": 2, "num_frames": 8}}
-    ckpt.check_same_model(path, free)
+    integrity.check_same_model(path, free)
     other = {"model": {"variant": "vit_s", "drop_path": 0.1, "bridge": {"depth": 1, "init": "xavier"}},
              "clip": {"tubelet_size": 4, "num_frames": 16}}
-    with pytest.raises(ckpt.ModelMismatchError) as err:
-        ckpt.check_same_model(path, other)
+    with pytest.raises(integrity.ModelMismatchError) as err:
+        integrity.check_same_model(path, other)
     message = str(err.value)
     assert "\n" not in message
     for expected in ("clip.tubelet_size is 2 there, 4 now", "model.bridge.depth is 2 there, 1 now",
@@ -219,7 +221,7 @@ def test_save_marks_complete_prunes_and_survives_a_crash(tmp_path):
     for step in (10, 20, 30):
         path = ckpt.save_checkpoint(engine, root, step, {"step": step}, keep_last=2)
         assert ckpt.is_complete(path)
-        assert os.path.isfile(ckpt.rng_state_file(path, 0))
+        assert os.path.isfile(rng_state.rng_state_file(path, 0))
     assert engine.calls[-1] == ("step-30", False)  # DeepSpeed's own `latest` is never written
     assert [s for s, _ in ckpt.list_checkpoints(root, complete=None)] == [20, 30]
 
@@ -232,7 +234,7 @@ def test_save_marks_complete_prunes_and_survives_a_crash(tmp_path):
     # Saving the same step again (after resuming from step 30) replaces the leftover.
     path = ckpt.save_checkpoint(engine, root, 40, {"step": 40}, keep_last=2)
     assert ckpt.is_complete(path)
-    assert ckpt.read_model_states(path)["marscale"] == {"step": 40}
+    assert integrity.read_model_states(path)["marscale"] == {"step": 40}
     assert [s for s, _ in ckpt.list_checkpoints(root, complete=None)] == [30, 40]
 
 
@@ -261,20 +263,20 @@ def test_rng_state_round_trip(tmp_path, legacy):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1), np.random.standard_normal()  # a cached gaussian in both states
     path = str(tmp_path)
-    state = ckpt.capture_rng_state()
+    state = rng_state.capture_rng_state()
     if legacy:
         state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     else:
         torch.load(_save(state, tmp_path / "check.pt"), weights_only=True)  # plain values only
-    torch.save(state, ckpt.rng_state_file(path, 0))
+    torch.save(state, rng_state.rng_state_file(path, 0))
     expected = (random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    assert ckpt.load_rng_state(path, 0)
+    assert rng_state.load_rng_state(path, 0)
     got = (random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal(), torch.rand(3))
     assert got[:2] == expected[:2] and got[3] == expected[3]
     np.testing.assert_array_equal(got[2], expected[2])
     torch.testing.assert_close(got[4], expected[4], rtol=0, atol=0)
-    assert not ckpt.load_rng_state(path, 1)  # a rank the checkpoint did not have
+    assert not rng_state.load_rng_state(path, 1)  # a rank the checkpoint did not have
 
 
 def _save(obj, path) -> str:

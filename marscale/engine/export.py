@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from marscale.checkpoint_layouts import CheckpointError, load_file
-from marscale.engine.checkpointing import find_checkpoint, read_model_states, step_of, weights_only_loads
+from marscale.engine.checkpoint_integrity import read_model_states, weights_only_loads
+from marscale.engine.checkpointing import find_checkpoint, step_of
 
 logger = logging.getLogger(__name__)
 

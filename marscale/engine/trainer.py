@@ -57,6 +57,7 @@ from marscale.engine.config import PRECISION_DTYPES, TrainConfig
 from marscale.engine.evaluate import EvalResult, evaluate
 from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, StepCost, format_record
 from marscale.engine.metrics import peak_memory_bytes, peak_tflops, throughput
+from marscale.engine.rng_state import load_rng_state
 from marscale.engine.plan import save_plan
 from marscale.engine.preflight import preflight
 from marscale.io import write_json
@@ -433,7 +434,7 @@ class Trainer:
             grad_accum_steps=self.cfg.deepspeed.grad_accum_steps,
         )
         # Last, after anything that might draw random numbers.
-        if not ckpt.load_rng_state(path, self.rank):
+        if not load_rng_state(path, self.rank):
             logger.warning("no RNG state for rank %d in %s: random streams restart", self.rank, path)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
                     self.state.epoch, self.state.batch_in_epoch)
