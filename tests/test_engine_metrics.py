@@ -74,4 +74,10 @@ def test_writer_appends_jsonl_and_tensorboard(tmp_path):
 def test_format_record():
     line = metrics.format_record({"loss": 1.23456, "lr": 1e-4, "step": 3})
     assert line == "loss 1.235 | lr 1.000e-04 | step 3"
+    # Counts show their non-zero entries, and nothing when all are zero.
+    counts = {"read": 0, "incomplete": 2, "decode": 1}
+    assert metrics.format_record({"loss": 1.0, "skipped_samples": counts}) == (
+        "loss 1 | skipped_samples incomplete 2, decode 1"
+    )
+    assert metrics.format_record({"loss": 1.0, "skipped_samples": dict.fromkeys(counts, 0)}) == "loss 1"
     json.dumps({"ok": line})

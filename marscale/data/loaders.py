@@ -27,11 +27,19 @@ them too rather than failing, because a reader that raised on one rank would lea
 others waiting in the score all-reduce; the result reports the videos scored against
 the manifest's, and the pre-flight (`marscale.engine.preflight`) has already refused
 shard sets whose manifests list more classes than the model has.
+
+Both loops iterate through `start_iterator`, whose `LoaderIterator` stops the worker
+processes on every way out (they ignore SIGTERM; see there) and reports a worker's
+"bad samples in a row" in one line. Each loader counts its skipped samples per reason
+(`skipped()`, shared memory the workers write to).
 """
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing.util  # noqa: F401 - registers its exit handler before ours (see start_iterator)
+import weakref
 from typing import Iterable, Iterator
 
 import torch
@@ -41,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from marscale.clip import ClipConfig
 from marscale.data.config import DataConfig
 from marscale.data.decode import resolve_decoder
-from marscale.data.stages import SkipStats, eval_stages, train_stages
+from marscale.data.stages import ShardDataError, SkipStats, eval_stages, train_stages
 from marscale.data.transforms import EvalTransform, TrainTransform
 from marscale.shards import ShardSet
 from marscale.signals import stop_signals_blocked
@@ -64,7 +72,7 @@ def worker_batches(batches_per_rank: int, num_workers: int, worker: int, start_b
     return first, max(0, end - first)
 
 
-def start_iterator(loader: Iterable) -> Iterator:
+def start_iterator(loader: Iterable) -> "LoaderIterator":
     """`iter(loader)` as the training and evaluation loops need it.
 
     - Creating a DataLoader iterator draws a seed from torch's global generator: that
@@ -75,9 +83,96 @@ def start_iterator(loader: Iterable) -> Iterator:
       blocked only the training process reacts, finishes the step and saves. Workers still
       exit when the loader shuts them down or their parent dies. (Inherited with the
       default "fork" start method.)
+    - Because SIGTERM does not stop them, the iterator is a `LoaderIterator`: closed on
+      every way out (an error, `close()`, interpreter exit), it kills what does not stop.
     """
+    global _exit_hook_registered
     with stop_signals_blocked(), torch.random.fork_rng(devices=[]):
-        return iter(loader)
+        iterator = LoaderIterator(iter(loader))
+    if not _exit_hook_registered:
+        # Exit handlers run last registered first: this one runs before multiprocessing's
+        # (registered when it was imported, above), which would SIGTERM the workers and
+        # join them without a timeout, and before torch's exit flag turns its shutdown off.
+        atexit.register(_close_open_iterators)
+        _exit_hook_registered = True
+    return iterator
+
+
+class LoaderIterator:
+    """A DataLoader iterator whose worker processes are stopped on every way out.
+
+    The workers run with SIGTERM blocked (`start_iterator`), so neither torch's own last
+    resort (`terminate()` after a join timeout) nor Python's multiprocessing exit handler
+    (SIGTERM to its daemonic children, then a join without timeout) ends them: a run that
+    left by an exception with the loader open would wait for them forever. Hence:
+
+    - `close()` lets torch shut the workers down (bounded joins), then SIGKILLs any that
+      are still alive: a worker stuck on a read, whose batches nobody wants any more;
+    - an error from the loader closes it before it propagates. A `ShardDataError` raised
+      in a worker, which torch re-raises with the worker's traceback as its message, is
+      raised again with its own one-line message (the worker's error chained to it);
+    - at interpreter exit, every iterator still open is closed (`_close_open_iterators`).
+    """
+
+    def __init__(self, iterator: Iterator):
+        self._it: Iterator | None = iterator
+        _open_iterators.add(self)
+
+    def __iter__(self) -> "LoaderIterator":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            raise StopIteration
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.close()
+            raise
+        except BaseException as error:
+            self.close()
+            reported = _worker_data_error(error)
+            if reported is None:
+                raise
+            raise reported from error
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent). A worker that does not stop by itself
+        costs about 2 x torch's status interval (5 s) before it is killed."""
+        it, self._it = self._it, None
+        if it is None:
+            return
+        _open_iterators.discard(self)
+        workers = list(getattr(it, "_workers", ()))  # none when the loader has no workers
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # done event, then a join per worker with a timeout
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5.0)
+
+
+_open_iterators: "weakref.WeakSet[LoaderIterator]" = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _close_open_iterators() -> None:
+    for iterator in list(_open_iterators):
+        iterator.close()
+
+
+def _worker_data_error(error: BaseException) -> ShardDataError | None:
+    """The one-line `ShardDataError` a worker raised, if `error` is torch's re-raise of one."""
+    if not isinstance(error, ShardDataError):
+        return None
+    text = str(error)
+    # torch's message: "Caught ShardDataError in DataLoader worker process N.\nOriginal
+    # Traceback ...", ending with the formatted exception line "module.ShardDataError: msg".
+    marker = f"{ShardDataError.__module__}.{ShardDataError.__qualname__}: "
+    if not text.startswith("Caught ") or marker not in text:
+        return None  # raised in this process (no workers): its message is already the story
+    return ShardDataError(text.rsplit(marker, 1)[1].strip())
 
 
 class TrainStream(IterableDataset):

@@ -73,8 +73,18 @@ MAX_CONSECUTIVE_SKIPS = 200
 _SHARD_STREAM, _SHUFFLE_STREAM, _SAMPLE_STREAM = 0, 1, 2
 
 
+class ShardDataError(ValueError):
+    """The shards are broken, not noisy: too many bad samples in a row. Bad input, so the
+    command line reports it in one line (a ValueError); raised inside a loader worker, it
+    reaches the training process through `marscale.data.loaders.LoaderIterator`."""
+
+
 class SkipStats:
-    """Counts of skipped samples per reason, shared by the worker processes of a loader."""
+    """Counts of skipped samples per reason, shared by the worker processes of a loader.
+
+    The counts are shared memory created before the workers start: the main process sees
+    each worker's skips as they happen (`as_dict`), not only when the loader ends.
+    """
 
     def __init__(self) -> None:
         # Shared memory created before the workers start, so they inherit it.
@@ -87,7 +97,7 @@ class SkipStats:
         log.warning("skipping sample %s (%s): %s", key, reason, detail)
         self._consecutive += 1
         if self._consecutive >= MAX_CONSECUTIVE_SKIPS:
-            raise RuntimeError(
+            raise ShardDataError(
                 f"{self._consecutive} bad samples in a row (last: {key}, {reason}: {detail}); "
                 f"check the shards with `marscale-shards verify`"
             )
@@ -101,8 +111,12 @@ class SkipStats:
         return True
 
     def as_dict(self) -> dict[str, int]:
-        with self._counts.get_lock():
-            return dict(zip(SKIP_REASONS, self._counts[:]))
+        """{reason: samples skipped so far}, over every worker of the loader.
+
+        Read without the lock: the counts only grow, and a worker killed while holding it
+        (a loader shut down on an error path) must not block the reader.
+        """
+        return dict(zip(SKIP_REASONS, self._counts.get_obj()[:]))
 
 
 def resampled_shards(urls: list[str], words: list[int]) -> Callable[[], Iterator[dict]]:

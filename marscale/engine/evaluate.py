@@ -34,6 +34,7 @@ import torch.distributed as torch_dist
 from marscale import dist
 from marscale.clip import ClipConfig
 from marscale.data import DataConfig
+from marscale.engine.metrics import format_counts, sum_over_ranks
 from marscale.masking import MaskingConfig, make_mask, mask_to_indices, shuffle_time_slices
 from marscale.seeding import derive_seed
 from marscale.shards import ShardSet
@@ -58,6 +59,9 @@ class EvalResult:
     """Views scored over all ranks."""
     incomplete_videos: int
     """Videos scored with fewer (or more) views than clips x crops (skipped views)."""
+    skipped_samples: dict[str, int]
+    """Samples the evaluation loaders skipped over all ranks, per reason
+    (`marscale.data.stages.SKIP_REASONS`): unreadable shards count 1 each."""
     seconds: float
 
     def to_dict(self) -> dict:
@@ -171,44 +175,49 @@ def evaluate(
     table = ScoreTable(num_classes)
     it = start_iterator(loader)
     views = 0
-    while True:
-        batch = next(it, None)
-        if lockstep:
-            more = torch.tensor([0 if batch is None else 1], device=device)
-            torch_dist.all_reduce(more, op=torch_dist.ReduceOp.MAX)
-            if not more.item():
+    try:
+        while True:
+            batch = next(it, None)
+            if lockstep:
+                more = torch.tensor([0 if batch is None else 1], device=device)
+                torch_dist.all_reduce(more, op=torch_dist.ReduceOp.MAX)
+                if not more.item():
+                    break
+            elif batch is None:
                 break
-        elif batch is None:
-            break
-        real = batch is not None
-        if real:
-            video = batch["video"].to(device, non_blocking=True)
-        else:  # this rank is done but another is not: keep the collectives in step
-            video = torch.zeros(
-                (data_cfg.eval_batch_size, 3, clip.num_frames, clip.img_size, clip.img_size),
-                dtype=torch.uint8,
-                device=device,
-            )
-        views_of_batch = torch.stack([batch["video_index"], batch["view"]], dim=1) if real else None
-        idx = indices(video.shape[0], views_of_batch)
-        visible_idx, masked_idx = idx if idx is not None else (None, None)
-        x = normalize(video, clip.mean, clip.std, dtype)
-        logits = forward(x, visible_idx, masked_idx)
-        if masking_cfg.eval_complement and idx is not None:
-            # The complementary pass: the masked tokens visible. Every rank runs it (lockstep).
-            logits = (logits.float() + forward(x, masked_idx, visible_idx).float()) / 2
-        if real:
-            table.add(
-                torch.softmax(logits.float(), dim=-1),
-                batch["label"].to(device),
-                batch["video_index"].to(device),
-            )
-            views += video.shape[0]
-    del it
+            real = batch is not None
+            if real:
+                video = batch["video"].to(device, non_blocking=True)
+            else:  # this rank is done but another is not: keep the collectives in step
+                video = torch.zeros(
+                    (data_cfg.eval_batch_size, 3, clip.num_frames, clip.img_size, clip.img_size),
+                    dtype=torch.uint8,
+                    device=device,
+                )
+            views_of_batch = torch.stack([batch["video_index"], batch["view"]], dim=1) if real else None
+            idx = indices(video.shape[0], views_of_batch)
+            visible_idx, masked_idx = idx if idx is not None else (None, None)
+            x = normalize(video, clip.mean, clip.std, dtype)
+            logits = forward(x, visible_idx, masked_idx)
+            if masking_cfg.eval_complement and idx is not None:
+                # The complementary pass: the masked tokens visible. Every rank runs it (lockstep).
+                logits = (logits.float() + forward(x, masked_idx, visible_idx).float()) / 2
+            if real:
+                table.add(
+                    torch.softmax(logits.float(), dim=-1),
+                    batch["label"].to(device),
+                    batch["video_index"].to(device),
+                )
+                views += video.shape[0]
+    finally:
+        # On every way out: the workers ignore SIGTERM, so a worker left running after an
+        # error would keep the process from exiting (LoaderIterator).
+        it.close()
     sums, counts, labels = table.reduce(expected, device)
     total_views = torch.tensor([views], device=device)
     if dist.is_initialized():
         torch_dist.all_reduce(total_views)
+    skipped = sum_over_ranks(loader.skipped(), world_size, device)
     acc = video_accuracy(sums, counts, labels)
     seen = counts > 0
     result = EvalResult(
@@ -218,15 +227,17 @@ def evaluate(
         expected_videos=expected,
         num_views=int(total_views.item()),
         incomplete_videos=int((counts[seen] != data_cfg.views_per_video).sum().item()),
+        skipped_samples=skipped,
         seconds=time.perf_counter() - start,
     )
     if result.num_videos != expected or result.incomplete_videos:
         logger.warning(
             "evaluation scored %d of %d videos, %d with a different number of views than %d "
-            "(videos that failed to decode are left out)",
+            "(skipped samples are left out: %s)",
             result.num_videos,
             expected,
             result.incomplete_videos,
             data_cfg.views_per_video,
+            format_counts(result.skipped_samples),
         )
     return result

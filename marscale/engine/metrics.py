@@ -1,4 +1,5 @@
-"""Training metrics: throughput, achieved TFLOP/s and MFU, peak memory, and the writers.
+"""Training metrics: throughput, achieved TFLOP/s and MFU, peak memory, skipped samples,
+and the writers.
 
 Units, named apart everywhere (see `marscale.cost`):
 - model FLOPs per clip are *true* FLOPs (2 x multiply-accumulates), counted on the real
@@ -8,6 +9,11 @@ Units, named apart everywhere (see `marscale.cost`):
 
 Nothing here synchronises a device except `peak_memory_bytes` and what the caller does
 on logging steps: the loop accumulates loss tensors and calls `.item()` only there.
+
+Skipped samples (`marscale.data.stages.SKIP_REASONS`) are counts since the process
+started (a resumed run counts from its resume), summed over the ranks on logging steps,
+and recorded as one field `"skipped_samples": {reason: count}` (TensorBoard:
+`<kind>/skipped_samples/<reason>`).
 """
 
 from __future__ import annotations
@@ -166,6 +172,46 @@ class LossMeter:
         return values
 
 
+class SkipTally:
+    """Samples this rank's training loaders skipped, per reason, over the run's epochs:
+    the closed loaders' counts plus the open one's (read live from its workers)."""
+
+    def __init__(self, reasons: tuple[str, ...]) -> None:
+        self._closed = dict.fromkeys(reasons, 0)
+        self._open = None
+
+    def open(self, loader) -> None:
+        """Count `loader` (anything with `skipped() -> {reason: count}`) from now on."""
+        self.close()
+        self._open = loader
+
+    def close(self) -> None:
+        """Add the open loader's final counts to the closed ones (after its workers stopped)."""
+        if self._open is not None:
+            self._closed = self.local()
+            self._open = None
+
+    def local(self) -> dict[str, int]:
+        """This rank's counts so far (no collective)."""
+        current = self._open.skipped() if self._open is not None else {}
+        return {reason: n + current.get(reason, 0) for reason, n in self._closed.items()}
+
+
+def sum_over_ranks(counts: dict[str, int], world_size: int, device: torch.device) -> dict[str, int]:
+    """Collective when world_size > 1: {name: count summed over the ranks}. `device` is
+    one the process group's backend reduces (the rank's device)."""
+    if world_size <= 1:
+        return dict(counts)
+    total = torch.tensor(list(counts.values()), dtype=torch.int64, device=device)
+    torch_dist.all_reduce(total)
+    return dict(zip(counts, total.tolist()))
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """`incomplete 4, decode 2`: the non-zero counts, or `none`."""
+    return ", ".join(f"{name} {n}" for name, n in counts.items() if n) or "none"
+
+
 class MetricsWriter:
     """Appends metric records to JSONL files and TensorBoard (main rank only).
 
@@ -199,8 +245,11 @@ class MetricsWriter:
         f.flush()
         if self._tb is not None:
             for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{kind}/{name}", value, step)
+                # One level of nesting ({"skipped_samples": {reason: n}}) becomes `kind/name/key`.
+                items = value.items() if isinstance(value, dict) else [(None, value)]
+                for key, number in items:
+                    if isinstance(number, (int, float)) and not isinstance(number, bool):
+                        self._tb.add_scalar(f"{kind}/{name}" + (f"/{key}" if key else ""), number, step)
             self._tb.flush()
 
     def close(self) -> None:
@@ -225,10 +274,15 @@ def by_step(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def format_record(values: dict[str, Any]) -> str:
-    """One human-readable log line: `loss 1.234 | lr 1.0e-03 | clips/s 12.3 ...`."""
+    """One human-readable log line: `loss 1.234 | lr 1.0e-03 | clips/s 12.3 ...`. Counts
+    ({name: int}, e.g. skipped samples) show their non-zero entries, or nothing when all are 0."""
     parts = []
     for name, value in values.items():
-        if isinstance(value, float):
+        if isinstance(value, dict):
+            if not any(value.values()):
+                continue
+            text = format_counts(value)
+        elif isinstance(value, float):
             text = f"{value:.3e}" if (value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5)) else f"{value:.4g}"
         else:
             text = str(value)

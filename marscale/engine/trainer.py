@@ -32,7 +32,13 @@ Pre-emption: SIGTERM or SIGUSR1 sets a flag. At the next step boundary all ranks
 `EXIT_PREEMPTED` (75, EX_TEMPFAIL: "try again"), which job scripts use to requeue
 (launch/slurm.sbatch). Data-loader workers start with these signals blocked
 (`marscale.data.loaders.start_iterator`), so a signal sent to every process of the job
-does not kill them mid-step. A run that finishes returns 0.
+does not kill them mid-step; the loader's iterator is closed on every way out of the loop
+instead, and kills what does not stop, so an error (e.g. shards that are all bad) ends
+the run rather than leaving it waiting on its workers. A run that finishes returns 0.
+
+Bad samples: the loaders skip and count them per reason; the counts since the start,
+summed over the ranks, are logged on logging steps (`skipped_samples` in metrics.jsonl
+and TensorBoard), in one line at the end of the loop, and in the evaluation result.
 
 Every derived number (steps per epoch, loader batches, warm-up, FLOPs per clip) comes
 from the run plan (`marscale.engine.plan`), computed once at start, logged and saved as
@@ -55,11 +61,11 @@ from marscale.config import save_config, to_dict
 from marscale.engine import checkpointing as ckpt
 from marscale.engine.config import PRECISION_DTYPES, TrainConfig
 from marscale.engine.evaluate import EvalResult, evaluate
-from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, StepCost, format_record
-from marscale.engine.metrics import peak_memory_bytes, peak_tflops, throughput
-from marscale.engine.rng_state import load_rng_state
+from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, SkipTally, StepCost, format_counts
+from marscale.engine.metrics import format_record, peak_memory_bytes, peak_tflops, sum_over_ranks, throughput
 from marscale.engine.plan import save_plan
 from marscale.engine.preflight import preflight
+from marscale.engine.rng_state import load_rng_state
 from marscale.io import write_json
 from marscale.losses import build_loss
 from marscale.masking import make_mask, mask_to_indices
@@ -95,6 +101,7 @@ class Trainer:
         import deepspeed
 
         from marscale.data import build_mixup
+        from marscale.data.stages import SKIP_REASONS
         from marscale.engine.ds_config import build_deepspeed_config
         from marscale.engine.optim import build_optimizer
         from marscale.model import build_model
@@ -142,6 +149,7 @@ class Trainer:
         self.writer = MetricsWriter(self.output_dir, enabled=dist.is_main(), tensorboard=cfg.logging.tensorboard)
         self.stop = StopSignal()
         self.meter = LossMeter()
+        self.skips = SkipTally(SKIP_REASONS)
         self._save_records()
         logger.info(
             "%s: %s %s, %d ranks, global batch %d, %d steps, ZeRO-%d %s\n%s",
@@ -262,6 +270,7 @@ class Trainer:
                 num_classes=self.plan.num_classes,
             )
             it = start_iterator(loader)
+            self.skips.open(loader)
             try:
                 for position in range(start, batches):
                     batch = next(it, None)
@@ -274,7 +283,10 @@ class Trainer:
                         )
                     yield batch
             finally:
-                del it  # stops the loader's worker processes
+                # Stops the worker processes on every way out: they ignore SIGTERM, so one left
+                # running would keep an erroring run from exiting (LoaderIterator).
+                it.close()
+                self.skips.close()
 
     def fit(self) -> int:
         """Resume if asked, train to the end (or a pre-emption signal), evaluate, save.
@@ -342,6 +354,7 @@ class Trainer:
         finally:
             batches.close()
             bar.close()
+        self._report_skips()
         if exit_code == 0:
             if cfg.checkpoint.save_at_end and last_saved != state.step:
                 self.save()
@@ -361,8 +374,15 @@ class Trainer:
             f"switching deepspeed.precision (fp16 -> bf16)."
         )
 
+    def _report_skips(self) -> None:
+        """Collective. The end-of-run line: samples the training loaders skipped, all ranks."""
+        skipped = sum_over_ranks(self.skips.local(), self.world_size, self.device)
+        level = logging.WARNING if any(skipped.values()) else logging.INFO
+        logger.log(level, "samples skipped by the training loaders (all ranks): %s", format_counts(skipped))
+
     def _log(self, lr: float, timer: IntervalTimer) -> dict:
-        """Collective. Losses averaged over the interval and the ranks, plus rates and memory."""
+        """Collective. Losses averaged over the interval and the ranks, plus rates and memory,
+        and the samples the loaders skipped since the start (summed over the ranks)."""
         values = self.meter.read(self.world_size)  # the host sync of this interval
         values["lr"] = lr
         if self.cfg.deepspeed.precision == "fp16":
@@ -370,6 +390,7 @@ class Trainer:
             values["skipped_steps"] = int(self.engine.skipped_steps)
         values["epoch"] = self.state.epoch
         values["samples"] = self.state.samples_seen
+        values["skipped_samples"] = sum_over_ranks(self.skips.local(), self.world_size, self.device)
         values.update(throughput(self.cost, timer.steps, timer.elapsed(), timer.data_seconds))
         values["peak_mem_gib"] = peak_memory_bytes(self.device) / 2**30
         self.writer.log("metrics", self.state.step, values)
@@ -407,9 +428,9 @@ class Trainer:
             write_json(os.path.join(self.output_dir, EVAL_FILE), record)
         self.writer.log("eval", self.state.step, result.to_dict())
         logger.info(
-            "eval step %d: top1 %.2f top5 %.2f (%d/%d videos, %d views, %.1fs)",
+            "eval step %d: top1 %.2f top5 %.2f (%d/%d videos, %d views, %.1fs; skipped samples: %s)",
             self.state.step, result.top1, result.top5, result.num_videos, result.expected_videos,
-            result.num_views, result.seconds,
+            result.num_views, result.seconds, format_counts(result.skipped_samples),
         )
         return result
 
