@@ -40,7 +40,7 @@ import atexit
 import math
 import multiprocessing.util  # noqa: F401 - registers its exit handler before ours (see start_iterator)
 import weakref
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -345,3 +345,48 @@ def build_eval_loader(
         cfg, clip, rank_urls, decoder=resolve_decoder(cfg.decoder), stats=stats, num_classes=num_classes
     )
     return EvalLoader(_dataloader(stream, cfg.num_workers), num_batches, sum(rank_videos), stats)
+
+
+def train_batches(
+    cfg: DataConfig,
+    clip: ClipConfig,
+    train_set: ShardSet,
+    *,
+    num_classes: int,
+    batches_per_epoch: int,
+    rank: int,
+    world_size: int,
+    position: Callable[[], tuple[int, int]],
+    tally=None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's training batches, epoch after epoch, from the data position `position()`
+    returns, (epoch, batch in epoch), read when each epoch's loader opens: the caller must
+    update it before asking for the next batch. `tally` (optional: `open(loader)`,
+    `close()`) follows each epoch's loader for its skip counts.
+    """
+    while True:
+        epoch, start = position()
+        loader = build_train_loader(
+            cfg, clip, train_set, batches_per_epoch=batches_per_epoch, epoch=epoch, rank=rank,
+            world_size=world_size, start_batch=start, num_classes=num_classes,
+        )
+        it = start_iterator(loader)
+        if tally is not None:
+            tally.open(loader)
+        try:
+            for index in range(start, batches_per_epoch):
+                batch = next(it, None)
+                if batch is None:
+                    # Continuing would leave this rank a step behind the others (a hang
+                    # under ZeRO): fail loudly instead.
+                    raise RuntimeError(
+                        f"rank {rank}: the training loader ended after {index} of "
+                        f"{batches_per_epoch} batches of epoch {epoch}"
+                    )
+                yield batch
+        finally:
+            # Stops the worker processes on every way out: they ignore SIGTERM, so one left
+            # running would keep an erroring run from exiting (LoaderIterator).
+            it.close()
+            if tally is not None:
+                tally.close()

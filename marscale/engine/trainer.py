@@ -254,39 +254,15 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's training batches from the current data position on, epoch after epoch.
+        """This rank's training batches from the current data position (`self.state`, read
+        when each epoch's loader opens) on, epoch after epoch."""
+        from marscale.data.loaders import train_batches
 
-        Reads `self.state` when it opens an epoch's loader, so the loop must update the
-        position before asking for the next batch.
-        """
-        from marscale.data import build_train_loader, start_iterator
-
-        batches = self.plan.batches_per_epoch
-        while True:
-            start = self.state.batch_in_epoch
-            loader = build_train_loader(
-                self.cfg.data, self.cfg.clip, self.plan.train_set, batches_per_epoch=batches,
-                epoch=self.state.epoch, rank=self.rank, world_size=self.world_size, start_batch=start,
-                num_classes=self.plan.num_classes,
-            )
-            it = start_iterator(loader)
-            self.skips.open(loader)
-            try:
-                for position in range(start, batches):
-                    batch = next(it, None)
-                    if batch is None:
-                        # Continuing would leave this rank a step behind the others (a hang
-                        # under ZeRO): fail loudly instead.
-                        raise RuntimeError(
-                            f"rank {self.rank}: the training loader ended after {position} of "
-                            f"{batches} batches of epoch {self.state.epoch}"
-                        )
-                    yield batch
-            finally:
-                # Stops the worker processes on every way out: they ignore SIGTERM, so one left
-                # running would keep an erroring run from exiting (LoaderIterator).
-                it.close()
-                self.skips.close()
+        return train_batches(
+            self.cfg.data, self.cfg.clip, self.plan.train_set, num_classes=self.plan.num_classes,
+            batches_per_epoch=self.plan.batches_per_epoch, rank=self.rank, world_size=self.world_size,
+            position=lambda: (self.state.epoch, self.state.batch_in_epoch), tally=self.skips,
+        )
 
     def fit(self) -> int:
         """Resume if asked, train to the end (or a pre-emption signal), evaluate, save.
