@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -87,6 +88,25 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     deepspeed.init_distributed(
         dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
     )
+
+
+def decided_on_main(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on the main rank only; its result, or the exception it raised, reaches
+    every rank (collective). One rank does the work (reading and hashing checkpoint files)
+    and no rank waits in a collective for a rank that failed: all return or all raise."""
+    if not is_initialized() or get_world_size() == 1:
+        return fn(*args)
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = (True, fn(*args))
+        except Exception as e:  # handed to every rank, raised there
+            box[0] = (False, e)
+    torch_dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def free_port() -> int:

@@ -183,10 +183,11 @@ def test_process_exiting_with_an_open_loader_does_not_hang():
 # --- skip counts reach metrics.jsonl, TensorBoard, the summary line and eval.json --------
 
 
-def _mixed_set(src: str, dst: str, num_shards: int, missing: tuple[int, ...] = ()) -> None:
+def _mixed_set(src: str, dst: str, num_shards: int, unreadable: tuple[int, ...] = ()) -> None:
     """The first `num_shards` shards of `src`, each led by one sample of each kind of bad
     sample (undecodable video, no .cls member, a label that is no integer) before its good
-    samples; the shards listed in `missing` are left out of the folder (unreadable)."""
+    samples; the shards listed in `unreadable` hold bytes that are no tar archive (present,
+    so the pre-flight passes them; a read error in the loader)."""
     os.makedirs(dst)
     manifest = load_manifest(src)
     shards = manifest.shards[:num_shards]
@@ -197,7 +198,10 @@ def _mixed_set(src: str, dst: str, num_shards: int, missing: tuple[int, ...] = (
         bad = [(f"{k[0]}.mp4", GARBAGE_VIDEO), (f"{k[0]}.cls", b"0"),  # decode
                (f"{k[1]}.cls", b"1"),  # incomplete
                (f"{k[2]}.mp4", video), (f"{k[2]}.cls", b"one")]  # label
-        if s not in missing:
+        if s in unreadable:
+            with open(os.path.join(dst, info.name), "wb") as f:
+                f.write(b"this is not a tar archive\n" * 64)
+        else:
             _write_tar(os.path.join(dst, info.name), bad + good)
     save_manifest(dst, Manifest(manifest.prefix, manifest.class_names, shards, [], manifest.options))
 
@@ -212,7 +216,7 @@ def test_skip_counts_reach_metrics_summary_and_eval_json(synthetic_shards, tmp_p
 
     train, val = str(tmp_path / "train"), str(tmp_path / "val")
     _mixed_set(synthetic_shards["train"], train, 4)
-    _mixed_set(synthetic_shards["val"], val, 3, missing=(2,))
+    _mixed_set(synthetic_shards["val"], val, 3, unreadable=(2,))
     out = tmp_path / "run"
     cfg = load_train_config(CONFIG, [
         *run_overrides({"train": train, "val": val}, out),
@@ -233,7 +237,7 @@ def test_skip_counts_reach_metrics_summary_and_eval_json(synthetic_shards, tmp_p
         trainer.close()
 
     # Each shard read skips one sample of each kind: 4 reads for the epoch's 8 videos.
-    expected = {"read": 0, "incomplete": 4, "label": 4, "decode": 4}
+    expected = {"read": 0, "incomplete": 4, "label": 4, "decode": 4, "key": 0}
     records = read_jsonl(str(out / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     counts = [r["skipped_samples"] for r in records]
@@ -245,8 +249,8 @@ def test_skip_counts_reach_metrics_summary_and_eval_json(synthetic_shards, tmp_p
     summary = [r.getMessage() for r in caplog.records if "skipped by the training loaders" in r.getMessage()]
     assert summary == ["samples skipped by the training loaders (all ranks): incomplete 4, label 4, decode 4"]
 
-    # Evaluation: 3 shards read once by 2 workers, one of them missing (a read error).
+    # Evaluation: 3 shards read once by 2 workers, one of them no tar archive (a read error).
     result = json.load(open(out / "eval.json"))
-    assert result["skipped_samples"] == {"read": 1, "incomplete": 2, "label": 2, "decode": 2}
+    assert result["skipped_samples"] == {"read": 1, "incomplete": 2, "label": 2, "decode": 2, "key": 0}
     assert (result["num_videos"], result["expected_videos"]) == (4, 6)
     assert torch.isfinite(torch.tensor(result["top1"]))

@@ -66,7 +66,7 @@ import pickle
 import re
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -220,7 +220,7 @@ def resolve_resume(resume: str, output_dir: str, *, config: dict[str, Any] | Non
     """
     if not resume:
         return None
-    return _decided_on_main(_resolve_resume, resume, output_dir, config)
+    return dist.decided_on_main(_resolve_resume, resume, output_dir, config)
 
 
 def _resolve_resume(resume: str, output_dir: str, config: dict[str, Any] | None) -> str | None:
@@ -234,28 +234,6 @@ def _resolve_resume(resume: str, output_dir: str, config: dict[str, Any] | None)
     if config is not None:
         check_same_model(path, config)
     return path
-
-
-def _decided_on_main(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) on the main rank only; its result, or the exception it raised, reaches
-    every rank (collective). One rank reads and hashes the files, and no rank waits in a
-    collective for a rank that failed. (A helper of `marscale.dist`'s kind, kept here
-    while this module is its only user.)"""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn(*args)
-    import torch.distributed as torch_dist
-
-    box: list[Any] = [None]
-    if dist.is_main():
-        try:
-            box[0] = (True, fn(*args))
-        except Exception as e:  # handed to every rank, raised there
-            box[0] = (False, e)
-    torch_dist.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
 
 
 # --- save / load ----------------------------------------------------------------------
