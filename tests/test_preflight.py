@@ -16,7 +16,8 @@ from helpers import DEMO_CONFIG, run_overrides
 
 from marscale.engine import preflight as preflight_module
 from marscale.engine.config import load_train_config
-from marscale.engine.preflight import PreflightError, checkpoint_bytes, preflight
+from marscale.engine.checkpointing import checkpoint_bytes
+from marscale.engine.preflight import PreflightError, preflight
 from marscale.shards import load_manifest, save_manifest
 
 

@@ -32,6 +32,7 @@ import torch.distributed as torch_dist
 
 from marscale import dist
 from marscale.engine.config import TrainConfig
+from marscale.engine.checkpointing import checkpoint_bytes
 from marscale.engine.plan import RunPlan, class_problem, make_plan
 from marscale.shards import ShardSet
 
@@ -43,23 +44,6 @@ class PreflightError(ValueError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s) found before the first step:\n{lines}")
-
-
-def checkpoint_bytes(num_params: int, precision: str, zero_stage: int) -> int:
-    """Bytes of one DeepSpeed checkpoint, all ranks' files together, of `num_params`
-    parameters trained with AdamW.
-
-    The files DeepSpeed writes (measured on CPU: 12.0, 14.0, 14.0, 16.0 and 12.0 bytes a
-    parameter for ZeRO-0 fp32, ZeRO-0 bf16, ZeRO-1 bf16, ZeRO-2 fp32 and ZeRO-3 bf16):
-    the module's weights in the training dtype (4 bytes in fp32, 2 in bf16/fp16; none
-    under ZeRO-3, where the optimizer files hold the partitions); AdamW's two fp32
-    moments (8); fp32 master weights (4) wherever DeepSpeed wraps the optimizer (mixed
-    precision or ZeRO >= 1), while a bare torch optimizer (ZeRO-0 in fp32) has none: the
-    module is its master copy. Metadata and RNG states add kilobytes.
-    """
-    module = 0 if zero_stage == 3 else (4 if precision == "fp32" else 2)
-    master = 0 if zero_stage == 0 and precision == "fp32" else 4
-    return num_params * (module + master + 8)
 
 
 def _gb(num_bytes: float) -> str:
