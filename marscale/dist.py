@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -128,9 +129,24 @@ def destroy() -> None:
         torch_dist.destroy_process_group()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not to the stream it
+    was created with: a caller that swaps stderr (a test capturing it, a wrapper script)
+    must not leave the root logger writing to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it: nothing to keep
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Log INFO on the main rank and WARNING and above on the others."""
     fmt = f"[%(asctime)s rank{get_rank()}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(
-        level=level if is_main() else logging.WARNING, format=fmt, datefmt="%H:%M:%S", force=True
+        level=level if is_main() else logging.WARNING, format=fmt, datefmt="%H:%M:%S", force=True,
+        handlers=[_StderrHandler()],
     )
