@@ -121,10 +121,19 @@ MOVED_SCALAR_ATTR = "MOVED_SCALAR"
 a file that still gives the plain value gets an error that names the field."""
 
 
+RETIRED_KEYS_ATTR = "RETIRED_KEYS"
+"""A config dataclass may name keys that are no longer settings, with why
+(`RETIRED_KEYS: ClassVar[dict[str, str]] = {"load_universal": "resuming ... converts itself"}`):
+a file that still sets one gets an error that says so."""
+
+
 def _unknown_key(path: str, key: str, valid: list[str], cls: type | None = None) -> ConfigError:
     moved = getattr(cls, MOVED_KEYS_ATTR, {}) if cls is not None else {}
     if str(key) in moved:
         return ConfigError(f"'{_join(path, str(key))}' has moved: set '{moved[str(key)]}' instead")
+    retired = getattr(cls, RETIRED_KEYS_ATTR, {}) if cls is not None else {}
+    if str(key) in retired:
+        return ConfigError(f"'{_join(path, str(key))}' is no longer a setting: {retired[str(key)]}; remove it")
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
     if close:
         hint = f"did you mean '{_join(path, close[0])}'?"

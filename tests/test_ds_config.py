@@ -101,10 +101,9 @@ def test_accumulation_clipping_offload_and_universal(monkeypatch):
         "deepspeed.offload_optimizer=true",
         "deepspeed.reduce_bucket_size=2e8",
         "optim.clip_grad=null",
-        "checkpoint.load_universal=true",
         "run.device=cuda",
     )
-    d = build_deepspeed_config(cfg, world_size=8)
+    d = build_deepspeed_config(cfg, world_size=8, load_universal=True)
     assert d["train_batch_size"] == 8 * 8 * 4
     assert d["gradient_accumulation_steps"] == 4
     # DeepSpeed clips at 1.0 unless told otherwise: "no clipping" must be an explicit 0.

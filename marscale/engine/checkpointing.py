@@ -83,6 +83,7 @@ from marscale.engine.checkpoint_integrity import (
     mark_damaged,
     weights_only_loads,
 )
+from marscale.engine.reshape import prune_conversions
 from marscale.engine.rng_state import capture_rng_state, rng_state_file
 from marscale.io import write_json
 
@@ -253,7 +254,8 @@ def remove_checkpoint(path: str) -> None:
 
 def prune(root: str, keep_last: int) -> list[str]:
     """Delete all but the newest `keep_last` complete checkpoints (0: keep all), and
-    incomplete leftovers older than the newest complete one. Returns what was deleted."""
+    incomplete leftovers older than the newest complete one, and universal conversions of
+    checkpoints that are gone (`reshape.prune_conversions`). Returns what was deleted."""
     complete = list_checkpoints(root)
     if not complete:
         return []
@@ -263,7 +265,7 @@ def prune(root: str, keep_last: int) -> list[str]:
         doomed += [p for _, p in complete[:-keep_last]]
     for path in doomed:
         remove_checkpoint(path)
-    return doomed
+    return doomed + prune_conversions(root)
 
 
 def _gb(n: float) -> str:
@@ -372,7 +374,7 @@ def save_checkpoint(
             "saved checkpoint %s in %.1fs%s",
             path,
             time.perf_counter() - start,
-            f" (deleted {', '.join(os.path.basename(d) for d in deleted)})" if deleted else "",
+            f" (deleted {', '.join(os.path.relpath(d, root) for d in deleted)})" if deleted else "",
         )
     dist.barrier()
     return path
@@ -440,11 +442,7 @@ def resume_state(
     if saved is None:
         raise ValueError(f"{path} was not written by marscale (no training state in it)")
     state = TrainState(**saved["train_state"])
-    if saved["world_size"] != world_size:
+    if saved["world_size"] != world_size:  # (what changes is logged by reshape.plan_resume)
         state.epoch, offset = divmod(state.step, steps_per_epoch)
         state.batch_in_epoch = offset * grad_accum_steps
-        logger.warning(
-            "checkpoint was written by %d ranks, resuming on %d: the data order differs from the "
-            "original run from here on", saved["world_size"], world_size,
-        )
     return state

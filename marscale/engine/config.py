@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -210,9 +210,11 @@ class CheckpointConfig:
     run.output_dir if there is one; otherwise the path of a checkpoint folder."""
     save_at_end: bool = True
     """Save a checkpoint after the last step."""
-    load_universal: bool = False
-    """Resume from a DeepSpeed universal checkpoint (needed to resume on a different
-    world size or ZeRO stage; convert with deepspeed's ds_to_universal.py first)."""
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "load_universal": "a checkpoint resumed on another number of ranks is converted to DeepSpeed's "
+        "universal format by the run itself (marscale/engine/reshape.py)",
+    }
 
     def __post_init__(self):
         if self.every_steps < 0:

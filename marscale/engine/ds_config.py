@@ -59,8 +59,11 @@ def _precision_sections(cfg: TrainConfig) -> dict[str, Any]:
     return {"bf16": {"enabled": ds.precision == "bf16"}, "fp16": fp16}
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The dict for `deepspeed.initialize(config=...)` on `world_size` data-parallel ranks."""
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
+    """The dict for `deepspeed.initialize(config=...)` on `world_size` data-parallel ranks.
+
+    load_universal: the run resumes from a universal conversion of its checkpoint (saved on
+    another world size; `marscale.engine.reshape` decides)."""
     ds = cfg.deepspeed
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -73,7 +76,7 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # Our AdamW is a torch optimizer DeepSpeed may not have tested with ZeRO; with
         # offload, build_optimizer hands it DeepSpeed's CPU Adam.
         "zero_allow_untested_optimizer": True,
-        "checkpoint": {"load_universal": cfg.checkpoint.load_universal},
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }

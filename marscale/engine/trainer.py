@@ -65,6 +65,7 @@ from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, Ski
 from marscale.engine.metrics import format_record, peak_memory_bytes, peak_tflops, sum_over_ranks, throughput
 from marscale.engine.plan import save_plan
 from marscale.engine.preflight import preflight
+from marscale.engine.reshape import Layout, ResumeSource, plan_resume
 from marscale.engine.rng_state import load_rng_state
 from marscale.io import write_json
 from marscale.losses import build_loss
@@ -126,7 +127,13 @@ class Trainer:
                 os.makedirs(self.output_dir, exist_ok=True)
                 write_json(os.path.join(self.output_dir, LOAD_REPORT_FILE), report.to_json())
         optimizer = build_optimizer(model, cfg.optim, device.type, offload=cfg.deepspeed.offload_optimizer)
-        self.ds_config = build_deepspeed_config(cfg, self.world_size)
+        # The checkpoint to resume from, and whether DeepSpeed loads it in its universal
+        # format (saved on another world size), are decided before the engine exists: the
+        # format is part of DeepSpeed's config. A combination that cannot load stops here.
+        self.resume_from = self._resume_source()
+        self.ds_config = build_deepspeed_config(
+            cfg, self.world_size, load_universal=self.resume_from is not None and self.resume_from.universal
+        )
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.device = self.engine.device if isinstance(self.engine.device, torch.device) else device
         # DeepSpeed's wrappers (ZeRO, mixed precision) report the pre-clipping gradient norm;
@@ -418,16 +425,26 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last,
         )
 
-    def resume(self) -> bool:
-        """Load the checkpoint `checkpoint.resume` names, if any. True if one was loaded."""
-        # Checked first (intact, safe, written for this model), falling back past damaged ones.
+    def _resume_source(self) -> ResumeSource | None:
+        """The checkpoint `checkpoint.resume` names, checked (intact, safe, written for this
+        model, falling back past damaged ones) and, when it was saved on another world size
+        under ZeRO >= 1, converted to DeepSpeed's universal format. Collective."""
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir, config=to_dict(self.cfg))
         if path is None:
             if self.cfg.checkpoint.resume == "auto":
                 logger.info("no complete checkpoint in %s: starting from scratch", self.checkpoints_root)
+            return None
+        now = Layout(world_size=self.world_size, zero_stage=self.cfg.deepspeed.zero_stage)
+        return plan_resume(path, now, self.checkpoints_root, clips_per_step=self.plan.clips_per_step)
+
+    def resume(self) -> bool:
+        """Load the checkpoint chosen at start (`checkpoint.resume`), if any. True if one was loaded."""
+        source = self.resume_from
+        if source is None:
             return False
+        path = source.checkpoint
         self.state = ckpt.resume_state(
-            self.engine, path, world_size=self.world_size, steps_per_epoch=self.plan.steps_per_epoch,
+            self.engine, source.load_path, world_size=self.world_size, steps_per_epoch=self.plan.steps_per_epoch,
             grad_accum_steps=self.cfg.deepspeed.grad_accum_steps,
         )
         # Last, after anything that might draw random numbers.

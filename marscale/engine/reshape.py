@@ -1,0 +1,199 @@
+"""Resuming a checkpoint on another number of ranks: what is allowed, and the conversion that makes it work.
+
+A ZeRO-1/2/3 checkpoint holds each rank's partition of the optimizer state (and, under
+ZeRO-3, of the weights): DeepSpeed cannot load `step-N` written by 2 ranks into 1 or 3
+("Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is not
+currently supported"). Its *universal* format stores every parameter whole (fp32 weight,
+Adam's exp_avg and exp_avg_sq, one file each), which any number of ranks can load. The
+engine owns that step, so a user only changes the number of nodes and runs `--resume auto`:
+
+    saved on W ranks, ZeRO s     resumed on W' ranks, ZeRO s'      what happens
+    any                          W' == W, s' == s                  plain load
+    ZeRO-0                       W' != W, s' == 0                  plain load (weights and
+                                                                   optimizer are whole on every rank)
+    ZeRO-1/2/3                   W' != W, s' == s                  universal conversion, then load
+    any                          s' != s                           ReshapeError before any step
+
+The conversion (`universal_copy`) runs once, on the main rank, with DeepSpeed's
+`ds_to_universal` into `RUN/checkpoints/universal/step-N.tmp-*`, renamed to
+`universal/step-N` when complete and marked `COMPLETE` with the source it came from; a
+resume that finds a finished conversion of the same source reuses it. The source is
+checked (checksums, no code in its files) before conversion, and DeepSpeed's loads during
+the conversion read weights only (`weights_only_loads`). Pruning removes a conversion
+once its source checkpoint is gone (`prune_conversions`).
+
+What changes on another world size, and is logged: the per-rank data streams (the data
+order differs from the original run from there on) and, with `data.batch_size` per rank
+unchanged, the global batch and so the number of steps per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from marscale import dist
+from marscale.checkpoint_layouts import CheckpointError
+from marscale.engine.checkpoint_integrity import COMPLETE_MARKER, read_marker, read_model_states, weights_only_loads
+from marscale.io import write_json
+
+logger = logging.getLogger(__name__)
+
+UNIVERSAL_SUBDIR = "universal"
+"""Folder under a run's checkpoints folder holding universal conversions (`step-N` each)."""
+
+
+class ReshapeError(CheckpointError):
+    """The checkpoint cannot be resumed with this world size / ZeRO stage; the message says
+    what to set instead. Raised before the engine is built."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a checkpoint was (or a run is) partitioned."""
+
+    world_size: int
+    zero_stage: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeSource:
+    """The checkpoint a run resumes from and how DeepSpeed must load it."""
+
+    checkpoint: str
+    """The complete, intact `step-N` folder that was selected (its client state is the training state)."""
+    load_path: str
+    """What DeepSpeed loads: `checkpoint` itself, or its universal conversion."""
+    universal: bool
+    """Load with DeepSpeed's `checkpoint.load_universal` (the world size changed under ZeRO >= 1)."""
+    saved: Layout
+    """How `checkpoint` was partitioned."""
+
+
+def saved_layout(path: str) -> Layout:
+    """World size (from the COMPLETE marker) and ZeRO stage (from DeepSpeed's model states) of checkpoint `path`."""
+    world_size = read_marker(path).get("world_size")
+    states = read_model_states(path)
+    stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    if not isinstance(world_size, int):
+        world_size = states.get("dp_world_size", 1)
+    return Layout(world_size=int(world_size), zero_stage=int(stage))
+
+
+def needs_universal(saved: Layout, now: Layout) -> bool:
+    """Whether `saved` loads into `now` only through a universal conversion. Raises
+    ReshapeError for a combination that cannot be resumed at all."""
+    if saved.zero_stage != now.zero_stage:
+        raise ReshapeError(
+            f"the checkpoint was saved with ZeRO-{saved.zero_stage}, this run uses ZeRO-{now.zero_stage}: "
+            f"resume it with deepspeed.zero_stage={saved.zero_stage} (the ZeRO stage cannot change on resume; "
+            f"the number of ranks can)"
+        )
+    return saved.world_size != now.world_size and saved.zero_stage > 0
+
+
+def conversion_path(checkpoints_root: str, checkpoint: str) -> str:
+    """Where the universal conversion of `checkpoint` goes in the run writing to `checkpoints_root`."""
+    return os.path.join(checkpoints_root, UNIVERSAL_SUBDIR, os.path.basename(os.path.normpath(checkpoint)))
+
+
+def _source_record(checkpoint: str) -> dict[str, Any]:
+    marker = read_marker(checkpoint)
+    return {"source": os.path.realpath(checkpoint), "source_time": marker.get("time"), "source_step": marker.get("step")}
+
+
+def _finished(dest: str, source: dict[str, Any]) -> bool:
+    if not os.path.isfile(os.path.join(dest, COMPLETE_MARKER)):
+        return False
+    try:
+        info = read_marker(dest)
+    except CheckpointError:
+        return False
+    return all(info.get(k) == v for k, v in source.items())
+
+
+def _convert(checkpoint: str, dest: str) -> str:
+    """Main rank: DeepSpeed's universal conversion of `checkpoint` into `dest` (atomic rename)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    source = _source_record(checkpoint)
+    if _finished(dest, source):
+        logger.info("reusing the universal conversion %s of %s", dest, checkpoint)
+        return dest
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    args = argparse.Namespace(
+        input_folder=checkpoint, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True,
+        # marscale's checkpoints are plain data parallel: DeepSpeed's universal-checkpoint
+        # metadata (tensor/pipeline slicing) is absent and its defaults are the right ones.
+        inject_missing_state=True,
+    )
+    try:
+        with weights_only_loads():
+            ds_to_universal.main(args)
+        write_json(os.path.join(tmp, COMPLETE_MARKER), {**source, "time": time.time()})
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # ds_to_universal names its output in a `latest_universal` file beside it: marscale
+        # always names the folder it loads, and a stale pointer would only mislead.
+        latest = os.path.join(parent, "latest_universal")
+        if os.path.isfile(latest):
+            os.unlink(latest)
+    logger.info("converted %s to a universal checkpoint in %.1fs: %s", checkpoint, time.perf_counter() - start, dest)
+    return dest
+
+
+def universal_copy(checkpoint: str, checkpoints_root: str) -> str:
+    """The universal conversion of `checkpoint` under `checkpoints_root` (collective: the
+    main rank converts, or reuses a finished conversion; every rank gets the path)."""
+    return dist.decided_on_main(_convert, checkpoint, conversion_path(checkpoints_root, checkpoint))
+
+
+def plan_resume(checkpoint: str, now: Layout, checkpoints_root: str, *, clips_per_step: int) -> ResumeSource:
+    """How to resume from `checkpoint` (an intact `step-N`) with layout `now` (collective).
+
+    Raises ReshapeError for a combination that cannot work; converts to the universal
+    format when the world size changed under ZeRO >= 1; logs what changes.
+    """
+    saved = dist.decided_on_main(saved_layout, checkpoint)
+    universal = needs_universal(saved, now)
+    if saved.world_size != now.world_size:
+        logger.warning(
+            "resuming %s, written by %d ranks, on %d ranks (ZeRO-%d%s): weights and optimizer state are "
+            "restored whole; each rank's data stream is another one, so the data order differs from the "
+            "original run from here on; the global batch is now %d clips per step (data.batch_size x ranks x "
+            "grad_accum_steps: set data.batch_size to keep the original one)",
+            checkpoint, saved.world_size, now.world_size, now.zero_stage,
+            ", through a universal checkpoint" if universal else "", clips_per_step,
+        )
+    load_path = universal_copy(checkpoint, checkpoints_root) if universal else checkpoint
+    return ResumeSource(checkpoint=checkpoint, load_path=load_path, universal=universal, saved=saved)
+
+
+def prune_conversions(checkpoints_root: str) -> list[str]:
+    """Delete universal conversions whose source `step-N` is no longer in `checkpoints_root`,
+    and unfinished ones. Returns what was deleted."""
+    folder = os.path.join(checkpoints_root, UNIVERSAL_SUBDIR)
+    if not os.path.isdir(folder):
+        return []
+    deleted = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        source = os.path.join(checkpoints_root, name.split(".tmp-")[0])
+        if ".tmp-" in name or not os.path.isfile(os.path.join(source, COMPLETE_MARKER)):
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
