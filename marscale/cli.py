@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad input (configs, checkpoints, shard folders; ConfigError and CheckpointError
-        # are ValueErrors), a diverged run and a full disk end with one line naming the problem.
+        # are ValueErrors), a diverged run, a full disk and a lost peer end with one line naming
+        # the problem.
         # Anything else, or MARSCALE_TRACEBACK=1, keeps the full traceback.
         if os.environ.get("MARSCALE_TRACEBACK") == "1" or not _is_reported(e):
             raise
@@ -52,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_reported(error: BaseException) -> bool:
-    """Errors whose message is the whole story: input errors, a diverged loss, a full disk."""
+    """Errors whose message is the whole story: input errors, a diverged loss, a full disk,
+    a lost peer."""
     if isinstance(error, (ValueError, FileNotFoundError)):
         return True
+    from marscale.dist import PeerLost
     from marscale.engine.checkpointing import NoSpaceLeft
     from marscale.engine.trainer import TrainingDiverged
 
-    return isinstance(error, (TrainingDiverged, NoSpaceLeft))
+    return isinstance(error, (TrainingDiverged, NoSpaceLeft, PeerLost))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import sys
 from typing import Any, Callable
 
@@ -59,12 +61,23 @@ def _slurm_to_torch_env() -> None:
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+"""The process group's timeout when the caller gives none (torch's own default, 30 min)."""
+
+_collective_timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
     """Initialise the process group for this process (idempotent).
 
     Works for a plain single process (no launcher: a one-rank group on a free local
     port), the deepspeed launcher, torchrun and srun. Backend: nccl with CUDA, else gloo.
+    timeout_s (`run.collective_timeout_s`): how long a collective waits for the other ranks
+    before it fails, on gloo and NCCL alike; with NCCL, asynchronous error handling is on
+    (`TORCH_NCCL_ASYNC_ERROR_HANDLING=1`, unless set), so a rank stuck in a collective on
+    the device is torn down after the timeout instead of waiting forever.
     """
+    global _collective_timeout_s
     if is_initialized():
         return
     _slurm_to_torch_env()
@@ -78,6 +91,8 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
         os.environ["MASTER_PORT"] = str(free_port())
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if torch.cuda.is_available():
         torch.cuda.set_device(get_local_rank())
     import datetime
@@ -86,8 +101,63 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     # DeepSpeed's own communication layer; it reads the same environment variables.
     import deepspeed
 
-    deepspeed.init_distributed(
-        dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+    _collective_timeout_s = float(timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def collective_timeout() -> "datetime.timedelta":
+    """The process group's timeout, for groups created later (`torch_dist.new_group(timeout=...)`)."""
+    import datetime
+
+    return datetime.timedelta(seconds=_collective_timeout_s)
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank is gone (its process died, its node
+    dropped off the network, or it did not answer within the process group's timeout).
+    The message names the peer where the backend reported it."""
+
+
+# What gloo and NCCL say when a peer is gone or silent (torch raises DistBackendError,
+# DistNetworkError or a plain RuntimeError, depending on the call).
+_LOST_PEER_SIGNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "timed out",
+    "Timeout",
+    "NCCL communicator was aborted",
+    "Watchdog caught collective operation timeout",
+    "Connection refused",
+    "No route to host",
+    "Network is unreachable",
+)
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Za-z.:%-]+)\]:(\d+)")
+
+
+def lost_peer(error: BaseException) -> PeerLost | None:
+    """A `PeerLost` saying which peer was lost and what the timeout is, when `error` (or
+    an error it was raised from) is a collective failing on a missing rank; else None."""
+    seen = error
+    while seen is not None:
+        text = str(seen)
+        distributed = isinstance(seen, torch_dist.DistError) or any(
+            name in text.lower() for name in ("gloo", "nccl", "c10d")
+        )
+        if distributed and any(sign in text for sign in _LOST_PEER_SIGNS):
+            break
+        seen = seen.__cause__ or seen.__context__
+    if seen is None or not is_initialized():
+        return None
+    text = str(seen)
+    peers = sorted({f"{host}:{port}" for host, port in _PEER_ADDRESS.findall(text)})
+    who = f"peer {', '.join(peers)}" if peers else "a peer (the backend did not say which)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(seen).__name__)
+    return PeerLost(
+        f"rank {get_rank()} of {get_world_size()} on {socket.gethostname()} lost {who}: {first[:300]}. "
+        f"Another rank's process died, or its node dropped off the network or stopped answering for "
+        f"run.collective_timeout_s={_collective_timeout_s:g} s"
     )
 
 
@@ -112,8 +182,6 @@ def decided_on_main(fn: Callable[..., Any], *args: Any) -> Any:
 
 def free_port() -> int:
     """A TCP port free on this host now (a one-rank group's, or a launcher's --master_port)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

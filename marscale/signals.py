@@ -48,7 +48,9 @@ class StopSignal:
         self._group = None
         if dist.get_world_size() > 1:
             backend = torch_dist.get_backend()
-            self._group = None if backend == "gloo" else torch_dist.new_group(backend="gloo")
+            self._group = (
+                None if backend == "gloo" else torch_dist.new_group(backend="gloo", timeout=dist.collective_timeout())
+            )
 
     def _handle(self, signum, frame) -> None:
         self.received = signum

@@ -138,6 +138,10 @@ class TwoHosts:
         """Take host `host`'s end of the link down: the two hosts can no longer reach each other."""
         _ip("-n", self.namespaces[host], "link", "set", IFNAME, "down")
 
+    def link_up(self, host: int) -> None:
+        """Bring host `host`'s end of the link back up."""
+        _ip("-n", self.namespaces[host], "link", "set", IFNAME, "up")
+
     # --- ssh ------------------------------------------------------------------------------
 
     def start_sshd(self) -> None:

@@ -4,7 +4,9 @@
 
 Runs as one plain process or as one rank of a launched job (deepspeed, torchrun, srun;
 see launch/). Exit status: 0 finished, 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after
-saving a checkpoint: run it again with `--resume auto` to continue.
+saving a checkpoint: run it again with `--resume auto` to continue; 1 on an error, among
+them another rank lost (its node died or dropped off the network; `run.collective_timeout_s`
+bounds how long that takes to notice).
 """
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_train_config(args.config, overrides)
     prepare_device(cfg.run.device)
-    dist.init_distributed()
+    dist.init_distributed(timeout_s=cfg.run.collective_timeout_s)
     dist.setup_logging()
+    lost = False
     try:
         return train(cfg)
+    except dist.PeerLost:
+        lost = True  # the group is broken: tearing it down could wait on the peer that is gone
+        raise
     finally:
-        dist.destroy()
+        if not lost:
+            dist.destroy()

@@ -259,6 +259,16 @@ class RunConfig:
     """Evaluate every N optimizer steps (0: only at the end)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto (CUDA if available, else CPU) | cuda | cpu."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, all-gather, barrier) waits for the other ranks
+    before the run stops with an error naming the lost peer (exit status 1), on gloo and
+    NCCL (whose asynchronous error handling marscale turns on). A rank killed outright is
+    usually noticed at once; a node that drops off the network or hangs only after this
+    long. It must exceed the longest time one rank legitimately works while the others
+    wait: saving and hashing a checkpoint (about its size / disk throughput, all files on
+    the main rank), uneven evaluation, the first step. The default (30 min, torch's) is
+    safe; on a large cluster set it to a few minutes more than the measured checkpoint
+    save, e.g. 600 for ViT-L/H on fast storage, so a lost node costs minutes, not half an hour."""
 
     def __post_init__(self):
         check_choices(self)
@@ -272,6 +282,10 @@ class RunConfig:
             raise ValueError(f"run.max_steps must be >= 1, or null for epochs x steps per epoch; got {self.max_steps}")
         if self.eval_every_steps < 0:
             raise ValueError(f"run.eval_every_steps must be >= 0 (0: only at the end), got {self.eval_every_steps}")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(
+                f"run.collective_timeout_s must be > 0 seconds (e.g. 600 on a large cluster), got {self.collective_timeout_s}"
+            )
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -463,9 +463,29 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> int:
-    """Train `cfg` in this process (one rank of the job). Returns the exit status."""
-    trainer = Trainer(cfg)
+    """Train `cfg` in this process (one rank of the job). Returns the exit status.
+
+    A collective that fails because another rank is gone (its node died or dropped off the
+    network: the backend reports it at once, or after `run.collective_timeout_s`) raises
+    `dist.PeerLost`, logged on every surviving rank with the peer, the step and the
+    checkpoint to resume from; the command exits with status 1.
+    """
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         return trainer.fit()
+    except Exception as e:
+        lost = dist.lost_peer(e)
+        if lost is None:
+            raise
+        step = trainer.state.step if trainer is not None else 0
+        newest = ckpt.latest_checkpoint(ckpt.checkpoints_root(cfg.run.output_dir))
+        error = dist.PeerLost(
+            f"{lost}. Stopped at step {step}; the newest complete checkpoint is {newest or 'none'}: start the job "
+            f"again on every node with --resume auto (on fewer or more nodes too)"
+        )
+        logger.error("%s", error)
+        raise error from e
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
