@@ -20,7 +20,8 @@
 #                 when several jobs share a rendezvous host)
 #   MAX_RESTARTS  worker-group restarts before the job fails (default 0)
 #   LOCAL_ADDR    this node's address as the others reach it, when its host name does not
-#                 resolve to it (passed to torchrun --local-addr)
+#                 resolve to it (torchrun --local-addr; the node whose LOCAL_ADDR is
+#                 MASTER_ADDR then hosts the rendezvous)
 #   NODE_RANK     only for one node (NNODES=1); with several nodes the rendezvous assigns ranks
 # NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG and the rest are read
 # from this environment by every worker (see launch/deepspeed.sh); the time a lost node
@@ -43,7 +44,15 @@ else
     # one node's workers fail every node restarts its workers together (MAX_RESTARTS).
     args+=(--rdzv_backend c10d --rdzv_endpoint "$endpoint" --rdzv_id "${RDZV_ID:-marscale}")
 fi
-[[ -n "${LOCAL_ADDR:-}" ]] && args+=(--local_addr "$LOCAL_ADDR")
+if [[ -n "${LOCAL_ADDR:-}" ]]; then
+    args+=(--local_addr "$LOCAL_ADDR")
+    # Knowing its address, a node knows whether it hosts the rendezvous (torchrun's own
+    # guess compares host names, and misses addresses on secondary interfaces).
+    if [[ $nnodes != 1 ]]; then
+        [[ $LOCAL_ADDR == "${MASTER_ADDR:-}" ]] && is_host=1 || is_host=0
+        args+=(--rdzv_conf "is_host=$is_host")
+    fi
+fi
 cmd=(torchrun "${args[@]}" -m marscale.cli train --config "$config" "$@")
 echo "+ $(printf '%q ' "${cmd[@]}")" >&2
 exec "${cmd[@]}"
