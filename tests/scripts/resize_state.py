@@ -1,5 +1,5 @@
-"""Save and resume the marscale Trainer under ZeRO-1, 2 and 3, recording the full training
-state on each side, for tests/test_resize.py.
+"""Save and resume the marscale Trainer under ZeRO-0, 1, 2 and 3, recording the full training
+state on each side, for tests/test_engine_reshape.py.
 
 Started as one process or as N ranks under the `deepspeed` launcher. For each ZeRO stage
 in STAGES, in one process: build a Trainer on the run folder RUNS/stage<S>; if it holds a
@@ -7,7 +7,7 @@ checkpoint, resume it (`--resume auto`: on another world size the engine convert
 record the state just loaded; train STEPS optimizer steps on seeded batches; save a
 checkpoint and record the state saved. The state is every parameter gathered whole: its
 fp32 master weight and AdamW's exp_avg and exp_avg_sq (DeepSpeed's `safe_get_full_*`,
-collective under ZeRO-3). Rank 0 writes {stage: {"loaded": ..., "saved": ...,
+collective under ZeRO-3; under ZeRO-0 the module and the torch optimizer hold them whole). Rank 0 writes {stage: {"loaded": ..., "saved": ...,
 "world_size", "step"}} to OUT (torch.save).
 
     resize_state.py OUT RUNS STAGES STEPS CONFIG [--set k=v ...]
@@ -34,6 +34,11 @@ def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
         optimizer._lazy_init_hp_params_optimizer_state()
     state = {}
     for name, p in trainer.engine.module.named_parameters():
+        if trainer.cfg.deepspeed.zero_stage == 0:  # fp32 ZeRO-0: the torch optimizer on the module itself
+            state[f"{name}/fp32"] = p.detach().clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[f"{name}/{key}"] = optimizer.state[p][key].detach().clone()
+            continue
         state[f"{name}/fp32"] = safe_get_full_fp32_param(p).detach().clone()
         for key in ("exp_avg", "exp_avg_sq"):
             state[f"{name}/{key}"] = safe_get_full_optimizer_state(p, key).detach().clone()
