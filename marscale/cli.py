@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MARSCALE_TRACEBACK") == "1" or not _is_reported(e):
             raise
         print(f"marscale {args.command}: error: {e}", file=sys.stderr)
+        from marscale.dist import EXIT_PEER_LOST, PeerLost
+
+        if isinstance(e, PeerLost):
+            return EXIT_PEER_LOST
         return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 1
 
 

@@ -112,6 +112,11 @@ def collective_timeout() -> "datetime.timedelta":
     return datetime.timedelta(seconds=_collective_timeout_s)
 
 
+EXIT_PEER_LOST = 69
+"""Exit status of `marscale train` when another rank was lost (EX_UNAVAILABLE): the job
+can be started again with `--resume auto` (launch/slurm.sbatch requeues on it)."""
+
+
 class PeerLost(RuntimeError):
     """A collective failed because another rank is gone (its process died, its node
     dropped off the network, or it did not answer within the process group's timeout).
@@ -148,7 +153,7 @@ def lost_peer(error: BaseException) -> PeerLost | None:
         if distributed and any(sign in text for sign in _LOST_PEER_SIGNS):
             break
         seen = seen.__cause__ or seen.__context__
-    if seen is None or not is_initialized():
+    if seen is None:
         return None
     text = str(seen)
     peers = sorted({f"{host}:{port}" for host, port in _PEER_ADDRESS.findall(text)})

@@ -325,6 +325,10 @@ def test_preset_override():
         (["deepspeed.precision=fp8"], "'deepspeed.precision' expects 'bf16' | 'fp16' | 'fp32', got 'fp8'"),
         (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr=0.001]"),
         (["run.max_steps=0"], "run.max_steps must be >= 1"),
+        (["run.collective_timeout_s=0"], "run.collective_timeout_s must be > 0 seconds"),
+        # Resuming on another world size converts the checkpoint itself: the switch is gone.
+        (["checkpoint.load_universal=true"],
+         "'checkpoint.load_universal' is no longer a setting: a checkpoint resumed on another number of ranks"),
     ],
 )
 def test_cross_section_checks(overrides, message):

@@ -13,8 +13,9 @@ every 2 steps, and evaluates at the end.
   two ranks (same global batch, `baseline`) step for step; every validation video is
   counted exactly once; the checkpoints hold both ranks' shards.
 - Failure: every process of host 1 killed (kill -9), or the link cut (`ip link set down`),
-  mid-run: host 0's processes exit non-zero within run.collective_timeout_s plus a margin,
-  naming the lost peer; the measured time to exit is printed. `--resume auto` on both
+  mid-run: host 0's processes exit with status 69 (a peer lost) within
+  run.collective_timeout_s plus a margin, naming the lost peer; the measured time to exit
+  is printed. `--resume auto` on both
   hosts then continues from the newest complete checkpoint and finishes.
 """
 
@@ -31,7 +32,7 @@ from helpers import DEMO_CONFIG as CONFIG
 from helpers import REPO, run_overrides, subprocess_env
 from netns import IFNAME, two_hosts_or_skip
 
-from marscale.dist import free_port
+from marscale.dist import EXIT_PEER_LOST, free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -253,6 +254,10 @@ def resume_and_finish(hosts, shards, out: str) -> None:
     assert json.load(open(os.path.join(out, "eval.json")))["step"] == STEPS
 
 
+def error_line(log: str) -> str:
+    return next((line for line in log.splitlines() if "marscale train: error:" in line), "(no error line)")
+
+
 def assert_lost_peer_reported(log: str, peer: str) -> None:
     assert "marscale train: error: rank 0 of 2" in log, log[-5000:]
     assert re.search(rf"lost peer {re.escape(peer)}:\d+|lost a peer", log), log[-5000:]
@@ -267,8 +272,8 @@ def test_node_killed_ends_the_job_in_bounded_time_and_it_resumes(hosts, syntheti
     assert hosts.kill_host(1)
     (seconds, status, log), _ = time_to_exit(procs, killed_at)
     print(f"\nhost 1 killed (kill -9): host 0 exited {status} after {seconds:.1f}s "
-          f"(run.collective_timeout_s={TIMEOUT_S})")
-    assert status not in (0, None)
+          f"(run.collective_timeout_s={TIMEOUT_S})\n{error_line(log)}")
+    assert status == EXIT_PEER_LOST, log[-5000:]
     assert seconds < TIMEOUT_S + EXIT_MARGIN_S
     assert_lost_peer_reported(log, hosts.addresses[1])
     resume_and_finish(hosts, synthetic_shards, out)
@@ -281,10 +286,11 @@ def test_link_cut_ends_the_job_in_bounded_time_and_it_resumes(hosts, synthetic_s
     cut_at = time.time()
     hosts.link_down(1)
     exits = time_to_exit(procs, cut_at)
-    for host, (seconds, status, _) in enumerate(exits):
-        print(f"\nlink cut: host {host} exited {status} after {seconds:.1f}s (run.collective_timeout_s={TIMEOUT_S})")
-    for seconds, status, _ in exits:
-        assert status not in (0, None)
+    for host, (seconds, status, log) in enumerate(exits):
+        print(f"\nlink cut: host {host} exited {status} after {seconds:.1f}s "
+              f"(run.collective_timeout_s={TIMEOUT_S})\n{error_line(log)}")
+    for seconds, status, log in exits:
+        assert status == EXIT_PEER_LOST, log[-5000:]
         assert seconds < TIMEOUT_S + EXIT_MARGIN_S
     assert_lost_peer_reported(exits[0][2], hosts.addresses[1])
     hosts.link_up(1)

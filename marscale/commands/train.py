@@ -4,9 +4,10 @@
 
 Runs as one plain process or as one rank of a launched job (deepspeed, torchrun, srun;
 see launch/). Exit status: 0 finished, 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after
-saving a checkpoint: run it again with `--resume auto` to continue; 1 on an error, among
-them another rank lost (its node died or dropped off the network; `run.collective_timeout_s`
-bounds how long that takes to notice).
+saving a checkpoint: run it again with `--resume auto` to continue; 69 (EX_UNAVAILABLE)
+another rank was lost (its node died or dropped off the network; `run.collective_timeout_s`
+bounds how long that takes to notice): start the job again with `--resume auto`; 1 or 2
+another error.
 """
 
 from __future__ import annotations

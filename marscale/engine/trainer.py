@@ -468,7 +468,7 @@ def train(cfg: TrainConfig) -> int:
     A collective that fails because another rank is gone (its node died or dropped off the
     network: the backend reports it at once, or after `run.collective_timeout_s`) raises
     `dist.PeerLost`, logged on every surviving rank with the peer, the step and the
-    checkpoint to resume from; the command exits with status 1.
+    checkpoint to resume from; the command exits with status `dist.EXIT_PEER_LOST` (69).
     """
     trainer = None
     try:
