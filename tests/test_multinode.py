@@ -168,7 +168,10 @@ def test_deepspeed_over_ssh_with_a_hostfile(hosts, baseline, synthetic_shards, t
     out = str(tmp_path / "run")
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_text("".join(f"{a} slots=1\n" for a in hosts.addresses))
-    remote_env = {"GLOO_SOCKET_IFNAME": IFNAME, "OMP_NUM_THREADS": "1", "MARSCALE_CACHE_DIR": ""}
+    # This environment's bin first on PATH, as activating it would: the remote ranks then
+    # build DeepSpeed's C++ op with the same tools (ninja) as the local ones, and reuse it.
+    remote_env = {"GLOO_SOCKET_IFNAME": IFNAME, "OMP_NUM_THREADS": "1", "MARSCALE_CACHE_DIR": "",
+                  "PATH": subprocess_env()["PATH"]}
     if "TORCH_EXTENSIONS_DIR" in os.environ:
         remote_env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     env_file = tmp_path / "deepspeed_env"
