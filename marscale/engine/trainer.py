@@ -65,7 +65,7 @@ from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, Ski
 from marscale.engine.metrics import format_record, peak_memory_bytes, peak_tflops, sum_over_ranks, throughput
 from marscale.engine.plan import save_plan
 from marscale.engine.preflight import preflight
-from marscale.engine.reshape import Layout, ResumeSource, plan_resume
+from marscale.engine.reshape import Layout, ReshapeError, ResumeSource, plan_resume
 from marscale.engine.rng_state import load_rng_state
 from marscale.io import write_json
 from marscale.losses import build_loss
@@ -278,7 +278,7 @@ class Trainer:
         """
         from tqdm import tqdm
 
-        resumed = self.resume()
+        resumed = self._load(self.resume_from)
         cfg, state = self.cfg, self.state  # after resume(), which replaces the state
         last_saved = state.step if resumed else None
         last_eval = None
@@ -438,8 +438,18 @@ class Trainer:
         return plan_resume(path, now, self.checkpoints_root, clips_per_step=self.plan.clips_per_step)
 
     def resume(self) -> bool:
-        """Load the checkpoint chosen at start (`checkpoint.resume`), if any. True if one was loaded."""
-        source = self.resume_from
+        """Choose the checkpoint `checkpoint.resume` names now (checked again) and load it, if
+        any. True if one was loaded. (`fit` loads the one chosen when the trainer was built.)"""
+        source = self._resume_source()
+        if source is not None and source.universal != self.ds_config["checkpoint"]["load_universal"]:
+            raise ReshapeError(
+                f"{source.checkpoint} was saved on {source.saved.world_size} ranks: build the trainer again to "
+                f"resume it on {self.world_size} (DeepSpeed's loader is chosen when the engine is built)"
+            )
+        return self._load(source)
+
+    def _load(self, source: ResumeSource | None) -> bool:
+        """Load `source` into the engine and restore the training state. True if there was one."""
         if source is None:
             return False
         path = source.checkpoint
