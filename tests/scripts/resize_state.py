@@ -1,5 +1,5 @@
-"""Save and resume the marscale Trainer under ZeRO-0, 1, 2 and 3, recording the full training
-state on each side, for tests/test_engine_reshape.py.
+"""Save and resume the marscale Trainer under the given ZeRO stages (0-3), recording the full
+training state on each side, for tests/test_engine_reshape.py.
 
 Started as one process or as N ranks under the `deepspeed` launcher. For each ZeRO stage
 in STAGES, in one process: build a Trainer on the run folder RUNS/stage<S>; if it holds a
@@ -7,8 +7,9 @@ checkpoint, resume it (`--resume auto`: on another world size the engine convert
 record the state just loaded; train STEPS optimizer steps on seeded batches; save a
 checkpoint and record the state saved. The state is every parameter gathered whole: its
 fp32 master weight and AdamW's exp_avg and exp_avg_sq (DeepSpeed's `safe_get_full_*`,
-collective under ZeRO-3; under ZeRO-0 the module and the torch optimizer hold them whole). Rank 0 writes {stage: {"loaded": ..., "saved": ...,
-"world_size", "step"}} to OUT (torch.save).
+collective under ZeRO-3; under ZeRO-0 the module and the torch optimizer hold them whole).
+Rank 0 writes {stage: {"loaded": ..., "saved": ..., "world_size", "step"}} to OUT
+(torch.save).
 
     resize_state.py OUT RUNS STAGES STEPS CONFIG [--set k=v ...]
 """
