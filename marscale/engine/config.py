@@ -266,7 +266,8 @@ class RunConfig:
     usually noticed at once; a node that drops off the network or hangs only after this
     long. It must exceed the longest time one rank legitimately works while the others
     wait: saving and hashing a checkpoint (about its size / disk throughput, all files on
-    the main rank), uneven evaluation, the first step. The default (30 min, torch's) is
+    the main rank), converting one for another world size on resume (once, on the main
+    rank), uneven evaluation, the first step. The default (30 min, torch's) is
     safe; on a large cluster set it to a few minutes more than the measured checkpoint
     save, e.g. 600 for ViT-L/H on fast storage, so a lost node costs minutes, not half an hour."""
 
