@@ -36,9 +36,9 @@ def _run(cmd, timeout=420):
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-def _steps(tmp_path, shards, stage, world, steps=3, global_batch=4):
-    out = tmp_path / f"stage{stage}_world{world}.json"
-    args = [str(out), DEMO, str(global_batch), str(steps)]
+def _steps(tmp_path, shards, stage, world, steps=3, global_batch=4, uneven=False):
+    out = tmp_path / f"stage{stage}_world{world}{'_uneven' if uneven else ''}.json"
+    args = [str(out), DEMO, str(global_batch), str(steps)] + (["--uneven"] if uneven else [])
     for o in _overrides(shards, tmp_path / f"run{stage}_{world}", stage):
         args += ["--set", o]
     if world == 1:
@@ -63,4 +63,18 @@ def test_two_ranks_match_one_rank_in_fp32(stage, synthetic_shards, tmp_path):
     for a, b in zip(one["checksum"], two["checksum"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
     # The weights moved: the comparison above is not between two untouched models.
+    assert one["losses"][0] != one["losses"][-1]
+
+
+def test_packed_batches_of_different_shapes_on_two_ranks_match_one_rank_zero3(synthetic_shards, tmp_path):
+    """Per-clip mask ratios, packed; rank 0 holds 2 clips and rank 1 holds 6 (different
+    numbers of clips and of tokens) under ZeRO-3: no hang, and the same losses and weights
+    as one rank on all 8 clips (the step's loss is weighted over both ranks)."""
+    one = _steps(tmp_path, synthetic_shards, 3, world=1, global_batch=8, uneven=True)
+    two = _steps(tmp_path, synthetic_shards, 3, world=2, global_batch=8, uneven=True)
+    assert len(two["losses"]) == 3
+    for a, b in zip(one["losses"], two["losses"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    for a, b in zip(one["checksum"], two["checksum"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
     assert one["losses"][0] != one["losses"][-1]

@@ -79,7 +79,7 @@ def test_zero_stage_with_activation_checkpointing(stage, precision, synthetic_sh
         hook = module.encoder.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
 
         video, labels = fixed_batch()
-        visible_idx, masked_idx = trainer.train_masks(0, 0, video.shape[0])
+        visible_idx, masked_idx, _ = trainer.train_masks(0, 0, video.shape[0])
         trainer.set_lr(2e-3)
         first = trainer.train_step(video, labels, visible_idx, masked_idx, want_grad_norm=True)
         assert set(first) == {"loss", "loss_cls", "loss_recon", "grad_norm"}
@@ -196,7 +196,7 @@ def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
 
     video, _ = fixed_batch()
     x = normalize(video, trainer.cfg.clip.mean, trainer.cfg.clip.std, trainer.dtype)
-    visible_idx, masked_idx = trainer.train_masks(0, 0, video.shape[0])
+    visible_idx, masked_idx, _ = trainer.train_masks(0, 0, video.shape[0])
     trainer.engine.eval()
     model.to(trainer.dtype).eval()
     with torch.no_grad():
@@ -300,8 +300,8 @@ def test_diverged_loss_stops_before_saving(synthetic_shards, tmp_path, monkeypat
     def build_poisoned(*args, **kw):
         loss = original_build(*args, **kw)
 
-        def poisoned(*call_args):
-            parts = loss(*call_args)
+        def poisoned(*call_args, **call_kw):
+            parts = loss(*call_args, **call_kw)
             calls.append(1)
             if len(calls) >= 4:
                 parts["loss"] = parts["loss"] * float("nan")

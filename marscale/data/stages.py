@@ -306,8 +306,18 @@ def train_stages(
     decoder: str,
     stats: SkipStats,
     num_classes: int,
+    batch_sizes: list[int] | None = None,
 ) -> list:
-    """The training pipeline of one (rank, worker) as an explicit list of stages."""
+    """The training pipeline of one (rank, worker) as an explicit list of stages.
+    `batch_sizes`: clips in each of the worker's `num_batches` batches (token budgets),
+    instead of `cfg.batch_size` each."""
+    if batch_sizes is not None and len(batch_sizes) != num_batches:
+        raise ValueError(f"{len(batch_sizes)} batch sizes for {num_batches} batches")
+    batching = (
+        [wds.slice(num_batches * cfg.batch_size), wds.batched(cfg.batch_size, collation_fn=collate, partial=False)]
+        if batch_sizes is None
+        else [sized_batches(batch_sizes)]
+    )
     base = (cfg.seed, epoch, rank, worker)
     shuffle_seed = seed_word(*base, _SHUFFLE_STREAM)
     # Start yielding after 100 samples (not a full buffer) so the first batch comes quickly.
@@ -327,9 +337,25 @@ def train_stages(
         decode_train_clips(cfg, clip, transform, decoder, stats, seed_words(*base, _SAMPLE_STREAM)),
         # This worker's share, cut in clips before batching: wds.batched waits for the next
         # item before releasing a batch, so a cut after it would decode one video too many.
-        wds.slice(num_batches * cfg.batch_size),
-        wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
+        *batching,
     ]
+
+
+def sized_batches(sizes: list[int]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """clips -> batches of sizes[0], sizes[1], ... clips (collated), then stop: a batch is
+    released as soon as it is full, so no clip beyond the last batch is decoded."""
+
+    def stage(clips: Iterable[dict]) -> Iterator[dict]:
+        if not sizes:
+            return
+        it = iter(clips)
+        for size in sizes:
+            items = [item for _, item in zip(range(size), it)]
+            if len(items) < size:
+                return  # the stream ended early: the loader reports the missing batches
+            yield collate(items)
+
+    return stage
 
 
 def eval_stages(
