@@ -53,9 +53,10 @@ SHAPES = {
 
 
 def compositions(batch: int) -> list[tuple[str, list[float]]]:
-    """Batch mixes from no padding to a lot (ratios per clip)."""
+    """Batch mixes from no padding to a lot (ratios per clip, in ascending order as the
+    trainer draws them: clips of one length sit together)."""
     third = max(1, batch // 3)
-    return [
+    mixes = [
         ("all 50%", [0.5] * batch),
         ("one 50% among 25%", [0.5] + [0.25] * (batch - 1)),
         ("one 75% among 50%", [0.75] + [0.5] * (batch - 1)),
@@ -64,6 +65,7 @@ def compositions(batch: int) -> list[tuple[str, list[float]]]:
         ("thirds 25/50/75%", ([0.25] * third + [0.5] * third + [0.75] * batch)[:batch]),
         ("one 25% among 75%", [0.25] + [0.75] * (batch - 1)),
     ]
+    return [(label, sorted(ratios)) for label, ratios in mixes]
 
 
 def backends(device: torch.device) -> list[str]:

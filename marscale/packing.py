@@ -24,6 +24,7 @@ needs a device-to-host sync.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -48,6 +49,25 @@ class PackedTokens:
     """int64 [Mtot]: the clip of each masked token, in `masked_slots` order."""
     masked_idx: torch.Tensor
     """int64 [Mtot]: each masked token's index in its clip, in `masked_slots` order."""
+
+    @functools.cached_property
+    def runs(self) -> tuple[tuple[int, int, int], ...]:
+        """Runs of consecutive clips of equal length: (first token, clips, length) each.
+        Attention can batch a run as one rectangular call; batches whose ratios are drawn
+        in sorted order (`marscale.token_batches`) have one run per distinct ratio."""
+        runs, start = [], 0
+        for n in self.lengths:
+            if runs and runs[-1][2] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([start, 1, n])
+            start += n
+        return tuple(tuple(r) for r in runs)
+
+    @functools.cached_property
+    def block_mask(self) -> torch.Tensor:
+        """bool [Ntot, Ntot]: True where two tokens belong to one clip (built once per batch)."""
+        return self.clip_ids[:, None] == self.clip_ids[None, :]
 
     @property
     def batch(self) -> int:

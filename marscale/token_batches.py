@@ -50,10 +50,13 @@ class TokenBatches:
         return self.schedule.fixed is None
 
     def ratios(self, step: int, micro: int, rank: int) -> tuple[float, ...]:
-        """The mask ratio of each clip of micro-batch `micro` of optimizer `step` on `rank`."""
+        """The mask ratio of each clip of micro-batch `micro` of optimizer `step` on `rank`,
+        in ascending order: clips of equal length sit together, so packed attention runs
+        one call per distinct ratio (`PackedTokens.runs`). Which clip gets which ratio is
+        as random as before: the loader's clips come in shuffled order."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, _RATIO_STREAM, step, micro, rank))
         if self.token_budget is None:
-            return tuple(self.schedule.draw(step, self.batch_size, g))
+            return tuple(sorted(self.schedule.draw(step, self.batch_size, g)))
         out: list[float] = []
         used = 0
         while len(out) + self.group <= self.batch_size:
@@ -63,7 +66,7 @@ class TokenBatches:
                 break
             out += drawn
             used += cost
-        return tuple(out)
+        return tuple(sorted(out))
 
     def clips_in_batch(self, epoch: int, batch: int, rank: int) -> int:
         """Clips in loader batch `batch` of `epoch` on `rank` (batch = step x accumulation + micro)."""

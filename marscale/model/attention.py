@@ -12,7 +12,9 @@ Backends (`model.attention`):
   backward, so it only serves evaluation there.
 - `sdpa_mask`: one `scaled_dot_product_attention` over the whole packed sequence with a
   block-diagonal mask (memory Ntot^2 per head: for CPU and small batches).
-- `per_clip`: a loop of `scaled_dot_product_attention` calls, one per clip.
+- `per_clip`: a loop of `scaled_dot_product_attention` calls, one per run of consecutive
+  clips of equal length (batched as one rectangular call: with ratios drawn in sorted
+  order, one call per distinct ratio).
 - `auto`: on CUDA the first available of flash_varlen, torch_varlen, flex; elsewhere
   `per_clip`, the faster of the two CPU backends in every measured case
   (benchmarks/bench_packing.py, docs/benchmarks.md).
@@ -95,14 +97,15 @@ def packed_attention(
     """Softmax attention within each clip. q, k, v: [Ntot, h, d] -> [Ntot, h, d]."""
     backend = resolve_backend(backend, q.device)
     if backend == "per_clip":
-        outs = [
-            F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
-            for qi, ki, vi in zip(packed.split(q), packed.split(k), packed.split(v))
-        ]
-        return torch.cat(outs, dim=0)
+        h, d = q.shape[1:]
+        outs = []
+        for start, clips, length in packed.runs:
+            # [clips * length, h, d] -> [clips, h, length, d]: a view, one call for the run
+            qi, ki, vi = (t[start : start + clips * length].view(clips, length, h, d).transpose(1, 2) for t in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(1, 2).reshape(clips * length, h, d))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     if backend == "sdpa_mask":
-        ids = packed.clip_ids
-        mask = ids[:, None] == ids[None, :]  # [Ntot, Ntot] block-diagonal
+        mask = packed.block_mask  # [Ntot, Ntot] block-diagonal
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
         return out.transpose(0, 1)
     if backend == "flex":
