@@ -176,8 +176,16 @@ def probe_video(data: bytes) -> VideoInfo:
     except DecodeError as e:
         raise SkipVideo(e.reason, str(e)) from None
     declared, num_frames = scan.declared_frames, scan.index.num_frames
-    if declared - num_frames > max(1.0, _TRUNCATION_TOLERANCE * declared):
-        raise SkipVideo("truncated", f"{num_frames} of {declared:.0f} declared frames decode")
+    if declared:
+        if declared - num_frames > max(1.0, _TRUNCATION_TOLERANCE * declared):
+            raise SkipVideo("truncated", f"{num_frames} of {declared} declared frames decode")
+    elif scan.declared_seconds and scan.index.fps:
+        # No stated frame count (WebM, Ogg, MPEG streams): compare durations, which also
+        # holds for variable frame rates and repeated-frame (empty) packets.
+        seconds = scan.decoded_seconds or num_frames / scan.index.fps
+        missing = scan.declared_seconds - seconds
+        if missing > max(1.0 / scan.index.fps, _TRUNCATION_TOLERANCE * scan.declared_seconds):
+            raise SkipVideo("truncated", f"frames for {seconds:.2f} s of {scan.declared_seconds:.2f} s decode")
     return VideoInfo(scan)
 
 

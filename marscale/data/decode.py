@@ -191,28 +191,36 @@ def spot_check_indices(index: FrameIndex, count: int = 8) -> np.ndarray:
 def random_access_error(
     open_reader: Callable[[], VideoReader], index: FrameIndex, reference: dict[int, np.ndarray]
 ) -> str | None:
-    """Why the reader `open_reader()` makes does not return frames `reference` (index ->
-    the sequential decode's frame) exactly, or None when it does: its frame count, the
-    frames' size, or a frame farther than `FRAME_TOLERANCE` from the reference."""
-    reader = None
-    try:
-        reader = open_reader()
-        if reader.decoder_frames != index.num_frames:
-            return f"it counts {reader.decoder_frames} frames, the sequential decode {index.num_frames}"
-        wanted = sorted(reference)
-        frames = reader.get_frames(np.array(wanted))
-    except Exception as e:  # noqa: BLE001 - any failure of the reader is the answer, reported by the caller
-        return str(e) or type(e).__name__
-    finally:
-        if reader is not None:
-            reader.close()
-    for i, frame in zip(wanted, frames):
-        ref = reference[i]
-        if frame.shape != ref.shape:
-            return f"frame {i} is {frame.shape[1]}x{frame.shape[0]}, the sequential decode's {ref.shape[1]}x{ref.shape[0]}"
-        diff = float(np.abs(frame.astype(np.int16) - ref.astype(np.int16)).mean())
-        if diff > FRAME_TOLERANCE:
-            return f"frame {i} is not the sequential decode's frame {i} (mean abs difference {diff:.1f} > {FRAME_TOLERANCE})"
+    """Why readers `open_reader()` makes do not return frames `reference` (index -> the
+    sequential decode's frame) exactly, or None when they do: the frame count, the
+    frames' size, or a frame farther than `FRAME_TOLERANCE` from the reference.
+
+    Read as the loader reads: a fresh reader per request, first each frame on its own
+    (a seek straight to it: decord is right on a batch that starts at frame 0 and wrong
+    on the same frames asked for alone), then all of them in one request.
+    """
+    wanted = sorted(reference)
+    for request in [[i] for i in wanted] + [wanted]:
+        reader = None
+        try:
+            reader = open_reader()
+            if reader.decoder_frames != index.num_frames:
+                return f"it counts {reader.decoder_frames} frames, the sequential decode {index.num_frames}"
+            frames = reader.get_frames(np.array(request))
+        except Exception as e:  # noqa: BLE001 - any failure of the reader is the answer, reported by the caller
+            return str(e) or type(e).__name__
+        finally:
+            if reader is not None:
+                reader.close()
+        for i, frame in zip(request, frames):
+            ref = reference[i]
+            if frame.shape != ref.shape:
+                return (f"frame {i} is {frame.shape[1]}x{frame.shape[0]}, "
+                        f"the sequential decode's {ref.shape[1]}x{ref.shape[0]}")
+            diff = float(np.abs(frame.astype(np.int16) - ref.astype(np.int16)).mean())
+            if diff > FRAME_TOLERANCE:
+                return (f"frame {i} is not the sequential decode's frame {i} "
+                        f"(mean abs difference {diff:.1f} > {FRAME_TOLERANCE})")
     return None
 
 

@@ -197,8 +197,18 @@ class VideoScan:
     """Sample (pixel) aspect ratio: 1 for square pixels."""
     codec: str
     container: str
-    declared_frames: float
-    """The frame count the container states (0 if none): how many frames it promises."""
+    declared_frames: int
+    """The frame count the container states (0 if it states none)."""
+    declared_seconds: float
+    """The stream's (else the container's) stated duration in seconds (0 if none)."""
+
+    @property
+    def decoded_seconds(self) -> float:
+        """Time the decoded frames cover: first to last timestamp plus one frame (0 if unknown)."""
+        stamps = self.index.timestamps
+        if stamps is None or not self.index.fps:
+            return 0.0
+        return float(stamps[-1]) + 1.0 / self.index.fps
 
 
 def open_container(data: bytes) -> Any:
@@ -223,12 +233,12 @@ def scan_video(data: bytes) -> VideoScan:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         header_rate = stream_frame_rate(stream)
-        declared = float(stream.frames or 0)
-        if not declared and header_rate:
-            if stream.duration is not None and stream.time_base is not None:
-                declared = float(stream.duration * stream.time_base * header_rate)
-            elif container.duration is not None:
-                declared = container.duration / av.time_base * float(header_rate)
+        if stream.duration is not None and stream.time_base is not None:
+            declared_seconds = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            declared_seconds = container.duration / av.time_base
+        else:
+            declared_seconds = 0.0
         pts: list[int | None] = []
         key_frames: list[int] = []
         first = None
@@ -266,7 +276,8 @@ def scan_video(data: bytes) -> VideoScan:
             pixel_aspect=Fraction(sar) if sar else Fraction(1),
             codec=stream.codec_context.name,
             container=container.format.name,
-            declared_frames=declared,
+            declared_frames=int(stream.frames or 0),
+            declared_seconds=declared_seconds,
         )
 
 
