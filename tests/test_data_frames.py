@@ -20,12 +20,14 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import webdataset as wds
 
 from marscale.data import decode
 from marscale.data.decode import FRAME_TOLERANCE, available_decoders, open_sample, open_video
 from marscale.data.frames import FrameIndex, decode_runs, encode_runs, scan_video, sequential_frames
 from marscale.shards import Manifest, SampleMeta
 from shards_tools.convert import ConvertOptions, convert
+from shards_tools.stats import collect_stats
 from shards_tools.verify import verify
 from shards_tools.video import exact_decoders, probe_video, reencode_video
 
@@ -321,7 +323,9 @@ def test_every_input_is_stored_or_listed_as_skipped(edge_cases, tmp_path):
         assert skipped == {"a/notes.txt": "unreadable", "b/.DS_Store": "hidden" if fmt == "folder" else "unreadable"}
         report = verify(out)
         assert report.ok, report.summary()
-        import webdataset as wds
+        stats = collect_stats(out)
+        assert stats["without_frame_table"] == 0 and stats["reencoded"] >= 7
+        assert stats["variable_frame_rate"] >= 1 and stats["decoders_exact"]["pyav"] == manifest.num_samples
 
         for sample in wds.WebDataset(manifest.shard_paths(out), shardshuffle=False):
             meta = SampleMeta.from_json(sample["json"])
