@@ -69,7 +69,8 @@ from marscale.shards import SampleMeta
 
 __all__ = [
     "AUTO_ORDER", "DecodeError", "FRAME_TOLERANCE", "INDEXED_CONTAINERS", "VideoReader", "available_decoders",
-    "exact_backend", "open_sample", "open_video", "random_access_error", "resolve_decoder", "spot_check_indices",
+    "exact_backend", "open_sample", "open_video", "random_access_error", "resolve_decoder", "sample_index",
+    "spot_check_indices",
     "stream_frame_rate",
 ]
 
