@@ -54,7 +54,8 @@ def _weights(synthetic_shards, root, *overrides: str):
     torch.save({"model": state, "config": to_dict(cfg), "step": 1}, file)  # as `marscale export` writes
     step = os.path.join(ckpt.checkpoints_root(str(root / "run")), ckpt.tag_for(1))
     os.makedirs(step)
-    torch.save({"module": state, "marscale": {"config": to_dict(cfg)}}, os.path.join(step, "mp_rank_00_model_states.pt"))
+    states = {"module": state, "marscale": {"config": to_dict(cfg)}}  # ZeRO-0: the module weights
+    torch.save(states, os.path.join(step, "mp_rank_00_model_states.pt"))
     ckpt.mark_complete(step, {"step": 1, "files": integrity.file_records(step)})
     return types.SimpleNamespace(cfg=cfg, state=state, file=file, run=str(root / "run"), step=step)
 
@@ -184,3 +185,30 @@ def test_out_dir_and_out_belong_to_their_own_mode(mar, tmp_path, capsys):
     assert "pass --mask-ratios too" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", mar.file, "--mask-ratios", "0", "--out", str(tmp_path / "e.json")]) == 2
     assert "--out-dir" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_give_the_table_of_one_and_only_the_main_rank_writes(mar, tmp_path):
+    import subprocess
+
+    from helpers import REPO, subprocess_env
+
+    from marscale.dist import free_port
+
+    out_dir = tmp_path / "two_ranks"
+    proc = subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "marscale.cli", "eval",
+         "--checkpoint", mar.run, "--mask-ratios", "0,0.5,0.75", "--out-dir", str(out_dir),
+         "--set", "data.batch_size=4"],  # an epoch must be an optimizer step on 2 ranks (pre-flight)
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("# Accuracy against compute") == 1  # printed by the main rank only
+    rows, doc, _ = read_outputs(out_dir)
+    assert doc["world_size"] == 2
+    for row, ratio in zip(rows, (0.0, 0.5, 0.75)):
+        expected = direct(mar, dataclasses.replace(mar.cfg.masking, eval_ratio=ratio))
+        assert (float(row["top1"]), float(row["top5"])) == (expected.top1, expected.top5)
+        assert int(row["num_views"]) == 16 and int(row["timed_views"]) == 16 - 2 * 3  # a warm-up batch per rank
+    assert [p.name for p in out_dir.iterdir() if p.name.endswith(".partial")] == []
