@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import DEMO_CONFIG, run_overrides
 
-from marscale import cli
+from marscale import cli, dist
 from marscale.clip import token_grid
 from marscale.commands import eval_ratios
 from marscale.config import to_dict
@@ -66,15 +66,16 @@ def mar(synthetic_shards, tmp_path_factory):
 
 
 def direct(weights, masking: MaskingConfig):
-    """`evaluate()` of the weights with `masking`, called directly (fp32 on the CPU)."""
+    """`evaluate()` of the weights with `masking`, called directly (fp32, on the device the
+    command uses)."""
     cfg = weights.cfg
+    device = dist.resolve_device(cfg.run.device)
     model = build_model(cfg.model, cfg.clip)
     model.load_state_dict(weights.state)
-    model.eval()
+    model.to(device).eval()
     return evaluate(
         lambda x, v, m: model(x, v, m)["logits"], cfg.data, cfg.clip, masking, ShardSet.load(cfg.data.val_shards),
-        token_grid(cfg.clip, cfg.model.patch_size), cfg.model.num_classes, device=torch.device("cpu"),
-        dtype=torch.float32,
+        token_grid(cfg.clip, cfg.model.patch_size), cfg.model.num_classes, device=device, dtype=torch.float32,
     )
 
 
@@ -118,7 +119,7 @@ def test_one_row_per_ratio_with_its_cost_and_the_accuracy_of_a_direct_evaluation
         assert row["warmup_excluded"] == "True" and float(row["clips_per_s"]) > 0
 
     assert doc["checkpoint"] == os.path.abspath(mar.file) and doc["checkpoint_folder"] is None
-    assert doc["torch"] == torch.__version__ and doc["device"] == "cpu"
+    assert doc["torch"] == torch.__version__ and doc["device"] == str(dist.resolve_device(mar.cfg.run.device))
     assert doc["config"]["model"]["variant"] == "vit_tiny"
     assert [r["mask_ratio"] for r in doc["ratios"]] == list(RATIOS)
     for record, row in zip(doc["ratios"], rows):
@@ -157,6 +158,22 @@ def test_full_token_model_is_masked_with_cell_running_and_says_so(synthetic_shar
     assert float(rows[1]["top1"]) == masked.top1
     assert float(rows[0]["top1"]) == direct(vit, vit.cfg.masking).top1
     assert int(rows[1]["macs_view"]) == count_model(vit.cfg.model, vit.cfg.clip, 0.5).macs_inference
+
+
+def test_complementary_pass_is_counted_in_the_cost(synthetic_shards, tmp_path, capsys):
+    both = _weights(synthetic_shards, tmp_path, "masking.eval_complement=true")
+    shown = run_eval(capsys, both.file, "0,0.25", "--out-dir", str(tmp_path / "t"))
+    rows, _, _ = read_outputs(tmp_path / "t")
+    model, clip = both.cfg.model, both.cfg.clip
+    assert int(rows[0]["macs_view"]) == count_model(model, clip, 0.0).macs_inference  # no mask: one pass
+    # 6 tokens visible, then the complement's 2
+    assert int(rows[1]["macs_view"]) == count_model(model, clip, 0.25).macs_inference + count_model(
+        model, clip, 0.75
+    ).macs_inference
+    masking = dataclasses.replace(both.cfg.masking, eval_ratio=0.25)
+    assert float(rows[1]["top1"]) == direct(both, masking).top1
+    assert int(rows[1]["timed_views"]) == 13  # the warm-up is the first batch with its complementary pass
+    assert "GFLOPs/view counts both passes" in shown
 
 
 @pytest.mark.parametrize(
