@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as torch_dist
@@ -37,6 +38,10 @@ from marscale.cost import count_model
 from marscale.engine.evaluate import EvalResult, Forward, evaluate
 from marscale.io import atomic_write_bytes, write_json
 from marscale.masking import MaskingConfig, make_mask
+
+if TYPE_CHECKING:
+    from marscale.engine.config import TrainConfig
+    from marscale.engine.plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +131,7 @@ def masking_for(masking: MaskingConfig, ratio: float) -> MaskingConfig:
     return dataclasses.replace(masking, eval_ratio=ratio)
 
 
-def plan_passes(cfg, ratios: list[float]) -> list[RatioPass]:
+def plan_passes(cfg: TrainConfig, ratios: list[float]) -> list[RatioPass]:
     """The passes at `ratios` (from `parse_ratios`) for config `cfg`, every ratio checked
     (and counted) before any is run. Raises ValueError naming the first that does not fit."""
     grid = token_grid(cfg.clip, cfg.model.patch_size)
@@ -189,7 +194,13 @@ def _throughput(timer: WarmupTimer, result: EvalResult, end: float, device: torc
 
 
 def evaluate_ratios(
-    forward: Forward, cfg, plan, passes: list[RatioPass], *, device: torch.device, dtype: torch.dtype
+    forward: Forward,
+    cfg: TrainConfig,
+    plan: RunPlan,
+    passes: list[RatioPass],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> list[RatioRow]:
     """Score the evaluation set once per pass with the same weights (collective)."""
     rows = []
@@ -257,7 +268,7 @@ def notes(rows: list[RatioRow], masking: MaskingConfig) -> list[str]:
     return lines
 
 
-def format_markdown(rows: list[RatioRow], cfg, checkpoint: str, folder: str | None) -> str:
+def format_markdown(rows: list[RatioRow], cfg: TrainConfig, checkpoint: str, folder: str | None) -> str:
     used = "" if folder is None or os.path.samefile(folder, checkpoint) else f" ({os.path.basename(folder)})"
     head = [
         "# Accuracy against compute by evaluation mask ratio",
@@ -306,7 +317,10 @@ def format_csv(rows: list[RatioRow]) -> str:
     return buf.getvalue()
 
 
-def json_record(rows: list[RatioRow], cfg, checkpoint: str, folder: str | None, device: torch.device) -> dict:
+def json_record(
+    rows: list[RatioRow], cfg: TrainConfig, checkpoint: str, folder: str | None, device: torch.device
+) -> dict:
+    """The JSON file: where the weights came from, the config and machine, and every row."""
     tree = to_dict(cfg)
     return {
         "checkpoint": os.path.abspath(checkpoint),
@@ -371,7 +385,9 @@ def default_out_dir(checkpoint: str, folder: str | None) -> str:
     return os.path.join(run, FILE_STEM)
 
 
-def report(rows: list[RatioRow], cfg, checkpoint: str, folder: str | None, device: torch.device, out_dir: str) -> None:
+def report(
+    rows: list[RatioRow], cfg: TrainConfig, checkpoint: str, folder: str | None, device: torch.device, out_dir: str
+) -> None:
     """Print the table and write eval_ratios.{md,csv,json,png} into `out_dir` (main rank)."""
     markdown = format_markdown(rows, cfg, checkpoint, folder)
     print(markdown, end="")
