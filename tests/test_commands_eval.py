@@ -125,7 +125,7 @@ def test_one_row_per_ratio_with_its_cost_and_the_accuracy_of_a_direct_evaluation
     for record, row in zip(doc["ratios"], rows):
         assert record["top1"] == float(row["top1"]) and record["masking"]["eval_ratio"] == record["mask_ratio"]
         assert record["expected_videos"] == record["num_videos"] == 8 and "skipped_samples" in record
-    assert doc["config"]["masking"]["eval_ratio"] is None  # the loaded config was not changed
+    assert doc["config"]["masking"]["ratio"] == 0.5 and "eval_ratio" not in doc["config"]["masking"]
 
     table = [line for line in markdown.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(RATIOS) and "GFLOPs/view (MACs)" in table[0]
@@ -158,6 +158,20 @@ def test_full_token_model_is_masked_with_cell_running_and_says_so(synthetic_shar
     assert float(rows[1]["top1"]) == masked.top1
     assert float(rows[0]["top1"]) == direct(vit, vit.cfg.masking).top1
     assert int(rows[1]["macs_view"]) == count_model(vit.cfg.model, vit.cfg.clip, 0.5).macs_inference
+
+
+def test_a_model_trained_with_several_ratios_needs_no_evaluation_ratio(mar, tmp_path, capsys):
+    """masking.ratio drawn from a set names no evaluation ratio; the dial sets one per pass."""
+    stored = to_dict(mar.cfg)
+    stored["masking"].update(ratio=[0.25, 0.5, 0.75], eval_ratio=None)
+    file = str(tmp_path / "per_clip.pt")
+    torch.save({"model": mar.state, "config": stored, "step": 1}, file)
+    run_eval(capsys, file, "0.25,0.75", "--out-dir", str(tmp_path / "t"))
+    rows, doc, _ = read_outputs(tmp_path / "t")
+    assert doc["config"]["masking"]["ratio"] == [0.25, 0.5, 0.75]
+    assert [int(r["visible_tokens"]) for r in rows] == [6, 2]
+    for row, ratio in zip(rows, (0.25, 0.75)):
+        assert float(row["top1"]) == direct(mar, dataclasses.replace(mar.cfg.masking, eval_ratio=ratio)).top1
 
 
 def test_complementary_pass_is_counted_in_the_cost(synthetic_shards, tmp_path, capsys):

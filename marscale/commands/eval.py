@@ -47,11 +47,17 @@ def _eval_config(args: argparse.Namespace, stored: dict | None):
     from marscale.config import apply_overrides, from_dict
     from marscale.engine.config import TrainConfig, load_train_config
 
+    overrides = args.overrides
+    if args.mask_ratios is not None:
+        # Each pass sets masking.eval_ratio itself. Loading with one (0 suits every kind of
+        # mask) lets a config whose training draws several ratios, and so names no single
+        # evaluation ratio, load as it is.
+        overrides = ["masking.eval_ratio=0", *overrides]
     if args.config:
-        return load_train_config(args.config, args.overrides)
+        return load_train_config(args.config, overrides)
     if not stored:
         raise ValueError(f"{args.checkpoint} stores no config: pass --config")
-    return from_dict(TrainConfig, apply_overrides(stored, args.overrides, TrainConfig))
+    return from_dict(TrainConfig, apply_overrides(stored, overrides, TrainConfig))
 
 
 def _open_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict | None]:

@@ -328,7 +328,8 @@ def json_record(
         "config": {
             "model": {k: tree["model"][k] for k in ("arch", "variant", "num_classes")},
             "clip": tree["clip"],
-            "masking": tree["masking"],
+            # Without eval_ratio: each row holds the masking section of its own pass.
+            "masking": {k: v for k, v in tree["masking"].items() if k != "eval_ratio"},
             "data": {k: tree["data"][k] for k in ("val_shards", "test_num_clips", "test_num_crops", "eval_batch_size")},
             "precision": cfg.deepspeed.precision,
         },
