@@ -143,13 +143,7 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
 
     run_dir = tmp_path / "preempted"
     cfg = tiny_config(synthetic_shards, run_dir, *extra, "checkpoint.resume=auto")
-    trainer = Trainer(cfg)
-    watcher = send_signal_after(str(run_dir / "metrics.jsonl"), 3, signal.SIGTERM)
-    try:
-        assert trainer.fit() == EXIT_PREEMPTED
-    finally:
-        trainer.close()
-        watcher.join()
+    preempt_after(cfg, 3)
     root = ckpt.checkpoints_root(str(run_dir))
     saved = [s for s, _ in ckpt.list_checkpoints(root)]
     assert len(saved) == 1 and 3 <= saved[0] < 6, saved
@@ -189,6 +183,18 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
         assert_same_logits(trainer, model)
     finally:
         trainer.close()
+
+
+def preempt_after(cfg, step: int) -> None:
+    """Train `cfg` until SIGTERM arrives once metrics.jsonl shows `step`: the run saves and
+    returns EXIT_PREEMPTED."""
+    trainer = Trainer(cfg)
+    watcher = send_signal_after(os.path.join(cfg.run.output_dir, "metrics.jsonl"), step, signal.SIGTERM)
+    try:
+        assert trainer.fit() == EXIT_PREEMPTED
+    finally:
+        trainer.close()
+        watcher.join()
 
 
 def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
