@@ -37,10 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import marscale  # noqa: F401,E402  (makes `import timm` work on CPU-only machines)
 from marscale.clip import ClipConfig  # noqa: E402
 from marscale.data import DataConfig, available_decoders, build_train_loader  # noqa: E402
-from marscale.data.decode import open_video  # noqa: E402
+from marscale.data.decode import open_video, sample_index  # noqa: E402
+from marscale.data.frames import FrameIndex  # noqa: E402
 from marscale.data.sampling import dense_train_indices  # noqa: E402
 from shards_tools.convert import ConvertOptions, convert  # noqa: E402
-from marscale.shards import VIDEO_EXTENSIONS, ShardSet, load_manifest  # noqa: E402
+from marscale.shards import VIDEO_EXTENSIONS, SampleMeta, ShardSet, load_manifest  # noqa: E402
 from shards_tools.synth import make_synthetic_dataset  # noqa: E402
 
 
@@ -89,40 +90,44 @@ def make_shards(args: argparse.Namespace) -> dict[str, str]:
     return folders
 
 
-def read_videos(folder: str) -> list[bytes]:
+def read_videos(folder: str) -> list[tuple[bytes, FrameIndex | None]]:
+    """(video bytes, its record's frame index) of every sample, as the loader has them."""
     import tarfile
 
     out = []
     for path in load_manifest(folder).shard_paths(folder):
         with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if member.name.rsplit(".", 1)[-1] in VIDEO_EXTENSIONS:
-                    out.append(tar.extractfile(member).read())
+            members = {m.name: m for m in tar.getmembers()}
+            for name, member in members.items():
+                stem, _, ext = name.rpartition(".")
+                if ext in VIDEO_EXTENSIONS:
+                    meta = SampleMeta.from_json(tar.extractfile(members[f"{stem}.json"]).read())
+                    out.append((tar.extractfile(member).read(), sample_index(meta)))
     return out
 
 
-def bench_decode(videos: list[bytes], decoder: str, repeats: int) -> float:
+def bench_decode(videos: list[tuple[bytes, FrameIndex | None]], decoder: str, repeats: int) -> float:
     """Median over repeats of the mean CPU ms to open a video and decode one dense 16x4 clip."""
     runs = []
     for r in range(repeats):
         rng = np.random.default_rng(r)
         t = time.process_time()
-        for data in videos:
-            reader = open_video(data, decoder)
+        for data, index in videos:
+            reader = open_video(data, decoder, index)
             reader.get_frames(dense_train_indices(reader.num_frames, 16, 4, rng))
             reader.close()
         runs.append((time.process_time() - t) / len(videos) * 1000)
     return statistics.median(runs)
 
 
-def bench_augment(videos: list[bytes], repeats: int) -> float:
+def bench_augment(videos: list[tuple[bytes, FrameIndex | None]], repeats: int) -> float:
     """Median over repeats of CPU ms for the training augmentation of one 16-frame clip."""
     from marscale.data.transforms import TrainTransform
 
     transform = TrainTransform(DataConfig(train_shards="-", val_shards="-"), ClipConfig())
     clips = []
-    for data in videos:
-        reader = open_video(data, "pyav")
+    for data, index in videos:
+        reader = open_video(data, "pyav", index)
         clips.append(reader.get_frames(dense_train_indices(reader.num_frames, 16, 4, np.random.default_rng(0))))
         reader.close()
     runs = []

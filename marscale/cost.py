@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from fractions import Fraction
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -173,10 +174,48 @@ def count_model(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float) -> ModelC
     decoder = DecoderConfig(cfg.decoder.enabled, spec.embed_dim, spec.depth, spec.num_heads)
     counted = dataclasses.replace(
         cfg, drop_path=0.0, head_dropout=0.0, grad_checkpointing=0, pretrained="", pretrained_partial=False,
-        decoder=decoder,
+        decoder=decoder, attention="auto",
     )
     model_json = json.dumps(dataclasses.asdict(counted), sort_keys=True)
     return _count(model_json, json.dumps(dataclasses.asdict(clip), sort_keys=True), n - round(mask_ratio * n))
+
+
+def training_flops_by_visible(cfg: ModelConfig, clip: ClipConfig, visible_counts) -> dict[int, int]:
+    """Hardware FLOPs (2 x MACs, forward + backward) of one training clip for each number of
+    visible tokens in `visible_counts`: the work of clips masked at different ratios.
+
+    Up to three counts are counted directly. For more (a range of random-masking ratios
+    covers hundreds), three are counted and the rest follow from the quadratic through
+    them, which is exact: the encoder blocks and the bridging classifier cost a + b*Nv
+    (matmuls) + c*Nv^2 (attention), and the decoder runs on all N tokens whatever the split.
+    A clip with nothing masked skips the decoder, so it is counted on its own.
+    """
+    n = num_tokens(clip, cfg.patch_size)
+    wanted = sorted({int(v) for v in visible_counts})
+    if any(not 0 < v <= n for v in wanted):
+        raise ValueError(f"visible token counts must be in [1, {n}], got {wanted}")
+
+    def count(v: int) -> int:
+        return 2 * count_model(cfg, clip, (n - v) / n).macs_training
+
+    masked = [v for v in wanted if v < n]
+    if len(masked) <= 3:
+        return {v: count(v) for v in wanted}
+    xs = [masked[0], masked[len(masked) // 2], masked[-1]]
+    ys = [Fraction(count(x)) for x in xs]
+    out = {}
+    for v in masked:  # Lagrange form of the quadratic through (xs, ys), in exact arithmetic
+        total = Fraction(0)
+        for i, (xi, yi) in enumerate(zip(xs, ys)):
+            term = yi
+            for j, xj in enumerate(xs):
+                if j != i:
+                    term *= Fraction(v - xj, xi - xj)
+            total += term
+        out[v] = round(total)
+    if n in wanted:
+        out[n] = count(n)
+    return out
 
 
 def model_macs_per_clip(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float, training: bool) -> int:

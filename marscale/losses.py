@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from marscale.clip import ClipConfig
+from marscale.packing import PackedTokens
 
 
 def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
@@ -30,14 +31,15 @@ def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
 
 def normalized_pixel_target(
     video: torch.Tensor,
-    masked_idx: torch.Tensor,
+    masked_idx: torch.Tensor | PackedTokens,
     tubelet: int,
     patch: int,
     mean: Sequence[float],
     std: Sequence[float],
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Reconstruction target for the masked tubelets: [B, Nm, P].
+    """Reconstruction target for the masked tubelets: [B, Nm, P] (packed: [Mtot, P], in
+    the order the packed decoder predicts them).
 
     The normalised input is un-normalised to [0, 1] pixels; then every tubelet is
     normalised per channel by its own mean and unbiased std (+eps), as VideoMAE does.
@@ -48,16 +50,20 @@ def normalized_pixel_target(
         m = torch.as_tensor(mean, device=video.device, dtype=video.dtype).view(1, -1, 1, 1, 1)
         s = torch.as_tensor(std, device=video.device, dtype=video.dtype).view(1, -1, 1, 1, 1)
         tokens = patchify(video * s + m, tubelet, patch)  # [B, N, p, C]
-        idx = masked_idx[:, :, None, None].expand(-1, -1, tokens.shape[2], tokens.shape[3])
-        tokens = tokens.gather(1, idx)  # [B, Nm, p, C]
-        mu = tokens.mean(dim=2, keepdim=True)
-        sd = tokens.var(dim=2, unbiased=True, keepdim=True).sqrt()
+        if isinstance(masked_idx, PackedTokens):
+            tokens = tokens.flatten(0, 1)[masked_idx.flat_masked]  # [Mtot, p, C]
+        else:
+            idx = masked_idx[:, :, None, None].expand(-1, -1, tokens.shape[2], tokens.shape[3])
+            tokens = tokens.gather(1, idx)  # [B, Nm, p, C]
+        mu = tokens.mean(dim=-2, keepdim=True)
+        sd = tokens.var(dim=-2, unbiased=True, keepdim=True).sqrt()
         tokens = (tokens - mu) / (sd + eps)
-        return tokens.flatten(2)
+        return tokens.flatten(-2)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked tokens (pred, target: [B, Nm, P])."""
+    """Mean squared error over the masked tokens (pred, target: [B, Nm, P] or packed
+    [Mtot, P]): every masked token weighs the same, whichever clip it is in."""
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -81,6 +87,16 @@ class MARLoss:
     Built once per run (`build_loss`) from the clip section, the encoder's patch size and
     the weight; called per micro-batch. Returns {"loss", "loss_cls", "loss_recon"?} as
     tensors (no host sync).
+
+    Weighting, when clips keep different numbers of tokens: classification is averaged per
+    clip and reconstruction per masked token, both over the whole optimizer step (every
+    micro-batch of every rank), so a step's gradient is that of one big batch however
+    the clips fell on ranks and micro-batches. Per masked token, not per clip: a clip
+    masked at 75% has three times the reconstruction targets of one at 25%, and each
+    target is one tubelet's worth of evidence, as in MAE/VideoMAE's mean over all masked
+    tokens. The caller passes `cls_scale` and `recon_scale` that turn this micro-batch's
+    means into its share of the step's (`marscale.token_batches.loss_scales`); the returned
+    "loss_cls" and "loss_recon" stay this micro-batch's plain means (for logging).
     """
 
     tubelet_size: int
@@ -93,14 +109,17 @@ class MARLoss:
         self,
         outputs: dict[str, torch.Tensor],
         video: torch.Tensor,
-        masked_idx: torch.Tensor | None,
+        masked_idx: torch.Tensor | PackedTokens | None,
         target: torch.Tensor,
+        *,
+        cls_scale: float = 1.0,
+        recon_scale: float = 1.0,
     ) -> dict[str, torch.Tensor]:
-        """outputs: the model's {"logits" [B, K], "pred"? [B, Nm, P]}; video: the normalised
-        clip the model saw [B, C, T, H, W]; masked_idx [B, Nm] (None: nothing masked);
-        target: soft [B, K] or hard [B] labels."""
+        """outputs: the model's {"logits" [B, K], "pred"? [B, Nm, P] or packed [Mtot, P]};
+        video: the normalised clip the model saw [B, C, T, H, W]; masked_idx [B, Nm] or the
+        batch's PackedTokens (None: nothing masked); target: soft [B, K] or hard [B] labels."""
         parts = {"loss_cls": classification_loss(outputs["logits"], target)}
-        loss = parts["loss_cls"]
+        loss = parts["loss_cls"] if cls_scale == 1.0 else cls_scale * parts["loss_cls"]
         if "pred" in outputs and self.recon_weight > 0:
             if masked_idx is None:
                 raise ValueError("the model reconstructed masked tokens but no masked_idx was given")
@@ -108,7 +127,7 @@ class MARLoss:
                 video, masked_idx, self.tubelet_size, self.patch_size, self.mean, self.std
             )
             parts["loss_recon"] = masked_mse(outputs["pred"], recon_target)
-            loss = loss + self.recon_weight * parts["loss_recon"]
+            loss = loss + self.recon_weight * recon_scale * parts["loss_recon"]
         parts["loss"] = loss
         return parts
 

@@ -10,12 +10,19 @@ pattern is m masked slots followed by K-m visible ones; at time slice t it is ro
 t mod K, so the visible slots "run" through the cell and every slot is seen within K
 consecutive slices. Training draws a phase per clip (optionally per cell) and then
 shuffles the time slices per clip; evaluation uses phase 0 and no shuffle.
+
+Per-clip ratios: `masking.ratio` is one value, a set drawn per clip, a range, or a schedule
+of those over training steps (`RatioSchedule`). Every drawn ratio gives a whole number of
+masked units: cell slots for cell running, tokens for random masking, spatial positions
+for tube masking. The masks then hold different numbers of visible tokens per clip and the
+batch runs packed (`PackedTokens`, `mask_to_packed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import torch
 
@@ -28,8 +35,13 @@ class MaskingConfig:
 
     kind: Literal["cell_running", "random", "tube", "none"] = "cell_running"
     """cell_running (MAR), random, tube, or none (all tokens visible: the ViT baseline)."""
-    ratio: float = 0.5
-    """Share of tokens masked; for cell_running ratio x cell slots must be a whole number."""
+    ratio: float | list[float] | dict[str, Any] = 0.5
+    """Share of tokens masked in training: one value (`0.5`); a set drawn uniformly per
+    clip (`[0.25, 0.5, 0.75]`); a range drawn uniformly per clip over the whole numbers of
+    masked units it holds (`{min: 0.25, max: 0.75}`: for 2x2 cells 0.25, 0.5 or 0.75); or a
+    schedule over optimizer steps whose stages are any of those
+    (`{schedule: [{from_step: 0, ratio: 0.25}, {from_step: 1000, ratio: [0.5, 0.75]}]}`).
+    For cell_running every drawn ratio x cell slots must be a whole number (checked here)."""
     cell: tuple[int, int] = (2, 2)
     """Cell size (height, width) in tokens for cell_running."""
     per_cell_phase: bool = False
@@ -37,7 +49,7 @@ class MaskingConfig:
     temporal_shuffle: bool = True
     """Training: permute the time slices of the mask per clip."""
     eval_ratio: float | None = None
-    """Masking ratio at evaluation (None: same as `ratio`)."""
+    """Masking ratio at evaluation (None: same as `ratio`, which must then be one value)."""
     eval_complement: bool = False
     """Evaluation: also score each view with the complementary mask (the masked tokens
     visible) and average the two passes' logits, as the MAR reference's `MASK_INV_TEST`;
@@ -53,25 +65,160 @@ class MaskingConfig:
     def __post_init__(self):
         check_choices(self)
         self.cell = tuple(self.cell)
+        if isinstance(self.ratio, int) and not isinstance(self.ratio, bool):
+            self.ratio = float(self.ratio)
         if self.kind != "none":
-            for r in (self.ratio, self.eval_ratio):
-                if r is not None and not 0.0 <= r < 1.0:
-                    raise ValueError(f"masking ratio must be in [0, 1), got {r}")
-        if self.kind == "cell_running":
-            for r in (self.ratio, self.eval_ratio):
-                if r is not None:
-                    masked_per_cell(r, self.cell[0] * self.cell[1])
+            self.schedule()  # every drawn ratio valid for this kind of mask
+            if self.eval_ratio is not None:
+                check_ratio(self.eval_ratio, self.kind, self.cell)
+            elif not isinstance(self.ratio, float):
+                raise ValueError(
+                    f"masking.ratio {self.ratio!r} draws several ratios: set masking.eval_ratio to the one "
+                    f"evaluation uses (e.g. 0.5), or evaluate at several with `marscale eval --mask-ratios`"
+                )
         if self.kind == "none" and (self.eval_complement or self.eval_temporal_shuffle):
             raise ValueError(
                 "masking.eval_complement and masking.eval_temporal_shuffle change the evaluation mask, "
                 "but masking.kind is none (every token visible); switch them off"
             )
 
+    def schedule(self, grid: tuple[int, int, int] | None = None) -> "RatioSchedule":
+        """The training ratios as a schedule of finite sets (a fixed ratio: one stage of one
+        value). A range becomes the ratios of whole masked units in it; for random and tube
+        masking that needs the token `grid` (without it a range is only checked)."""
+        if self.kind == "none":
+            return RatioSchedule(((0, (0.0,)),))
+        return parse_ratio(self.ratio, self.kind, self.cell, grid)
+
+    @property
+    def per_clip(self) -> bool:
+        """True when training draws a ratio per clip (clips then differ in visible tokens)."""
+        return self.kind != "none" and not isinstance(self.ratio, float)
+
     def ratio_at(self, train: bool = True) -> float:
-        """Share of tokens masked in training (train=True) or evaluation; 0 when masking is off."""
+        """Share of tokens masked in training (train=True) or evaluation; 0 when masking is off.
+        With per-clip ratios, the training value is the mean ratio drawn over the schedule's
+        stages (a summary for cost tables; the run plan counts the exact mix)."""
         if self.kind == "none":
             return 0.0
-        return self.ratio if (train or self.eval_ratio is None) else self.eval_ratio
+        if not train and self.eval_ratio is not None:
+            return self.eval_ratio
+        if isinstance(self.ratio, float):
+            return self.ratio
+        stages = self.schedule().stages
+        return sum(sum(v) / len(v) for _, v in stages) / len(stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioSchedule:
+    """Training mask ratios: stages (first optimizer step, ratios drawn uniformly per clip),
+    ordered by step, the first at step 0."""
+
+    stages: tuple[tuple[int, tuple[float, ...]], ...]
+
+    def at(self, step: int) -> tuple[float, ...]:
+        """The ratios clips may draw at optimizer `step`."""
+        current = self.stages[0][1]
+        for start, values in self.stages:
+            if step < start:
+                break
+            current = values
+        return current
+
+    @property
+    def fixed(self) -> float | None:
+        """The one ratio of a schedule that never varies, else None."""
+        return self.stages[0][1][0] if len(self.stages) == 1 and len(self.stages[0][1]) == 1 else None
+
+    def draw(self, step: int, n: int, generator: torch.Generator) -> list[float]:
+        """n ratios for clips of optimizer `step`, uniform over the stage's set."""
+        values = self.at(step)
+        if len(values) == 1:
+            return [values[0]] * n
+        return [values[i] for i in torch.randint(len(values), (n,), generator=generator).tolist()]
+
+    def mean_over(self, total_steps: int, f) -> float:
+        """Mean of f(ratio) over the clips of a run of `total_steps` steps (stages weighted by
+        their steps, ratios within a stage equally)."""
+        total = 0.0
+        starts = [s for s, _ in self.stages] + [max(total_steps, self.stages[-1][0])]
+        for (start, values), end in zip(self.stages, starts[1:]):
+            steps = max(0, min(end, total_steps) - start)
+            total += steps * sum(f(r) for r in values) / len(values)
+        return total / total_steps if total_steps else sum(f(r) for r in self.stages[0][1]) / len(self.stages[0][1])
+
+
+def mask_units(kind: str, cell: tuple[int, int], grid: tuple[int, int, int] | None) -> int | None:
+    """How many units a ratio counts whole ones of: cell slots (cell_running), tokens
+    (random), spatial positions (tube); None where the grid is needed but not given."""
+    if kind == "cell_running":
+        return cell[0] * cell[1]
+    if grid is None:
+        return None
+    return grid[0] * grid[1] * grid[2] if kind == "random" else grid[1] * grid[2]
+
+
+def check_ratio(ratio: float, kind: str, cell: tuple[int, int]) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"masking ratio must be a number in [0, 1), got {ratio!r}")
+    if kind == "cell_running":
+        masked_per_cell(ratio, cell[0] * cell[1])
+    return float(ratio)
+
+
+def _parse_values(value: Any, kind: str, cell: tuple[int, int], grid, where: str) -> tuple[float, ...]:
+    """One stage: a number, a list of numbers or a {min, max} range -> sorted distinct ratios."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (check_ratio(value, kind, cell),)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{where}: the set of ratios is empty")
+        return tuple(sorted({check_ratio(v, kind, cell) for v in value}))
+    if isinstance(value, dict) and set(value) == {"min", "max"}:
+        low, high = (check_ratio(value[k], "random", cell) for k in ("min", "max"))
+        if low > high:
+            raise ValueError(f"{where}: range min {low} is above max {high}")
+        units = mask_units(kind, cell, grid)
+        if units is None:
+            return (low, high)  # checked again with the grid when the run is planned
+        counts = range(math.ceil(low * units - 1e-9), math.floor(high * units + 1e-9) + 1)
+        values = tuple(c / units for c in counts if c < units)
+        if not values:
+            raise ValueError(
+                f"{where}: no ratio in [{low}, {high}] masks a whole number of the {units} "
+                f"{'cell slots' if kind == 'cell_running' else 'units'}; widen the range"
+            )
+        return values
+    raise ValueError(
+        f"{where}: expected a ratio (0.5), a set ([0.25, 0.5, 0.75]), a range ({{min: 0.25, max: 0.75}}) "
+        f"or a schedule ({{schedule: [{{from_step: 0, ratio: ...}}, ...]}}), got {value!r}"
+    )
+
+
+def parse_ratio(
+    value: Any, kind: str, cell: tuple[int, int], grid: tuple[int, int, int] | None = None
+) -> RatioSchedule:
+    """`masking.ratio` (any of its forms) -> RatioSchedule, with errors that name the problem."""
+    if isinstance(value, dict) and "schedule" in value:
+        if set(value) != {"schedule"} or not isinstance(value["schedule"], list) or not value["schedule"]:
+            raise ValueError(
+                f"masking.ratio: a schedule is {{schedule: [{{from_step: 0, ratio: ...}}, ...]}}, got {value!r}"
+            )
+        stages = []
+        for i, stage in enumerate(value["schedule"]):
+            where = f"masking.ratio.schedule[{i}]"
+            if not isinstance(stage, dict) or set(stage) != {"from_step", "ratio"}:
+                raise ValueError(f"{where}: expected {{from_step: N, ratio: ...}}, got {stage!r}")
+            start = stage["from_step"]
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"{where}.from_step must be a whole number >= 0, got {start!r}")
+            if stages and start <= stages[-1][0]:
+                raise ValueError(f"{where}.from_step {start} must come after the previous stage's {stages[-1][0]}")
+            stages.append((start, _parse_values(stage["ratio"], kind, cell, grid, where)))
+        if stages[0][0] != 0:
+            raise ValueError(f"masking.ratio.schedule must start at from_step 0, not {stages[0][0]}")
+        return RatioSchedule(tuple(stages))
+    return RatioSchedule(((0, _parse_values(value, kind, cell, grid, "masking.ratio")),))
 
 
 def masked_per_cell(ratio: float, slots: int) -> int:
@@ -84,10 +231,17 @@ def masked_per_cell(ratio: float, slots: int) -> int:
     return int(round(m))
 
 
+def _per_clip(ratio: float | list[float], batch: int) -> list[float]:
+    ratios = [float(ratio)] * batch if isinstance(ratio, (int, float)) else [float(r) for r in ratio]
+    if len(ratios) != batch:
+        raise ValueError(f"{len(ratios)} mask ratios for a batch of {batch} clips")
+    return ratios
+
+
 def cell_running_mask(
     batch: int,
     grid: tuple[int, int, int],
-    ratio: float,
+    ratio: float | list[float],
     generator: torch.Generator | None = None,
     *,
     train: bool = True,
@@ -95,15 +249,16 @@ def cell_running_mask(
     per_cell_phase: bool = False,
     temporal_shuffle: bool = True,
 ) -> torch.Tensor:
-    """Cell running mask, bool [batch, T'*H'*W'] (True = masked)."""
+    """Cell running mask, bool [batch, T'*H'*W'] (True = masked). `ratio`: one for every
+    clip, or one per clip (the draws from `generator` do not depend on it)."""
     T, H, W = grid
     ch, cw = cell
     if H % ch or W % cw:
         raise ValueError(f"token grid {H}x{W} is not divisible by the {ch}x{cw} cell")
     K = ch * cw
-    m = masked_per_cell(ratio, K)
+    m = torch.tensor([masked_per_cell(r, K) for r in _per_clip(ratio, batch)])  # [B]
     nh, nw = H // ch, W // cw
-    base = torch.arange(K) < m  # [K]: m masked slots, then visible ones
+    base = torch.arange(K).unsqueeze(0) < m.unsqueeze(1)  # [B, K]: m masked slots, then visible ones
     if train:
         phase_shape = (batch, 1, nh * nw, 1) if per_cell_phase else (batch, 1, 1, 1)
         phase = torch.randint(0, K, phase_shape, generator=generator)
@@ -112,7 +267,8 @@ def cell_running_mask(
     t = torch.arange(T).view(1, T, 1, 1)
     slot = torch.arange(K).view(1, 1, 1, K)
     # Slot i at slice t shows base[(i - t - phase) mod K]: the pattern rotates by one per slice.
-    masked = base[(slot - t - phase) % K].expand(batch, T, nh * nw, K)  # [B, T', cells, K]
+    index = ((slot - t - phase) % K).expand(batch, T, nh * nw, K)
+    masked = base.view(batch, 1, 1, K).expand(batch, T, nh * nw, K).gather(3, index)  # [B, T', cells, K]
     if train and temporal_shuffle:
         perm = torch.argsort(torch.rand(batch, T, generator=generator), dim=1)
         masked = masked.gather(1, perm.view(batch, T, 1, 1).expand(-1, -1, nh * nw, K))
@@ -122,17 +278,17 @@ def cell_running_mask(
 
 
 def random_mask(
-    batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator | None = None
+    batch: int, grid: tuple[int, int, int], ratio: float | list[float], generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Uniformly random tokens masked, the same count in every clip: bool [B, N]."""
+    """Uniformly random tokens masked, round(ratio x N) per clip: bool [B, N]."""
     N = grid[0] * grid[1] * grid[2]
-    n_mask = int(round(ratio * N))
+    n_mask = torch.tensor([int(round(r * N)) for r in _per_clip(ratio, batch)])
     rank = torch.argsort(torch.rand(batch, N, generator=generator), dim=1).argsort(dim=1)
-    return rank < n_mask
+    return rank < n_mask.unsqueeze(1)
 
 
 def tube_mask(
-    batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator | None = None
+    batch: int, grid: tuple[int, int, int], ratio: float | list[float], generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Random spatial positions masked through all time slices (VideoMAE tubes): bool [B, N]."""
     T, H, W = grid
@@ -146,10 +302,14 @@ def make_mask(
     grid: tuple[int, int, int],
     generator: torch.Generator | None = None,
     train: bool = True,
+    ratios: list[float] | None = None,
 ) -> torch.Tensor | None:
-    """The mask `cfg` asks for, or None when every token is visible."""
-    ratio = cfg.ratio_at(train)
-    if ratio == 0:
+    """The mask `cfg` asks for, or None when every token is visible. `ratios`: one per
+    clip (drawn with `RatioSchedule.draw`), instead of the config's single ratio."""
+    ratio = cfg.ratio_at(train) if ratios is None else ratios
+    if ratios is None and ratio == 0:
+        return None
+    if cfg.kind == "none":
         return None
     if cfg.kind == "cell_running":
         return cell_running_mask(

@@ -25,7 +25,10 @@ from typing import Any
 
 from marscale.io import PARTIAL_SUFFIX, atomic_write_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 records have no frame table, rotation, pixel aspect or checked decoders; they
+# are read exactly all the same (`marscale.data.decode.open_sample`), only more slowly.
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 LABEL_EXT = "cls"
@@ -67,18 +70,38 @@ def partial_name(name: str) -> str:
 
 @dataclasses.dataclass
 class SampleMeta:
-    """The JSON record stored beside each video."""
+    """The JSON record stored beside each video.
+
+    Frame numbers, counts and rates follow `marscale.data.frames` (frame i is the i-th
+    frame of a full sequential decode, in display orientation); the converter measures
+    them on the stored bytes.
+    """
 
     source: str  # path relative to the dataset root (or the SSv2 id)
     label: int
     label_name: str
-    duration: float  # seconds
-    fps: float
-    num_frames: int
-    width: int
+    duration: float  # seconds: num_frames / fps
+    fps: float  # measured on the frames' timestamps: (N - 1) / (last - first)
+    num_frames: int  # frames of the full sequential decode
+    width: int  # display size: after rotation
     height: int
     codec: str = ""
     reencoded: bool = False
+    frames: dict[str, Any] | None = None
+    """The frame table (`marscale.data.frames.FrameIndex.to_record`): time base, every
+    frame's timestamp and the key frames, run-length encoded. None in version 1 records
+    and for videos whose frames carry no usable timestamps (read from the start)."""
+    rotation: int = 0
+    """Counter-clockwise degrees the readers rotate the stored frames by (display matrix)."""
+    pixel_aspect: str = "1"
+    """Pixel (sample) aspect ratio of the stored frames as a fraction ("4/3"); readers
+    return the stored pixel grid, re-encoding resamples to square pixels ("1")."""
+    exact_decoders: list[str] | None = None
+    """Decoders whose random access matched the sequential decode at conversion; the
+    loader reads this video with PyAV when its decoder is not listed. None: not checked
+    (version 1 records)."""
+    container: str = ""
+    """FFmpeg's name of the container format of the stored bytes."""
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -143,9 +166,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
-                f"manifest format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+                f"manifest format_version {version!r} is not supported (this marscale reads "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
             )
         return cls(
             prefix=d["prefix"],
@@ -153,6 +177,7 @@ class Manifest:
             shards=[ShardInfo(**s) for s in d["shards"]],
             skipped=[Skipped(**s) for s in d.get("skipped", [])],
             options=dict(d.get("options", {})),
+            format_version=version,
         )
 
 

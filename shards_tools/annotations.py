@@ -9,7 +9,10 @@ Formats (see FACTS.md, "Annotation formats users bring"):
 - ``ssv2``: Something-Something v2's JSON list of ``{"id", "label", "template",
   "placeholders"}`` plus ``something-something-v2-labels.json`` (template -> index as a
   string); videos are ``<id>.webm`` in the root.
-- ``folder``: one folder per class under the root (class = folder name, sorted).
+- ``folder``: one folder per class under the root (class = folder name, sorted). Every
+  file below a class folder is an entry, whatever its extension: the converter keeps
+  each that decodes as a video and lists the rest as skipped with a reason (hidden
+  files, whose names start with a dot, without opening them).
 
 A parser only reads the annotations. Malformed lines are errors that name the file and
 line, and so is a source that lists no video at all (an empty file, a folder without
@@ -25,14 +28,13 @@ import json
 import os
 from typing import Callable
 
-from marscale.shards import VIDEO_EXTENSIONS
-
 FORMATS = ("kinetics", "csv", "ssv2", "folder")
 
 # Reasons an annotation entry is unusable (converter skip reasons start with these).
 UNKNOWN_LABEL = "unknown_label"
 OUTSIDE_ROOT = "outside_root"
 DUPLICATE = "duplicate"
+HIDDEN = "hidden"
 
 
 class AnnotationError(ValueError):
@@ -49,7 +51,7 @@ class Item:
     label: class index, or -1 when the label is not one of the known classes.
     label_text: the label as written in the annotation.
     where: "FILE:LINE" (or "FILE[INDEX]" for JSON) for messages.
-    problem: "" for a usable entry, else one of UNKNOWN_LABEL, OUTSIDE_ROOT, DUPLICATE.
+    problem: "" for a usable entry, else one of UNKNOWN_LABEL, OUTSIDE_ROOT, DUPLICATE, HIDDEN.
     """
 
     source: str
@@ -214,8 +216,9 @@ def parse_ssv2(annotations: str, root: str, labels_file: str, video_ext: str = "
     return _finish(items, class_names)
 
 
-def parse_folder(root: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> Annotations:
-    """One folder per class under `root` (sorted names); videos anywhere below each folder."""
+def parse_folder(root: str) -> Annotations:
+    """One folder per class under `root` (sorted names); every file anywhere below each
+    folder is an entry (hidden ones flagged HIDDEN), so none goes uncounted."""
     if not os.path.isdir(root):
         raise AnnotationError(f"{root}: not a folder")
     class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -227,10 +230,10 @@ def parse_folder(root: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> A
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames.sort()
             for filename in sorted(filenames):
-                if filename.rsplit(".", 1)[-1].lower() not in extensions or filename.startswith("."):
-                    continue
                 rel = os.path.relpath(os.path.join(dirpath, filename), root).replace(os.sep, "/")
-                items.append(Item(source=rel, path=rel, label=label, label_text=name, where=rel))
+                hidden = filename.startswith(".") or any(part.startswith(".") for part in rel.split("/")[:-1])
+                items.append(Item(source=rel, path=rel, label=label, label_text=name, where=rel,
+                                  problem=HIDDEN if hidden else ""))
     return _finish(items, class_names)
 
 
@@ -253,8 +256,7 @@ def parse_annotations(
     result = parsers[fmt]()
     if not result.items:
         if fmt == "folder":
-            extensions = ", ".join(VIDEO_EXTENSIONS)
-            raise AnnotationError(f"{root}: no videos with extensions {extensions} in its class folders")
+            raise AnnotationError(f"{root}: no files in its class folders")
         raise AnnotationError(f"{annotations}: no entries")
     return result
 

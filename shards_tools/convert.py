@@ -6,13 +6,17 @@ Stages, in order:
 2. plan (`plan.py`): drop entries that are unusable without opening them, optionally
    shuffle, number the samples and cut the list into shards. Shard k always holds the
    same samples, so a re-run knows what each shard should contain;
-3. for every shard not already finished: read, probe (decode every frame) and
-   optionally re-encode each video (`video.py`) in a process pool, check that the
-   training loader's default decoder reads it (the one `data.decoder: auto` picks here,
-   `marscale.data.decode.resolve_decoder`; a video it cannot read is re-encoded to
-   H.264 at its own size and kept if that fixes it, else skipped), then write the shard
-   in the main process in plan order (`write.py`). Output bytes do not depend on the
-   number of workers;
+3. for every shard not already finished: read and probe each video (`video.py`: decode
+   every frame, which gives the frame table stored in its record) in a process pool;
+   re-encode it when asked (`--reencode`), or at its own size when its container is not
+   one shards store as they are (`STORED_AS_IS`); check every installed decoder's
+   random access against the sequential decode on sampled frames and record the exact
+   ones (`SampleMeta.exact_decoders`: the loader reads with PyAV where its decoder is
+   not listed). A video the training loader's default decoder (the one
+   `data.decoder: auto` picks here) cannot read exactly is re-encoded to H.264 at its
+   own size and kept if that fixes it, else skipped. Then write the shard in the main
+   process in plan order (`write.py`). Output bytes do not depend on the number of
+   workers;
 4. write ``manifest.json`` atomically.
 
 Inputs that give no sample at all (an empty annotation file, a folder without class
@@ -40,10 +44,19 @@ import av
 
 from . import annotations as ann
 from .plan import DEFAULT_SAMPLES_PER_SHARD, PlannedSample, plan, plan_digest
-from .video import SkipVideo, VideoInfo, probe_video, reader_error, reencode_video
+from .video import SkipVideo, VideoInfo, exact_decoders, probe_video, reencode_video
 from .write import ConvertError, ProcessedSample, prepare_out, save_state, shard_finished, write_shard
 from marscale.data.decode import resolve_decoder
-from marscale.shards import VIDEO_EXTENSIONS, Manifest, SampleMeta, ShardInfo, Skipped, save_manifest, shard_name
+from marscale.shards import (
+    FORMAT_VERSION,
+    VIDEO_EXTENSIONS,
+    Manifest,
+    SampleMeta,
+    ShardInfo,
+    Skipped,
+    save_manifest,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +67,21 @@ SKIP_REASONS = {
     ann.DUPLICATE: "the same video is listed again",
     "missing": "file does not exist",
     "empty": "file is empty",
-    "unsupported_extension": "extension is not a known video container (re-encode to keep it)",
     "unreadable": "not a video container, or cut off before its index",
     "no_video_stream": "container has no video stream",
     "decode_error": "decoding failed part-way",
     "truncated": "file is cut short (container framing or frame count)",
     "no_frames": "no frame decodes",
     "reencode_error": "re-encoding failed",
-    "decoder": "the loader's default decoder cannot read it, re-encoded or not",
+    "decoder": "the loader's default decoder cannot read it exactly, re-encoded or not",
+    ann.HIDDEN: "hidden file (name starts with a dot) in a class folder",
 }
+
+# Containers stored as they are without --reencode: the loader recognises them by their
+# member extension (`marscale.shards.VIDEO_EXTENSIONS`) and each has a seek index.
+# Anything else FFmpeg decodes (MPEG-1/2 program and transport streams, FLV, Ogg/Theora,
+# ASF/WMV, 3GP, ...) is re-encoded to H.264 in MP4 at its own size.
+STORED_AS_IS = VIDEO_EXTENSIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +148,8 @@ class ConvertOptions:
             out["samples_per_shard"] = DEFAULT_SAMPLES_PER_SHARD
         if not self.reencode:
             del out["short_side"], out["keyframe_interval"]
+        # Shards of another format version must not be mixed into one set on resume.
+        out["format_version"] = FORMAT_VERSION
         return out
 
 
@@ -174,30 +195,39 @@ class _Task:
     """The loader's default decoder, which must read the stored video."""
 
 
-def _readable(data: bytes, info: VideoInfo, task: _Task) -> tuple[bytes, VideoInfo, bool]:
-    """(data, info, False) if `task.decoder` reads `data`; else, unless it was re-encoded
-    already, (`data` re-encoded to H.264 at its own size, its probe, True) if the decoder
-    reads that. Raises SkipVideo("decoder") when neither works."""
-    error = reader_error(data, task.decoder)
-    if error is None:
-        return data, info, False
-    if task.reencode:
+def _own_size(data: bytes, info: VideoInfo, keyframe_interval: int, reason: str) -> tuple[bytes, VideoInfo]:
+    """`data` re-encoded to H.264 at its own size (square pixels, display orientation), probed."""
+    try:
+        fixed = reencode_video(data, None, keyframe_interval, info.scan)
+        return fixed, probe_video(fixed)
+    except (av.FFmpegError, SkipVideo, ValueError, OSError) as e:
+        raise SkipVideo("reencode_error", f"{reason}; re-encoding failed: {e}") from None
+
+
+def _exact(data: bytes, info: VideoInfo, task: _Task, reencoded: bool) -> tuple[bytes, VideoInfo, list[str], bool]:
+    """(data, info, exact decoders, False) if `task.decoder` reads `data` exactly; else,
+    unless it was re-encoded already, the same for `data` re-encoded at its own size
+    (True) if the decoder reads that exactly. Raises SkipVideo("decoder") when neither."""
+    exact, errors = exact_decoders(data, info)
+    if task.decoder in exact:
+        return data, info, exact, False
+    error = errors[task.decoder]
+    if reencoded:
         raise SkipVideo("decoder", f"{task.decoder}: {error}")
     try:
-        fixed = reencode_video(data, min(info.width, info.height), task.keyframe_interval)
-        fixed_info = probe_video(fixed)
-    except (av.FFmpegError, SkipVideo, ValueError, OSError) as e:
-        raise SkipVideo("decoder", f"{task.decoder}: {error}; re-encoding failed: {e}") from None
-    still = reader_error(fixed, task.decoder)
-    if still is not None:
-        raise SkipVideo("decoder", f"{task.decoder}: {error}; after re-encoding: {still}")
-    log.info("%s: re-encoded to H.264 (same size) for %s, which could not read it: %s",
+        fixed, fixed_info = _own_size(data, info, task.keyframe_interval, f"{task.decoder}: {error}")
+    except SkipVideo as e:
+        raise SkipVideo("decoder", e.detail) from None
+    exact, errors = exact_decoders(fixed, fixed_info)
+    if task.decoder not in exact:
+        raise SkipVideo("decoder", f"{task.decoder}: {error}; after re-encoding: {errors[task.decoder]}")
+    log.info("%s: re-encoded to H.264 (same size) for %s, which could not read it exactly: %s",
              task.sample.source, task.decoder, error)
-    return fixed, fixed_info, True
+    return fixed, fixed_info, exact, True
 
 
 def _process(task: _Task) -> ProcessedSample:
-    """Read, probe and optionally re-encode one video (runs in a pool worker)."""
+    """Read, probe, optionally re-encode and check one video (runs in a pool worker)."""
     sample = task.sample
     try:
         with open(task.full_path, "rb") as f:
@@ -206,17 +236,19 @@ def _process(task: _Task) -> ProcessedSample:
             raise SkipVideo("empty")
         ext = sample.path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(sample.path) else ""
         info = probe_video(data)
+        reencoded = task.reencode or ext not in STORED_AS_IS
         if task.reencode:
             try:
-                data = reencode_video(data, task.short_side, task.keyframe_interval)
+                data = reencode_video(data, task.short_side, task.keyframe_interval, info.scan)
                 info = probe_video(data)
             except (av.FFmpegError, SkipVideo, ValueError, OSError) as e:
                 raise SkipVideo("reencode_error", str(e)) from None
-            ext = "mp4"
-        elif ext not in VIDEO_EXTENSIONS:
-            raise SkipVideo("unsupported_extension", f".{ext}")
-        data, info, fixed = _readable(data, info, task)
-        if fixed:
+        elif reencoded:
+            data, info = _own_size(data, info, task.keyframe_interval, f"container .{ext} is not stored as it is")
+            log.info("%s: re-encoded to H.264 in MP4 (same size): .%s is not stored as it is", sample.source, ext)
+        data, info, exact, fixed = _exact(data, info, task, reencoded)
+        reencoded = reencoded or fixed
+        if reencoded:
             ext = "mp4"
     except FileNotFoundError as e:
         return ProcessedSample(sample, skip=Skipped(sample.source, "missing", str(e)))
@@ -224,6 +256,7 @@ def _process(task: _Task) -> ProcessedSample:
         return ProcessedSample(sample, skip=Skipped(sample.source, "unreadable", str(e)))
     except SkipVideo as e:
         return ProcessedSample(sample, skip=Skipped(sample.source, e.reason, e.detail))
+    scan = info.scan
     meta = SampleMeta(
         source=sample.source,
         label=sample.label,
@@ -234,7 +267,12 @@ def _process(task: _Task) -> ProcessedSample:
         width=info.width,
         height=info.height,
         codec=info.codec,
-        reencoded=task.reencode or fixed,
+        reencoded=reencoded,
+        frames=scan.index.to_record(),
+        rotation=scan.rotation,
+        pixel_aspect=str(scan.pixel_aspect),
+        exact_decoders=exact,
+        container=scan.container,
     )
     return ProcessedSample(sample, ext=ext, data=data, meta=meta)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import collections
 import os
 import tarfile
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
+from marscale.data.frames import decode_runs
 from marscale.shards import META_EXT, SampleMeta, load_manifest
 
 
@@ -25,6 +27,11 @@ def _metas(path: str) -> list[SampleMeta]:
                 if f is not None:
                     metas.append(SampleMeta.from_json(f.read()))
     return metas
+
+
+def _variable_rate(meta: SampleMeta) -> bool:
+    """Whether the record's frame timestamps are unevenly spaced."""
+    return meta.frames is not None and len(np.unique(np.diff(decode_runs(meta.frames["pts"])))) > 1
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -64,6 +71,15 @@ def collect_stats(root: str) -> dict[str, Any]:
         "fps": dict(collections.Counter(f"{m.fps:g}" for m in metas).most_common()),
         "codecs": dict(collections.Counter(m.codec for m in metas).most_common()),
         "reencoded": sum(m.reencoded for m in metas),
+        # What the frame-exact readers need to know (marscale.data.frames): videos shown
+        # rotated, stored with non-square pixels (raw frames keep them), with variable
+        # frame timing, without a frame table (version 1 records: read from the first
+        # frame), and read with PyAV because the default decoder was not exact on them.
+        "rotated": sum(m.rotation != 0 for m in metas),
+        "non_square_pixels": sum(Fraction(m.pixel_aspect) != 1 for m in metas),
+        "variable_frame_rate": sum(_variable_rate(m) for m in metas),
+        "without_frame_table": sum(m.frames is None for m in metas),
+        "decoders_exact": dict(collections.Counter(d for m in metas for d in (m.exact_decoders or [])).most_common()),
         "skipped": dict(collections.Counter(s.reason for s in manifest.skipped).most_common()),
     }
 
@@ -101,6 +117,12 @@ def format_stats(stats: dict[str, Any], max_classes: int = 50) -> str:
             more = f", ... ({len(items) - 10} more)" if len(items) > 10 else ""
             lines.append(f"{name}: {shown}{more}")
     lines.append(f"re-encoded: {stats['reencoded']} of {stats['num_samples']}")
+    lines.append(
+        f"rotated: {stats['rotated']}, non-square pixels: {stats['non_square_pixels']}, "
+        f"variable frame rate: {stats['variable_frame_rate']}, without frame table: {stats['without_frame_table']}"
+    )
+    if stats["decoders_exact"]:
+        lines.append("random access exact: " + ", ".join(f"{k}: {v}" for k, v in stats["decoders_exact"].items()))
     return "\n".join(lines)
 
 

@@ -4,9 +4,14 @@ For every shard the manifest lists: the file is there, its size and sha256 match
 a readable tar whose members group into whole samples (one video, `.cls`, `.json`), and
 its sample and class counts match. For every sample: the label is an integer in range
 and equals the label in its meta record, the video decodes completely (PyAV) to the
-frame count the meta record states, and every decoder installed here that the training
-loader can use (`marscale.data.decode.available_decoders`) opens it and reads its first,
-middle and last frames. Keys must be unique across the set.
+frame count, size and frame table the meta record states, and random access returns
+the sequential decode's frames: for every decoder installed here that the training
+loader can use (`marscale.data.decode.available_decoders`), the reader the loader
+would make with it (`decode.open_sample`: that decoder, or PyAV where the record says
+the decoder is not exact for this video) is asked for sampled frames (the first and
+last, around key frames, random ones) and each is compared with the sequential
+decode's. A shard set that would train on wrong frames fails, naming the sample, its
+source and the decoder. Keys must be unique across the set.
 """
 
 from __future__ import annotations
@@ -16,11 +21,20 @@ import dataclasses
 import multiprocessing
 import os
 import tarfile
+from functools import partial
 from typing import Any
 
-from .video import SkipVideo, probe_video, reader_error
+from .video import SkipVideo, probe_video
 from .write import sha256_file
-from marscale.data.decode import available_decoders
+from marscale.data.decode import (
+    DecodeError,
+    available_decoders,
+    open_sample,
+    random_access_error,
+    sample_index,
+    spot_check_indices,
+)
+from marscale.data.frames import sequential_frames
 from marscale.io import PARTIAL_SUFFIX
 from marscale.shards import (
     LABEL_EXT,
@@ -103,22 +117,37 @@ def _check_sample(
     if meta.label != label:
         problems.append(f"sample {key}: .{LABEL_EXT} says {label}, meta says {meta.label}")
     if decoders:
-        try:
-            info = probe_video(parts[videos[0]])
-        except SkipVideo as e:
-            problems.append(f"sample {key}: video does not decode ({e.reason}: {e.detail})")
-        else:
-            if info.num_frames != meta.num_frames:
-                problems.append(f"sample {key}: {info.num_frames} frames decode, meta says {meta.num_frames}")
-            if (info.width, info.height) != (meta.width, meta.height):
-                problems.append(
-                    f"sample {key}: decodes at {info.width}x{info.height}, meta says {meta.width}x{meta.height}"
-                )
-            for decoder in decoders:  # a whole video that one of the loader's decoders cannot read
-                error = reader_error(parts[videos[0]], decoder)
-                if error is not None:
-                    problems.append(f"sample {key}: the {decoder} decoder cannot read the video: {error}")
+        problems += _check_video(key, videos[0], parts[videos[0]], meta, decoders)
     return label, problems
+
+
+def _check_video(key: str, ext: str, data: bytes, meta: SampleMeta, decoders: list[str]) -> list[str]:
+    """The sequential decode against the record, then each decoder's random access (as the
+    loader reads this sample) against the sequential decode."""
+    name = f"sample {key} ({meta.source})"
+    try:
+        info = probe_video(data)
+    except SkipVideo as e:
+        return [f"{name}: video does not decode ({e.reason}: {e.detail})"]
+    problems = []
+    if info.num_frames != meta.num_frames:
+        problems.append(f"{name}: {info.num_frames} frames decode, meta says {meta.num_frames}")
+    if (info.width, info.height) != (meta.width, meta.height):
+        problems.append(f"{name}: decodes at {info.width}x{info.height}, meta says {meta.width}x{meta.height}")
+    if meta.frames is not None and info.scan.index.to_record() != meta.frames:
+        problems.append(f"{name}: the frames' timestamps differ from the record's frame table")
+    if problems:
+        return problems
+    try:
+        index = sample_index(meta)
+        reference = sequential_frames(data, spot_check_indices(info.scan.index))
+    except DecodeError as e:
+        return [f"{name}: {e}"]
+    for decoder in decoders:
+        error = random_access_error(partial(open_sample, data, ext, meta, decoder), index, reference)
+        if error is not None:
+            problems.append(f"{name}: reading with the {decoder} decoder gives wrong frames: {error}")
+    return problems
 
 
 def _check_shard(job: tuple[str, ShardInfo, int, bool]) -> tuple[list[str], list[str], int]:
@@ -162,6 +191,11 @@ def verify(root: str, workers: int = 1, decode: bool = True, progress: bool | No
     except (FileNotFoundError, ValueError) as e:
         report.problems.append(str(e))
         return report
+    if manifest.format_version < 2:
+        report.warnings.append(
+            f"format version {manifest.format_version}: the records have no frame tables, so the loader reads "
+            "every video with PyAV from its first frame (exact, but slower); re-convert to add them"
+        )
     listed = {s.name for s in manifest.shards}
     for name in sorted(os.listdir(root)):
         if name.endswith(PARTIAL_SUFFIX) and SHARD_SUFFIX in name:

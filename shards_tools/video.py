@@ -2,18 +2,21 @@
 
 - `container_truncation`: whether an MP4/MOV or Matroska/WebM file is cut short, read
   from the container's own box and element sizes;
-- `probe_video`: decode every frame; raise `SkipVideo` (with a reason the converter
+- `probe_video`: decode every frame (`marscale.data.frames.scan_video`: the frame
+  table, rotation, pixel aspect); raise `SkipVideo` (with a reason the converter
   reports) when the video is not whole;
-- `reader_error`: whether one of the training loader's decoders (`marscale.data.decode`)
-  reads the video: PyAV decoding it says little about decord, which fails on some
-  inputs PyAV reads (frames 16, 24, 48 or 72 pixels wide);
-- `reencode_video`: H.264 at a smaller short side and a fixed keyframe interval;
+- `exact_decoders`: which of the training loader's decoders (`marscale.data.decode`)
+  return the sequential decode's frames at sampled indices: PyAV decoding a video says
+  little about decord, which fails on some inputs PyAV reads (frames 16, 24, 48 or 72
+  pixels wide) and returns wrong frames on others (AVI with B-frames, MPEG program
+  streams, ASF);
+- `reencode_video`: H.264 at a smaller short side and a fixed keyframe interval, in
+  display orientation and with square pixels;
 - `x264_options`: the encoder settings that keep x264's bytes reproducible, shared by
   the re-encoder and the synthetic set's encoder (`synth.encode_video`).
 
-The frame rate of a stream comes from the library's rule,
-`marscale.data.decode.stream_frame_rate`, so what a shard's meta record states is
-what the loader's PyAV reader uses.
+Frame numbers, counts and rates follow the library's definition
+(`marscale.data.frames`), so what a shard's record states is what every reader returns.
 """
 
 from __future__ import annotations
@@ -21,11 +24,20 @@ from __future__ import annotations
 import dataclasses
 import io
 from fractions import Fraction
+from functools import partial
 
 import av
-import numpy as np
 
-from marscale.data.decode import open_video, stream_frame_rate
+from marscale.data.decode import available_decoders, open_video, random_access_error, spot_check_indices
+from marscale.data.frames import (
+    DecodeError,
+    VideoScan,
+    decoded_frames,
+    display_rgb,
+    rotation_quarters,
+    scan_video,
+    sequential_frames,
+)
 
 # x264's macroblock-tree rate control gives run-to-run different bytes on small frames
 # (64x64 and below), even single-threaded; without it the output is reproducible.
@@ -42,13 +54,29 @@ _TRUNCATION_TOLERANCE = 0.05
 
 @dataclasses.dataclass
 class VideoInfo:
-    """What probing found: the frames that decode, the stream's rate, the first frame's size."""
+    """What probing found: the full sequential decode's frame index and the stream's facts."""
 
-    num_frames: int
-    fps: float
-    width: int
-    height: int
-    codec: str
+    scan: VideoScan
+
+    @property
+    def num_frames(self) -> int:
+        return self.scan.index.num_frames
+
+    @property
+    def fps(self) -> float:
+        return self.scan.index.fps
+
+    @property
+    def width(self) -> int:
+        return self.scan.width
+
+    @property
+    def height(self) -> int:
+        return self.scan.height
+
+    @property
+    def codec(self) -> str:
+        return self.scan.codec
 
     @property
     def duration(self) -> float:
@@ -144,76 +172,93 @@ def probe_video(data: bytes) -> VideoInfo:
     if cut:
         raise SkipVideo("truncated", cut)
     try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except (av.FFmpegError, EOFError, OSError, ValueError) as e:
-        raise SkipVideo("unreadable", str(e)) from None
-    with container:
-        if not container.streams.video:
-            raise SkipVideo("no_video_stream")
-        stream = container.streams.video[0]
-        rate = stream_frame_rate(stream)
-        fps = float(rate) if rate else 0.0
-        declared = float(stream.frames or 0)
-        if not declared and fps:
-            if stream.duration is not None and stream.time_base is not None:
-                declared = float(stream.duration * stream.time_base) * fps
-            elif container.duration is not None:
-                declared = container.duration / av.time_base * fps
-        num_frames, width, height = 0, 0, 0
-        try:
-            for frame in container.decode(stream):
-                if num_frames == 0:
-                    width, height = frame.width, frame.height
-                num_frames += 1
-        except (av.FFmpegError, EOFError, OSError, ValueError) as e:
-            raise SkipVideo("decode_error", f"after {num_frames} frames: {e}") from None
-        if num_frames == 0:
-            raise SkipVideo("no_frames")
+        scan = scan_video(data)
+    except DecodeError as e:
+        raise SkipVideo(e.reason, str(e)) from None
+    declared, num_frames = scan.declared_frames, scan.index.num_frames
+    if declared:
         if declared - num_frames > max(1.0, _TRUNCATION_TOLERANCE * declared):
-            raise SkipVideo("truncated", f"{num_frames} of {declared:.0f} declared frames decode")
-        return VideoInfo(num_frames, fps, width, height, stream.codec_context.name)
+            raise SkipVideo("truncated", f"{num_frames} of {declared} declared frames decode")
+    elif scan.declared_seconds and scan.index.fps:
+        # No stated frame count (WebM, Ogg, MPEG streams): compare durations, which also
+        # holds for variable frame rates and repeated-frame (empty) packets.
+        seconds = scan.decoded_seconds or num_frames / scan.index.fps
+        missing = scan.declared_seconds - seconds
+        if missing > max(1.0 / scan.index.fps, _TRUNCATION_TOLERANCE * scan.declared_seconds):
+            raise SkipVideo("truncated", f"frames for {seconds:.2f} s of {scan.declared_seconds:.2f} s decode")
+    return VideoInfo(scan)
 
 
-def reader_error(data: bytes, decoder: str) -> str | None:
-    """Why the loader's `decoder` (decord, pyav, torchcodec) cannot read `data`, or None.
+# Decoders never trusted on a container, whatever the spot check finds: decord's random
+# access on AVI depends on the index and B-frame layout, and was seen exact on every frame of
+# a short file yet wrong on a longer one of the same kind. A spot check samples frames; this
+# rule closes what it could miss (such files are re-encoded, or read with PyAV).
+UNTRUSTED = {"decord": ("avi",)}
 
-    Opens the video as the loader does and decodes its first, middle and last frames: a
-    decoder that fails on a video's format fails on every read of it.
+
+def exact_decoders(data: bytes, info: VideoInfo, decoders: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(decoders whose random access returns the sequential decode's frames, {decoder:
+    why not} for the others), checked on `spot_check_indices` of the video.
+
+    decoders: those to check (default: every one installed here).
     """
-    reader = None
+    index = info.scan.index
+    container = info.scan.container.lower()
+    indices = spot_check_indices(index)
     try:
-        reader = open_video(data, decoder)
-        last = reader.num_frames - 1
-        reader.get_frames(np.unique([0, last // 2, last]))
-    except Exception as e:  # noqa: BLE001 - any failure of the reader is the answer, reported by the caller
-        return str(e) or type(e).__name__
-    finally:
-        if reader is not None:
-            reader.close()
-    return None
+        reference = sequential_frames(data, indices)
+    except DecodeError as e:
+        return [], {name: f"no reference frames: {e}" for name in decoders or available_decoders()}
+    exact, errors = [], {}
+    for name in decoders if decoders is not None else available_decoders():
+        error = random_access_error(partial(open_video, data, name, index), index, reference)
+        untrusted = [c for c in UNTRUSTED.get(name, ()) if c in container.split(",")]
+        if error is None and untrusted:
+            error = f"{name} is not trusted for random access in {untrusted[0].upper()} files (exact on the sampled frames)"
+        if error is None:
+            exact.append(name)
+        else:
+            errors[name] = error
+    return exact, errors
 
 
-def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """Scale so the short side is at most `short_side`, keeping the aspect; even sizes."""
-    scale = min(1.0, short_side / min(width, height))
+def square_display_size(scan: VideoScan) -> tuple[float, float]:
+    """(width, height) of the video shown with square pixels, in display orientation."""
+    quarters = scan.rotation // 90
+    stored_w, stored_h = (scan.height, scan.width) if quarters % 2 else (scan.width, scan.height)
+    width, height = stored_w * float(scan.pixel_aspect), float(stored_h)
+    return (height, width) if quarters % 2 else (width, height)
+
+
+def _scaled_size(width: float, height: float, short_side: int | None) -> tuple[int, int]:
+    """Scale so the short side is at most `short_side` (None: as it is), keeping the aspect; even sizes."""
+    scale = 1.0 if short_side is None else min(1.0, short_side / min(width, height))
     return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
 
 
-def reencode_video(data: bytes, short_side: int, keyframe_interval: int) -> bytes:
-    """Decode `data` and encode it again: H.264 (libx264, yuv420p) in MP4, smaller short side.
+def reencode_video(data: bytes, short_side: int | None, keyframe_interval: int, scan: VideoScan | None = None) -> bytes:
+    """Decode `data` and encode it again: H.264 (libx264, yuv420p) in MP4.
 
-    Frames stream through one at a time, so long high-resolution videos fit in memory.
+    The output's frame i is the source's frame i (`marscale.data.frames`) turned to its
+    display orientation and resampled to square pixels, scaled so the short side is at
+    most `short_side` (None: the source's own size), at a constant rate (the source's
+    measured one: variable frame timing is not kept). Frames stream through one at a
+    time, so long high-resolution videos fit in memory.
     """
+    scan = scan or scan_video(data)
+    rate = Fraction(scan.index.fps or 30).limit_denominator(1001)
+    width, height = _scaled_size(*square_display_size(scan), short_side)
     out = io.BytesIO()
     with av.open(io.BytesIO(data), mode="r") as src, av.open(out, mode="w", format="mp4") as dst:
         in_stream = src.streams.video[0]
-        rate = (stream_frame_rate(in_stream) or Fraction(30)).limit_denominator(1001)
-        width, height = _scaled_size(in_stream.codec_context.width, in_stream.codec_context.height, short_side)
+        in_stream.codec_context.thread_count = 1
         stream = dst.add_stream("libx264", rate=rate, options=x264_options(REENCODE_CRF))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = keyframe_interval
-        frame_time = 1 / Fraction(rate)
-        for i, frame in enumerate(src.decode(in_stream)):
+        frame_time = 1 / rate
+        for i, frame in enumerate(decoded_frames(src, in_stream)):
+            if rotation_quarters(frame):
+                frame = av.VideoFrame.from_ndarray(display_rgb(frame), format="rgb24")
             scaled = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
             # Number frames at the constant output rate (source timestamps may be variable).
             scaled.pts, scaled.time_base = i, frame_time

@@ -395,7 +395,7 @@ def test_a_video_the_decoder_cannot_read_is_skipped_with_its_message(synthetic_s
 
 
 class _Recorder:
-    """Wraps `stages.open_video`: counts the readers opened and the frames each decodes."""
+    """Wraps `stages.open_sample`: counts the readers opened and the frames each decodes."""
 
     def __init__(self, monkeypatch):
         from marscale.data import stages
@@ -403,10 +403,10 @@ class _Recorder:
         self.opened = 0
         self.requests: list[np.ndarray] = []  # the indices of each get_frames call
         self.fps: list[float] = []
-        real_open = stages.open_video
+        real_open = stages.open_sample
 
-        def open_video(data, backend):
-            reader = real_open(data, backend)
+        def open_sample(data, ext, meta, decoder):
+            reader = real_open(data, ext, meta, decoder)
             real_get = reader.get_frames
             self.opened += 1
             self.fps.append(reader.fps)
@@ -418,7 +418,7 @@ class _Recorder:
             reader.get_frames = get_frames
             return reader
 
-        monkeypatch.setattr(stages, "open_video", open_video)
+        monkeypatch.setattr(stages, "open_sample", open_sample)
 
 
 # Full-frame crops of the 64x64 synthetic frames, no RandAugment or erasing: a clip is the

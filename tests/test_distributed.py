@@ -36,9 +36,9 @@ def _run(cmd, timeout=420):
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-def _steps(tmp_path, shards, stage, world, steps=3, global_batch=4):
-    out = tmp_path / f"stage{stage}_world{world}.json"
-    args = [str(out), DEMO, str(global_batch), str(steps)]
+def _steps(tmp_path, shards, stage, world, steps=3, global_batch=4, uneven=False):
+    out = tmp_path / f"stage{stage}_world{world}{'_uneven' if uneven else ''}.json"
+    args = [str(out), DEMO, str(global_batch), str(steps)] + (["--uneven"] if uneven else [])
     for o in _overrides(shards, tmp_path / f"run{stage}_{world}", stage):
         args += ["--set", o]
     if world == 1:
@@ -52,12 +52,20 @@ def _steps(tmp_path, shards, stage, world, steps=3, global_batch=4):
     return result
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_match_one_rank_in_fp32(stage, synthetic_shards, tmp_path):
-    one = _steps(tmp_path, synthetic_shards, stage, world=1)
-    two = _steps(tmp_path, synthetic_shards, stage, world=2)
+@pytest.mark.parametrize(
+    "stage,uneven,global_batch",
+    [(2, False, 4), (3, False, 4), (3, True, 8)],
+    ids=["zero2", "zero3", "zero3-packed-uneven"],
+)
+def test_two_ranks_match_one_rank_in_fp32(stage, uneven, global_batch, synthetic_shards, tmp_path):
+    """Same global batch, same initial weights: same losses and same updated weights.
+
+    uneven: per-clip mask ratios, packed, with rank 0 holding 2 clips and rank 1 holding 6
+    (different numbers of clips and of tokens): no hang, and the step's loss weighted over
+    both ranks gives what one rank gives on all 8 clips."""
+    one = _steps(tmp_path, synthetic_shards, stage, world=1, global_batch=global_batch, uneven=uneven)
+    two = _steps(tmp_path, synthetic_shards, stage, world=2, global_batch=global_batch, uneven=uneven)
     assert len(two["losses"]) == 3
-    # Same global batch, same initial weights: same losses and same updated weights.
     for a, b in zip(one["losses"], two["losses"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     for a, b in zip(one["checksum"], two["checksum"]):

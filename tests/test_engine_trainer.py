@@ -79,7 +79,7 @@ def test_zero_stage_with_activation_checkpointing(stage, precision, synthetic_sh
         hook = module.encoder.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
 
         video, labels = fixed_batch()
-        visible_idx, masked_idx = trainer.train_masks(0, 0, video.shape[0])
+        visible_idx, masked_idx, _ = trainer.train_masks(0, 0, video.shape[0])
         trainer.set_lr(2e-3)
         first = trainer.train_step(video, labels, visible_idx, masked_idx, want_grad_norm=True)
         assert set(first) == {"loss", "loss_cls", "loss_recon", "grad_norm"}
@@ -143,13 +143,7 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
 
     run_dir = tmp_path / "preempted"
     cfg = tiny_config(synthetic_shards, run_dir, *extra, "checkpoint.resume=auto")
-    trainer = Trainer(cfg)
-    watcher = send_signal_after(str(run_dir / "metrics.jsonl"), 3, signal.SIGTERM)
-    try:
-        assert trainer.fit() == EXIT_PREEMPTED
-    finally:
-        trainer.close()
-        watcher.join()
+    preempt_after(cfg, 3)
     root = ckpt.checkpoints_root(str(run_dir))
     saved = [s for s, _ in ckpt.list_checkpoints(root)]
     assert len(saved) == 1 and 3 <= saved[0] < 6, saved
@@ -191,12 +185,24 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
         trainer.close()
 
 
+def preempt_after(cfg, step: int) -> None:
+    """Train `cfg` until SIGTERM arrives once metrics.jsonl shows `step`: the run saves and
+    returns EXIT_PREEMPTED."""
+    trainer = Trainer(cfg)
+    watcher = send_signal_after(os.path.join(cfg.run.output_dir, "metrics.jsonl"), step, signal.SIGTERM)
+    try:
+        assert trainer.fit() == EXIT_PREEMPTED
+    finally:
+        trainer.close()
+        watcher.join()
+
+
 def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
     from marscale.data import normalize
 
     video, _ = fixed_batch()
     x = normalize(video, trainer.cfg.clip.mean, trainer.cfg.clip.std, trainer.dtype)
-    visible_idx, masked_idx = trainer.train_masks(0, 0, video.shape[0])
+    visible_idx, masked_idx, _ = trainer.train_masks(0, 0, video.shape[0])
     trainer.engine.eval()
     model.to(trainer.dtype).eval()
     with torch.no_grad():
@@ -300,8 +306,8 @@ def test_diverged_loss_stops_before_saving(synthetic_shards, tmp_path, monkeypat
     def build_poisoned(*args, **kw):
         loss = original_build(*args, **kw)
 
-        def poisoned(*call_args):
-            parts = loss(*call_args)
+        def poisoned(*call_args, **call_kw):
+            parts = loss(*call_args, **call_kw)
             calls.append(1)
             if len(calls) >= 4:
                 parts["loss"] = parts["loss"] * float("nan")

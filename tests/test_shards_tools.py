@@ -30,7 +30,7 @@ from shards_tools.convert import ConvertOptions, convert
 from shards_tools.plan import plan
 from shards_tools.video import SkipVideo, container_truncation, probe_video
 from shards_tools.write import ConvertError
-from marscale.data.decode import open_video
+from marscale.data.decode import available_decoders, open_video
 from marscale.shards import SampleMeta, load_manifest, save_manifest, shard_name
 from shards_tools.stats import collect_stats
 import shards_tools.synth as synth_module
@@ -239,11 +239,14 @@ def test_annotation_parsers(tmp_path):
     with pytest.raises(ann.AnnotationError, match=r"ssv2.json\[0\]"):
         ann.parse_ssv2(str(items), str(root), str(labels))
 
-    for rel in ("b_cls/x.mp4", "a_cls/y.webm", "a_cls/sub/z.mp4", "a_cls/notes.txt"):
+    for rel in ("b_cls/x.mp4", "a_cls/y.webm", "a_cls/sub/z.mp4", "a_cls/notes.txt", "a_cls/.DS_Store"):
         _write(str(root / "tree" / rel), b"x")
     parsed = ann.parse_folder(str(root / "tree"))
     assert parsed.class_names == ["a_cls", "b_cls"]
-    assert parsed.pairs() == [("a_cls/y.webm", 0), ("a_cls/sub/z.mp4", 0), ("b_cls/x.mp4", 1)]
+    # Every file is an entry (the converter keeps the videos and lists the rest as skipped).
+    assert parsed.pairs() == [("a_cls/.DS_Store", 0), ("a_cls/notes.txt", 0), ("a_cls/y.webm", 0),
+                              ("a_cls/sub/z.mp4", 0), ("b_cls/x.mp4", 1)]
+    assert [i.problem for i in parsed.items] == [ann.HIDDEN, "", "", "", ""]
 
 
 # --------------------------------------------------------------------------- convert round trips
@@ -374,7 +377,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
     _write(str(root / "bad/truncated.mp4"), mp4[: int(len(mp4) * 0.9)])
     _write(str(root / "bad/random.mp4"), np.random.default_rng(0).bytes(4000))
     _write(str(root / "bad/empty.mp4"), b"")
-    _write(str(root / "bad/text.mpg"), mp4)  # a real video in a container readers do not look for
+    _write(str(root / "bad/text.mpg"), mp4)  # a real video in a container shards do not store as it is
     _write(str(tmp_path / "outside.mp4"), mp4)  # a valid video, but outside the root
     lines = [f"{rel} {label}" for rel, label in good.items()] + [
         "bad/truncated.webm 1",
@@ -406,24 +409,27 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
         ("../outside.mp4", "outside_root"),
         (f"{tmp_path}/outside.mp4", "outside_root"),
         ("good/1.mp4", "duplicate"),
-        ("bad/text.mpg", "unsupported_extension"),
     }
     unknown, = [s for s in result.manifest.skipped if s.reason == "unknown_label"]
     assert "list.txt:9" in unknown.detail and "'5'" in unknown.detail
-    assert result.manifest.num_samples == 3
+    assert result.manifest.num_samples == 4
     assert verify(out).ok
-    assert sorted(SampleMeta.from_json(s["json"]).source for s in _read_back(out)) == sorted(good)
+    # The .mpg is kept, re-encoded to H.264 in MP4 at its own size.
+    kept = {m.source: m for m in (SampleMeta.from_json(s["json"]) for s in _read_back(out))}
+    assert sorted(kept) == sorted([*good, "bad/text.mpg"])
+    assert kept["bad/text.mpg"].reencoded and kept["bad/text.mpg"].codec == "h264"
+    assert not any(kept[rel].reencoded for rel in good)
     summary = result.summary()
-    assert "3 samples" in summary and "skipped: 10" in summary and "truncated" in summary
+    assert "4 samples" in summary and "skipped: 9" in summary and "truncated" in summary
     # A shard whose every video is bad is left out rather than written empty.
     assert all(s.num_samples > 0 for s in result.manifest.shards)
 
-    # Re-encoding keeps the .mpg video (stored as .mp4) and still skips the broken ones.
+    # Re-encoding everything skips the same broken ones.
     out_re = str(tmp_path / "out_re")
     result = convert(_options(format="kinetics", root=str(root), annotations=str(annotations), classes=str(classes),
                               out=out_re, samples_per_shard=2, reencode=True))
     assert result.manifest.num_samples == 4
-    assert {s.reason for s in result.manifest.skipped} == {r for _, r in reasons} - {"unsupported_extension"}
+    assert {(s.source, s.reason) for s in result.manifest.skipped} == reasons
     assert verify(out_re).ok
 
 
@@ -479,15 +485,15 @@ def test_verify_reads_every_video_with_every_installed_decoder(tmp_path, monkeyp
     for width in (16, 32):
         _write(str(root / f"w{width}.mp4"), encode_video(render_clip(0, np.random.default_rng(0), width, 32, 12), 12))
     (tmp_path / "list.txt").write_text("w16.mp4 0\nw32.mp4 0\n")
-    # Shards as an older converter wrote them, before it checked the default decoder.
-    monkeypatch.setattr(convert_module, "reader_error", lambda data, decoder: None)
+    # Shards whose records claim every decoder reads them exactly (as if the converter had not checked).
+    monkeypatch.setattr(convert_module, "exact_decoders", lambda data, info: (available_decoders(), {}))
     out = str(tmp_path / "out")
     convert(_options(format="kinetics", root=str(root), annotations=str(tmp_path / "list.txt"), out=out))
     assert cli_main(["verify", out]) == 1
     printed = capsys.readouterr().out
     problem, = [line for line in printed.splitlines() if "MISMATCH" in line]
-    assert problem.startswith("  MISMATCH: s-000000.tar: sample 000000000: the decord decoder cannot read the video: "
-                              "decord cannot decode frames [0, 5, 11]")
+    assert problem.startswith("  MISMATCH: s-000000.tar: sample 000000000 (w16.mp4): reading with the decord decoder "
+                              "gives wrong frames: decord cannot decode frames [0]")
     assert verify(out, decode=False).ok
 
 
@@ -514,7 +520,7 @@ def test_inputs_without_any_sample_are_errors(tmp_path, capsys):
          f"{ssv2}: no entries"),
         (["--format", "folder", "--root", str(root)], f"{root}: no class folders"),
         (["--format", "folder", "--root", str(tmp_path / "no_videos")],
-         f"{tmp_path / 'no_videos'}: no videos with extensions mp4, webm"),
+         f"{tmp_path / 'no_videos'}: no files in its class folders"),
         (["--format", "kinetics", "--annotations", str(missing), "--root", str(root)],
          "no usable video: 2 listed, all skipped: 2 missing (e.g. a.mp4: missing"),
         (["--format", "kinetics", "--annotations", str(junk), "--root", str(root)],

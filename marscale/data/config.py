@@ -48,7 +48,14 @@ class DataConfig:
     `clip.img_size` squares; must be >= `clip.img_size`."""
 
     batch_size: int = 8
-    """Clips per rank per step (all `clips_per_video` clips of a video count)."""
+    """Clips per rank per step (all `clips_per_video` clips of a video count); with
+    `token_budget`, the most clips a micro-batch may hold."""
+
+    token_budget: int | None = None
+    """Form training batches by visible encoder tokens instead of a clip count: each
+    micro-batch takes clips (with the mask ratios drawn for them) while their visible
+    tokens fit in this budget, at most `batch_size` clips (`marscale.token_batches`). With
+    per-clip mask ratios every step then costs about the same. null: `batch_size` clips."""
 
     clips_per_video: int = 1
     """Repeated augmentation: clips made from one decoded video, each with its own spatial
@@ -160,6 +167,8 @@ class DataConfig:
                 f"(a batch holds whole videos); e.g. set batch_size to "
                 f"{self.clips_per_video * max(1, self.batch_size // self.clips_per_video)}"
             )
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1 visible tokens, or null; got {self.token_budget}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0 decodes in the main process), got {self.num_workers}")
         if self.shuffle_buffer < 0:

@@ -37,6 +37,7 @@ processes on every way out (they ignore SIGTERM; see there) and reports a worker
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import multiprocessing.util  # noqa: F401 - registers its exit handler before ours (see start_iterator)
 import weakref
@@ -185,11 +186,13 @@ class TrainStream(IterableDataset):
     def __init__(
         self, cfg: DataConfig, clip: ClipConfig, urls: list[str], *, epoch: int, rank: int, batches_per_rank: int,
         start_batch: int, decoder: str, stats: SkipStats, num_classes: int,
+        batch_sizes: Callable[[int], int] | None = None,
     ):
         super().__init__()
         self.cfg, self.clip, self.urls, self.epoch, self.rank = cfg, clip, urls, epoch, rank
         self.batches_per_rank, self.start_batch = batches_per_rank, start_batch
         self.decoder, self.stats, self.num_classes = decoder, stats, num_classes
+        self.batch_sizes = batch_sizes
         self.transform = TrainTransform(cfg, clip)
 
     def __iter__(self) -> Iterator[dict]:
@@ -198,10 +201,19 @@ class TrainStream(IterableDataset):
         # starts at batch `start_batch` (made by role start_batch mod W in the full epoch).
         role = (worker + self.start_batch) % num_workers
         first_batch, num_batches = worker_batches(self.batches_per_rank, num_workers, role, self.start_batch)
+        sizes = None
+        first_sample = first_batch * self.cfg.videos_per_batch
+        if self.batch_sizes is not None:
+            # The worker's batches j are the rank's batches j * W + role; skip the clips of the
+            # earlier ones (whole videos: sizes are multiples of clips_per_video).
+            size_of = [self.batch_sizes(j * num_workers + role) for j in range(first_batch + num_batches)]
+            sizes = size_of[first_batch:]
+            first_sample = sum(size_of[:first_batch]) // self.cfg.clips_per_video
         stages = train_stages(
             self.cfg, self.clip, self.urls, epoch=self.epoch, rank=self.rank, worker=role,
-            first_sample=first_batch * self.cfg.videos_per_batch, num_batches=num_batches,
+            first_sample=first_sample, num_batches=num_batches,
             transform=self.transform, decoder=self.decoder, stats=self.stats, num_classes=self.num_classes,
+            batch_sizes=sizes,
         )
         yield from wds.DataPipeline(*stages)
 
@@ -295,10 +307,13 @@ def build_train_loader(
     world_size: int,
     num_classes: int,
     start_batch: int = 0,
+    batch_sizes: Callable[[int], int] | None = None,
 ) -> TrainLoader:
     """Training batches of `rank` for `epoch`: `batches_per_epoch` of them (the run plan's
     loader batches per rank), resumed at batch `start_batch` of the epoch. Samples whose
-    label is not below `num_classes` (the model's) are skipped and counted ("label")."""
+    label is not below `num_classes` (the model's) are skipped and counted ("label").
+    `batch_sizes(k)`: clips in the rank's batch k of the epoch (token budgets,
+    `marscale.token_batches`); None: `cfg.batch_size` each."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if epoch < 0:
@@ -311,6 +326,7 @@ def build_train_loader(
     stream = TrainStream(
         cfg, clip, list(train_set.shards), epoch=epoch, rank=rank, batches_per_rank=batches_per_epoch,
         start_batch=start_batch, decoder=resolve_decoder(cfg.decoder), stats=stats, num_classes=num_classes,
+        batch_sizes=batch_sizes,
     )
     return TrainLoader(_dataloader(stream, cfg.num_workers), batches_per_epoch, start_batch, stats)
 
@@ -358,17 +374,20 @@ def train_batches(
     world_size: int,
     position: Callable[[], tuple[int, int]],
     tally=None,
+    batch_sizes: Callable[[int, int], int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's training batches, epoch after epoch, from the data position `position()`
     returns, (epoch, batch in epoch), read when each epoch's loader opens: the caller must
     update it before asking for the next batch. `tally` (optional: `open(loader)`,
-    `close()`) follows each epoch's loader for its skip counts.
+    `close()`) follows each epoch's loader for its skip counts. `batch_sizes(epoch, k)`:
+    clips in batch k of an epoch, when they vary (token budgets).
     """
     while True:
         epoch, start = position()
         loader = build_train_loader(
             cfg, clip, train_set, batches_per_epoch=batches_per_epoch, epoch=epoch, rank=rank,
             world_size=world_size, start_batch=start, num_classes=num_classes,
+            batch_sizes=None if batch_sizes is None else functools.partial(batch_sizes, epoch),
         )
         it = start_iterator(loader)
         if tally is not None:

@@ -21,9 +21,12 @@ Two schemes, as in VideoMAE / MAR, the first in two forms (`clip.sampling_fps`):
   ``[0, last]``; evaluation clip k of n starts at ``k * floor(last / (n - 1))`` (one
   clip: ``last / 2``). The reference computes the linspace in float32 (torch); float64
   here gave the same evaluation indices in a check at 12.5 to 60 fps. The video's fps
-  is the decoder's (`reader.fps`, decord's average rate as in the reference): it belongs
-  to the same reader as the frame count the indices address, and every sample has it
-  (the shard's JSON record is not read by the loader and is rounded).
+  and frame count are the reader's (`reader.fps`, `reader.num_frames`), which come from
+  the sample's frame table (`marscale.data.frames`): frames counted by a full decode,
+  the rate measured on their timestamps ((N - 1) / (last - first)), the same for every
+  decoder. (Shards written before frame tables use the record's count and the
+  container's average rate.) A variable-frame-rate video is sampled by frame index at
+  its average rate.
 * segment (Something-Something v2): the video is cut into T equal segments and one
   frame is taken from each; segment i spans ``[round(s * i), round(s * (i + 1))]`` with
   ``s = (num_video_frames - 1) / T``. Training picks uniformly inside each segment,

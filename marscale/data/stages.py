@@ -59,10 +59,10 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from marscale.clip import ClipConfig
 from marscale.data import sampling
 from marscale.data.config import DataConfig
-from marscale.data.decode import DecodeError, open_video
+from marscale.data.decode import DecodeError, open_sample
 from marscale.data.transforms import EvalTransform, TrainTransform
 from marscale.seeding import seed_word, seed_words
-from marscale.shards import LABEL_EXT, VIDEO_EXTENSIONS, key_to_index
+from marscale.shards import LABEL_EXT, META_EXT, VIDEO_EXTENSIONS, SampleMeta, key_to_index
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def tar_samples(stats: SkipStats) -> list:
 
 
 def complete_samples(stats: SkipStats, num_classes: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """Raw tar samples -> {"key", "url" (its shard), "video" (bytes), "label" (int in
+    """Raw tar samples -> {"key", "url" (its shard), "video" (bytes), "ext" (its member's
+    extension), "meta" (the JSON record's bytes, None if absent), "label" (int in
     [0, num_classes), the model's classes)}; others counted and dropped.
 
     A label past the model's classes would index past the one-hot targets of mixup in
@@ -181,7 +182,8 @@ def complete_samples(stats: SkipStats, num_classes: int) -> Callable[[Iterable[d
             if not 0 <= label < num_classes:
                 stats.skip("label", key, f"label {label} is outside the model's classes 0..{num_classes - 1} in {url}")
                 continue
-            yield {"key": key, "url": url, "video": sample[video_ext], "label": label}
+            yield {"key": key, "url": url, "video": sample[video_ext], "ext": video_ext,
+                   "meta": sample.get(META_EXT), "label": label}
 
     return stage
 
@@ -206,10 +208,14 @@ def _decode(
     sample: dict, decoder: str, frame_indices: Callable[[int, float], list[np.ndarray]], stats: SkipStats
 ):
     """Decode the frames `frame_indices(num_frames, fps)` need, the union of all its index
-    arrays in one pass: (distinct frames, per-array positions into them)."""
+    arrays in one pass: (distinct frames, per-array positions into them).
+
+    The frame count and rate come from the sample's record (its frame table), and the
+    frames from `decoder` where the record says it reads this video exactly, else from
+    PyAV (`decode.open_sample`); a sample without a record is read as it is."""
     reader = None
     try:
-        reader = open_video(sample["video"], decoder)
+        reader = open_sample(sample["video"], sample.get("ext", ""), _meta(sample.get("meta")), decoder)
         clips = frame_indices(reader.num_frames, reader.fps)
         wanted, positions = np.unique(np.stack(clips), return_inverse=True)
         frames = reader.get_frames(wanted)
@@ -221,6 +227,16 @@ def _decode(
             reader.close()
     stats.good()
     return frames, positions.reshape(len(clips), -1)
+
+
+def _meta(data: bytes | None) -> SampleMeta | None:
+    """The sample's record, or None without one; DecodeError (counted) when it is unreadable."""
+    if data is None:
+        return None
+    try:
+        return SampleMeta.from_json(data)
+    except (ValueError, TypeError) as e:
+        raise DecodeError(f"unreadable .{META_EXT} record: {e}") from e
 
 
 def train_windows(cfg: DataConfig, clip: ClipConfig, num_video_frames: int, fps: float, rng: np.random.Generator):
@@ -306,8 +322,18 @@ def train_stages(
     decoder: str,
     stats: SkipStats,
     num_classes: int,
+    batch_sizes: list[int] | None = None,
 ) -> list:
-    """The training pipeline of one (rank, worker) as an explicit list of stages."""
+    """The training pipeline of one (rank, worker) as an explicit list of stages.
+    `batch_sizes`: clips in each of the worker's `num_batches` batches (token budgets),
+    instead of `cfg.batch_size` each."""
+    if batch_sizes is not None and len(batch_sizes) != num_batches:
+        raise ValueError(f"{len(batch_sizes)} batch sizes for {num_batches} batches")
+    batching = (
+        [wds.slice(num_batches * cfg.batch_size), wds.batched(cfg.batch_size, collation_fn=collate, partial=False)]
+        if batch_sizes is None
+        else [sized_batches(batch_sizes)]
+    )
     base = (cfg.seed, epoch, rank, worker)
     shuffle_seed = seed_word(*base, _SHUFFLE_STREAM)
     # Start yielding after 100 samples (not a full buffer) so the first batch comes quickly.
@@ -327,9 +353,25 @@ def train_stages(
         decode_train_clips(cfg, clip, transform, decoder, stats, seed_words(*base, _SAMPLE_STREAM)),
         # This worker's share, cut in clips before batching: wds.batched waits for the next
         # item before releasing a batch, so a cut after it would decode one video too many.
-        wds.slice(num_batches * cfg.batch_size),
-        wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
+        *batching,
     ]
+
+
+def sized_batches(sizes: list[int]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """clips -> batches of sizes[0], sizes[1], ... clips (collated), then stop: a batch is
+    released as soon as it is full, so no clip beyond the last batch is decoded."""
+
+    def stage(clips: Iterable[dict]) -> Iterator[dict]:
+        if not sizes:
+            return
+        it = iter(clips)
+        for size in sizes:
+            items = [item for _, item in zip(range(size), it)]
+            if len(items) < size:
+                return  # the stream ended early: the loader reports the missing batches
+            yield collate(items)
+
+    return stage
 
 
 def eval_stages(

@@ -44,6 +44,7 @@ FREE_ON_RESUME = frozenset(
         "model.drop_path",
         "model.head_dropout",
         "model.grad_checkpointing",
+        "model.attention",
         "model.pretrained",
         "model.pretrained_partial",
         "model.init_scale",

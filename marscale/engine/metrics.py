@@ -88,20 +88,29 @@ class StepCost:
     """Per-device peak for MFU, or None (no MFU)."""
 
 
-def throughput(cost: StepCost, steps: int, seconds: float, data_seconds: float) -> dict[str, float]:
+def throughput(
+    cost: StepCost, steps: int, seconds: float, data_seconds: float, work: tuple[int, int, int] | None = None
+) -> dict[str, float]:
     """Rates over an interval of `steps` optimizer steps that took `seconds` of wall time,
     `data_seconds` of which this rank waited for the loader.
+
+    `work`: (clips, visible tokens, FLOPs) the interval actually ran over the whole job,
+    when steps differ (per-clip mask ratios, token budgets); None: `steps` x the constant
+    step of `cost`.
 
     Returns clips_per_s and visible_tokens_per_s (whole job), tflops_per_device, mfu
     (only with a peak) and data_wait (share of the interval spent waiting for data).
     """
     if steps <= 0 or seconds <= 0:
         return {}
-    clips_per_s = cost.clips_per_step * steps / seconds
-    tflops = clips_per_s * cost.flops_per_clip / cost.world_size / 1e12
+    if work is None:
+        clips = cost.clips_per_step * steps
+        work = (clips, clips * cost.visible_tokens_per_clip, clips * cost.flops_per_clip)
+    clips_per_s = work[0] / seconds
+    tflops = work[2] / seconds / cost.world_size / 1e12
     out = {
         "clips_per_s": clips_per_s,
-        "visible_tokens_per_s": clips_per_s * cost.visible_tokens_per_clip,
+        "visible_tokens_per_s": work[1] / seconds,
         "tflops_per_device": tflops,
         "data_wait": min(1.0, data_seconds / seconds),
         "step_time_s": seconds / steps,
@@ -125,6 +134,13 @@ class IntervalTimer:
         self.start = time.perf_counter()
         self.data_seconds = 0.0
         self.steps = 0
+        self.work = [0, 0, 0]
+
+    def add_work(self, clips: int, visible_tokens: int, flops: int) -> None:
+        """Work of one step (whole job), when steps differ; see `throughput`."""
+        self.work[0] += clips
+        self.work[1] += visible_tokens
+        self.work[2] += flops
 
     def add_data_wait(self, seconds: float) -> None:
         self.data_seconds += seconds

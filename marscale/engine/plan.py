@@ -2,7 +2,8 @@
 computed once at start, frozen, logged and saved beside the run (`plan.json`).
 
     videos per epoch    data.samples_per_epoch, or the training manifest's video count
-    clips per step      data.batch_size x world size x deepspeed.grad_accum_steps
+    clips per step      data.batch_size x world size x deepspeed.grad_accum_steps (with
+                        data.token_budget: the mean of the first micro-batches' sizes)
     videos per step     clips per step / data.clips_per_video
     steps per epoch     videos per epoch // videos per step (optimizer steps)
     loader batches      steps per epoch x grad_accum_steps (batches per rank per epoch;
@@ -11,7 +12,11 @@ computed once at start, frozen, logged and saved beside the run (`plan.json`).
     warm-up steps       round(optim.warmup_epochs x steps per epoch), at most total steps
     tokens              the clip's token grid; visible tokens in training and evaluation
     FLOPs               per training clip (forward + backward) and per evaluation view,
-                        counted on the real modules (`marscale.cost`)
+                        counted on the real modules (`marscale.cost`); with per-clip mask
+                        ratios, per visible-token count (the metrics count true work) and
+                        the mean over the ratio schedule
+    batches             which clips and mask ratios each micro-batch holds
+                        (`marscale.token_batches`, a function of seed, step, micro, rank)
 
 The loaders, the trainer, the learning-rate schedule, evaluation and the metrics read
 these values from the plan; none of them derives its own copy.
@@ -27,6 +32,7 @@ from marscale.clip import token_grid
 from marscale.engine.config import TrainConfig
 from marscale.io import write_json
 from marscale.shards import ShardSet
+from marscale.token_batches import TokenBatches, build_token_batches
 
 PLAN_FILE = "plan.json"
 
@@ -55,7 +61,13 @@ class RunPlan:
     visible_tokens_train: int
     visible_tokens_eval: int
     flops_per_clip_train: int
-    """Hardware FLOPs (2 x MACs) of one training clip, forward + backward: the MFU numerator."""
+    """Hardware FLOPs (2 x MACs) of one training clip, forward + backward: the MFU numerator
+    (with per-clip ratios: the mean over the ratio schedule)."""
+    flops_by_visible: dict[int, int]
+    """Hardware FLOPs of one training clip by its visible tokens, for every count the ratio
+    schedule can draw (metrics count the work actually run from it)."""
+    batches: TokenBatches
+    """Clips and mask ratios of every micro-batch."""
     macs_per_view_eval: int
     """MACs (the papers' "FLOPs") of one evaluation view."""
 
@@ -73,12 +85,20 @@ class RunPlan:
                 f"  {self.steps_per_epoch} steps per epoch ({self.batches_per_epoch} loader batches per rank), "
                 f"{self.total_steps} steps, {self.warmup_steps} warm-up",
                 f"  tokens per clip {self.tokens_per_clip} ({t}x{h}x{w}), visible {self.visible_tokens_train} "
-                f"in training, {self.visible_tokens_eval} in evaluation",
+                f"in training{' (mean; per-clip ratios ' + self._ratio_text() + ')' if self.batches.varies else ''}, "
+                f"{self.visible_tokens_eval} in evaluation"
+                + (f"; batches of at most {self.batches.token_budget} visible tokens" if self.batches.token_budget else ""),
                 f"  {self.flops_per_clip_train / 1e9:.2f} GFLOP per training clip (fwd+bwd, hardware FLOPs), "
                 f"{self.macs_per_view_eval / 1e9:.2f} GMACs per evaluation view; "
                 f"{self.val_set.num_videos} evaluation videos, {self.num_classes} classes",
             ]
         )
+
+
+    def _ratio_text(self) -> str:
+        stages = self.batches.schedule.stages
+        text = ", ".join(f"from step {start}: {list(values)}" for start, values in stages)
+        return text if len(stages) > 1 else str(list(stages[0][1]))
 
 
 def clips_per_step(cfg: TrainConfig, world_size: int) -> int:
@@ -108,7 +128,7 @@ def make_plan(
 ) -> RunPlan:
     """The plan of `cfg` on `world_size` ranks. The shard sets are read from their
     manifests unless given."""
-    from marscale.cost import count_model  # counting imports the model
+    from marscale.cost import count_model, training_flops_by_visible  # counting imports the model
 
     train_set = train_set if train_set is not None else ShardSet.load(cfg.data.train_shards)
     val_set = val_set if val_set is not None else ShardSet.load(cfg.data.val_shards)
@@ -116,7 +136,21 @@ def make_plan(
     if problem:
         raise ValueError(problem)
     videos = cfg.data.samples_per_epoch if cfg.data.samples_per_epoch is not None else train_set.num_videos
+    grid = token_grid(cfg.clip, cfg.model.patch_size)
+    accum = cfg.deepspeed.grad_accum_steps
+
+    def batches_for(steps_per_epoch: int) -> TokenBatches:
+        return build_token_batches(
+            cfg.masking, grid, seed=cfg.run.seed, batch_size=cfg.data.batch_size, token_budget=cfg.data.token_budget,
+            clips_per_video=cfg.data.clips_per_video, pairs=cfg.data.mixup > 0 or cfg.data.cutmix > 0,
+            grad_accum_steps=accum, steps_per_epoch=steps_per_epoch,
+        )
+
     clips = clips_per_step(cfg, world_size)
+    if cfg.data.token_budget is not None:
+        mean = batches_for(1).mean_clips_per_batch()
+        per_video = cfg.data.clips_per_video
+        clips = max(per_video, round(mean * world_size * accum / per_video) * per_video)
     videos_per_step = clips // cfg.data.clips_per_video
     steps = videos // videos_per_step
     if steps < 1:
@@ -128,8 +162,13 @@ def make_plan(
         )
     total = cfg.run.max_steps if cfg.run.max_steps is not None else cfg.optim.epochs * steps
     warmup = 0 if cfg.optim.warmup_epochs == 0 else min(int(math.floor(cfg.optim.warmup_epochs * steps + 0.5)), total)
-    train_count = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=True))
+    batches = batches_for(steps)
+    train_count = count_model(cfg.model, cfg.clip, batches.schedule.stages[0][1][0])
     eval_count = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=False))
+    by_visible = training_flops_by_visible(cfg.model, cfg.clip, batches.visible.values())
+    visible_of = batches.visible
+    mean_visible = batches.schedule.mean_over(total, lambda r: visible_of[r])
+    mean_flops = batches.schedule.mean_over(total, lambda r: by_visible[visible_of[r]])
     return RunPlan(
         world_size=world_size,
         train_set=train_set,
@@ -139,15 +178,17 @@ def make_plan(
         clips_per_step=clips,
         videos_per_step=videos_per_step,
         steps_per_epoch=steps,
-        batches_per_epoch=steps * cfg.deepspeed.grad_accum_steps,
+        batches_per_epoch=steps * accum,
         total_steps=total,
         warmup_steps=warmup,
-        token_grid=token_grid(cfg.clip, cfg.model.patch_size),
+        token_grid=grid,
         tokens_per_clip=train_count.tokens,
-        visible_tokens_train=train_count.visible_tokens,
+        visible_tokens_train=round(mean_visible),
         visible_tokens_eval=eval_count.visible_tokens,
-        flops_per_clip_train=2 * train_count.macs_training,
+        flops_per_clip_train=round(mean_flops),
         macs_per_view_eval=eval_count.macs_inference,
+        flops_by_visible=by_visible,
+        batches=batches,
     )
 
 

@@ -5,10 +5,13 @@ One optimizer step, on every rank::
     lr = lr_at(step)                        set on the engine's optimizer groups
     for each of grad_accum_steps micro-batches:
         batch  <- loader                    uint8 [B, C, T, H, W] + labels (host)
-        mask   <- make_mask(generator(seed, step, micro, rank))   host, cheap
+        ratios <- plan.batches.ratios(step, micro, rank)        host: per-clip mask ratios
+        mask   <- make_mask(generator(seed, step, micro, rank))   host, cheap; packed
+                                            (PackedTokens) when clips differ in visible tokens
         video  -> device -> normalise -> mixup/cutmix (soft targets) -> precision
         loss   = soft-target CE + recon_weight x masked MSE (MAR) | CE (ViT), the
-                 reconstruction target built from the clip the model saw
+                 reconstruction target built from the clip the model saw; with batches
+                 that differ, weighted by the whole step's clips and masked tokens
         engine.backward(loss); engine.step()   (DeepSpeed steps at the boundary)
 
 The step returns loss tensors; they are summed on the device and read (`.tolist()`,
@@ -47,6 +50,7 @@ from the run plan (`marscale.engine.plan`), computed once at start, logged and s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -70,6 +74,8 @@ from marscale.engine.rng_state import load_rng_state
 from marscale.io import write_json
 from marscale.losses import build_loss
 from marscale.masking import make_mask, mask_to_indices
+from marscale.packing import PackedTokens, pack_mask
+from marscale.token_batches import loss_scales
 from marscale.seeding import derive_seed, seed_everything
 from marscale.signals import StopSignal
 
@@ -152,6 +158,9 @@ class Trainer:
             world_size=self.world_size,
             peak_tflops=peak_tflops(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops),
         )
+        # Batches that differ between steps or ranks (per-clip ratios, token budgets): the
+        # losses are weighted by the whole step and the metrics count the work actually run.
+        self._uneven = self.plan.batches.varies or cfg.data.token_budget is not None
         self.state = ckpt.TrainState()
         self.writer = MetricsWriter(self.output_dir, enabled=dist.is_main(), tensorboard=cfg.logging.tensorboard)
         self.stop = StopSignal()
@@ -211,14 +220,28 @@ class Trainer:
         # optimizer itself; each exposes the param_groups its step reads.
         apply_lr(self.engine.optimizer, lr)
 
-    def train_masks(self, step: int, micro: int, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(visible_idx, masked_idx) on the device for a training micro-batch, or (None, None)."""
+    def train_masks(
+        self, step: int, micro: int, batch: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, PackedTokens | None]:
+        """(visible_idx, masked_idx, None) on the device for a training micro-batch of `batch`
+        clips, (None, None, None) with nothing masked, or (None, None, packed) when the clips
+        draw their own ratios (`plan.batches`)."""
+        batches = self.plan.batches
+        ratios = batches.ratios(step, micro, self.rank)
+        if len(ratios) != batch:
+            raise RuntimeError(
+                f"rank {self.rank}: the loader gave {batch} clips for step {step} micro-batch {micro}, "
+                f"the batch plan says {len(ratios)}"
+            )
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, step, micro, self.rank))
-        mask = make_mask(self.cfg.masking, batch, self.plan.token_grid, generator, train=True)
+        per_clip = list(ratios) if batches.varies else None
+        mask = make_mask(self.cfg.masking, batch, self.plan.token_grid, generator, train=True, ratios=per_clip)
         if mask is None:
-            return None, None
+            return None, None, None
+        if batches.varies:
+            return None, None, pack_mask(mask).to(self.device, non_blocking=True)
         visible_idx, masked_idx = mask_to_indices(mask)
-        return visible_idx.to(self.device, non_blocking=True), masked_idx.to(self.device, non_blocking=True)
+        return visible_idx.to(self.device, non_blocking=True), masked_idx.to(self.device, non_blocking=True), None
 
     def train_step(
         self,
@@ -227,11 +250,15 @@ class Trainer:
         visible_idx: torch.Tensor | None,
         masked_idx: torch.Tensor | None,
         *,
+        packed: PackedTokens | None = None,
+        scales: tuple[float, float] = (1.0, 1.0),
         want_grad_norm: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the accumulation boundary) the optimizer step.
 
-        video: uint8 [B, C, T, H, W] (host or device); labels: int64 [B].
+        video: uint8 [B, C, T, H, W] (host or device); labels: int64 [B]; packed: the
+        batch's packed tokens instead of the two indices; scales: this micro-batch's
+        (classification, reconstruction) share of the step (`token_batches.loss_scales`).
         Returns detached loss tensors {"loss", "loss_cls", "loss_recon"?} and, when
         `want_grad_norm` and this micro-batch ends the step, "grad_norm". No host sync.
         """
@@ -243,8 +270,12 @@ class Trainer:
         x = normalize(video, cfg.clip.mean, cfg.clip.std)  # fp32 [B, C, T, H, W]
         x, target = self.mixup(x, labels)  # soft targets [B, K]
         x = x.to(self.dtype)  # the clip the model sees, and the loss builds its target from
-        outputs = self.engine(x, visible_idx, masked_idx)
-        parts = self.loss(outputs, x, masked_idx, target)
+        if packed is not None:
+            outputs = self.engine(x, packed=packed)
+            parts = self.loss(outputs, x, packed, target, cls_scale=scales[0], recon_scale=scales[1])
+        else:
+            outputs = self.engine(x, visible_idx, masked_idx)
+            parts = self.loss(outputs, x, masked_idx, target, cls_scale=scales[0], recon_scale=scales[1])
         self.engine.backward(parts["loss"])
         result = {k: v.detach() for k, v in parts.items()}
         boundary = self.engine.is_gradient_accumulation_boundary()
@@ -258,6 +289,11 @@ class Trainer:
                 result["grad_norm"] = torch.as_tensor(norm)
         return result
 
+    def _step_flops(self, step: int) -> int:
+        """Hardware FLOPs of optimizer `step` over the job, from each clip's visible tokens."""
+        by_visible, visible = self.plan.flops_by_visible, self.plan.batches.visible
+        return sum(by_visible[visible[r]] for r in self.plan.batches.step_ratios(step, self.world_size))
+
     # --- the loop ---------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -269,6 +305,10 @@ class Trainer:
             self.cfg.data, self.cfg.clip, self.plan.train_set, num_classes=self.plan.num_classes,
             batches_per_epoch=self.plan.batches_per_epoch, rank=self.rank, world_size=self.world_size,
             position=lambda: (self.state.epoch, self.state.batch_in_epoch), tally=self.skips,
+            batch_sizes=(
+                functools.partial(self.plan.batches.clips_in_batch, rank=self.rank)
+                if self.cfg.data.token_budget is not None else None
+            ),
         )
 
     def fit(self) -> int:
@@ -298,17 +338,26 @@ class Trainer:
                 )
                 lr = self.lr_at(state.step)
                 self.set_lr(lr)
+                step_clips = self.cost.clips_per_step
+                if self._uneven:
+                    step_clips, step_visible, step_masked = self.plan.batches.step_totals(state.step, self.world_size)
+                    timer.add_work(step_clips, step_visible, self._step_flops(state.step))
                 for micro in range(accum):
                     t0 = time.perf_counter()
                     batch = next(batches)
                     timer.add_data_wait(time.perf_counter() - t0)
-                    visible_idx, masked_idx = self.train_masks(state.step, micro, batch["video"].shape[0])
+                    visible_idx, masked_idx, packed = self.train_masks(state.step, micro, batch["video"].shape[0])
+                    scales = (1.0, 1.0)
+                    if self._uneven:
+                        clips, _, masked = self.plan.batches.batch_counts(state.step, micro, self.rank)
+                        scales = loss_scales((clips, masked), (step_clips, step_masked), self.world_size, accum)
                     parts = self.train_step(
-                        batch["video"], batch["label"], visible_idx, masked_idx, want_grad_norm=log_now
+                        batch["video"], batch["label"], visible_idx, masked_idx, packed=packed, scales=scales,
+                        want_grad_norm=log_now,
                     )
                     self.meter.add(parts)
                 state.step += 1
-                state.samples_seen += self.cost.clips_per_step
+                state.samples_seen += step_clips
                 state.batch_in_epoch += accum
                 if state.batch_in_epoch >= self.plan.batches_per_epoch:
                     state.epoch += 1
@@ -374,7 +423,8 @@ class Trainer:
         values["epoch"] = self.state.epoch
         values["samples"] = self.state.samples_seen
         values["skipped_samples"] = sum_over_ranks(self.skips.local(), self.world_size, self.device)
-        values.update(throughput(self.cost, timer.steps, timer.elapsed(), timer.data_seconds))
+        work = tuple(timer.work) if self._uneven else None
+        values.update(throughput(self.cost, timer.steps, timer.elapsed(), timer.data_seconds, work))
         values["peak_mem_gib"] = peak_memory_bytes(self.device) / 2**30
         self.writer.log("metrics", self.state.step, values)
         logger.info("step %d/%d | %s", self.state.step, self.total_steps, format_record(values))

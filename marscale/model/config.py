@@ -12,6 +12,7 @@ import dataclasses
 from typing import ClassVar, Literal
 
 from marscale.choices import check_choices
+from marscale.model.attention import AttentionBackend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,11 @@ class ModelConfig:
     """Bridging classifier shape (MAR only)."""
     grad_checkpointing: int = 0
     """Number of encoder blocks (from the first) whose activations are recomputed in backward."""
+    attention: AttentionBackend = "auto"
+    """Attention backend for packed batches (clips with different numbers of visible tokens,
+    `marscale.model.attention`): auto, flash_varlen, torch_varlen, flex, sdpa_mask or
+    per_clip. `auto` picks flash_varlen > torch_varlen > flex on CUDA and per_clip on CPU
+    (measured faster than sdpa_mask there). One asked for that cannot run is an error."""
     pretrained: str = ""
     """Path of a VideoMAE / MAR checkpoint to start from ("" = random init)."""
     pretrained_partial: bool = False

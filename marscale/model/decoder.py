@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from marscale.model.encoder import gather_tokens
 from marscale.model.layers import Block, sincos_table
+from marscale.packing import PackedTokens
 
 
 class ReconstructionDecoder(nn.Module):
@@ -46,3 +47,21 @@ class ReconstructionDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, -Nm:]))
+
+    def forward_packed(self, visible: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """visible: packed encoder output [1, Ntot, D]. Every clip's N positions run as one
+        rectangular row, visible tokens then masked ones (`packed.order`, the layout of
+        `forward`). Returns predictions for the masked tokens, packed: [Mtot, P] in
+        `packed.masked_slots` order."""
+        x = self.encoder_to_decoder(visible)[0]  # [Ntot, Dd]
+        B, N = packed.order.shape
+        # Row b, slot j: packed token cu[b] + j while j < Nv_b, else the mask token (row Ntot).
+        starts = packed.cu_seqlens[:-1].to(torch.long).unsqueeze(1)
+        slots = torch.arange(N, device=x.device).unsqueeze(0)
+        source = torch.where(packed.masked_slots, x.shape[0], starts + slots)  # [B, N]
+        rows = torch.cat((x, self.mask_token.to(x.dtype).view(1, -1)))[source]  # [B, N, Dd]
+        pos = self.pos_embed.to(x.dtype)[packed.order]  # [B, N, Dd]
+        x = rows + pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[packed.masked_slots]))

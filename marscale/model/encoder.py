@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from marscale.model.layers import Block, drop_path_rates, sincos_table
+from marscale.packing import PackedTokens
 
 
 class TubeletEmbed(nn.Module):
@@ -73,9 +74,14 @@ class VideoViTEncoder(nn.Module):
             raise ValueError(f"n_blocks must be in [0, {len(self.blocks)}], got {n_blocks}")
         self.grad_checkpointing = n_blocks
 
-    def embed(self, video: torch.Tensor, visible_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """video [B,C,T,H,W] -> tokens with positions [B, Nv, D] (all N if no index)."""
+    def embed(
+        self, video: torch.Tensor, visible_idx: torch.Tensor | None = None, packed: PackedTokens | None = None
+    ) -> torch.Tensor:
+        """video [B,C,T,H,W] -> tokens with positions [B, Nv, D] (all N if no index);
+        packed: the visible tokens of every clip in one row, [1, Ntot, D]."""
         x = self.patch_embed(video) + self.pos_embed.to(video.dtype)
+        if packed is not None:
+            return x.reshape(-1, x.shape[-1])[packed.flat_visible].unsqueeze(0)
         if visible_idx is not None:
             x = gather_tokens(x, visible_idx)
         return x
@@ -85,13 +91,14 @@ class VideoViTEncoder(nn.Module):
         video: torch.Tensor,
         visible_idx: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        packed: PackedTokens | None = None,
     ) -> torch.Tensor:
         """video: [B,C,T,H,W]; visible_idx: [B, Nv] token indices (None = all tokens).
-        Returns the (normed) visible tokens [B, Nv, D]."""
-        x = self.embed(video, visible_idx)
+        Returns the (normed) visible tokens [B, Nv, D]; packed: [1, Ntot, D]."""
+        x = self.embed(video, visible_idx, packed)
         for i, block in enumerate(self.blocks):
             if i < self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, packed, use_reentrant=False)
             else:
-                x = block(x, attn_mask)
+                x = block(x, attn_mask, packed)
         return self.norm(x)

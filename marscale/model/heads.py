@@ -9,10 +9,21 @@ import torch
 import torch.nn as nn
 
 from marscale.model.layers import Block, init_weights, xavier_init
+from marscale.packing import PackedTokens
+
+
+def mean_pool(x: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:
+    """Mean over each clip's tokens: [B, N, D] -> [B, D]; packed [1, Ntot, D] -> [B, D]."""
+    if packed is None:
+        return x.mean(dim=1)
+    sums = x.new_zeros(packed.batch, x.shape[-1]).index_add_(0, packed.clip_ids, x[0])
+    counts = torch.tensor(packed.lengths, dtype=x.dtype).to(x.device, non_blocking=True)
+    return sums / counts.unsqueeze(1)
 
 
 class ClassifierHead(nn.Module):
-    """Mean pool -> LayerNorm (fc_norm) -> dropout -> Linear: [B, N, D] -> [B, K]."""
+    """Mean pool -> LayerNorm (fc_norm) -> dropout -> Linear: [B, N, D] (or packed
+    [1, Ntot, D]) -> [B, K]."""
 
     def __init__(self, dim: int, num_classes: int, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
@@ -20,8 +31,8 @@ class ClassifierHead(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(dim, num_classes, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.fc_norm(x.mean(dim=1))))
+    def forward(self, x: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:
+        return self.head(self.dropout(self.fc_norm(mean_pool(x, packed))))
 
 
 class BridgingClassifier(nn.Module):
@@ -63,8 +74,11 @@ class BridgingClassifier(nn.Module):
                 self.head.head.weight.mul_(init_scale)
                 self.head.head.bias.mul_(init_scale)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, packed: PackedTokens | None = None
+    ) -> torch.Tensor:
+        """x: encoder tokens [B, Nv, D] (packed: [1, Ntot, D]) -> logits [B, K]."""
         x = self.embed(x)
         for block in self.blocks:
-            x = block(x, attn_mask)
-        return self.head(x)
+            x = block(x, attn_mask, packed)
+        return self.head(x, packed)

@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from marscale.model.attention import packed_attention
+from marscale.packing import PackedTokens
+
 
 def sincos_table(num_positions: int, dim: int, device=None) -> torch.Tensor:
     """Fixed 1-D sin-cos position table [num_positions, dim], as in VideoMAE.
@@ -43,11 +46,16 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:
+        """x: [B, N, D]; packed: x is [1, Ntot, D] and a sample is a clip of `packed` (the
+        same draws as the clips' rectangular batch)."""
         if not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if packed is not None:
+            mask = x.new_empty(packed.batch).bernoulli_(keep)[packed.clip_ids].view(1, -1, 1)
+        else:
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -72,7 +80,13 @@ class Attention(nn.Module):
 
     qkv is one bias-free Linear plus separate learnable q and v biases (k has no bias),
     the VideoMAE layout, so its checkpoints load without conversion.
+
+    On a packed batch (`packed` given, x [1, Ntot, D]) each token attends within its clip
+    through `packed_attention` with the backend in `self.backend` (set for the whole model
+    by `set_attention_backend`).
     """
+
+    backend: str = "auto"
 
     def __init__(self, dim: int, num_heads: int, qv_bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -87,14 +101,20 @@ class Attention(nn.Module):
             self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, N, D]; attn_mask: optional bool [B or 1, 1, N, N] (True = attend),
-        e.g. block-diagonal for several variable-length clips packed in one row."""
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, packed: PackedTokens | None = None
+    ) -> torch.Tensor:
+        """x: [B, N, D]; attn_mask: optional bool [B or 1, 1, N, N] (True = attend).
+        Packed: x [1, Ntot, D], the clips of `packed` one after another."""
         B, N, D = x.shape
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
+        if packed is not None:
+            q, k, v = qkv.view(N, 3, self.num_heads, D // self.num_heads).unbind(1)  # [Ntot, h, d] each
+            x = packed_attention(q, k, v, packed, self.backend)
+            return self.proj(x.reshape(B, N, D))
         q, k, v = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, N, D/h]
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
@@ -120,9 +140,22 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), device=device, dtype=dtype)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, packed: PackedTokens | None = None
+    ) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.norm1(x), attn_mask, packed), packed)
+        return x + self._drop(self.mlp(self.norm2(x)), packed)
+
+    def _drop(self, x: torch.Tensor, packed: PackedTokens | None) -> torch.Tensor:
+        # A packed row holds many clips: stochastic depth must drop per clip, not per row.
+        return self.drop_path(x) if packed is None or not isinstance(self.drop_path, DropPath) else self.drop_path(x, packed)
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> None:
+    """Use `backend` (`marscale.model.attention`) for the packed attention of every block."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
 
 
 def init_weights(module: nn.Module) -> None:

@@ -2,7 +2,10 @@
 
 Shapes: B batch, C/T/H/W the clip, N tokens per clip, Nv visible, Nm masked, K classes.
 `visible_idx` [B, Nv] and `masked_idx` [B, Nm] hold token indices (see masking.py);
-together they cover all N tokens of each clip.
+together they cover all N tokens of each clip. Clips that keep different numbers of tokens
+run packed instead (`packed`, a `marscale.packing.PackedTokens`): the encoder and the
+bridging classifier on one sequence of Ntot tokens without padding, the decoder on
+rectangular [B, N] rows again; predictions of masked tokens come back packed [Mtot, P].
 
 The models return predictions only; the losses and the reconstruction target are built
 where the loss is computed (`marscale.losses`), from the clip the model saw.
@@ -18,7 +21,8 @@ from marscale.model.config import VARIANTS, ModelConfig
 from marscale.model.decoder import ReconstructionDecoder
 from marscale.model.encoder import VideoViTEncoder
 from marscale.model.heads import BridgingClassifier, ClassifierHead
-from marscale.model.layers import init_weights
+from marscale.model.layers import init_weights, set_attention_backend
+from marscale.packing import PackedTokens
 
 
 def _build_encoder(cfg: ModelConfig, clip: ClipConfig, final_norm: bool, device, dtype) -> VideoViTEncoder:
@@ -93,6 +97,7 @@ class MARModel(nn.Module):
             self.classifier.reset_parameters(cfg.bridge.init, cfg.init_scale)
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(cfg.grad_checkpointing)
+        set_attention_backend(self, cfg.attention)
 
     def set_grad_checkpointing(self, n_blocks: int) -> None:
         self.encoder.set_grad_checkpointing(n_blocks)
@@ -102,12 +107,19 @@ class MARModel(nn.Module):
         video: torch.Tensor,
         visible_idx: torch.Tensor | None = None,
         masked_idx: torch.Tensor | None = None,
+        packed: PackedTokens | None = None,
     ) -> dict[str, torch.Tensor]:
         """video: [B, C, T, H, W] normalised; visible_idx: [B, Nv] (None = all tokens).
 
         Returns {"logits": [B, K]}; when training with a decoder and a mask, also
-        {"pred": [B, Nm, P]}, the reconstruction of the masked tubelets.
+        {"pred": [B, Nm, P]}, the reconstruction of the masked tubelets ([Mtot, P] packed).
         """
+        if packed is not None:
+            x = self.encoder(video, packed=packed)  # [1, Ntot, D]
+            out = {"logits": self.classifier(x, packed=packed)}
+            if self.training and self.decoder is not None and packed.num_masked > 0:
+                out["pred"] = self.decoder.forward_packed(x, packed)
+            return out
         x = self.encoder(video, visible_idx)  # [B, Nv, D]
         out = {"logits": self.classifier(x)}
         if self.training and self.decoder is not None and masked_idx is not None and masked_idx.shape[1] > 0:
@@ -128,6 +140,7 @@ class ViTClassifier(nn.Module):
         _init(self, self.head.head, cfg.init_scale)
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(cfg.grad_checkpointing)
+        set_attention_backend(self, cfg.attention)
 
     def set_grad_checkpointing(self, n_blocks: int) -> None:
         self.encoder.set_grad_checkpointing(n_blocks)
@@ -137,10 +150,11 @@ class ViTClassifier(nn.Module):
         video: torch.Tensor,
         visible_idx: torch.Tensor | None = None,
         masked_idx: torch.Tensor | None = None,
+        packed: PackedTokens | None = None,
     ) -> dict[str, torch.Tensor]:
-        """video: [B, C, T, H, W]. A visible index is accepted (masked inference of a
-        full-token model) but the baseline is meant to see every token."""
-        return {"logits": self.head(self.encoder(video, visible_idx))}
+        """video: [B, C, T, H, W]. A visible index (or packed tokens) is accepted (masked
+        inference of a full-token model) but the baseline is meant to see every token."""
+        return {"logits": self.head(self.encoder(video, visible_idx, packed=packed), packed)}
 
 
 def build_model(cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None) -> nn.Module:

@@ -62,8 +62,8 @@ def run_stage(stage: int, run_dir: str, steps: int, config: str, overrides: list
             trainer.set_lr(cfg.optim.lr)
             video = torch.randint(0, 256, (b, 3, c.num_frames, c.img_size, c.img_size), generator=g, dtype=torch.uint8)
             labels = torch.randint(0, cfg.model.num_classes, (b,), generator=g)
-            visible_idx, masked_idx = trainer.train_masks(trainer.state.step, 0, b)
-            trainer.train_step(video, labels, visible_idx, masked_idx)
+            visible_idx, masked_idx, packed = trainer.train_masks(trainer.state.step, 0, b)
+            trainer.train_step(video, labels, visible_idx, masked_idx, packed=packed)
             trainer.state.step += 1
         trainer.save()
         record["saved"] = full_state(trainer)

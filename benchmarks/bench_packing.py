@@ -1,0 +1,221 @@
+"""Packed vs padded training steps on batches whose clips keep different numbers of tokens.
+
+A MAR batch whose clips draw their mask ratios from {0.25, 0.5, 0.75} holds clips of
+different lengths. Padding runs every clip at the longest one's length (a key-padding mask
+keeps the pads out of the attention; their matmuls still run); packing concatenates the
+visible tokens and attends within each clip (`marscale.model.attention`). This times a
+training step (forward, loss, backward; no optimizer) of both, for batch compositions from
+no padding to a lot, and reports the padding fraction (share of padded token slots), each
+method's median step time, packing's speed-up and the crossover: the padding fraction above
+which the fastest packed backend wins.
+
+Imports only torch and marscale's model, masking, packing and losses: it runs where only
+PyTorch is installed. On a GPU it also times the GPU backends (torch_varlen, flex,
+flash_varlen where installed).
+
+    # CPU: ViT-S at real shapes (16x224x224, 1568 tokens) and the demo's shapes, 1 thread
+    python benchmarks/bench_packing.py
+    # GPU, bf16 autocast
+    python benchmarks/bench_packing.py --device cuda --batch 16 [--json out.json]
+    # quick check of the code path
+    python benchmarks/bench_packing.py --shapes demo --repeats 1 --batch 4
+
+On CPU the times are process CPU time with one thread (as benchmarks/bench_model.py: on a
+shared machine wall time swings with other load, one thread's CPU time counts the work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+
+from marscale.clip import ClipConfig, token_grid  # noqa: E402
+from marscale.losses import build_loss  # noqa: E402
+from marscale.masking import cell_running_mask, mask_to_indices  # noqa: E402
+from marscale.model import BridgeConfig, ModelConfig, build_model  # noqa: E402
+from marscale.model.attention import resolve_backend  # noqa: E402
+from marscale.packing import pack_mask  # noqa: E402
+
+SHAPES = {
+    # name: (variant, frames, size, bridge)
+    "vit_s": ("vit_s", 16, 224, BridgeConfig(embed_dim=384, depth=2, num_heads=6)),
+    "demo": ("vit_tiny", 16, 64, BridgeConfig(embed_dim=96, depth=2, num_heads=4)),
+}
+
+
+def compositions(batch: int) -> list[tuple[str, list[float]]]:
+    """Batch mixes from no padding to a lot (ratios per clip, in ascending order as the
+    trainer draws them: clips of one length sit together)."""
+    third = max(1, batch // 3)
+    mixes = [
+        ("all 50%", [0.5] * batch),
+        ("one 50% among 25%", [0.5] + [0.25] * (batch - 1)),
+        ("one 75% among 50%", [0.75] + [0.5] * (batch - 1)),
+        ("one 25% among 50%", [0.25] + [0.5] * (batch - 1)),
+        ("half 50%, half 75%", [0.5] * (batch // 2) + [0.75] * (batch - batch // 2)),
+        ("thirds 25/50/75%", ([0.25] * third + [0.5] * third + [0.75] * batch)[:batch]),
+        ("one 25% among 75%", [0.25] + [0.75] * (batch - 1)),
+    ]
+    return [(label, sorted(ratios)) for label, ratios in mixes]
+
+
+def backends(device: torch.device) -> list[str]:
+    names = ["per_clip", "sdpa_mask"] if device.type == "cpu" else ["per_clip", "sdpa_mask", "flex", "torch_varlen",
+                                                                    "flash_varlen"]
+    usable = []
+    for name in names:
+        try:
+            resolve_backend(name, device)
+            usable.append(name)
+        except RuntimeError as e:
+            print(f"  backend {name}: not available ({e})")
+    return usable
+
+
+def padded_step(model, loss_fn, video, labels, mask):
+    """Every clip at the longest clip's length: the shortest clips' visible tokens plus
+    masked ones as pads, kept out of attention by a key-padding mask."""
+    B, N = mask.shape
+    lengths = (~mask).sum(1)
+    longest = int(lengths.max())
+    # Visible tokens first, then masked ones (stable): the first `longest` of each row.
+    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+    vis = order[:, :longest].to(video.device)
+    rest = order[:, longest:].to(video.device)
+    keep = (torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)).to(video.device)  # [B, longest]
+    attn = keep[:, None, None, :]  # [B, 1, 1, L]: pads never attended to
+    x = model.encoder(video, vis, attn_mask=attn)
+    logits = model.classifier(x, attn_mask=attn)
+    pred = model.decoder(x, vis, rest)
+    parts = loss_fn({"logits": logits, "pred": pred}, video, rest, labels)
+    parts["loss"].backward()
+
+
+def packed_step(model, loss_fn, video, labels, packed):
+    out = model(video, packed=packed)
+    parts = loss_fn(out, video, packed, labels)
+    parts["loss"].backward()
+
+
+def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
+    """(median seconds, median wall seconds) over `repeats` runs after one warm-up."""
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.process_time()
+
+    fn()
+    times, walls = [], []
+    for _ in range(repeats):
+        w0, t0 = time.perf_counter(), clock()
+        fn()
+        t1 = clock()
+        times.append(t1 - t0)
+        walls.append(time.perf_counter() - w0)
+    return statistics.median(times), statistics.median(walls)
+
+
+def run_shape(name: str, args, device: torch.device) -> list[dict]:
+    variant, frames, size, bridge = SHAPES[name]
+    clip = ClipConfig(num_frames=frames, img_size=size)
+    cfg = ModelConfig(num_classes=400, variant=variant, drop_path=0.0, head_dropout=0.0, bridge=bridge)
+    torch.manual_seed(0)
+    model = build_model(cfg, clip).to(device).train()
+    loss_fn = build_loss(clip, cfg.patch_size, recon_weight=1.0)
+    grid = token_grid(clip, cfg.patch_size)
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(args.batch, 3, frames, size, size, generator=g).to(device)
+    labels = torch.randint(0, 400, (args.batch,), generator=g).to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    usable = backends(device)
+    rows = []
+    for label, ratios in compositions(args.batch):
+        mask = cell_running_mask(args.batch, grid, ratios, torch.Generator().manual_seed(1))
+        lengths = (~mask).sum(1)
+        pad = 1 - float(lengths.sum()) / (args.batch * int(lengths.max()))
+        row = {"shapes": name, "batch": label, "ratios": ratios, "padding": pad}
+
+        def step(fn, *a):
+            def go():
+                model.zero_grad(set_to_none=True)
+                with amp:
+                    fn(model, loss_fn, video, labels, *a)
+            return go
+
+        row["padded_s"], row["padded_wall_s"] = timed(step(padded_step, mask), args.repeats, device)
+        packed = pack_mask(mask).to(device)
+        if all(r == ratios[0] for r in ratios):
+            vis, msk = (t.to(device) for t in mask_to_indices(mask))
+            row["rectangular_s"], _ = timed(step(lambda m, lf, v, lb: lf(m(v, vis, msk), v, msk, lb)["loss"].backward()),
+                                            args.repeats, device)
+        for backend in usable:
+            for module in model.modules():
+                if hasattr(module, "backend"):
+                    module.backend = backend
+            row[f"{backend}_s"], _ = timed(step(packed_step, packed), args.repeats, device)
+        best = min(usable, key=lambda b: row[f"{b}_s"])
+        row["best_packed"] = best
+        row["speedup"] = row["padded_s"] / row[f"{best}_s"]
+        rows.append(row)
+        print(format_row(row, usable), flush=True)
+    return rows
+
+
+def format_row(row: dict, usable: list[str]) -> str:
+    packed = " ".join(f"{b} {row[f'{b}_s']:.3f}s" for b in usable)
+    return (f"  {row['shapes']:6s} {row['batch']:20s} padding {row['padding']:5.1%} | padded {row['padded_s']:.3f}s | "
+            f"{packed} | packed/padded speed-up {row['speedup']:.2f}x ({row['best_packed']})")
+
+
+def crossover(rows: list[dict]) -> str:
+    """The padding fraction from which packing wins, from the measured rows of one shape."""
+    ordered = sorted(rows, key=lambda r: r["padding"])
+    losing = [r["padding"] for r in ordered if r["speedup"] < 1.0]
+    winning = [r["padding"] for r in ordered if r["speedup"] >= 1.0]
+    if not losing:
+        return "packing wins at every measured padding fraction"
+    if not winning:
+        return "packing loses at every measured padding fraction"
+    above = [w for w in winning if w > max(losing)]
+    if not above:
+        return f"no clean crossover: packing wins at {winning}, loses at {losing}"
+    return f"packing wins from {min(above):.1%} padding (loses at {max(losing):.1%})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", default=["vit_s", "demo"], choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: CPU time counts work)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"packed vs padded training steps on {name}, torch {torch.__version__}, batch {args.batch}, "
+          f"median of {args.repeats}")
+    results = {}
+    for shape in args.shapes:
+        rows = run_shape(shape, args, device)
+        results[shape] = {"rows": rows, "crossover": crossover(rows)}
+        print(f"  {shape}: {results[shape]['crossover']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": args.batch,
+                                               "repeats": args.repeats, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
