@@ -24,11 +24,16 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# The venv's bin first on PATH, as in an activated venv: the processes the tests launch
+# (deepspeed, torchrun) and the tests themselves then find the same `ninja`, so DeepSpeed
+# does not rebuild its CPU communication op each time the two alternate.
+TEST_ENV := PATH="$(abspath $(BIN)):$$PATH"
+
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/marscale demo
