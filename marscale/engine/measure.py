@@ -207,7 +207,11 @@ def measure(
     training videos (only the plan's epoch arithmetic reads it). `tick` is called after
     every step (a progress bar).
     """
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
+    # Every synthetic clip is its own video (repeated augmentation changes no step's work),
+    # and an odd batch (batch 1 for the large models on a CPU) cannot pair clips for
+    # mixup/cutmix, which then stay off: they blend inputs, no work for the model.
+    pairs = {} if batch % 2 == 0 else {"mixup": 0.0, "cutmix": 0.0}
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch, clips_per_video=1, **pairs))
     cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum_steps=1))
     plan = synthetic_plan(cfg, videos)
     device = dist.resolve_device(cfg.run.device)
