@@ -100,17 +100,17 @@ def _settings(args: argparse.Namespace, device_type: str) -> tuple[int | None, i
     return batch, steps, warmup, budget
 
 
-def _available_memory(device_type: str) -> int | None:
+def _available_memory(device_type: str, baseline_rss: int) -> int | None:
+    """Memory a config may use: free GPU memory, or on a CPU the system's available memory
+    plus what this process grew by since `baseline_rss` (freed engines stay in its heap,
+    where the next one reuses them)."""
     if device_type == "cuda":
         import torch
 
         return torch.cuda.mem_get_info()[0]
-    try:
-        import psutil
+    import psutil
 
-        return psutil.virtual_memory().available
-    except ImportError:
-        return None
+    return psutil.virtual_memory().available + max(0, psutil.Process().memory_info().rss - baseline_rss)
 
 
 def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argparse.Namespace) -> str:
@@ -134,13 +134,16 @@ def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argpa
     per_row = 2 * (warmup + steps)
     bar = tqdm(total=per_row * len(order), desc="measuring", unit="step", dynamic_ncols=True, file=sys.stderr)
     start, rate = time.perf_counter(), None  # achieved TFLOP/s of the last measured config
+    import psutil  # a DeepSpeed dependency
+
+    baseline_rss = psutil.Process().memory_info().rss
     try:
         for done, row in enumerate(order, start=1):
             cfg = configs[row.entry]
             batch = batch_arg or cfg.data.batch_size
             bar.set_description(f"measuring {row.label} (batch {batch})")
             need = estimate_memory_bytes(row, cfg, batch)
-            free = _available_memory(device.type)
+            free = _available_memory(device.type, baseline_rss)
             left = None if budget is None else budget * 60 - (time.perf_counter() - start)
             guess = estimate_seconds(row, batch, warmup + steps, rate, device.type) if rate else None
             where = "CPU" if device.type == "cpu" else "GPU"

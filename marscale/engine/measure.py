@@ -126,7 +126,9 @@ class SyntheticTrainer(Trainer):
     config and seeds); `train_masks` and `train_step` are the Trainer's own.
     """
 
-    def __init__(self, cfg: TrainConfig, plan: RunPlan):  # noqa: super().__init__ needs shards on disk
+    def __init__(self, cfg: TrainConfig, plan: RunPlan):
+        # Not super().__init__(): that reads the manifests, checks the shards and writes the
+        # run's records. Keep these lines in step with it.
         import deepspeed
 
         from marscale.data import build_mixup
