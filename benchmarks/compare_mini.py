@@ -1,7 +1,7 @@
 """The MAR experiment in miniature, on a CPU: a small MAR model against a larger full-token
 model, trained with the same recipe and steps, accuracy set beside measured cost.
 
-    python benchmarks/compare_mini.py [--out runs/compare_mini] [--steps 120]   # make compare-mini
+    python benchmarks/compare_mini.py [--out runs/compare_mini] [--steps 100]   # make compare-mini
 
 The paper's claim is that a MAR ViT-L beats a standard ViT-H at a fraction of its cost.
 This is the same experiment at a size a 2-core CPU trains in minutes:
@@ -10,15 +10,16 @@ This is the same experiment at a size a 2-core CPU trains in minutes:
     large full   ViT-S (12 x 384), every token, mean pool + head (the VideoMAE baseline)
 
 both trained from scratch on the synthetic dataset (`marscale-shards synth`) with
-configs/demo.yaml's recipe (AdamW, lr 1e-3, batch 32 = 16 videos x 2 clips, fp32, ZeRO-2,
-seed 0) for the same number of steps, then evaluated on held-out clips. The setting is
+configs/demo.yaml's recipe (AdamW, lr 1e-3, fp32, ZeRO-2, seed 0) at batch 16 (8 videos x 2
+clips) for the same number of steps, then evaluated on held-out clips. The setting is
 chosen so that the full-token model does not saturate (the demo's 4 classes reach 100%):
 all 8 synthetic classes (motion directions, grow/shrink, rotations: the pairs differ only
 in the order of their frames), 8 frames of 64 x 64 (64 tokens; 32x32 leaves a 2x2 token
-grid, too coarse for 2x2 masking cells), and a short run.
+grid, too coarse for 2x2 masking cells), fewer videos (60 per class) and a short run
+(100 steps, under two epochs), so that neither model has time to learn the set fully.
 
 Steps, each through the project's own commands (so this also checks them end to end):
-    1. python -m shards_tools.cli synth   8 classes x 100 training + 25 validation videos
+    1. python -m shards_tools.cli synth   8 classes x 60 training + 20 validation videos
     2. python -m marscale.cli train       the two models (training ends with evaluation)
     3. python -m marscale.cli compare     the same two configs on the engine with synthetic
                                           tensors: training and inference time per clip
@@ -44,10 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 8
 SIZE = 64
 SOURCE_FRAMES = 16
+BATCH = 16
 CLIP = ["clip.num_frames=8", f"clip.img_size={SIZE}", f"data.short_side={SIZE}"]
 # The recipe both models share (configs/demo.yaml plus these).
 RECIPE = [*CLIP, f"model.num_classes={NUM_CLASSES}", "checkpoint.every_steps=0", "checkpoint.save_at_end=false",
-          "logging.every_steps=10", "logging.tensorboard=false", "run.eval_every_steps=0", "optim.warmup_epochs=0.5"]
+          "logging.every_steps=10", "logging.tensorboard=false", "run.eval_every_steps=0", "optim.warmup_epochs=0.5",
+          f"data.batch_size={BATCH}"]
 MODELS = {
     "MAR ViT-Ti 50%": ["model.variant=vit_tiny"],
     "ViT-S full": ["model.variant=vit_s", "model.arch=vit", "masking.kind=none", "model.decoder.enabled=false"],
@@ -96,10 +99,10 @@ def train(out: Path, name: str, overrides: list[str], shards: dict[str, Path], s
 
 
 def measure(out: Path, steps: int) -> dict[str, dict]:
-    """`marscale compare` on the two configs (the engine, synthetic tensors, batch 32)."""
+    """`marscale compare` on the two configs (the engine, synthetic tensors, the training batch)."""
     entries = [":".join(["demo", *RECIPE, *overrides]) for overrides in MODELS.values()]
     folder = out / "engine"
-    run([sys.executable, "-m", "marscale.cli", "compare", *entries, "--reference", entries[1], "--batch", "32",
+    run([sys.executable, "-m", "marscale.cli", "compare", *entries, "--reference", entries[1], "--batch", str(BATCH),
          "--steps", str(steps), "--warmup", "1", "--budget-min", "60", "--train-videos", "800",
          "--out", str(folder)], out / "compare.log")
     rows = json.loads((folder / "compare.json").read_text())["rows"]
@@ -163,10 +166,10 @@ def chart(results: list[dict], engine: dict[str, dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "runs" / "compare_mini")
-    p.add_argument("--steps", type=int, default=120, help="training steps of each model (batch 32)")
-    p.add_argument("--videos-per-class", type=int, default=100)
-    p.add_argument("--val-videos-per-class", type=int, default=25)
-    p.add_argument("--engine-steps", type=int, default=3, help="timed steps per mode in the engine measurement")
+    p.add_argument("--steps", type=int, default=100, help=f"training steps of each model (batch {BATCH})")
+    p.add_argument("--videos-per-class", type=int, default=60)
+    p.add_argument("--val-videos-per-class", type=int, default=20)
+    p.add_argument("--engine-steps", type=int, default=2, help="timed steps per mode in the engine measurement")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
