@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -121,7 +120,7 @@ def table(results: list[dict], engine: dict[str, dict]) -> str:
             f"{1e3 / e['infer_clips_per_s']:.1f}", f"{r['step_wall_s']:.2f}", f"{r['top1']:.1f}", f"{r['top5']:.1f}",
         ]) + " |")
     small, large = results
-    es, el = engine[small["name"]], engine[large["name"]]
+    es = engine[small["name"]]
     lines += [
         "",
         f"{small['name']} / {large['name']}: training FLOPs per clip "

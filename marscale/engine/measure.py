@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from marscale import dist
+from marscale.data import normalize
 from marscale.engine.config import PRECISION_DTYPES, TrainConfig
 from marscale.engine.metrics import peak_tflops
 from marscale.engine.plan import RunPlan, make_plan
@@ -217,7 +218,10 @@ def measure(
     cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum_steps=1))
     plan = synthetic_plan(cfg, videos)
     device = dist.resolve_device(cfg.run.device)
-    _reset_peak_memory(device)  # the previous config's engine was freed when it finished
+    gc.collect()  # an engine holds reference cycles: free the previous config's before this one
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _reset_peak_memory(device)
     trainer = SyntheticTrainer(cfg, plan)
     try:
         device = trainer.device
@@ -248,8 +252,6 @@ def measure(
         eval_visible = mask_to_indices(mask)[0].to(device) if mask is not None else None
         engine = trainer.engine
         engine.eval()
-        from marscale.data import normalize
-
 
         def infer_step() -> None:
             x = normalize(video.to(device, non_blocking=True), c.mean, c.std, trainer.dtype)
@@ -261,10 +263,6 @@ def measure(
         peak = _peak_memory(device)
     finally:
         trainer.close()
-        del trainer
-        gc.collect()  # the engine holds reference cycles: free its memory before the next config
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return Measurement(
         device=device_name(device),
         batch=batch,
