@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo cost bench ratio-dial clean
+.PHONY: setup test test-fast demo cost compare compare-mini bench ratio-dial clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ demo: setup
 
 cost: setup
 	$(BIN)/marscale cost
+
+# Counted cost beside steps measured on this machine's engine (docs/benchmarks.md).
+compare: setup
+	$(BIN)/marscale compare --out runs/compare
+
+# The MAR experiment in miniature: small MAR vs larger full-token model, same recipe and
+# steps, accuracy beside measured cost; under 15 minutes on a 2-core CPU.
+compare-mini: setup
+	$(BIN)/python benchmarks/compare_mini.py --out runs/compare_mini
 
 # CPU benchmarks (docs/benchmarks.md): model time vs counted FLOPs, then the loader.
 bench: setup

@@ -7,17 +7,29 @@ installed (e.g. a fresh GPU node with this checkout):
 
     # CPU (default without CUDA): ViT-S, 16x224x224, batch 1, 1 thread, MAR 50% vs full tokens
     python benchmarks/bench_model.py
-    # GPU: ViT-L MAR 50% vs full ViT-L and full ViT-H, bf16 autocast, batch 8
-    python benchmarks/bench_model.py --device cuda [--batch 8] [--grad-checkpointing] [--json out.json]
+    # GPU: ViT-L MAR 50% vs full ViT-L and full ViT-H, bf16 autocast, batch 8, with and
+    # without activation checkpointing, JSON with the device, versions and settings
+    python benchmarks/bench_model.py --device cuda [--batch 8] [--grad-checkpointing on|off|both] \
+        [--sdpa flash] [--compile] [--json out.json]
     # quick check of the GPU code path on CPU
     python benchmarks/bench_model.py --device cpu --variants vit_tiny --also-full vit_tiny --amp --repeats 2
 
 A training step is: forward, total loss (soft-target cross-entropy + masked MSE of the
-reconstruction decoder for MAR), backward; no optimizer step. Inference is one forward
-without the decoder. The mask is cell running masking, drawn once before timing.
-Achieved TFLOP/s uses true FLOPs (2 x multiply-accumulates) counted on the same model
-shape; recomputation under --grad-checkpointing is not counted (model FLOPs, as MFU is
-defined).
+reconstruction decoder for MAR), backward and an AdamW step (torch's fused kernel on CUDA,
+foreach on CPU: what the engine's `optim.fused: auto` picks; two parameter groups,
+decayed and not, as the engine's per-layer groups do the same work); `--no-optimizer`
+leaves the step out. Each phase is timed (forward + loss, backward, optimizer) and set
+beside what it must cost: the counted FLOPs of the phase at the device's peak, and for
+the optimizer its memory traffic (28 bytes per parameter: fp32 weight, gradient and two
+moments read, weight and moments written) at the device's memory bandwidth.
+Inference is one forward without the decoder. The mask is cell running masking, drawn
+once before timing. Achieved TFLOP/s uses true FLOPs (2 x multiply-accumulates) counted
+on the same model shape; recomputation under --grad-checkpointing is not counted (model
+FLOPs, as MFU is defined).
+
+Ratios: each MAR run against the full-token run of its size, and every run against the
+reference (`--reference`, full ViT-H on CUDA) at the same checkpointing setting. Training
+ratios should be within 10% of the FLOP ratio (the target), inference within 15%.
 
 On CPU, time ratios compare process CPU time with one thread by default: on a shared
 machine wall time swings with other load (seen: 1.0 s to 4.7 s for the same forward),
@@ -32,7 +44,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,31 +55,39 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from marscale.cost import model_flops_per_clip  # noqa: E402
+from marscale.cost import count_model  # noqa: E402
 from marscale.cost_table import DISPLAY_NAMES  # noqa: E402
 from marscale.clip import ClipConfig, token_grid  # noqa: E402
 from marscale.losses import build_loss  # noqa: E402
 from marscale.masking import MaskingConfig, make_mask, mask_to_indices  # noqa: E402
 from marscale.model import VARIANTS, ModelConfig, build_model  # noqa: E402
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device name; override with --peak-tflops.
+# Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidth (TB/s) by device name;
+# override with --peak-tflops / --bandwidth-tbs.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.0}
 RECON_WEIGHT = 0.01  # Kinetics-400; only the loss value depends on it, not the cost
+OPTIMIZER_BYTES_PER_PARAM = 28  # read fp32 weight, grad, m, v (16); write weight, m, v (12)
 INFERENCE_TOLERANCE = 0.15
+TRAIN_TOLERANCE = 0.10
+PHASES = ("forward", "backward", "optimizer")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Setup:
-    """One model at one mask ratio (0 = the full-token baseline)."""
+    """One model at one mask ratio (0 = the full-token baseline), with or without
+    activation checkpointing of every encoder block."""
 
     variant: str
     ratio: float
+    recompute: bool = False
 
     @property
     def label(self) -> str:
-        return f"{DISPLAY_NAMES.get(self.variant, self.variant)} " + (
+        name = f"{DISPLAY_NAMES.get(self.variant, self.variant)} " + (
             "full" if self.ratio == 0 else f"MAR {round(self.ratio * 100)}%"
         )
+        return name + (" +ckpt" if self.recompute else "")
 
 
 @dataclasses.dataclass
@@ -73,15 +95,21 @@ class Result:
     setup: str
     variant: str
     ratio: float
+    recompute: bool
     mode: str
-    """'train' (forward + backward) or 'infer' (forward)."""
+    """'train' (forward + backward [+ optimizer]) or 'infer' (forward)."""
     batch: int
     times_s: list[float]
     """Wall time per step (CUDA-event time on GPU)."""
     flops_per_clip: int
     """True FLOPs (2 x MACs) per clip, counted."""
+    flops_forward_per_clip: int = 0
+    """Training: true FLOPs of the forward (with the decoder); the rest is backward."""
+    params: int = 0
     cpu_times_s: list[float] | None = None
     """Process CPU time per step (CPU runs only)."""
+    phase_s: dict[str, float] | None = None
+    """Training: median time of each phase (forward + loss, backward, optimizer)."""
     peak_mem_gib: float | None = None
     error: str | None = None
 
@@ -104,12 +132,23 @@ def model_config(args, s: Setup) -> ModelConfig:
         num_classes=args.num_classes,
         arch="vit" if s.ratio == 0 else "mar",
         variant=s.variant,
-        grad_checkpointing=VARIANTS[s.variant].encoder.depth if args.grad_checkpointing else 0,
+        grad_checkpointing=VARIANTS[s.variant].encoder.depth if s.recompute else 0,
     )
 
 
 def clip_config(args) -> ClipConfig:
     return ClipConfig(num_frames=args.num_frames, img_size=args.img_size)
+
+
+def sdpa_context(name: str):
+    """Force one SDPA backend (`--sdpa`), or leave PyTorch's choice (auto)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
 
 
 class Case:
@@ -119,7 +158,17 @@ class Case:
         self.setup, self.device = setup, device
         self.cfg, self.clip = model_config(args, setup), clip_config(args)
         self.model = build_model(self.cfg, self.clip, device=device)
+        if args.compile:
+            for block in self.model.encoder.blocks:
+                block.compile()  # in place; the encoder's loop and checkpointing stay eager
         self.loss = build_loss(self.clip, self.cfg.patch_size, RECON_WEIGHT)
+        self.optimizer = None
+        if args.optimizer:
+            decay = [p for p in self.model.parameters() if p.ndim > 1]
+            rest = [p for p in self.model.parameters() if p.ndim <= 1]
+            groups = [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
+            impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+            self.optimizer = torch.optim.AdamW(groups, lr=1e-4, **impl)
         grid = token_grid(self.clip, self.cfg.patch_size)
         g = torch.Generator().manual_seed(0)
         b = args.batch
@@ -136,27 +185,43 @@ class Case:
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext()
         )
+        self.sdpa = args.sdpa
 
-    def train_step(self) -> None:
+    def train_step(self, mark=lambda phase: None) -> None:
+        """One training step; `mark(phase)` is called as each phase ends."""
         self.model.train()
+        with sdpa_context(self.sdpa):
+            with self.autocast:
+                out = self.model(self.video, self.visible_idx, self.masked_idx)
+                loss = self.loss(out, self.video, self.masked_idx, self.target)["loss"]
+            mark("forward")
+            loss.backward()
+        mark("backward")
+        if self.optimizer is not None:
+            self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        with self.autocast:
-            out = self.model(self.video, self.visible_idx, self.masked_idx)
-            loss = self.loss(out, self.video, self.masked_idx, self.target)["loss"]
-        loss.backward()
+        mark("optimizer")
 
-    def infer_step(self) -> None:
+    def infer_step(self, mark=lambda phase: None) -> None:
         self.model.eval()
-        with torch.inference_mode(), self.autocast:
+        with torch.inference_mode(), self.autocast, sdpa_context(self.sdpa):
             self.model(self.video, self.eval_visible_idx)
 
-    def step(self, mode: str) -> None:
-        (self.train_step if mode == "train" else self.infer_step)()
+    def step(self, mode: str, mark=lambda phase: None) -> None:
+        (self.train_step if mode == "train" else self.infer_step)(mark)
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _phases(marks: list[tuple[str, float]], start: float) -> dict[str, float]:
+    out, last = {}, start
+    for phase, t in marks:
+        out[phase] = t - last
+        last = t
+    return out
 
 
 def time_cpu(cases: list[Case], modes: list[str], args) -> list[Result]:
@@ -168,17 +233,26 @@ def time_cpu(cases: list[Case], modes: list[str], args) -> list[Result]:
             c.step(m)
     wall: dict[tuple[int, str], list[float]] = {(id(c), m): [] for c, m in keys}
     cpu: dict[tuple[int, str], list[float]] = {(id(c), m): [] for c, m in keys}
+    phases: dict[tuple[int, str], list[dict]] = {(id(c), m): [] for c, m in keys}
     for _ in range(args.repeats):
         for c, m in keys:
+            marks: list[tuple[str, float]] = []
             t0, c0 = time.perf_counter(), time.process_time()
-            c.step(m)
+            c.step(m, lambda phase: marks.append((phase, time.process_time())))
             wall[(id(c), m)].append(time.perf_counter() - t0)
             cpu[(id(c), m)].append(time.process_time() - c0)
+            phases[(id(c), m)].append(_phases(marks, c0))
     results = []
     for c, m in keys:
-        results.append(result(c, m, wall[(id(c), m)], args))
-        results[-1].cpu_times_s = cpu[(id(c), m)]
+        r = result(c, m, wall[(id(c), m)], args)
+        r.cpu_times_s = cpu[(id(c), m)]
+        r.phase_s = median_phases(phases[(id(c), m)]) if m == "train" else None
+        results.append(r)
     return results
+
+
+def median_phases(per_step: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(p[k] for p in per_step) for k in per_step[0]} if per_step else {}
 
 
 def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device) -> list[Result]:
@@ -188,7 +262,7 @@ def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device)
         try:
             case = Case(args, s, device)
         except torch.cuda.OutOfMemoryError as err:
-            results += [failed(args, s, m, f"OOM building the model: {err}") for m in modes]
+            results += [failed(args, s, m, f"OOM building the model: {str(err).splitlines()[0]}") for m in modes]
             continue
         for m in modes:
             torch.cuda.empty_cache()
@@ -196,14 +270,28 @@ def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device)
             try:
                 for _ in range(args.warmup):
                     case.step(m)
-                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                          for _ in range(args.repeats)]
-                for start, end in events:
+                steps = []
+                for _ in range(args.repeats):
+                    start = torch.cuda.Event(enable_timing=True)
+                    marks: list[tuple[str, torch.cuda.Event]] = []
+
+                    def mark(phase):
+                        e = torch.cuda.Event(enable_timing=True)
+                        e.record()
+                        marks.append((phase, e))
+
                     start.record()
-                    case.step(m)
+                    case.step(m, mark)
+                    end = torch.cuda.Event(enable_timing=True)
                     end.record()
+                    steps.append((start, marks, end))
                 sync(device)
-                r = result(case, m, [start.elapsed_time(end) / 1e3 for start, end in events], args)
+                r = result(case, m, [a.elapsed_time(b) / 1e3 for a, _, b in steps], args)
+                if m == "train":
+                    r.phase_s = median_phases([
+                        _phases([(p, start.elapsed_time(e) / 1e3) for p, e in marks], 0.0)
+                        for start, marks, _ in steps
+                    ])
                 r.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
             except torch.cuda.OutOfMemoryError as err:
                 r = failed(args, s, m, f"OOM: {str(err).splitlines()[0]}")
@@ -215,20 +303,36 @@ def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device)
 
 
 def result(case: Case, mode: str, times: list[float], args) -> Result:
-    s = case.setup
-    flops = model_flops_per_clip(case.cfg, case.clip, s.ratio, training=mode == "train")
-    return Result(s.label, s.variant, s.ratio, mode, args.batch, times, flops)
+    return counted(args, case.setup, mode, times)
 
 
 def failed(args, s: Setup, mode: str, error: str) -> Result:
-    flops = model_flops_per_clip(model_config(args, s), clip_config(args), s.ratio, training=mode == "train")
-    return Result(s.label, s.variant, s.ratio, mode, args.batch, [], flops, error=error)
+    r = counted(args, s, mode, [])
+    r.error = error
+    return r
+
+
+def counted(args, s: Setup, mode: str, times: list[float]) -> Result:
+    c = count_model(model_config(args, s), clip_config(args), s.ratio)
+    flops = 2 * (c.macs_training if mode == "train" else c.macs_inference)
+    return Result(s.label, s.variant, s.ratio, s.recompute, mode, args.batch, times, flops,
+                  flops_forward_per_clip=2 * c.macs_training_forward, params=c.params_training)
 
 
 def baseline_of(r: Result, results: list[Result]) -> Result | None:
-    """The full-token run of the same size and mode (the ratio's denominator)."""
+    """The full-token run of the same size, mode and checkpointing (the ratio's denominator)."""
     for b in results:
-        if b.variant == r.variant and b.ratio == 0 and b.mode == r.mode and b.error is None:
+        if (b.variant, b.ratio, b.mode, b.recompute) == (r.variant, 0, r.mode, r.recompute) and b.error is None:
+            return b
+    return None
+
+
+def reference_of(r: Result, results: list[Result], variant: str | None) -> Result | None:
+    """The full-token `variant` run of the same mode and checkpointing."""
+    if variant is None:
+        return None
+    for b in results:
+        if (b.variant, b.ratio, b.mode, b.recompute) == (variant, 0, r.mode, r.recompute) and b.error is None:
             return b
     return None
 
@@ -264,23 +368,75 @@ def markdown(results: list[Result], peak: float | None, gpu: bool) -> str:
     return "\n".join(lines)
 
 
-def ratio_checks(results: list[Result]) -> list[str]:
-    """Measured time ratio vs counted FLOP ratio for every MAR run with a full baseline."""
+def phase_table(results: list[Result], peak: float | None, bandwidth: float | None) -> str:
+    """Each training phase: what it took (median) beside what it must cost on this device."""
+    head = ["model", "phase", "took ms", "must cost ms", "counted"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in results:
+        if r.mode != "train" or r.error or not r.phase_s:
+            continue
+        need = {
+            "forward": (r.flops_forward_per_clip * r.batch, "FLOP"),
+            "backward": ((r.flops_per_clip - r.flops_forward_per_clip) * r.batch, "FLOP"),
+            "optimizer": (OPTIMIZER_BYTES_PER_PARAM * r.params, "B"),
+        }
+        for phase in PHASES:
+            if phase not in r.phase_s:
+                continue
+            amount, unit = need[phase]
+            rate = (peak * 1e12 if unit == "FLOP" else bandwidth * 1e12 if bandwidth else None) if peak else None
+            must = f"{amount / rate * 1e3:.2f}" if rate else "-"
+            lines.append(f"| {r.setup} | {phase} | {r.phase_s[phase] * 1e3:.1f} | {must} | "
+                         f"{amount / 1e9:.2f} G{unit} |")
+    return "\n".join(lines)
+
+
+def ratio_checks(results: list[Result], reference: str | None = None) -> list[str]:
+    """Measured time ratio vs counted FLOP ratio: every MAR run against the full run of its
+    size, and every other run against the full `reference` size."""
     lines = []
     for r in results:
-        base = baseline_of(r, results)
-        if r.ratio == 0 or r.error or base is None:
+        if r.error:
             continue
-        t, f = r.compare_s / base.compare_s, r.flops_per_clip / base.flops_per_clip
-        clock = "CPU-time" if r.cpu_times_s else "time"
-        line = f"{r.setup} {r.mode}: {clock} ratio {t:.3f}, FLOP ratio {f:.3f} (time/FLOP {t / f:.2f})"
-        if r.cpu_times_s:
-            line += f"; wall-time ratio {r.median_s / base.median_s:.3f}"
-        if r.mode == "infer":
-            ok = abs(t / f - 1) <= INFERENCE_TOLERANCE
-            line += f" -> {'within' if ok else 'NOT within'} {INFERENCE_TOLERANCE:.0%} of the FLOP ratio"
-        lines.append(line)
+        pairs = [("full " + DISPLAY_NAMES.get(r.variant, r.variant), baseline_of(r, results))] if r.ratio else []
+        ref = reference_of(r, results, reference)
+        if ref is not None and ref.variant != r.variant:
+            pairs.append(("full " + DISPLAY_NAMES.get(ref.variant, ref.variant), ref))
+        for name, base in pairs:
+            if base is None:
+                continue
+            t, f = r.compare_s / base.compare_s, r.flops_per_clip / base.flops_per_clip
+            clock = "CPU-time" if r.cpu_times_s else "time"
+            line = f"{r.setup} {r.mode} vs {name}: {clock} ratio {t:.3f}, FLOP ratio {f:.3f} (time/FLOP {t / f:.2f})"
+            if r.cpu_times_s:
+                line += f"; wall-time ratio {r.median_s / base.median_s:.3f}"
+            tolerance = TRAIN_TOLERANCE if r.mode == "train" else INFERENCE_TOLERANCE
+            ok = abs(t / f - 1) <= tolerance
+            line += f" -> {'within' if ok else 'NOT within'} {tolerance:.0%} of the FLOP ratio"
+            lines.append(line)
     return lines
+
+
+def environment(device: torch.device, name: str) -> dict:
+    """Device, versions and the commit: enough to tell two result files apart."""
+    env = {
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["sdpa_flash_enabled"] = torch.backends.cuda.flash_sdp_enabled()
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                       capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["commit"] = None  # a copied checkout without .git
+    return env
 
 
 def parse_args(argv=None):
@@ -290,6 +446,8 @@ def parse_args(argv=None):
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.0], help="mask ratios (0 = full tokens)")
     p.add_argument("--also-full", nargs="*", default=None,
                    help="extra full-token variants to time (default: vit_h on CUDA, none on CPU)")
+    p.add_argument("--reference", default=None,
+                   help="full-token variant every run is also compared with (default: vit_h on CUDA, none on CPU)")
     p.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
     p.add_argument("--batch", type=int, default=None, help="clips per step (default: 1 on CPU, 8 on CUDA)")
     p.add_argument("--img-size", type=int, default=224)
@@ -298,17 +456,27 @@ def parse_args(argv=None):
     p.add_argument("--mask", choices=("cell_running", "random"), default="cell_running")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on CPU)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute every encoder block in backward")
+    p.add_argument("--grad-checkpointing", nargs="?", const="on", choices=("off", "on", "both"), default=None,
+                   help="recompute every encoder block in backward: off, on (the bare flag) or both "
+                        "(default: both on CUDA, off on CPU)")
+    p.add_argument("--optimizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the AdamW step in a training step (default: on)")
+    p.add_argument("--sdpa", choices=("auto", "flash", "efficient", "cudnn", "math"), default="auto",
+                   help="force one scaled-dot-product-attention backend (default: PyTorch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default: 1 CPU, 3 CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per case (default: 5 CPU, 10 CUDA)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
+    p.add_argument("--bandwidth-tbs", type=float, default=None,
+                   help="memory bandwidth for the optimizer's cost (default: from the GPU's name)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on CPU, see above)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     defaults = dict(variants=["vit_l" if gpu else "vit_s"], also_full=["vit_h"] if gpu else [],
-                    batch=8 if gpu else 1, amp=gpu, warmup=3 if gpu else 1, repeats=10 if gpu else 5,
-                    threads=None if gpu else 1)
+                    reference="vit_h" if gpu else None, batch=8 if gpu else 1, amp=gpu,
+                    grad_checkpointing="both" if gpu else "off", warmup=3 if gpu else 1,
+                    repeats=10 if gpu else 5, threads=None if gpu else 1)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -320,13 +488,15 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    setups = [Setup(v, r) for v in args.variants for r in args.ratios]
-    setups += [Setup(v, 0.0) for v in args.also_full if Setup(v, 0.0) not in setups]
+    recompute = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
+    setups = [Setup(v, r, c) for c in recompute for v in args.variants for r in args.ratios]
+    setups += [Setup(v, 0.0, c) for c in recompute for v in args.also_full if Setup(v, 0.0, c) not in setups]
 
-    peak = args.peak_tflops
+    peak, bandwidth = args.peak_tflops, args.bandwidth_tbs
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = peak or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        bandwidth = bandwidth or next((v for k, v in BANDWIDTH_TBS.items() if k in name), None)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         results = time_cuda(setups, args.modes, args, device)
@@ -337,25 +507,35 @@ def main(argv=None) -> int:
 
     clip = f"{args.num_frames}x{args.img_size}x{args.img_size}"
     print(f"# {name}; torch {torch.__version__}; clip {clip}; batch {args.batch}; "
-          f"{'bf16 autocast' if args.amp else 'fp32'}; {'grad checkpointing; ' if args.grad_checkpointing else ''}"
-          f"median of {args.repeats} after {args.warmup} warm-up")
+          f"{'bf16 autocast' if args.amp else 'fp32'}; grad checkpointing {args.grad_checkpointing}; "
+          f"{'AdamW step' if args.optimizer else 'no optimizer step'}; SDPA {args.sdpa}"
+          f"{'; compiled blocks' if args.compile else ''}; median of {args.repeats} after {args.warmup} warm-up")
     print(markdown(results, peak, device.type == "cuda"))
     if device.type == "cpu":
         print("\ntime / full compares process CPU time (medians); clips/s and TFLOP/s use wall time.")
     if peak:
         print(f"\nMFU against {peak:g} TFLOP/s (dense bf16); TFLOP/s from true FLOPs (2 x MACs), marscale.cost.")
-    checks = ratio_checks(results)
+    phases = phase_table(results, peak, bandwidth)
+    if phases.count("\n") > 1:
+        clock = "CPU time" if device.type == "cpu" else "CUDA events"
+        print(f"\nTraining step by phase ({clock}, medians); 'must cost': counted FLOPs at {peak or '?'} TFLOP/s, "
+              f"optimizer bytes at {bandwidth or '?'} TB/s:")
+        print(phases)
+    checks = ratio_checks(results, args.reference)
     if checks:
         print()
         print("\n".join(checks))
     if args.json:
         doc = {
-            "device": name,
-            "torch": torch.__version__,
+            **environment(device, name),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
             "peak_tflops": peak,
+            "bandwidth_tbs": bandwidth,
             "results": [
-                dict(dataclasses.asdict(r), median_s=r.median_s if r.times_s else None) for r in results
+                dict(dataclasses.asdict(r), median_s=r.median_s if r.times_s else None,
+                     mfu=r.tflops / peak if peak and r.times_s else None)
+                for r in results
             ],
             "ratio_checks": checks,
         }

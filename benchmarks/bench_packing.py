@@ -60,6 +60,8 @@ def compositions(batch: int) -> list[tuple[str, list[float]]]:
         ("all 50%", [0.5] * batch),
         ("one 50% among 25%", [0.5] + [0.25] * (batch - 1)),
         ("one 75% among 50%", [0.75] + [0.5] * (batch - 1)),
+        ("two 50% among 25%", [0.5] * 2 + [0.25] * (batch - 2)),
+        ("half 25%, half 50%", [0.25] * (batch // 2) + [0.5] * (batch - batch // 2)),
         ("one 25% among 50%", [0.25] + [0.5] * (batch - 1)),
         ("half 50%, half 75%", [0.5] * (batch // 2) + [0.75] * (batch - batch // 2)),
         ("thirds 25/50/75%", ([0.25] * third + [0.5] * third + [0.75] * batch)[:batch]),

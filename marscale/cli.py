@@ -5,6 +5,7 @@
     marscale eval   --checkpoint PATH [--config ...] [--mask-ratios 0,0.25,0.5,0.75]
     marscale export --checkpoint RUN --out model.pt
     marscale cost   [--format table|csv|json|markdown]
+    marscale compare [CONFIG[:key=value...] ...] [--quick] [--out DIR]
     marscale demo   (synthetic data -> shards -> train -> eval -> cost table)
 
 Sub-command modules are imported only when used, so `marscale cost` does not pay for
@@ -24,6 +25,7 @@ COMMANDS = {
     "export": ("marscale.commands.export", "write a consolidated fp32 state dict from a DeepSpeed checkpoint"),
     "demo": ("marscale.commands.demo", "render synthetic data, shard it, train a tiny MAR model, evaluate"),
     "cost": ("marscale.commands.cost", "parameter and FLOP table for ViT-S/B/L/H/g, full tokens vs MAR"),
+    "compare": ("marscale.commands.compare", "MAR vs full-token ViTs: counted cost beside time measured on the engine"),
 }
 
 

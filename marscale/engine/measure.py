@@ -1,0 +1,279 @@
+"""Time one config's training and inference step on the real engine, with synthetic tensors.
+
+What runs is what `marscale train` runs: the model, the AdamW groups and the DeepSpeed
+engine are built as `Trainer` builds them (ZeRO stage, precision, activation
+checkpointing and accumulation from the config), and every step goes through
+`Trainer.train_masks` and `Trainer.train_step` (normalise, mixup, masks from the run
+plan, loss, backward, optimizer step). Only the data is synthetic: uint8 clips and labels
+of the config's real shapes, made once, so the loader's cost is left out.
+
+    timed training step   = masks + host-to-device copy + forward + loss + backward + step
+    timed inference step  = normalise + forward without the decoder (evaluation mask)
+
+Each timed step ends with a device synchronisation (the training loop itself syncs only
+on logging steps; a benchmark needs the time of every step). On a CPU the step is timed
+in process CPU time, with wall time beside it: on a shared machine the wall time of
+identical steps was seen to vary tenfold, the CPU time far less (run with one thread,
+`torch.set_num_threads(1)`, so no thread spins waiting for a descheduled sibling). Peak memory is the CUDA
+allocator's peak on a GPU, and the process's peak resident memory on a CPU (reset before
+each config where Linux allows it, so each config gets its own peak).
+
+The run plan comes from `make_plan` with a stand-in shard set of the schedule's video
+count, so FLOPs per clip, masks and the visible-token count are the plan's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import re
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from marscale import dist
+from marscale.data import normalize
+from marscale.engine.config import PRECISION_DTYPES, TrainConfig
+from marscale.engine.metrics import peak_tflops
+from marscale.engine.plan import RunPlan, make_plan
+from marscale.engine.trainer import Trainer
+from marscale.masking import make_mask, mask_to_indices
+from marscale.shards import ShardSet
+
+SYNTHETIC_ROOT = "<synthetic>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """Measured steps of one config on one device (times in seconds, per step)."""
+
+    device: str
+    """Device name (`torch.cuda.get_device_name`, or `CPU, N threads`)."""
+    batch: int
+    """Clips per step (training and inference)."""
+    warmup: int
+    """Untimed steps before the timed ones (each mode)."""
+    steps: int
+    """Timed steps (each mode)."""
+    train_step_s: tuple[float, ...]
+    """Time of each timed training step, on the clock named by `clock`."""
+    infer_step_s: tuple[float, ...]
+    clock: str
+    """`wall` (GPU: wall time after a device sync) or `cpu` (CPU: the process's CPU time,
+    which a busy shared machine inflates far less than wall time)."""
+    train_wall_s: tuple[float, ...]
+    """Wall time of each timed training step (the same as train_step_s on GPU)."""
+    infer_wall_s: tuple[float, ...]
+    peak_memory_bytes: int
+    """Peak over building, training and inference steps (see the module docstring)."""
+    flops_per_train_clip: int
+    """Hardware FLOPs (2 x MACs) of one training clip, from the run plan."""
+    peak_tflops: float | None
+    """The device's dense peak at the config's precision (None: no MFU)."""
+
+    @property
+    def train_median_s(self) -> float:
+        return statistics.median(self.train_step_s)
+
+    @property
+    def train_spread_s(self) -> float:
+        """Max - min of the timed training steps."""
+        return max(self.train_step_s) - min(self.train_step_s)
+
+    @property
+    def infer_median_s(self) -> float:
+        return statistics.median(self.infer_step_s)
+
+    @property
+    def train_clips_per_s(self) -> float:
+        return self.batch / self.train_median_s
+
+    @property
+    def infer_clips_per_s(self) -> float:
+        return self.batch / self.infer_median_s
+
+    @property
+    def seconds_per_train_clip(self) -> float:
+        return self.train_median_s / self.batch
+
+    @property
+    def seconds_per_view(self) -> float:
+        return self.infer_median_s / self.batch
+
+    @property
+    def achieved_tflops(self) -> float:
+        """Model FLOPs per second of training (recomputation not counted, as MFU defines it)."""
+        return self.flops_per_train_clip * self.train_clips_per_s / 1e12
+
+    @property
+    def mfu(self) -> float | None:
+        return self.achieved_tflops / self.peak_tflops if self.peak_tflops else None
+
+
+def synthetic_plan(cfg: TrainConfig, videos: int) -> RunPlan:
+    """The run plan of `cfg` on one rank, as if its training and evaluation sets held
+    `videos` videos of `model.num_classes` classes (no manifest is read)."""
+    classes = tuple(str(i) for i in range(cfg.model.num_classes))
+    shard_set = ShardSet(root=SYNTHETIC_ROOT, shards=(SYNTHETIC_ROOT,), shard_videos=(videos,), class_names=classes)
+    return make_plan(cfg, world_size=1, train_set=shard_set, val_set=shard_set)
+
+
+class SyntheticTrainer(Trainer):
+    """`Trainer`'s engine and step without data, writers or run records.
+
+    The engine is built as in `Trainer.__init__` (same model, optimizer groups, DeepSpeed
+    config and seeds); `train_masks` and `train_step` are the Trainer's own.
+    """
+
+    def __init__(self, cfg: TrainConfig, plan: RunPlan):
+        # Not super().__init__(): that reads the manifests, checks the shards and writes the
+        # run's records. Keep these lines in step with it.
+        import deepspeed
+
+        from marscale.data import build_mixup
+        from marscale.engine.ds_config import build_deepspeed_config
+        from marscale.engine.optim import build_optimizer
+        from marscale.losses import build_loss
+        from marscale.model import build_model
+        from marscale.seeding import seed_everything
+
+        self.cfg, self.plan = cfg, plan
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
+        device = dist.resolve_device(cfg.run.device)
+        seed_everything(cfg.run.seed)
+        model = build_model(cfg.model, cfg.clip)
+        optimizer = build_optimizer(model, cfg.optim, device.type, offload=cfg.deepspeed.offload_optimizer)
+        self.ds_config = build_deepspeed_config(cfg, self.world_size)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.device = self.engine.device if isinstance(self.engine.device, torch.device) else device
+        self._own_grad_norm = isinstance(self.engine.optimizer, torch.optim.Optimizer)
+        self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
+        self.loss = build_loss(cfg.clip, cfg.model.patch_size, cfg.optim.recon_weight)
+
+    def close(self) -> None:
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} thread{'' if threads == 1 else 's'}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the peak then covers the whole process so far
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)\s+kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        from marscale.engine.metrics import peak_memory_bytes
+
+        return peak_memory_bytes(device)
+
+
+def measure(
+    cfg: TrainConfig,
+    *,
+    batch: int,
+    warmup: int,
+    steps: int,
+    videos: int,
+    tick: Callable[[], None] = lambda: None,
+) -> Measurement:
+    """Build `cfg`'s engine with `batch` clips per step, run `warmup` + `steps` training
+    steps and as many inference steps, and time the last `steps` of each.
+
+    Needs the process group (`marscale.dist.init_distributed`). `videos`: the schedule's
+    training videos (only the plan's epoch arithmetic reads it). `tick` is called after
+    every step (a progress bar).
+    """
+    # Every synthetic clip is its own video (repeated augmentation changes no step's work),
+    # and an odd batch (batch 1 for the large models on a CPU) cannot pair clips for
+    # mixup/cutmix, which then stay off: they blend inputs, no work for the model.
+    pairs = {} if batch % 2 == 0 else {"mixup": 0.0, "cutmix": 0.0}
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch, clips_per_video=1, **pairs))
+    cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum_steps=1))
+    plan = synthetic_plan(cfg, videos)
+    device = dist.resolve_device(cfg.run.device)
+    gc.collect()  # an engine holds reference cycles: free the previous config's before this one
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _reset_peak_memory(device)
+    trainer = SyntheticTrainer(cfg, plan)
+    try:
+        device = trainer.device
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        c = cfg.clip
+        video = torch.randint(0, 256, (batch, 3, c.num_frames, c.img_size, c.img_size), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, cfg.model.num_classes, (batch,), generator=g)
+
+        times = {"train": ([], []), "infer": ([], [])}  # mode -> (clock, wall)
+
+        def timed(mode: str, step: int, fn: Callable[[], None]) -> None:
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            _sync(device)
+            if step >= warmup:
+                times[mode][0].append(time.process_time() - c0 if device.type == "cpu" else time.perf_counter() - t0)
+                times[mode][1].append(time.perf_counter() - t0)
+            tick()
+
+        def train_step(step: int) -> None:
+            visible_idx, masked_idx, packed = trainer.train_masks(step, 0, batch)
+            trainer.train_step(video, labels, visible_idx, masked_idx, packed=packed)
+
+        for step in range(warmup + steps):
+            timed("train", step, lambda: train_step(step))
+
+        mask = make_mask(cfg.masking, batch, plan.token_grid, None, train=False)
+        eval_visible = mask_to_indices(mask)[0].to(device) if mask is not None else None
+        engine = trainer.engine
+        engine.eval()
+
+        def infer_step() -> None:
+            x = normalize(video.to(device, non_blocking=True), c.mean, c.std, trainer.dtype)
+            engine(x, eval_visible, None)
+
+        with torch.no_grad():
+            for step in range(warmup + steps):
+                timed("infer", step, infer_step)
+        peak = _peak_memory(device)
+    finally:
+        trainer.close()
+    return Measurement(
+        device=device_name(device),
+        batch=batch,
+        warmup=warmup,
+        steps=steps,
+        train_step_s=tuple(times["train"][0]),
+        infer_step_s=tuple(times["infer"][0]),
+        clock="cpu" if device.type == "cpu" else "wall",
+        train_wall_s=tuple(times["train"][1]),
+        infer_wall_s=tuple(times["infer"][1]),
+        peak_memory_bytes=peak,
+        flops_per_train_clip=plan.flops_per_clip_train,
+        peak_tflops=peak_tflops(device, cfg.deepspeed.precision, cfg.logging.peak_tflops),
+    )

@@ -1,0 +1,99 @@
+"""marscale.commands.compare / marscale.compare: `marscale compare --quick` end to end
+(DeepSpeed on the CPU, every output file), counted ratios against marscale.cost, and the
+lines set beside the paper's figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, subprocess_env
+
+from marscale import compare
+from marscale.cli import main as cli_main
+from marscale.commands.compare import QUICK_ENTRIES, QUICK_OVERRIDES
+from marscale.cost import count_model
+
+MEASURED = ("train_clips_per_s", "infer_clips_per_s", "peak_memory_gib", "achieved_tflops", "train_step_median_s")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`marscale compare --quick --format json --out DIR` in a child process (one DeepSpeed start)."""
+    out = tmp_path_factory.mktemp("compare")
+    proc = subprocess.run(
+        [sys.executable, "-m", "marscale.cli", "compare", "--quick", "--format", "json", "--out", str(out)],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), out
+
+
+@pytest.mark.slow
+def test_quick_json_counts_and_measures(quick_run):
+    doc, _ = quick_run
+    rows = {r["entry"]: r for r in doc["rows"]}
+    assert list(rows) == list(QUICK_ENTRIES) and doc["reference"] == QUICK_ENTRIES[0]
+    ref = rows[QUICK_ENTRIES[0]]
+    assert all(ref[f"ratio_{k}"] == 1.0 for k in compare.RATIO_TERMS)
+    for entry, row in rows.items():
+        cfg = compare.Entry.parse(entry).load(QUICK_OVERRIDES)
+        counted = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=True))
+        full = count_model(compare.Entry.parse(QUICK_ENTRIES[0]).load(QUICK_OVERRIDES).model, cfg.clip, 0.0)
+        assert row["macs_view"] == counted.macs_inference and row["macs_train_clip"] == counted.macs_training
+        assert row["ratio_view"] == pytest.approx(counted.macs_inference / full.macs_inference)
+        assert row["ratio_train"] == pytest.approx(counted.macs_training / full.macs_training)
+        assert all(row[k] > 0 for k in MEASURED), {k: row[k] for k in MEASURED}
+        assert row["batch"] == 2 and row["timed_steps"] == 2 and row["clock"] == "cpu"
+        assert row["device_hours"] == pytest.approx(
+            row["train_step_median_s"] / 2 * row["schedule_clips"] / 3600)
+    assert rows["demo"]["label"] == "MAR ViT-Ti 50%" and rows["demo"]["ratio_measured_train"] > 0
+
+
+@pytest.mark.slow
+def test_quick_writes_markdown_csv_and_png(quick_run):
+    doc, out = quick_run
+    with open(os.path.join(out, "compare.csv")) as f:
+        records = list(csv.DictReader(f))
+    assert list(records[0]) == list(doc["rows"][0]) and len(records) == 3
+    md = open(os.path.join(out, "compare.md")).read()
+    assert all(f"### {t}" in md for t in ("Counted", "Measured", "Ratios to ViT-Ti full"))
+    assert "not measured" not in md and "53%" in md
+    table = [line for line in md.splitlines() if line.startswith("| ViT-Ti full")]
+    assert len(table) == 3
+    with open(os.path.join(out, "compare.png"), "rb") as f:
+        png = f.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_counted_only_sets_mar_vit_l_beside_the_paper(capsys):
+    assert cli_main(["compare", "vit_h_k400", "mar_vit_l_k400", "--no-measure", "--format", "markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "MAR ViT-L costs 14.5% of ViT-H" in text and "not measured (--no-measure)" in text
+    # 276.0 / 1191.0 GFLOPs per view, as `marscale cost` prints
+    assert "23.2%  MAR ViT-L 50% / ViT-H full: counted MACs per inference view" in text
+    assert "None is 14.5%" in text
+
+
+def test_entries_and_reference():
+    e = compare.Entry.parse("mar_vit_l_k400:masking.ratio=0.75:deepspeed.zero_stage=3")
+    assert (e.config, e.overrides) == ("mar_vit_l_k400", ("masking.ratio=0.75", "deepspeed.zero_stage=3"))
+    cfg = e.load()
+    assert compare.label(cfg) == "MAR ViT-L 75%" and cfg.deepspeed.zero_stage == 3
+    with pytest.raises(ValueError, match="reference 'vit_q'"):
+        compare.find_reference([], "vit_q")
+
+
+def test_paper_terms_pair_mar_with_full_of_its_size():
+    rows = [compare.counted_row(compare.Entry.parse(e), compare.Entry.parse(e).load(), 240_000, {})
+            for e in ("vit_l_k400", "mar_vit_l_k400")]
+    compare.fill_ratios(rows, rows[0])
+    (view, train) = compare.paper_terms(rows, rows[0])
+    assert view.name == "MAR ViT-L 50% vs ViT-L full, inference per view, counted"
+    assert view.value == pytest.approx(1 - rows[1].macs_view / rows[0].macs_view)
+    assert round(view.value, 3) == 0.537  # docs/benchmarks.md: ViT-L 276.0 vs 596.8 GFLOPs
+    assert rows[1].schedule_clips == 240_000 * 60 * 2
