@@ -191,6 +191,41 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
         trainer.close()
 
 
+def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, tmp_path):
+    """data.augment_on=device on the CPU device, full RandAugment, flips and erasing: 4
+    steps straight == pre-empted after step 2 or later and resumed."""
+    extra = (
+        "data.augment_on=device", "data.rand_augment=rand-m9-mstd0.5-inc1", "data.random_erasing=0.5",
+        "data.mixup=0.8", "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "run.max_steps=4",
+        "run.eval_every_steps=0",
+    )
+    straight_dir = tmp_path / "straight"
+    trainer = Trainer(tiny_config(synthetic_shards, straight_dir, *extra))
+    assert trainer.augment_on == "device"
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    straight = losses(straight_dir)
+    run_dir = tmp_path / "preempted"
+    cfg = tiny_config(synthetic_shards, run_dir, *extra, "checkpoint.resume=auto")
+    trainer = Trainer(cfg)
+    watcher = send_signal_after(str(run_dir / "metrics.jsonl"), 2, signal.SIGTERM)
+    try:
+        assert trainer.fit() == EXIT_PREEMPTED
+    finally:
+        trainer.close()
+        watcher.join()
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    resumed = losses(run_dir)
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
+    assert resumed == straight
+
+
 def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
     from marscale.data import normalize
 

@@ -135,15 +135,12 @@ class RandAugmentDraw:
         self.num_layers = self.ra.num_layers
         names = {fn.__name__: fn for fn in auto_augment.NAME_TO_OP.values()}
         names["posterize"] = posterize_any_bits
-        self.kinds = []
+        self.kinds: list[int | None] = []
+        """Each op's index in `OP_KINDS`, None for an image operation the device path lacks."""
         for op in self.ops:
             kind = "posterize" if op.aug_fn is posterize_any_bits else op.aug_fn.__name__
-            if kind not in OP_KINDS or names.get(kind) is not op.aug_fn:
-                raise ValueError(
-                    f"RandAugment op {op.name} ({config_str!r}) is not one marscale implements on both paths; "
-                    f"supported image operations: {', '.join(OP_KINDS)}"
-                )
-            self.kinds.append(OP_KINDS.index(kind))
+            known = kind in OP_KINDS and names.get(kind) is op.aug_fn
+            self.kinds.append(OP_KINDS.index(kind) if known else None)
 
     def __call__(self, rng: np.random.Generator) -> tuple[OpDraw, ...]:
         """The ops that apply to one clip, in order, with their arguments."""

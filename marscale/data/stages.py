@@ -16,11 +16,13 @@ Training stages, run inside each DataLoader worker (`train_stages`)::
                        resumed batch are dropped here, before any decoding
     decode + augment   `clips_per_video` clips per video: one temporal window for all
                        (clip_windows "shared") or one each ("independent"), the union of
-                       their frames decoded in one pass; each clip augmented on its own,
-                       flipped labels swapped (flip_label_pairs); bad videos counted and
-                       skipped
+                       their frames decoded in one pass; each clip's augmentation drawn on
+                       its own and applied here (augment_on "worker") or passed on with the
+                       window for the device (`device_augment`), flipped labels swapped
+                       (flip_label_pairs); bad videos counted and skipped
     take, batch        wds.slice to this worker's share of the epoch, then wds.batched:
                        `batch_size` clips -> {"video": uint8 [B, C, T, H, W], "label": int64 [B]}
+                       (device: "video" uint8 [B, T, H, W, 3] padded, "augment" parameters)
 
 webdataset's own stages are used where they give the same stream (shuffle, slice,
 batched, SimpleShardList). Shard resampling stays here: `wds.ResampledShards` seeds
@@ -60,6 +62,7 @@ from marscale.clip import ClipConfig
 from marscale.data import sampling
 from marscale.data.config import DataConfig
 from marscale.data.decode import DecodeError, open_sample
+from marscale.data.augment_params import AugmentDraw
 from marscale.data.transforms import EvalTransform, TrainTransform
 from marscale.seeding import seed_word, seed_words
 from marscale.shards import LABEL_EXT, META_EXT, VIDEO_EXTENSIONS, SampleMeta, key_to_index
@@ -246,10 +249,37 @@ def train_windows(cfg: DataConfig, clip: ClipConfig, num_video_frames: int, fps:
     return [sampling.train_indices(clip, num_video_frames, fps, rng) for _ in range(count)]
 
 
+ClipMaker = Callable[[np.ndarray, np.random.Generator], tuple[dict, bool]]
+"""(window uint8 [T, H, W, 3], the clip's generator) -> (the clip's item fields, flipped)."""
+
+
+def augmented_clip(transform: TrainTransform) -> ClipMaker:
+    """augment_on "worker": the augmented clip {"video": uint8 [C, T, S, S]}."""
+
+    def make(window: np.ndarray, rng: np.random.Generator) -> tuple[dict, bool]:
+        video, flipped = transform(window, rng)
+        return {"video": video}, flipped
+
+    return make
+
+
+def clip_for_device(draw: AugmentDraw, img_size: int) -> ClipMaker:
+    """augment_on "device": the window as decoded {"video": uint8 [T, H, W, 3]} and its
+    augmentation parameters {"augment": `ClipParams.to_tensors`}, drawn as the worker path draws them."""
+
+    def make(window: np.ndarray, rng: np.random.Generator) -> tuple[dict, bool]:
+        params = draw(window.shape[1], window.shape[2], rng)
+        return {"video": torch.from_numpy(window), "augment": params.to_tensors(draw.num_layers, img_size)}, params.flipped
+
+    return make
+
+
 def decode_train_clips(
-    cfg: DataConfig, clip: ClipConfig, transform: TrainTransform, decoder: str, stats: SkipStats, words: list[int]
+    cfg: DataConfig, clip: ClipConfig, make_clip: ClipMaker, decoder: str, stats: SkipStats, words: list[int]
 ) -> Callable[[Iterable[tuple[int, dict]]], Iterator[dict]]:
-    """(n, sample) -> `clips_per_video` augmented clips {"video": uint8 [C, T, H, W], "label"}.
+    """(n, sample) -> `clips_per_video` clips {**make_clip's fields, "label"}: augmented
+    uint8 [C, T, H, W] clips (`augmented_clip`), or windows and parameters for the device
+    (`clip_for_device`).
 
     Repeated augmentation as in VideoMAE/MAR, decoded once per video: with shared windows
     the clips are independent spatial augmentations of one frame sample; with
@@ -269,9 +299,9 @@ def decode_train_clips(
             frames, positions = decoded
             for k in range(cfg.clips_per_video):
                 window = frames[positions[k % len(positions)]]  # [T, H, W, 3]; shared: one row for all
-                video, flipped = transform(window, rng)
+                fields, flipped = make_clip(window, rng)
                 label = flip_label_map.get(sample["label"], sample["label"]) if flipped else sample["label"]
-                yield {"video": video, "label": label}
+                yield {**fields, "label": label}
 
     return stage
 
@@ -295,15 +325,27 @@ def decode_eval_views(
     return stage
 
 
-def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack items: "video" -> uint8 [B, C, T, H, W], every other field -> int64 [B].
+def collate(items: list[dict]) -> dict:
+    """Stack items: "video" -> uint8 [B, ...], "augment" (a dict of tensors) -> each
+    stacked, every other field -> int64 [B].
 
-    Given to `wds.batched` explicitly: its default collation would turn the labels into
-    numpy arrays.
+    Videos of different sizes (decoded windows of the device path: [T, H, W, 3]) are
+    zero-padded at the bottom and right to the largest; each clip's parameters keep its
+    own size. Given to `wds.batched` explicitly: its default collation would turn the
+    labels into numpy arrays.
     """
-    out = {"video": torch.stack([item["video"] for item in items])}
+    videos = [item["video"] for item in items]
+    shape = [max(sizes) for sizes in zip(*(v.shape for v in videos))]
+    if all(list(v.shape) == shape for v in videos):
+        out = {"video": torch.stack(videos)}
+    else:
+        out = {"video": torch.zeros([len(videos), *shape], dtype=videos[0].dtype)}
+        for b, v in enumerate(videos):
+            out["video"][(b, *(slice(0, n) for n in v.shape))] = v
     for name in items[0]:
-        if name != "video":
+        if name == "augment":
+            out[name] = {k: torch.stack([item[name][k] for item in items]) for k in items[0][name]}
+        elif name != "video":
             out[name] = torch.tensor([item[name] for item in items], dtype=torch.int64)
     return out
 
@@ -318,7 +360,7 @@ def train_stages(
     worker: int,
     first_sample: int,
     num_batches: int,
-    transform: TrainTransform,
+    make_clip: ClipMaker,
     decoder: str,
     stats: SkipStats,
     num_classes: int,
@@ -350,7 +392,7 @@ def train_stages(
         *shuffle,
         enumerate,  # (n, sample): n seeds the sample's augmentation
         wds.slice(first_sample, None),  # a resumed epoch drops earlier samples before decoding them
-        decode_train_clips(cfg, clip, transform, decoder, stats, seed_words(*base, _SAMPLE_STREAM)),
+        decode_train_clips(cfg, clip, make_clip, decoder, stats, seed_words(*base, _SAMPLE_STREAM)),
         # This worker's share, cut in clips before batching: wds.batched waits for the next
         # item before releasing a batch, so a cut after it would decode one video too many.
         *batching,
