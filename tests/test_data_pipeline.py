@@ -410,8 +410,8 @@ class _Recorder:
         self.fps: list[float] = []
         real_open = stages.open_sample
 
-        def open_sample(data, ext, meta, decoder):
-            reader = real_open(data, ext, meta, decoder)
+        def open_sample(data, ext, meta, decoder, threads=1):
+            reader = real_open(data, ext, meta, decoder, threads)
             real_get = reader.get_frames
             self.opened += 1
             self.fps.append(reader.fps)

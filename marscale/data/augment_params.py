@@ -197,18 +197,17 @@ class ClipParams:
         """Fixed-size tensors that `stages.collate` stacks over a batch (the device path's
         input): "size" int64 [2], "crop" int64 [4], "flip" int64 [], "ops" int64 [L] (op
         index, -1 none; L = num_layers), "args" float64 [L] (the op's argument, 0 for ops
-        without one), "erase" int64 [4] (h = w = 0: none), "noise" uint8 [S, S, 3] (the
-        rectangle's fill in its top-left corner)."""
+        without one), "erase" int64 [4] (h = w = 0: none), "noise" uint8 [`noise_capacity(S)`, 3]
+        (the rectangle's h * w fill values, row-major, then zeros)."""
         ops = self.ops_before_crop or self.ops_after_crop
         op_index = torch.full((num_layers,), -1, dtype=torch.int64)
         args = torch.zeros(num_layers, dtype=torch.float64)
         for layer, (index, op_args) in enumerate(ops):
             op_index[layer] = index
             args[layer] = float(op_args[0]) if op_args else 0.0
-        noise = torch.zeros(img_size, img_size, 3, dtype=torch.uint8)
+        noise = torch.zeros(noise_capacity(img_size), 3, dtype=torch.uint8)
         if self.noise is not None:
-            h, w = self.noise.shape[:2]
-            noise[:h, :w] = torch.from_numpy(self.noise)
+            noise[: self.noise.shape[0] * self.noise.shape[1]] = torch.from_numpy(self.noise.reshape(-1, 3))
         return {
             "size": torch.tensor(self.size, dtype=torch.int64),
             "crop": torch.tensor(self.crop, dtype=torch.int64),
@@ -218,6 +217,12 @@ class ClipParams:
             "erase": torch.tensor(self.erase or (0, 0, 0, 0), dtype=torch.int64),
             "noise": noise,
         }
+
+
+def noise_capacity(img_size: int) -> int:
+    """Pixels the largest erased rectangle of an img_size crop can hold: a third of the
+    area (`ERASE_AREA`) plus the rounding of its sides to whole pixels."""
+    return img_size * img_size // 3 + 2 * img_size + 1
 
 
 class AugmentDraw:

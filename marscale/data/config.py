@@ -89,6 +89,12 @@ class DataConfig:
     """Video decoder backend: auto | decord | pyav | torchcodec. "auto" takes the fastest
     installed one (see `marscale.data.decode.AUTO_ORDER`)."""
 
+    decode_threads: int = 1
+    """The decoder's own threads per worker (FFmpeg frame/slice threading). 1 (default):
+    parallelism comes from `num_workers`, and on CPU time per clip one thread is cheapest
+    (docs/benchmarks.md); more lowers a single video's latency (e.g. few workers, long
+    high-resolution videos) at some CPU cost."""
+
     shuffle_buffer: int = 500
     """Training: samples held by each worker's shuffle buffer (encoded bytes, so about
     `shuffle_buffer` x mean video size of memory per worker). 0 or 1 disables it."""
@@ -168,6 +174,7 @@ class DataConfig:
             "test_num_clips",
             "test_num_crops",
             "eval_batch_size",
+            "decode_threads",
         )
         for name in positive:
             if getattr(self, name) < 1:

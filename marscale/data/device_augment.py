@@ -94,8 +94,8 @@ class DeviceAugment:
         for b, (top, left, h, w) in enumerate(erase):
             if h and w:
                 if noise is None:
-                    noise = params["noise"].to(video.device, non_blocking=True)  # [B, S, S, 3]
-                out[b, :, :, top : top + h, left : left + w] = noise[b, :h, :w].permute(2, 0, 1)
+                    noise = params["noise"].to(video.device, non_blocking=True)  # [B, capacity, 3]
+                out[b, :, :, top : top + h, left : left + w] = noise[b, : h * w].view(h, w, 3).permute(2, 0, 1)
         return out.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, S, S]
 
     # --- RandAugment ------------------------------------------------------------------

@@ -55,6 +55,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -208,7 +209,8 @@ def indexed_samples(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[dic
 
 
 def _decode(
-    sample: dict, decoder: str, frame_indices: Callable[[int, float], list[np.ndarray]], stats: SkipStats
+    sample: dict, decoder: str, frame_indices: Callable[[int, float], list[np.ndarray]], stats: SkipStats,
+    threads: int = 1,
 ):
     """Decode the frames `frame_indices(num_frames, fps)` need, the union of all its index
     arrays in one pass: (distinct frames, per-array positions into them).
@@ -218,7 +220,7 @@ def _decode(
     PyAV (`decode.open_sample`); a sample without a record is read as it is."""
     reader = None
     try:
-        reader = open_sample(sample["video"], sample.get("ext", ""), _meta(sample.get("meta")), decoder)
+        reader = open_sample(sample["video"], sample.get("ext", ""), _meta(sample.get("meta")), decoder, threads)
         clips = frame_indices(reader.num_frames, reader.fps)
         wanted, positions = np.unique(np.stack(clips), return_inverse=True)
         frames = reader.get_frames(wanted)
@@ -230,6 +232,14 @@ def _decode(
             reader.close()
     stats.good()
     return frames, positions.reshape(len(clips), -1)
+
+
+def _window(frames: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """frames[positions], without a copy when that is all of `frames` in order (one window
+    of distinct frames: the usual case)."""
+    if len(positions) == len(frames) and (positions == np.arange(len(frames))).all():
+        return frames
+    return frames[positions]
 
 
 def _meta(data: bytes | None) -> SampleMeta | None:
@@ -293,12 +303,12 @@ def decode_train_clips(
     def stage(numbered: Iterable[tuple[int, dict]]) -> Iterator[dict]:
         for n, sample in numbered:
             rng = np.random.default_rng(words + [n])
-            decoded = _decode(sample, decoder, partial(train_windows, cfg, clip, rng=rng), stats)
+            decoded = _decode(sample, decoder, partial(train_windows, cfg, clip, rng=rng), stats, cfg.decode_threads)
             if decoded is None:
                 continue
             frames, positions = decoded
             for k in range(cfg.clips_per_video):
-                window = frames[positions[k % len(positions)]]  # [T, H, W, 3]; shared: one row for all
+                window = _window(frames, positions[k % len(positions)])  # [T, H, W, 3]; shared: one row for all
                 fields, flipped = make_clip(window, rng)
                 label = flip_label_map.get(sample["label"], sample["label"]) if flipped else sample["label"]
                 yield {**fields, "label": label}
@@ -316,7 +326,7 @@ def decode_eval_views(
 
     def stage(samples: Iterable[dict]) -> Iterator[dict]:
         for sample in samples:
-            decoded = _decode(sample, decoder, indices, stats)
+            decoded = _decode(sample, decoder, indices, stats, cfg.decode_threads)
             if decoded is None:
                 continue
             for view, video in enumerate(transform(*decoded)):
@@ -336,10 +346,13 @@ def collate(items: list[dict]) -> dict:
     """
     videos = [item["video"] for item in items]
     shape = [max(sizes) for sizes in zip(*(v.shape for v in videos))]
+    # In a loader worker the batch goes to the training process through shared memory:
+    # build it there, as torch's default_collate does, rather than copy it there later.
+    out = {"video": _batch_tensor([len(videos), *shape], videos[0].dtype)}
     if all(list(v.shape) == shape for v in videos):
-        out = {"video": torch.stack(videos)}
+        torch.stack(videos, out=out["video"])
     else:
-        out = {"video": torch.zeros([len(videos), *shape], dtype=videos[0].dtype)}
+        out["video"].zero_()
         for b, v in enumerate(videos):
             out["video"][(b, *(slice(0, n) for n in v.shape))] = v
     for name in items[0]:
@@ -348,6 +361,13 @@ def collate(items: list[dict]) -> dict:
         elif name != "video":
             out[name] = torch.tensor([item[name] for item in items], dtype=torch.int64)
     return out
+
+
+def _batch_tensor(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch: in shared memory inside a DataLoader worker."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    return torch.empty(shape, dtype=dtype).share_memory_()
 
 
 def train_stages(
