@@ -39,7 +39,7 @@ cost: setup
 # CPU benchmarks (docs/benchmarks.md): model time vs counted FLOPs, then the loader.
 bench: setup
 	$(BIN)/python benchmarks/bench_model.py
-	$(BIN)/python benchmarks/bench_loader.py --videos 24 --repeats 3 --clips 16 --gpu-clips-per-s 160
+	$(BIN)/python benchmarks/bench_loader.py --videos 24 --repeats 3 --clips 12 --gpu-clips-per-s 200
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -24,9 +24,9 @@ keyframe per video) and re-encoded by the converter (short side capped, keyframe
 
     python benchmarks/bench_loader.py --videos 24 --repeats 3 --clips 16 --gpu-clips-per-s 200
 
-Rates are clips per CPU second of the process (all its threads): what one worker with a
-core of its own delivers, robust to other load on a shared machine; wall rates are shown
-too. "cores/GPU" = gpu_clips_per_s / (clips per CPU-second): loader cores one GPU needs.
+Rates are clips per CPU second of the process (all its threads; torch with one thread,
+as in a DataLoader worker): what one worker with a core of its own delivers, robust to
+other load on a shared machine; wall rates are shown too. "cores/GPU" = gpu_clips_per_s / (clips per CPU-second): loader cores one GPU needs.
 The default 200 clips/s is the rate the loader must sustain for one GPU training ViT-L
 MAR 50% (the target of the loader work), not a measurement.
 
@@ -293,6 +293,10 @@ def main() -> None:
 
     import torch
 
+    # As in a DataLoader worker (torch sets one thread there): on a loaded machine, idle
+    # intra-op threads spinning in small ops (a 50 kB torch.zeros took 5.7 ms CPU with two
+    # threads, 0.02 ms with one) would be charged to the pipeline.
+    torch.set_num_threads(1)
     folders = make_shards(args)
     backends = args.decoders or available_decoders()
     decoders = [(b, 1) for b in backends] + ([("pyav", args.threads)] if "pyav" in backends and args.threads > 1 else [])

@@ -5,14 +5,18 @@ Conversion to float and normalisation happen on the accelerator (`mixup.normaliz
 a batch crosses PCIe at a quarter of the float32 size.
 
 Training (`TrainTransform`), one random draw per clip applied to every frame, so motion
-is not corrupted by per-frame jitter:
+is not corrupted by per-frame jitter. The draw (`augment_params.AugmentDraw`, a
+`ClipParams`) is shared with the device path (`device_augment.DeviceAugment`,
+``data.augment_on: device``), which applies the same parameters with torch ops; this
+module applies them with PIL in the loader worker:
 
 1. RandomResizedCrop to ``img_size`` (area `rrc_scale`, aspect `rrc_ratio`, bilinear).
 2. Horizontal flip with probability 0.5 (when ``flip``). The transform says whether it
    flipped, so the loader can swap the labels of `flip_label_pairs` for that clip.
-3. timm RandAugment with the same ops and magnitudes on every frame: the ops are drawn
-   once, and Python's `random` (which timm's ops read for probability, magnitude noise
-   and sign) is reseeded to the same value before each frame.
+3. timm RandAugment with the same ops and magnitudes on every frame: the ops, whether
+   each applies, its magnitude and sign are drawn once (timm's own decision code, with
+   Python's `random` seeded from the clip's generator), and timm's image operation runs
+   with those arguments on every frame.
 4. Random erasing: with probability ``random_erasing`` one rectangle (timm's area range
    0.02-1/3 and log-aspect range 0.3-3.3), the same on every frame, filled with the
    same per-pixel Gaussian noise of mean ``255 * mean`` and std ``255 * std`` (clipped to
