@@ -189,3 +189,19 @@ def test_an_op_the_device_lacks_is_refused_with_the_fix():
         DeviceAugment(cfg, CLIP)
     out, _ = TrainTransform(cfg, CLIP)(_frames(0), np.random.default_rng(0))
     assert out.shape == (3, 3, 48, 48)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_devices_clips():
+    cfg = _cfg(random_erasing=0.5)
+    host, augment = TrainTransform(cfg, CLIP), DeviceAugment(cfg, CLIP)
+    items = []
+    for seed in range(8):
+        frames = _frames(seed)
+        items.append({"video": torch.from_numpy(frames), "label": 0,
+                      "augment": host.draw(48, 64, np.random.default_rng(seed)).to_tensors(2, 48)})
+    batch = collate(items)
+    on_cpu = augment(batch["video"], batch["augment"])
+    on_cuda = augment(batch["video"].cuda(), batch["augment"]).cpu()
+    assert (on_cuda.int() - on_cpu.int()).abs().float().mean() <= RECIPE_MEAN

