@@ -26,7 +26,8 @@ keyframe per video) and re-encoded by the converter (short side capped, keyframe
 
 Rates are clips per CPU second of the process (all its threads; torch with one thread,
 as in a DataLoader worker): what one worker with a core of its own delivers, robust to
-other load on a shared machine; wall rates are shown too. "cores/GPU" = gpu_clips_per_s / (clips per CPU-second): loader cores one GPU needs.
+other load on a shared machine; wall rates are shown too. "cores/GPU" =
+gpu_clips_per_s / (clips per CPU-second): the loader cores one GPU needs.
 The default 200 clips/s is the rate the loader must sustain for one GPU training ViT-L
 MAR 50% (the target of the loader work), not a measurement.
 
@@ -125,7 +126,8 @@ def decoder_label(backend: str, threads: int) -> str:
     if backend == "decord":
         import decord
 
-        name = f"decord2 {decord.__version__}" if int(decord.__version__.split(".")[0]) >= 3 else f"decord {decord.__version__}"
+        fork = int(decord.__version__.split(".")[0]) >= 3  # decord2's versions start at 3
+        name = f"{'decord2' if fork else 'decord'} {decord.__version__}"
     elif backend == "pyav":
         import av
 
@@ -299,7 +301,9 @@ def main() -> None:
     torch.set_num_threads(1)
     folders = make_shards(args)
     backends = args.decoders or available_decoders()
-    decoders = [(b, 1) for b in backends] + ([("pyav", args.threads)] if "pyav" in backends and args.threads > 1 else [])
+    decoders = [(b, 1) for b in backends]
+    if "pyav" in backends and args.threads > 1:
+        decoders.append(("pyav", args.threads))
     default = backends[0]
     print(f"decoders: {', '.join(decoder_label(*d) for d in decoders)}; torch {torch.__version__}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; 16x224x224 clips, dense interval 4")
@@ -319,7 +323,8 @@ def main() -> None:
     aug = bench_augmentation(folders["reencoded"], default, args.repeats)
     row = table(["where", "CPU ms/clip", "wall ms/clip"])
     row("worker (PIL, TrainTransform)", f"{aug['worker_cpu']:.1f}", "")
-    row("device = this CPU, 1 thread (DeviceAugment, batch of 8)", f"{aug['device_cpu']:.1f}", f"{aug['device_wall']:.1f}")
+    row("device = this CPU, 1 thread (DeviceAugment, batch of 8)", f"{aug['device_cpu']:.1f}",
+        f"{aug['device_wall']:.1f}")
 
     print(f"\n### Training pipeline, one worker process; cores/GPU at {args.gpu_clips_per_s:g} clips/s\n")
     row = table(["decoder", "shards", "clips/video", "augment_on", "clips/CPU-s/worker", "clips/wall-s",

@@ -13,15 +13,8 @@ from PIL import Image
 from marscale.clip import ClipConfig
 from marscale.data import SSV2_FLIP_LABEL_PAIRS, DataConfig
 from marscale.data.mixup import VideoMixup, normalize, smoothed_one_hot
-from marscale.data.transforms import (
-    ClipRandAugment,
-    EvalTransform,
-    TrainTransform,
-    crop_offsets,
-    erasing_params,
-    resize_short_side,
-    rrc_params,
-)
+from marscale.data.augment_params import erasing_params, rrc_params
+from marscale.data.transforms import ClipRandAugment, EvalTransform, TrainTransform, crop_offsets, resize_short_side
 from marscale.engine.config import load_train_config, presets
 
 

@@ -279,7 +279,8 @@ def clip_for_device(draw: AugmentDraw, img_size: int) -> ClipMaker:
 
     def make(window: np.ndarray, rng: np.random.Generator) -> tuple[dict, bool]:
         params = draw(window.shape[1], window.shape[2], rng)
-        return {"video": torch.from_numpy(window), "augment": params.to_tensors(draw.num_layers, img_size)}, params.flipped
+        fields = {"video": torch.from_numpy(window), "augment": params.to_tensors(draw.num_layers, img_size)}
+        return fields, params.flipped
 
     return make
 

@@ -47,14 +47,7 @@ import torch
 from PIL import Image
 
 from marscale.clip import ClipConfig
-from marscale.data.augment_params import (  # noqa: F401 - rrc_params, erasing_params: re-exported
-    AugmentDraw,
-    ClipParams,
-    OpDraw,
-    RandAugmentDraw,
-    erasing_params,
-    rrc_params,
-)
+from marscale.data.augment_params import AugmentDraw, ClipParams, OpDraw, RandAugmentDraw
 from marscale.data.config import DataConfig
 
 
