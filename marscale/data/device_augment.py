@@ -15,11 +15,13 @@ against it are in tests/test_data_device_augment.py:
 
 - crop + resize: Pillow's bilinear weights (widened when shrinking, reaching past the
   box into the frame, in its fixed point), a horizontal then a vertical pass as matrix
-  products, each rounded as Pillow rounds: off by a level at most (float32 sums).
+  products, each rounded as Pillow rounds: a few values off by one or two levels (float32
+  sums where Pillow sums in fixed point).
 - flip: exact.
 - invert, posterize, solarize, solarize-add: a 256-entry table per clip, made by timm's
   own operation on a ramp image: exact.
-- autocontrast, equalize: Pillow's tables, from each frame's per-channel histogram: exact.
+- autocontrast, equalize: Pillow's tables, from each frame's per-channel histogram: exact
+  but for autocontrast's rare value on a rounding boundary (one level).
 - color, contrast, brightness, sharpness: Pillow's blend (float32, truncated) with its
   degenerate images (grey by Pillow's integer ITU-R 601 weights, the frame's mean grey,
   black, the 3x3 smoothing filter with the border kept).
