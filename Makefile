@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo cost bench clean
+.PHONY: setup test test-fast demo cost bench ratio-dial clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ cost: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_loader.py --videos 24 --repeats 3 --clips 12 --gpu-clips-per-s 200
+
+# Per-clip mask ratios vs a fixed 50%: two demo trainings, each scored at 4 evaluation ratios
+# (docs/benchmarks.md). About 15 minutes on a 2-core CPU.
+ratio-dial: setup
+	$(BIN)/python benchmarks/ratio_dial.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

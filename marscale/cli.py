@@ -2,7 +2,7 @@
 `marscale/commands/`.
 
     marscale train  --config configs/demo.yaml [--set key=value ...] [--resume auto]
-    marscale eval   --checkpoint PATH [--config ...]
+    marscale eval   --checkpoint PATH [--config ...] [--mask-ratios 0,0.25,0.5,0.75]
     marscale export --checkpoint RUN --out model.pt
     marscale cost   [--format table|csv|json|markdown]
     marscale demo   (synthetic data -> shards -> train -> eval -> cost table)
@@ -20,7 +20,7 @@ import sys
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
     "train": ("marscale.commands.train", "fine-tune a MAR model (or the ViT baseline) from shards"),
-    "eval": ("marscale.commands.eval", "evaluate a checkpoint (multi-view, exact across ranks)"),
+    "eval": ("marscale.commands.eval", "evaluate a checkpoint (multi-view, exact across ranks; or per mask ratio)"),
     "export": ("marscale.commands.export", "write a consolidated fp32 state dict from a DeepSpeed checkpoint"),
     "demo": ("marscale.commands.demo", "render synthetic data, shard it, train a tiny MAR model, evaluate"),
     "cost": ("marscale.commands.cost", "parameter and FLOP table for ViT-S/B/L/H/g, full tokens vs MAR"),

@@ -52,29 +52,23 @@ def _steps(tmp_path, shards, stage, world, steps=3, global_batch=4, uneven=False
     return result
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_match_one_rank_in_fp32(stage, synthetic_shards, tmp_path):
-    one = _steps(tmp_path, synthetic_shards, stage, world=1)
-    two = _steps(tmp_path, synthetic_shards, stage, world=2)
+@pytest.mark.parametrize(
+    "stage,uneven,global_batch",
+    [(2, False, 4), (3, False, 4), (3, True, 8)],
+    ids=["zero2", "zero3", "zero3-packed-uneven"],
+)
+def test_two_ranks_match_one_rank_in_fp32(stage, uneven, global_batch, synthetic_shards, tmp_path):
+    """Same global batch, same initial weights: same losses and same updated weights.
+
+    uneven: per-clip mask ratios, packed, with rank 0 holding 2 clips and rank 1 holding 6
+    (different numbers of clips and of tokens): no hang, and the step's loss weighted over
+    both ranks gives what one rank gives on all 8 clips."""
+    one = _steps(tmp_path, synthetic_shards, stage, world=1, global_batch=global_batch, uneven=uneven)
+    two = _steps(tmp_path, synthetic_shards, stage, world=2, global_batch=global_batch, uneven=uneven)
     assert len(two["losses"]) == 3
-    # Same global batch, same initial weights: same losses and same updated weights.
     for a, b in zip(one["losses"], two["losses"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     for a, b in zip(one["checksum"], two["checksum"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
     # The weights moved: the comparison above is not between two untouched models.
-    assert one["losses"][0] != one["losses"][-1]
-
-
-def test_packed_batches_of_different_shapes_on_two_ranks_match_one_rank_zero3(synthetic_shards, tmp_path):
-    """Per-clip mask ratios, packed; rank 0 holds 2 clips and rank 1 holds 6 (different
-    numbers of clips and of tokens) under ZeRO-3: no hang, and the same losses and weights
-    as one rank on all 8 clips (the step's loss is weighted over both ranks)."""
-    one = _steps(tmp_path, synthetic_shards, 3, world=1, global_batch=8, uneven=True)
-    two = _steps(tmp_path, synthetic_shards, 3, world=2, global_batch=8, uneven=True)
-    assert len(two["losses"]) == 3
-    for a, b in zip(one["losses"], two["losses"]):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    for a, b in zip(one["checksum"], two["checksum"]):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
     assert one["losses"][0] != one["losses"][-1]

@@ -143,13 +143,7 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
 
     run_dir = tmp_path / "preempted"
     cfg = tiny_config(synthetic_shards, run_dir, *extra, "checkpoint.resume=auto")
-    trainer = Trainer(cfg)
-    watcher = send_signal_after(str(run_dir / "metrics.jsonl"), 3, signal.SIGTERM)
-    try:
-        assert trainer.fit() == EXIT_PREEMPTED
-    finally:
-        trainer.close()
-        watcher.join()
+    preempt_after(cfg, 3)
     root = ckpt.checkpoints_root(str(run_dir))
     saved = [s for s, _ in ckpt.list_checkpoints(root)]
     assert len(saved) == 1 and 3 <= saved[0] < 6, saved
@@ -191,6 +185,18 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
         trainer.close()
 
 
+def preempt_after(cfg, step: int) -> None:
+    """Train `cfg` until SIGTERM arrives once metrics.jsonl shows `step`: the run saves and
+    returns EXIT_PREEMPTED."""
+    trainer = Trainer(cfg)
+    watcher = send_signal_after(os.path.join(cfg.run.output_dir, "metrics.jsonl"), step, signal.SIGTERM)
+    try:
+        assert trainer.fit() == EXIT_PREEMPTED
+    finally:
+        trainer.close()
+        watcher.join()
+
+
 def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, tmp_path):
     """data.augment_on=device on the CPU device, full RandAugment, flips and erasing: 5
     steps straight == pre-empted after step 2 or later and resumed."""
@@ -207,21 +213,14 @@ def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, t
     finally:
         trainer.close()
     straight = losses(straight_dir)
-    run_dir = tmp_path / "preempted"
-    cfg = tiny_config(synthetic_shards, run_dir, *extra, "checkpoint.resume=auto")
-    trainer = Trainer(cfg)
-    watcher = send_signal_after(str(run_dir / "metrics.jsonl"), 2, signal.SIGTERM)
-    try:
-        assert trainer.fit() == EXIT_PREEMPTED
-    finally:
-        trainer.close()
-        watcher.join()
+    cfg = tiny_config(synthetic_shards, tmp_path / "preempted", *extra, "checkpoint.resume=auto")
+    preempt_after(cfg, 2)
     trainer = Trainer(cfg)
     try:
         assert trainer.fit() == 0
     finally:
         trainer.close()
-    resumed = losses(run_dir)
+    resumed = losses(tmp_path / "preempted")
     assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5]
     assert resumed == straight
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
 import torch
-from test_engine_trainer import losses, send_signal_after, tiny_config
+from test_engine_trainer import losses, preempt_after, tiny_config
 
 from marscale import dist
 from marscale.config import ConfigError
 from marscale.engine import checkpointing as ckpt
 from marscale.engine.metrics import by_step, read_jsonl
-from marscale.engine.trainer import EXIT_PREEMPTED, Trainer
+from marscale.engine.trainer import Trainer
 from marscale.masking import MaskingConfig
 from marscale.token_batches import build_token_batches, loss_scales
 
@@ -135,13 +134,7 @@ def test_per_clip_ratios_with_token_budget_train_and_resume_exactly(synthetic_sh
 
     run_dir = tmp_path / "preempted"
     cfg = tiny_config(synthetic_shards, run_dir, *extra, "checkpoint.resume=auto")
-    trainer = Trainer(cfg)
-    watcher = send_signal_after(str(run_dir / "metrics.jsonl"), 3, signal.SIGTERM)
-    try:
-        assert trainer.fit() == EXIT_PREEMPTED
-    finally:
-        trainer.close()
-        watcher.join()
+    preempt_after(cfg, 3)
     assert ckpt.list_checkpoints(ckpt.checkpoints_root(str(run_dir)))
     trainer = Trainer(cfg)
     try:

@@ -1,9 +1,12 @@
 """`marscale eval`: evaluate weights on the config's evaluation shards (multi-view, exact across ranks).
 
     marscale eval --checkpoint model.pt|RUN/checkpoints/step-N|RUN [--config ...] [--set ...] [--out eval.json]
+    marscale eval --checkpoint ... --mask-ratios 0,0.25,0.5,0.75 [--out-dir DIR]
 
 Without DeepSpeed: the weights are consolidated (or read) first, so a wrong checkpoint
 fails before any process group exists. Runs as a plain process or one rank of a job.
+With `--mask-ratios` the same weights are scored once per evaluation mask ratio
+(`marscale.commands.eval_ratios`: the ratios are checked before any weight is read).
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "DeepSpeed checkpoint folder (step-N, or a run folder: its newest complete checkpoint)",
     )
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
+    parser.add_argument(
+        "--mask-ratios", default=None, metavar="R,R,...",
+        help="evaluate once per evaluation mask ratio (0 = every token visible), e.g. 0,0.25,0.5,0.75, "
+        "and write a table of accuracy against GFLOPs per view",
+    )
+    parser.add_argument(
+        "--out-dir", default=None,
+        help="with --mask-ratios: folder for eval_ratios.{md,csv,json,png} (default: RUN/eval_ratios for a "
+        "checkpoint folder, ./eval_ratios for a file)",
+    )
 
 
 def _eval_config(args: argparse.Namespace, stored: dict | None):
@@ -34,46 +47,79 @@ def _eval_config(args: argparse.Namespace, stored: dict | None):
     from marscale.config import apply_overrides, from_dict
     from marscale.engine.config import TrainConfig, load_train_config
 
+    overrides = args.overrides
+    if args.mask_ratios is not None:
+        # Each pass sets masking.eval_ratio itself. Loading with one (0 suits every kind of
+        # mask) lets a config whose training draws several ratios, and so names no single
+        # evaluation ratio, load as it is.
+        overrides = ["masking.eval_ratio=0", *overrides]
     if args.config:
-        return load_train_config(args.config, args.overrides)
+        return load_train_config(args.config, overrides)
     if not stored:
         raise ValueError(f"{args.checkpoint} stores no config: pass --config")
-    return from_dict(TrainConfig, apply_overrides(stored, args.overrides, TrainConfig))
+    return from_dict(TrainConfig, apply_overrides(stored, overrides, TrainConfig))
+
+
+def _open_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict | None]:
+    """(the checked step-N folder, or None for a file; the training config stored with the
+    weights, or None). Reads no weights: a folder's model states are memory-mapped."""
+    from marscale.engine.checkpoint_integrity import read_model_states
+    from marscale.engine.checkpointing import find_checkpoint
+    from marscale.engine.export import exported_config
+
+    if os.path.isdir(args.checkpoint):
+        folder = find_checkpoint(args.checkpoint)
+        stored = read_model_states(folder).get("marscale", {}).get("config")
+    elif not args.config:
+        # Files written by `marscale export` carry their training config; anything that is
+        # no readable checkpoint is a CheckpointError naming the file (one line, exit 2).
+        folder, stored = None, exported_config(args.checkpoint)
+    else:
+        folder, stored = None, None
+    return folder, stored if isinstance(stored, dict) else None
+
+
+def _load_weights(model, args: argparse.Namespace, folder: str | None, cfg) -> None:
+    """The checkpoint's weights into `model`; a file must hold a trained classifier."""
+    from marscale.checkpoint import CheckpointError, load_pretrained
+    from marscale.engine.export import consolidate_checked
+
+    if folder is not None:
+        model.load_state_dict(consolidate_checked(folder)[0])
+        return
+    report = load_pretrained(model, args.checkpoint, clip=cfg.clip, partial=cfg.model.pretrained_partial)
+    untrained = [k for k in report.missing + report.dropped if not k.startswith("decoder.")]
+    if untrained:
+        # e.g. a pre-training checkpoint, or one fine-tuned on another label set
+        raise CheckpointError(
+            f"{args.checkpoint} has no trained classifier for this model "
+            f"({cfg.model.num_classes} classes): {len(untrained)} weights would stay at their "
+            f"initialisation, e.g. {untrained[:3]}; evaluate a fine-tuned checkpoint"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate weights on the config's evaluation shards, without DeepSpeed (collective)."""
     from marscale import dist
-    from marscale.checkpoint import CheckpointError, load_pretrained
+    from marscale.commands import eval_ratios
     from marscale.engine.config import PRECISION_DTYPES
     from marscale.engine.evaluate import evaluate
-    from marscale.engine.export import consolidate, exported_config
     from marscale.engine.preflight import preflight
     from marscale.model import build_model
 
-    state, stored = None, None
-    if os.path.isdir(args.checkpoint):
-        state, client = consolidate(args.checkpoint)
-        stored = client.get("config")
-    elif not args.config:
-        # Files written by `marscale export` carry their training config; anything that is
-        # no readable checkpoint is a CheckpointError naming the file (one line, exit 2).
-        stored = exported_config(args.checkpoint)
-    cfg = _eval_config(args, stored if isinstance(stored, dict) else None)
+    if args.mask_ratios is None and args.out_dir is not None:
+        raise ValueError("--out-dir is where --mask-ratios writes its table: pass --mask-ratios too")
+    if args.mask_ratios is not None and args.out is not None:
+        raise ValueError("--out writes one evaluation; with --mask-ratios the files go to --out-dir")
+    ratios = None if args.mask_ratios is None else eval_ratios.parse_ratios(args.mask_ratios)
+    folder, stored = _open_checkpoint(args)
+    cfg = _eval_config(args, stored)
+    # Every ratio checked (and its cost counted) before any weight is read: a ratio the
+    # model's masking cannot take is one line at once.
+    passes = None if ratios is None else eval_ratios.plan_passes(cfg, ratios)
     # Weights first: a wrong checkpoint fails before any process group exists.
     model = build_model(cfg.model, cfg.clip)
-    if state is None:
-        report = load_pretrained(model, args.checkpoint, clip=cfg.clip, partial=cfg.model.pretrained_partial)
-        untrained = [k for k in report.missing + report.dropped if not k.startswith("decoder.")]
-        if untrained:
-            # e.g. a pre-training checkpoint, or one fine-tuned on another label set
-            raise CheckpointError(
-                f"{args.checkpoint} has no trained classifier for this model "
-                f"({cfg.model.num_classes} classes): {len(untrained)} weights would stay at their "
-                f"initialisation, e.g. {untrained[:3]}; evaluate a fine-tuned checkpoint"
-            )
-    else:
-        model.load_state_dict(state)
+    _load_weights(model, args, folder, cfg)
     prepare_device(cfg.run.device)
     dist.init_distributed()
     dist.setup_logging()
@@ -86,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
         def forward(x, visible_idx, masked_idx):
             return model(x, visible_idx, masked_idx)["logits"]
 
+        if passes is not None:
+            rows = eval_ratios.evaluate_ratios(forward, cfg, plan, passes, device=device, dtype=dtype)
+            if dist.is_main():
+                out_dir = args.out_dir or eval_ratios.default_out_dir(args.checkpoint, folder)
+                eval_ratios.report(rows, cfg, args.checkpoint, folder, device, out_dir)
+            return 0
         result = evaluate(
             forward, cfg.data, cfg.clip, cfg.masking, plan.val_set, plan.token_grid, plan.num_classes,
             device=device, dtype=dtype,

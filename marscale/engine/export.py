@@ -38,11 +38,12 @@ def has_zero_shards(path: str) -> bool:
 
 def consolidate(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(fp32 state dict, marscale client state) of the checkpoint `find_checkpoint(path)`."""
-    return _consolidate(find_checkpoint(path))
+    return consolidate_checked(find_checkpoint(path))
 
 
-def _consolidate(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """`consolidate` of a `step-N` folder that `find_checkpoint` has checked."""
+def consolidate_checked(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`consolidate` of a `step-N` folder that `find_checkpoint` has checked (it is not
+    checked again: the check hashes every file)."""
     states = read_model_states(path)
     client = states.get("marscale", {})
     if has_zero_shards(path):
@@ -71,7 +72,7 @@ def export(checkpoint: str, out: str) -> str:
     """Write the consolidated fp32 weights of `checkpoint` (a step-N folder, a checkpoints
     folder or a run folder: the newest intact checkpoint) to `out`. Returns the folder used."""
     path = find_checkpoint(checkpoint)
-    state, client = _consolidate(path)
+    state, client = consolidate_checked(path)
     payload = {
         "model": state,
         "config": client.get("config", {}),
