@@ -53,7 +53,7 @@ compare-mini: setup
 # CPU benchmarks (docs/benchmarks.md): model time vs counted FLOPs, then the loader.
 bench: setup
 	$(BIN)/python benchmarks/bench_model.py
-	$(BIN)/python benchmarks/bench_loader.py --videos 24 --repeats 3 --clips 16 --gpu-clips-per-s 160
+	$(BIN)/python benchmarks/bench_loader.py --videos 24 --repeats 3 --clips 12 --gpu-clips-per-s 200
 
 # Per-clip mask ratios vs a fixed 50%: two demo trainings, each scored at 4 evaluation ratios
 # (docs/benchmarks.md). About 15 minutes on a 2-core CPU.

@@ -70,10 +70,15 @@ def _batches(cfg: DataConfig, **kw) -> list[dict[str, torch.Tensor]]:
     return list(build_train_loader(cfg, **kw))
 
 
+def _equal(x, y) -> bool:
+    """Tensors, or dicts of them (the device path's "augment" parameters), equal exactly."""
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_equal(x[k], y[k]) for k in x)
+    return torch.equal(x, y)
+
+
 def _same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
-    )
+    return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
 
 
 def _shard_keys(folder: str) -> dict[int, int]:
@@ -405,8 +410,8 @@ class _Recorder:
         self.fps: list[float] = []
         real_open = stages.open_sample
 
-        def open_sample(data, ext, meta, decoder):
-            reader = real_open(data, ext, meta, decoder)
+        def open_sample(data, ext, meta, decoder, threads=1):
+            reader = real_open(data, ext, meta, decoder, threads)
             real_get = reader.get_frames
             self.opened += 1
             self.fps.append(reader.fps)
@@ -517,6 +522,30 @@ def test_independent_windows_resume_exactly(synthetic_shards):
     full = _batches(cfg, epoch=2, rank=0, world_size=1)
     assert len(full) == 6
     assert _same(full[4:], list(build_train_loader(cfg, epoch=2, rank=0, world_size=1, start_batch=4)))
+
+
+def test_device_placement_gives_the_worker_paths_clips_labels_and_resume(synthetic_shards):
+    # The same draws from the same stream: DeviceAugment on the device batches gives the
+    # worker's clips (within the tolerance of tests/test_data_device_augment.py), and the
+    # labels (flips swap 0 <-> 1 here) are the same.
+    from marscale.data.device_augment import DeviceAugment
+
+    cfg = _cfg(synthetic_shards, flip=True, flip_label_pairs=((0, 1),), random_erasing=0.5, samples_per_epoch=12)
+    worker = _batches(cfg, epoch=1, rank=0, world_size=1)
+    device = _batches(cfg, epoch=1, rank=0, world_size=1, augment_on="device")
+    assert len(worker) == len(device) == 6
+    augment = DeviceAugment(cfg, CLIP)
+    flips = 0
+    for w, d in zip(worker, device):
+        assert d["video"].shape == (4, 8, 64, 64, 3) and d["video"].dtype == torch.uint8  # decoded windows
+        assert torch.equal(w["label"], d["label"])
+        out = augment(d["video"], d["augment"])
+        assert out.shape == w["video"].shape == (4, 3, 8, 32, 32)
+        assert (out.int() - w["video"].int()).abs().float().mean() <= 0.2
+        flips += int(d["augment"]["flip"].sum())
+    assert flips > 0
+    resumed = build_train_loader(cfg, epoch=1, rank=0, world_size=1, start_batch=4, augment_on="device")
+    assert _same(device[4:], list(resumed))
 
 
 def test_fps_scaled_windows_use_the_decoders_frame_rate(synthetic_shards, monkeypatch):

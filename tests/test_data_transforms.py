@@ -13,15 +13,8 @@ from PIL import Image
 from marscale.clip import ClipConfig
 from marscale.data import SSV2_FLIP_LABEL_PAIRS, DataConfig
 from marscale.data.mixup import VideoMixup, normalize, smoothed_one_hot
-from marscale.data.transforms import (
-    ClipRandAugment,
-    EvalTransform,
-    TrainTransform,
-    crop_offsets,
-    erasing_params,
-    resize_short_side,
-    rrc_params,
-)
+from marscale.data.augment_params import erasing_params, rrc_params
+from marscale.data.transforms import ClipRandAugment, EvalTransform, TrainTransform, crop_offsets, resize_short_side
 from marscale.engine.config import load_train_config, presets
 
 
@@ -117,11 +110,11 @@ def test_ssv2_presets_that_flip_swap_the_reference_pairs(name):
 def _sizes_seen_by_rand_augment(monkeypatch, before_crop: bool) -> list[tuple[int, int]]:
     seen = []
 
-    def record(self, images, rng):
+    def record(self, images, ops):
         seen.extend(image.size for image in images)
         return images
 
-    monkeypatch.setattr(ClipRandAugment, "__call__", record)
+    monkeypatch.setattr(ClipRandAugment, "apply", record)
     transform = TrainTransform(_cfg(rand_augment_before_crop=before_crop, random_erasing=0.0), CLIP)
     transform(_still_clip(t=3, h=48, w=64), np.random.default_rng(0))
     return seen
@@ -194,19 +187,29 @@ def test_rrc_params_ranges():
     assert rrc_params(100, 400, (1.0, 1.0), (1.0, 1.0), rng) == (0, 150, 100, 100)
 
 
+def _erased(clip: np.ndarray, seed: int) -> np.ndarray:
+    """`clip` (frames of img_size) through erasing alone: a full-frame crop, no flip, no RandAugment."""
+    size = clip.shape[1]
+    transform = TrainTransform(_cfg(flip=False, **{**NO_AUGMENT, "random_erasing": 1.0}),
+                               ClipConfig(img_size=size))
+    return transform(clip, np.random.default_rng(seed))[0].permute(1, 2, 3, 0).numpy()
+
+
 def test_erasing_same_rectangle_and_noise_on_all_frames():
-    transform = TrainTransform(_cfg(), CLIP)
     clip = np.zeros((4, 32, 32, 3), np.uint8)
     for seed in range(10):
-        out = transform.erase(clip, np.random.default_rng(seed))
+        out = _erased(clip, seed)
         mask = (out != 0).any(axis=-1)
         for t in range(1, 4):
             np.testing.assert_array_equal(out[t], out[0])
         ys, xs = np.nonzero(mask[0])
         area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
         assert 0.02 * 1024 * 0.5 <= area <= 1024 / 3 * 1.5
-    rect = erasing_params(200, 200, np.random.default_rng(0))
-    noise = transform.erase(np.zeros((1, 200, 200, 3), np.uint8), np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    rrc_params(200, 200, (1.0, 1.0), (1.0, 1.0), rng)
+    rng.random()  # the erasing coin, drawn after the crop box
+    rect = erasing_params(200, 200, rng)
+    noise = _erased(np.zeros((1, 200, 200, 3), np.uint8), 0)
     top, left, h, w = rect
     patch = noise[0, top : top + h, left : left + w].reshape(-1, 3).astype(float)
     # Gaussian fill of mean 255 * ImageNet mean, std 255 * ImageNet std (timm's "pixel" mode).

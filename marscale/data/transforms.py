@@ -5,14 +5,18 @@ Conversion to float and normalisation happen on the accelerator (`mixup.normaliz
 a batch crosses PCIe at a quarter of the float32 size.
 
 Training (`TrainTransform`), one random draw per clip applied to every frame, so motion
-is not corrupted by per-frame jitter:
+is not corrupted by per-frame jitter. The draw (`augment_params.AugmentDraw`, a
+`ClipParams`) is shared with the device path (`device_augment.DeviceAugment`,
+``data.augment_on: device``), which applies the same parameters with torch ops; this
+module applies them with PIL in the loader worker:
 
 1. RandomResizedCrop to ``img_size`` (area `rrc_scale`, aspect `rrc_ratio`, bilinear).
 2. Horizontal flip with probability 0.5 (when ``flip``). The transform says whether it
    flipped, so the loader can swap the labels of `flip_label_pairs` for that clip.
-3. timm RandAugment with the same ops and magnitudes on every frame: the ops are drawn
-   once, and Python's `random` (which timm's ops read for probability, magnitude noise
-   and sign) is reseeded to the same value before each frame.
+3. timm RandAugment with the same ops and magnitudes on every frame: the ops, whether
+   each applies, its magnitude and sign are drawn once (timm's own decision code, with
+   Python's `random` seeded from the clip's generator), and timm's image operation runs
+   with those arguments on every frame.
 4. Random erasing: with probability ``random_erasing`` one rectangle (timm's area range
    0.02-1/3 and log-aspect range 0.3-3.3), the same on every frame, filled with the
    same per-pixel Gaussian noise of mean ``255 * mean`` and std ``255 * std`` (clipped to
@@ -38,20 +42,13 @@ centre / end, 1: centre; centred across the short side), for each of the
 
 from __future__ import annotations
 
-import math
-import random
-
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from marscale.clip import ClipConfig
+from marscale.data.augment_params import AugmentDraw, ClipParams, OpDraw, RandAugmentDraw
 from marscale.data.config import DataConfig
-
-# timm RandomErasing defaults (min_area, max_area, min_aspect; max_aspect = 1 / min_aspect).
-ERASE_AREA = (0.02, 1 / 3)
-ERASE_MIN_ASPECT = 0.3
-_MAX_TRIES = 10
 
 
 def to_channels_first(frames: np.ndarray) -> torch.Tensor:
@@ -60,147 +57,61 @@ def to_channels_first(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)))
 
 
-def rrc_params(
-    height: int, width: int, scale: tuple, ratio: tuple, rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """RandomResizedCrop box (top, left, h, w), torchvision's algorithm with `rng`.
-
-    Ten tries at a random area and log-uniform aspect; if none fits, the largest centred
-    crop whose aspect is clamped into `ratio`.
-    """
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(_MAX_TRIES):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def erasing_params(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
-    """Random erasing rectangle (top, left, h, w) with timm's ranges, or None if none fits."""
-    area = height * width
-    log_aspect = (math.log(ERASE_MIN_ASPECT), math.log(1 / ERASE_MIN_ASPECT))
-    for _ in range(_MAX_TRIES):
-        target_area = rng.uniform(*ERASE_AREA) * area
-        aspect = math.exp(rng.uniform(*log_aspect))
-        h = int(round(math.sqrt(target_area * aspect)))
-        w = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w < width and 0 < h < height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    return None
-
-
-def rand_augment_hparams(img_size: int, mean: tuple) -> dict:
-    """timm RandAugment hyper-parameters as timm's `create_transform` sets them for `img_size`."""
-    return dict(
-        translate_const=int(img_size * 0.45),
-        img_mean=tuple(int(round(255 * m)) for m in mean),
-        interpolation=Image.BICUBIC,
-    )
-
-
-def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize, also for 0 bits (a black image, as TF's RandAugment gives).
-
-    timm maps the top magnitude of PosterizeIncreasing to 0 bits, which Pillow >= 13
-    rejects; with mstd > 0 a clip hits it now and then, and must not crash a worker.
-    """
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
 class ClipRandAugment:
     """timm RandAugment applied with identical ops and magnitudes to every frame of a clip."""
 
     def __init__(self, config_str: str, img_size: int, mean: tuple):
-        from timm.data import auto_augment
+        self.draw = RandAugmentDraw(config_str, img_size, mean)
+        self._ra = self.draw.ra
 
-        self._ra = auto_augment.rand_augment_transform(config_str, rand_augment_hparams(img_size, mean))
-        for op in self._ra.ops:
-            if op.aug_fn is auto_augment.posterize:
-                op.aug_fn = posterize_any_bits
-
-    def __call__(self, images: list[Image.Image], rng: np.random.Generator) -> list[Image.Image]:
-        ra = self._ra
-        chosen = rng.choice(len(ra.ops), ra.num_layers, replace=ra.choice_weights is None, p=ra.choice_weights)
-        op_seeds = rng.integers(0, 2**63, size=len(chosen))
-        # timm's ops draw from the global `random` module: reseed it identically for each
-        # frame so every frame gets the same decisions, and restore it afterwards.
-        saved = random.getstate()
-        try:
-            for op_index, op_seed in zip(chosen.tolist(), op_seeds.tolist()):
-                op = ra.ops[op_index]
-                for i, image in enumerate(images):
-                    random.seed(op_seed)
-                    images[i] = op(image)
-        finally:
-            random.setstate(saved)
+    def apply(self, images: list[Image.Image], ops: tuple[OpDraw, ...]) -> list[Image.Image]:
+        """Run the drawn `ops` (timm's image operations with the drawn arguments) on every frame."""
+        for op_index, args in ops:
+            op = self.draw.ops[op_index]
+            images = [op.aug_fn(image, *args, **op.kwargs) for image in images]
         return images
 
-
-def _no_augment(images: list[Image.Image], rng: np.random.Generator) -> list[Image.Image]:
-    return images
+    def __call__(self, images: list[Image.Image], rng: np.random.Generator) -> list[Image.Image]:
+        return self.apply(images, self.draw(rng))
 
 
 class TrainTransform:
-    """uint8 [T, H, W, 3] frames -> (augmented uint8 [C, T, img_size, img_size] clip, flipped)."""
+    """uint8 [T, H, W, 3] frames -> (augmented uint8 [C, T, img_size, img_size] clip, flipped).
+
+    The parameters come from `augment_params.AugmentDraw` (the device path draws the same);
+    `apply` runs them with PIL."""
 
     def __init__(self, cfg: DataConfig, clip: ClipConfig):
         self.size = clip.img_size
-        self.scale = cfg.rrc_scale
-        self.ratio = cfg.rrc_ratio
-        self.flip = cfg.flip
-        self.erase_prob = cfg.random_erasing
-        self.fill_mean = np.array(clip.mean) * 255.0
-        self.fill_std = np.array(clip.std) * 255.0
-        rand_augment = ClipRandAugment(cfg.rand_augment, clip.img_size, clip.mean) if cfg.rand_augment else _no_augment
-        # One of the two places runs RandAugment; the other is a no-op.
-        self.augment_frames = rand_augment if cfg.rand_augment_before_crop else _no_augment
-        self.augment_crops = _no_augment if cfg.rand_augment_before_crop else rand_augment
+        self.draw = AugmentDraw(cfg, clip)
+        self.rand_augment = (
+            ClipRandAugment(cfg.rand_augment, clip.img_size, clip.mean) if cfg.rand_augment else None
+        )
 
     def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
         """The augmented clip uint8 [C, T, S, S], and whether it was flipped horizontally."""
-        _, height, width, _ = frames.shape
-        images = self.augment_frames([Image.fromarray(frame) for frame in frames], rng)  # full frames
-        top, left, h, w = rrc_params(height, width, self.scale, self.ratio, rng)
-        flipped = self.flip and rng.random() < 0.5
+        params = self.draw(frames.shape[1], frames.shape[2], rng)
+        return self.apply(frames, params), params.flipped
+
+    def apply(self, frames: np.ndarray, params: ClipParams) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> the clip `params` describe, uint8 [C, T, S, S]."""
+        images = [Image.fromarray(frame) for frame in frames]
+        if self.rand_augment is not None and self.draw.before_crop:
+            images = self.rand_augment.apply(images, params.ops_before_crop)  # full frames
+        top, left, h, w = params.crop
         box = (left, top, left + w, top + h)
         crops = []
         for image in images:
             crop = image.resize((self.size, self.size), Image.BILINEAR, box=box)
-            crops.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else crop)
-        crops = self.augment_crops(crops, rng)
+            crops.append(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flipped else crop)
+        if self.rand_augment is not None and not self.draw.before_crop:
+            crops = self.rand_augment.apply(crops, params.ops_after_crop)
         clip = np.stack([np.asarray(crop.convert("RGB")) for crop in crops])  # [T, S, S, 3]
-        if rng.random() < self.erase_prob:
-            clip = self.erase(clip, rng)
-        return to_channels_first(clip), flipped
-
-    def erase(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Fill one rectangle, the same on all frames, with the same Gaussian noise."""
-        rect = erasing_params(clip.shape[1], clip.shape[2], rng)
-        if rect is None:
-            return clip
-        top, left, h, w = rect
-        noise = rng.normal(self.fill_mean, self.fill_std, size=(h, w, 3))
-        clip = clip.copy()
-        clip[:, top : top + h, left : left + w] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
-        return clip
+        if params.erase is not None:
+            top, left, h, w = params.erase
+            clip = clip.copy()  # np.asarray of a PIL image is read-only
+            clip[:, top : top + h, left : left + w] = params.noise
+        return to_channels_first(clip)
 
 
 def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:

@@ -4,7 +4,9 @@ One optimizer step, on every rank::
 
     lr = lr_at(step)                        set on the engine's optimizer groups
     for each of grad_accum_steps micro-batches:
-        batch  <- loader                    uint8 [B, C, T, H, W] + labels (host)
+        batch  <- loader                    uint8 [B, C, T, H, W] + labels (host); with
+                                            data.augment_on "device": decoded windows and
+                                            their drawn parameters, augmented on the device
         ratios <- plan.batches.ratios(step, micro, rank)        host: per-clip mask ratios
         mask   <- make_mask(generator(seed, step, micro, rank))   host, cheap; packed
                                             (PackedTokens) when clips differ in visible tokens
@@ -108,6 +110,8 @@ class Trainer:
         import deepspeed
 
         from marscale.data import build_mixup
+        from marscale.data.config import resolve_augment_on
+        from marscale.data.device_augment import DeviceAugment
         from marscale.data.stages import SKIP_REASONS
         from marscale.engine.ds_config import build_deepspeed_config
         from marscale.engine.optim import build_optimizer
@@ -149,6 +153,8 @@ class Trainer:
         seed_everything(derive_seed(cfg.run.seed, 1, self.rank))
 
         self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
+        self.augment_on = resolve_augment_on(cfg.data.augment_on, self.device.type)
+        self.device_augment = DeviceAugment(cfg.data, cfg.clip) if self.augment_on == "device" else None
         self.loss = build_loss(cfg.clip, cfg.model.patch_size, cfg.optim.recon_weight)
         self.total_steps = self.plan.total_steps
         self.cost = StepCost(
@@ -168,7 +174,7 @@ class Trainer:
         self.skips = SkipTally(SKIP_REASONS)
         self._save_records()
         logger.info(
-            "%s: %s %s, %d ranks, global batch %d, %d steps, ZeRO-%d %s\n%s",
+            "%s: %s %s, %d ranks, global batch %d, %d steps, ZeRO-%d %s, augmentation on the %s\n%s",
             cfg.run.name,
             cfg.model.arch,
             cfg.model.variant,
@@ -177,6 +183,7 @@ class Trainer:
             self.plan.total_steps,
             cfg.deepspeed.zero_stage,
             cfg.deepspeed.precision,
+            self.augment_on,
             self.plan.summary(),
         )
 
@@ -309,6 +316,7 @@ class Trainer:
                 functools.partial(self.plan.batches.clips_in_batch, rank=self.rank)
                 if self.cfg.data.token_budget is not None else None
             ),
+            augment_on=self.augment_on,
         )
 
     def fit(self) -> int:
@@ -346,13 +354,16 @@ class Trainer:
                     t0 = time.perf_counter()
                     batch = next(batches)
                     timer.add_data_wait(time.perf_counter() - t0)
-                    visible_idx, masked_idx, packed = self.train_masks(state.step, micro, batch["video"].shape[0])
+                    video = batch["video"]
+                    if self.device_augment is not None:  # decoded windows + drawn parameters -> clips
+                        video = self.device_augment(video.to(self.device, non_blocking=True), batch["augment"])
+                    visible_idx, masked_idx, packed = self.train_masks(state.step, micro, video.shape[0])
                     scales = (1.0, 1.0)
                     if self._uneven:
                         clips, _, masked = self.plan.batches.batch_counts(state.step, micro, self.rank)
                         scales = loss_scales((clips, masked), (step_clips, step_masked), self.world_size, accum)
                     parts = self.train_step(
-                        batch["video"], batch["label"], visible_idx, masked_idx, packed=packed, scales=scales,
+                        video, batch["label"], visible_idx, masked_idx, packed=packed, scales=scales,
                         want_grad_norm=log_now,
                     )
                     self.meter.add(parts)
