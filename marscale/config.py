@@ -127,6 +127,28 @@ RETIRED_KEYS_ATTR = "RETIRED_KEYS"
 a file that still sets one gets an error that says so."""
 
 
+def drop_retired(cls: type, data: Mapping[str, Any], path: str = "") -> tuple[dict[str, Any], list[str]]:
+    """A config stored by an earlier version (in a checkpoint or an exported file), without
+    the keys that are no longer settings: (cleaned copy, dotted keys dropped).
+
+    A file a user writes gets an error for such a key (they can remove it); a stored
+    config cannot be edited, and a run saved before a setting was retired must still
+    evaluate and export. Keys that moved stay: their new home may mean something else."""
+    retired = getattr(cls, RETIRED_KEYS_ATTR, {})
+    hints = typing.get_type_hints(cls)
+    out, dropped = {}, []
+    for key, value in data.items():
+        if str(key) in retired:
+            dropped.append(_join(path, str(key)))
+            continue
+        tp = hints.get(str(key))
+        if tp is not None and _is_dataclass_type(tp) and isinstance(value, Mapping):
+            value, inner = drop_retired(tp, value, _join(path, str(key)))
+            dropped += inner
+        out[key] = value
+    return out, dropped
+
+
 def _unknown_key(path: str, key: str, valid: list[str], cls: type | None = None) -> ConfigError:
     moved = getattr(cls, MOVED_KEYS_ATTR, {}) if cls is not None else {}
     if str(key) in moved:

@@ -521,3 +521,18 @@ def test_eval_refuses_a_checkpoint_without_a_trained_classifier(tmp_path, capsys
     assert main(["eval", "--checkpoint", path, "--config", demo]) == 2
     err = capsys.readouterr().err
     assert "has no trained classifier for this model (4 classes)" in err and "classifier." in err
+
+
+def test_a_stored_config_with_a_retired_key_still_loads():
+    """A run saved before `checkpoint.load_universal` was retired must still evaluate: the
+    key is dropped from stored configs (a file a user writes still gets the error)."""
+    from marscale.config import drop_retired, from_dict, to_dict
+    from marscale.engine.config import TrainConfig, load_train_config
+
+    stored = to_dict(load_train_config(os.path.join(CONFIG_DIR, "demo.yaml")))
+    stored["checkpoint"]["load_universal"] = False
+    with pytest.raises(ConfigError, match="no longer a setting"):
+        from_dict(TrainConfig, stored)
+    cleaned, dropped = drop_retired(TrainConfig, stored)
+    assert dropped == ["checkpoint.load_universal"] and "load_universal" in stored["checkpoint"]
+    assert to_dict(from_dict(TrainConfig, cleaned)) == to_dict(load_train_config(os.path.join(CONFIG_DIR, "demo.yaml")))

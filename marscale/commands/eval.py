@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 from marscale.commands.common import add_config_arguments, prepare_device
 from marscale.io import write_json
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _eval_config(args: argparse.Namespace, stored: dict | None):
     """The config of `--config` (+ overrides), or the one stored in the checkpoint."""
-    from marscale.config import apply_overrides, from_dict
+    from marscale.config import apply_overrides, drop_retired, from_dict
     from marscale.engine.config import TrainConfig, load_train_config
 
     overrides = args.overrides
@@ -57,6 +60,9 @@ def _eval_config(args: argparse.Namespace, stored: dict | None):
         return load_train_config(args.config, overrides)
     if not stored:
         raise ValueError(f"{args.checkpoint} stores no config: pass --config")
+    stored, dropped = drop_retired(TrainConfig, stored)
+    if dropped:
+        logger.warning("the stored config sets %s, no longer settings: ignored", ", ".join(dropped))
     return from_dict(TrainConfig, apply_overrides(stored, overrides, TrainConfig))
 
 
