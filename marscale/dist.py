@@ -198,7 +198,16 @@ def barrier() -> None:
 
 
 def destroy() -> None:
-    if is_initialized():
+    """Tear the process group down, through DeepSpeed's communication layer when it holds
+    it: that also drops the groups DeepSpeed cached (data parallel, world), which would
+    otherwise point at the destroyed group when a later `init_distributed` in the same
+    process (a second command run in-process, a notebook) builds an engine."""
+    if not is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         torch_dist.destroy_process_group()
 
 
