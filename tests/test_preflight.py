@@ -162,7 +162,8 @@ def test_eval_command_runs_it(synthetic_shards, tmp_path, capsys, monkeypatch):
     args = ["eval", "--checkpoint", weights, "--config", DEMO_CONFIG, *overrides, "--set", "data.num_workers=5"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("marscale eval: error: 1 problem(s) found before the first step:")
+    # Log lines may come first (the root logger is set up by an earlier in-process command).
+    assert "\nmarscale eval: error: 1 problem(s) found before the first step:" in "\n" + err
     assert "evaluation reads with 1 ranks x 5 workers" in err
 
 
