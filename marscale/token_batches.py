@@ -75,20 +75,21 @@ class TokenBatches:
 
     def batch_counts(self, step: int, micro: int, rank: int) -> tuple[int, int, int]:
         """(clips, visible tokens, masked tokens) of one micro-batch."""
-        ratios = self.ratios(step, micro, rank)
-        visible = sum(self.visible[r] for r in ratios)
-        return len(ratios), visible, len(ratios) * self.tokens_per_clip - visible
+        return self.totals(list(self.ratios(step, micro, rank)))
 
     def step_ratios(self, step: int, world_size: int) -> list[float]:
         """The ratios of every clip of optimizer `step`, every micro-batch of every rank."""
         return [r for rank in range(world_size) for m in range(self.grad_accum_steps) for r in self.ratios(step, m, rank)]
 
+    def totals(self, ratios: list[float]) -> tuple[int, int, int]:
+        """(clips, visible tokens, masked tokens) of clips masked at `ratios`."""
+        visible = sum(self.visible[r] for r in ratios)
+        return len(ratios), visible, len(ratios) * self.tokens_per_clip - visible
+
     def step_totals(self, step: int, world_size: int) -> tuple[int, int, int]:
         """(clips, visible tokens, masked tokens) of optimizer `step` over every micro-batch
         of every rank."""
-        ratios = self.step_ratios(step, world_size)
-        visible = sum(self.visible[r] for r in ratios)
-        return len(ratios), visible, len(ratios) * self.tokens_per_clip - visible
+        return self.totals(self.step_ratios(step, world_size))
 
     def mean_clips_per_batch(self, samples: int = 64) -> float:
         """Mean clips per micro-batch over the first `samples` micro-batches of rank 0 (the

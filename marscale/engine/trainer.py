@@ -296,10 +296,10 @@ class Trainer:
                 result["grad_norm"] = torch.as_tensor(norm)
         return result
 
-    def _step_flops(self, step: int) -> int:
-        """Hardware FLOPs of optimizer `step` over the job, from each clip's visible tokens."""
+    def _flops(self, ratios: list[float]) -> int:
+        """Hardware FLOPs of training clips masked at `ratios`, from each clip's visible tokens."""
         by_visible, visible = self.plan.flops_by_visible, self.plan.batches.visible
-        return sum(by_visible[visible[r]] for r in self.plan.batches.step_ratios(step, self.world_size))
+        return sum(by_visible[visible[r]] for r in ratios)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -348,8 +348,11 @@ class Trainer:
                 self.set_lr(lr)
                 step_clips = self.cost.clips_per_step
                 if self._uneven:
-                    step_clips, step_visible, step_masked = self.plan.batches.step_totals(state.step, self.world_size)
-                    timer.add_work(step_clips, step_visible, self._step_flops(state.step))
+                    # Every rank's ratios for this step, drawn once: the loss weights and the
+                    # work the metrics count both come from them (host only, no collective).
+                    step_ratios = self.plan.batches.step_ratios(state.step, self.world_size)
+                    step_clips, step_visible, step_masked = self.plan.batches.totals(step_ratios)
+                    timer.add_work(step_clips, step_visible, self._flops(step_ratios))
                 for micro in range(accum):
                     t0 = time.perf_counter()
                     batch = next(batches)
