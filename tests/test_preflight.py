@@ -189,3 +189,12 @@ def test_ranks_agree_before_raising(tmp_path):
             0: ["the pre-flight failed on rank(s) [1]: see their errors"],
             1: ["shard missing on this node"],
         }
+
+
+def test_an_attention_backend_that_cannot_train_here_is_refused(synthetic_shards, tmp_path):
+    """Packed batches with a backend this machine lacks: refused before the first step,
+    in one line, not a traceback from the first forward."""
+    for backend, named in (("torch_varlen", "no CPU kernel"), ("flex", "cannot train on CPU")):
+        cfg = config(synthetic_shards, tmp_path, "masking.ratio=[0.25,0.5]", "masking.eval_ratio=0.5",
+                     f"model.attention={backend}")
+        assert any(named in p for p in problems_of(cfg)), backend

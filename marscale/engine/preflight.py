@@ -113,6 +113,21 @@ def _checkpoint_space_problem(cfg: TrainConfig) -> str | None:
     )
 
 
+def _attention_problem(cfg: TrainConfig) -> str | None:
+    """Why `model.attention` cannot train packed batches on this run's device, or None."""
+    from marscale.dist import resolve_device
+    from marscale.model.attention import resolve_backend
+
+    device = resolve_device(cfg.run.device)
+    try:
+        backend = resolve_backend(cfg.model.attention, device)
+    except RuntimeError as e:
+        return str(e)
+    if backend == "flex" and device.type == "cpu":
+        return "model.attention=flex cannot train on CPU (FlexAttention has no CPU backward); use per_clip or sdpa_mask"
+    return None
+
+
 def _agree(problems: list[str]) -> list[str]:
     """Collective: this rank's problems, or one line naming the ranks that failed when
     only others did."""
@@ -178,6 +193,8 @@ def preflight(cfg: TrainConfig, world_size: int, *, training: bool = True) -> Ru
         except (FileNotFoundError, ValueError) as e:
             found.append(f"checkpoint.resume: {e}")
         found.append(_checkpoint_space_problem(cfg))
+        if cfg.masking.per_clip:  # packed batches: the attention backend must train here
+            found.append(_attention_problem(cfg))
 
     problems = _agree(problems + [p for p in found if p])
     if problems:
