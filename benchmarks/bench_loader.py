@@ -50,12 +50,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import marscale  # noqa: F401,E402  (makes `import timm` work on CPU-only machines)
-from marscale.clip import ClipConfig  # noqa: E402
+from marscale.core.clip import ClipConfig  # noqa: E402
 from marscale.data import DataConfig, available_decoders, build_train_loader  # noqa: E402
 from marscale.data.decode import open_video, sample_index  # noqa: E402
 from marscale.data.frames import FrameIndex  # noqa: E402
 from marscale.data.sampling import dense_train_indices  # noqa: E402
-from marscale.shards import VIDEO_EXTENSIONS, SampleMeta, ShardSet, load_manifest  # noqa: E402
+from marscale.data.shards import VIDEO_EXTENSIONS, SampleMeta, ShardSet, load_manifest  # noqa: E402
 from shards_tools.convert import ConvertOptions, convert  # noqa: E402
 from shards_tools.synth import make_synthetic_dataset  # noqa: E402
 

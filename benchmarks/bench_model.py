@@ -1,6 +1,6 @@
 """Time MAR against full-token ViTs: training steps (forward + backward) and inference.
 
-Compares measured time ratios with counted FLOP ratios (marscale.cost), and on a GPU
+Compares measured time ratios with counted FLOP ratios (marscale.cost.counting), and on a GPU
 reports clips/s, peak memory, achieved TFLOP/s and MFU. Imports only torch and
 marscale's model, masking, losses and cost modules, so it runs where only PyTorch is
 installed (e.g. a fresh GPU node with this checkout):
@@ -55,11 +55,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from marscale.cost import count_model  # noqa: E402
-from marscale.cost_table import DISPLAY_NAMES  # noqa: E402
-from marscale.clip import ClipConfig, token_grid  # noqa: E402
-from marscale.losses import build_loss  # noqa: E402
-from marscale.masking import MaskingConfig, make_mask, mask_to_indices  # noqa: E402
+from marscale.cost.counting import count_model  # noqa: E402
+from marscale.cost.table import DISPLAY_NAMES  # noqa: E402
+from marscale.core.clip import ClipConfig, token_grid  # noqa: E402
+from marscale.engine.loss import build_loss  # noqa: E402
+from marscale.tokens.masking import MaskingConfig, make_mask, mask_to_indices  # noqa: E402
 from marscale.model import VARIANTS, ModelConfig, build_model  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidth (TB/s) by device name;
@@ -514,7 +514,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print("\ntime / full compares process CPU time (medians); clips/s and TFLOP/s use wall time.")
     if peak:
-        print(f"\nMFU against {peak:g} TFLOP/s (dense bf16); TFLOP/s from true FLOPs (2 x MACs), marscale.cost.")
+        print(f"\nMFU against {peak:g} TFLOP/s (dense bf16); TFLOP/s from true FLOPs (2 x MACs), marscale.cost.counting.")
     phases = phase_table(results, peak, bandwidth)
     if phases.count("\n") > 1:
         clock = "CPU time" if device.type == "cpu" else "CUDA events"

@@ -38,12 +38,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from marscale.clip import ClipConfig, token_grid  # noqa: E402
-from marscale.losses import build_loss  # noqa: E402
-from marscale.masking import cell_running_mask, mask_to_indices  # noqa: E402
+from marscale.core.clip import ClipConfig, token_grid  # noqa: E402
+from marscale.engine.loss import build_loss  # noqa: E402
+from marscale.tokens.masking import cell_running_mask, mask_to_indices  # noqa: E402
 from marscale.model import BridgeConfig, ModelConfig, build_model  # noqa: E402
 from marscale.model.attention import resolve_backend  # noqa: E402
-from marscale.packing import pack_mask  # noqa: E402
+from marscale.tokens.packing import pack_mask  # noqa: E402
 
 SHAPES = {
     # name: (variant, frames, size, bridge)

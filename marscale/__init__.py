@@ -1,6 +1,6 @@
 """marscale: MAR (Masked Action Recognition) video transformers trained at cluster scale."""
 
-from marscale._compat import ensure_torchvision_importable
+from marscale.core.compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MARSCALE_TRACEBACK") == "1" or not _is_reported(e):
             raise
         print(f"marscale {args.command}: error: {e}", file=sys.stderr)
-        from marscale.dist import EXIT_PEER_LOST, PeerLost
+        from marscale.core.dist import EXIT_PEER_LOST, PeerLost
 
         if isinstance(e, PeerLost):
             return EXIT_PEER_LOST
@@ -63,8 +63,8 @@ def _is_reported(error: BaseException) -> bool:
     a lost peer."""
     if isinstance(error, (ValueError, FileNotFoundError)):
         return True
-    from marscale.dist import PeerLost
-    from marscale.engine.checkpointing import NoSpaceLeft
+    from marscale.core.dist import PeerLost
+    from marscale.checkpoints.folders import NoSpaceLeft
     from marscale.engine.trainer import TrainingDiverged
 
     return isinstance(error, (TrainingDiverged, NoSpaceLeft, PeerLost))

@@ -1,7 +1,7 @@
 """Dataset-to-shards tooling for marscale (`marscale-shards`).
 
 The shard format itself (keys, extensions, manifest) belongs to the library,
-`marscale.shards`; these tools import it, and the library never imports them.
+`marscale.data.shards`; these tools import it, and the library never imports them.
 
 - `annotations`: Kinetics list, VideoMAE CSV, Something-Something v2 JSON, class folders.
 - `convert`: the `convert` command: plan, process videos in a pool, write, manifest.

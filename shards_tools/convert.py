@@ -47,7 +47,7 @@ from .plan import DEFAULT_SAMPLES_PER_SHARD, PlannedSample, plan, plan_digest
 from .video import SkipVideo, VideoInfo, exact_decoders, probe_video, reencode_video
 from .write import ConvertError, ProcessedSample, prepare_out, save_state, shard_finished, write_shard
 from marscale.data.decode import resolve_decoder
-from marscale.shards import (
+from marscale.data.shards import (
     FORMAT_VERSION,
     VIDEO_EXTENSIONS,
     Manifest,
@@ -78,7 +78,7 @@ SKIP_REASONS = {
 }
 
 # Containers stored as they are without --reencode: the loader recognises them by their
-# member extension (`marscale.shards.VIDEO_EXTENSIONS`) and each has a seek index.
+# member extension (`marscale.data.shards.VIDEO_EXTENSIONS`) and each has a seek index.
 # Anything else FFmpeg decodes (MPEG-1/2 program and transport streams, FLV, Ogg/Theora,
 # ASF/WMV, 3GP, ...) is re-encoded to H.264 in MP4 at its own size.
 STORED_AS_IS = VIDEO_EXTENSIONS

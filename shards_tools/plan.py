@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import annotations as ann
-from marscale.shards import Skipped
+from marscale.data.shards import Skipped
 
 if TYPE_CHECKING:
     from .convert import ConvertOptions

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from marscale.data.frames import decode_runs
-from marscale.shards import META_EXT, SampleMeta, load_manifest
+from marscale.data.shards import META_EXT, SampleMeta, load_manifest
 
 
 def _metas(path: str) -> list[SampleMeta]:

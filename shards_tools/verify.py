@@ -35,8 +35,8 @@ from marscale.data.decode import (
     spot_check_indices,
 )
 from marscale.data.frames import sequential_frames
-from marscale.io import PARTIAL_SUFFIX
-from marscale.shards import (
+from marscale.core.io import PARTIAL_SUFFIX
+from marscale.data.shards import (
     LABEL_EXT,
     META_EXT,
     SHARD_SUFFIX,

@@ -22,8 +22,8 @@ import tarfile
 from typing import Any, Iterable
 
 from .plan import PlannedSample
-from marscale.io import PARTIAL_SUFFIX, atomic_write_bytes
-from marscale.shards import (
+from marscale.core.io import PARTIAL_SUFFIX, atomic_write_bytes
+from marscale.data.shards import (
     LABEL_EXT,
     META_EXT,
     SHARD_SUFFIX,

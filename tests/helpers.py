@@ -45,7 +45,7 @@ def subprocess_env(one_thread: bool = True) -> dict[str, str]:
 
 def tiny_clip(**kw):
     """32x32 clips of 4 frames (the TINY_CLIPS shape); `kw` overrides any field."""
-    from marscale.clip import ClipConfig
+    from marscale.core.clip import ClipConfig
 
     return ClipConfig(**{"num_frames": 4, "img_size": 32, **kw})
 
@@ -69,10 +69,10 @@ def tiny_model_config(arch: str = "mar", **kw):
 
 
 def count_standard(variant: str, ratio: float, num_classes: int = 400):
-    """`marscale.cost.count_model` of a size at the standard 16 x 224 x 224 clip: the
+    """`marscale.cost.counting.count_model` of a size at the standard 16 x 224 x 224 clip: the
     full-token ViT at ratio 0, MAR otherwise (as the rows of `marscale cost`)."""
-    from marscale import cost
-    from marscale.clip import ClipConfig
+    from marscale.cost import counting as cost
+    from marscale.core.clip import ClipConfig
     from marscale.model import ModelConfig
 
     model = ModelConfig(num_classes=num_classes, arch="vit" if ratio == 0 else "mar", variant=variant)

@@ -10,8 +10,8 @@ import sys
 
 from helpers import REPO, subprocess_env
 
-from marscale.clip import ClipConfig
-from marscale.cost import count_model
+from marscale.core.clip import ClipConfig
+from marscale.cost.counting import count_model
 from marscale.model import ModelConfig
 
 # Hide every dependency but torch (and numpy, which torch itself imports): an import of

@@ -1,4 +1,4 @@
-"""Tests for marscale.checkpoint: every checkpoint layout round-trips to identical outputs.
+"""Tests for marscale.weights.pretrained: every checkpoint layout round-trips to identical outputs.
 
 The foreign layouts are written here from a source model, module by module, without the
 loader's key mapping, so a wrong mapping cannot be undone by its own inverse.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_clip, tiny_model_config
 
-from marscale.checkpoint import CheckpointError, LoadReport, detect_layout, key_group, load_pretrained
-from marscale.clip import ClipConfig
-from marscale.masking import cell_running_mask, mask_to_indices
+from marscale.weights.pretrained import CheckpointError, LoadReport, detect_layout, key_group, load_pretrained
+from marscale.core.clip import ClipConfig
+from marscale.tokens.masking import cell_running_mask, mask_to_indices
 from marscale.model import BridgeConfig, DecoderConfig, MARModel, ModelConfig, ViTClassifier, build_model
 from marscale.model.layers import Attention, sincos_table
 
@@ -219,7 +219,7 @@ def test_videomae_pretrain_round_trip(tmp_path, caplog):
 
     ckpt = videomae_pretrain_layout(src)
     ckpt["args"] = argparse.Namespace(model="pretrain_videomae_base_patch16_224", mask_ratio=0.9)
-    with caplog.at_level(logging.INFO, logger="marscale.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="marscale.weights.pretrained"):
         report = load_pretrained(dst, save(tmp_path, ckpt))
 
     assert isinstance(report, LoadReport) and report.layout == "videomae_pretrain"
@@ -241,7 +241,7 @@ def test_videomae_pretrain_round_trip(tmp_path, caplog):
         "classifier": {"loaded": 0, "missing": n_cls, "unexpected": 0, "dropped": 0},
         "other": {"loaded": 0, "missing": 0, "unexpected": 0, "dropped": 0},
     }
-    (record,) = [r for r in caplog.records if r.name == "marscale.checkpoint"]
+    (record,) = [r for r in caplog.records if r.name == "marscale.weights.pretrained"]
     assert record.levelno == logging.WARNING
     table = record.getMessage().splitlines()
     assert table[1].split() == ["loaded", "missing", "unexpected", "dropped"]
@@ -338,10 +338,10 @@ def test_marscale_layout_round_trip(tmp_path, caplog, container):
     if container == "export":  # what `marscale export` writes
         sd = {"model": sd, "config": {"model": {"variant": "vit_tiny", "num_classes": NUM_CLASSES}}, "step": 100}
     path = save(tmp_path, sd)
-    with caplog.at_level(logging.INFO, logger="marscale.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="marscale.weights.pretrained"):
         report = load_pretrained(dst, path)
     assert report.layout == "marscale" and report.missing == [] and report.unexpected == []
-    assert [r.levelno for r in caplog.records if r.name == "marscale.checkpoint"] == [logging.INFO]  # all loaded
+    assert [r.levelno for r in caplog.records if r.name == "marscale.weights.pretrained"] == [logging.INFO]  # all loaded
     after = mar_outputs(dst, video, vis, msk)
     for k in ref:
         torch.testing.assert_close(after[k], ref[k], rtol=0, atol=0)

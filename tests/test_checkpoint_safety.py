@@ -20,9 +20,10 @@ import pytest
 import torch
 from test_engine_trainer import tiny_config
 
-from marscale import cli, dist
-from marscale.config import to_dict
-from marscale.engine import checkpointing as ckpt
+from marscale import cli
+from marscale.core import dist
+from marscale.core.config import to_dict
+from marscale.checkpoints import folders as ckpt
 from marscale.engine.trainer import Trainer
 
 OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -172,7 +173,7 @@ def test_resume_falls_back_past_a_truncated_checkpoint(trainer, caplog, name):
 
 
 def test_export_and_eval_of_a_run_fall_back_past_a_truncated_checkpoint(trainer, tmp_path, capsys):
-    from marscale.engine.export import consolidate, export
+    from marscale.weights.export import consolidate, export
 
     first, second = fresh_checkpoints(trainer, 1, 2)
     truncate(os.path.join(second, OPTIM_STATES))

@@ -1,5 +1,5 @@
-"""marscale.commands.compare / marscale.compare: `marscale compare --quick` end to end
-(DeepSpeed on the CPU, every output file), counted ratios against marscale.cost, and the
+"""marscale.commands.compare / marscale.cost.compare: `marscale compare --quick` end to end
+(DeepSpeed on the CPU, every output file), counted ratios against marscale.cost.counting, and the
 lines set beside the paper's figures."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import sys
 import pytest
 from helpers import REPO, subprocess_env
 
-from marscale import compare
+from marscale.cost import compare
 from marscale.cli import main as cli_main
 from marscale.commands.compare import QUICK_ENTRIES, QUICK_OVERRIDES
-from marscale.cost import count_model
+from marscale.cost.counting import count_model
 
 MEASURED = ("train_clips_per_s", "infer_clips_per_s", "peak_memory_gib", "achieved_tflops", "train_step_median_s")
 

@@ -12,7 +12,7 @@ from helpers import count_standard as count
 
 from marscale.cli import main as cli_main
 from marscale.commands.cost import claim_paragraph
-from marscale.cost_table import ClaimTerm, CostRow
+from marscale.cost.table import ClaimTerm, CostRow
 
 
 def run_cli(capsys, *args: str) -> str:

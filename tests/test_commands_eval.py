@@ -1,6 +1,6 @@
 """marscale.commands.eval with --mask-ratios (marscale.commands.eval_ratios): one row per
 ratio whose accuracy is that of a direct `evaluate()` at that eval_ratio, whose cost is
-`marscale.cost`'s count, written as Markdown, CSV, JSON and PNG; bad ratios stop before
+`marscale.cost.counting`'s count, written as Markdown, CSV, JSON and PNG; bad ratios stop before
 anything is built.
 
 configs/demo.yaml with 32x32 clips of 4 frames (2x2x2 = 8 tokens, so 2x2 cells take the
@@ -22,18 +22,19 @@ import pytest
 import torch
 from helpers import DEMO_CONFIG, run_overrides
 
-from marscale import cli, dist
-from marscale.clip import token_grid
+from marscale import cli
+from marscale.core import dist
+from marscale.core.clip import token_grid
 from marscale.commands import eval_ratios
-from marscale.config import to_dict
-from marscale.cost import count_model
-from marscale.engine import checkpoint_integrity as integrity
-from marscale.engine import checkpointing as ckpt
+from marscale.core.config import to_dict
+from marscale.cost.counting import count_model
+from marscale.checkpoints import integrity
+from marscale.checkpoints import folders as ckpt
 from marscale.engine.config import load_train_config
 from marscale.engine.evaluate import evaluate
-from marscale.masking import MaskingConfig
+from marscale.tokens.masking import MaskingConfig
 from marscale.model import build_model
-from marscale.shards import ShardSet
+from marscale.data.shards import ShardSet
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -225,7 +226,7 @@ def test_two_ranks_give_the_table_of_one_and_only_the_main_rank_writes(mar, tmp_
 
     from helpers import REPO, subprocess_env
 
-    from marscale.dist import free_port
+    from marscale.core.dist import free_port
 
     out_dir = tmp_path / "two_ranks"
     proc = subprocess.run(

@@ -1,4 +1,4 @@
-"""Typed config loading (marscale/config.py) and the training config tree (engine/config.py)."""
+"""Typed config loading (marscale/core/config.py) and the training config tree (engine/config.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from marscale.config import (
+from marscale.core.config import (
     ConfigError,
     apply_overrides,
     from_dict,
@@ -23,7 +23,7 @@ from marscale.config import (
 )
 from marscale.engine.config import TrainConfig, load_train_config, presets, validate
 from marscale.engine.plan import clips_per_step, make_plan
-from marscale.shards import Manifest, ShardInfo, ShardSet, save_manifest
+from marscale.data.shards import Manifest, ShardInfo, ShardSet, save_manifest
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 PRESETS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")) if not os.path.basename(p).startswith("_"))
@@ -369,7 +369,7 @@ def test_decoder_section_replaces_the_old_bool(tmp_path):
 
 def test_choices_are_checked_when_built_in_python_too():
     from marscale.data.config import DataConfig
-    from marscale.masking import MaskingConfig
+    from marscale.tokens.masking import MaskingConfig
 
     with pytest.raises(ValueError, match=r"decoder='ffmpeg': use one of 'auto', 'decord', 'pyav', 'torchcodec'"):
         DataConfig(train_shards="a", val_shards="b", decoder="ffmpeg")
@@ -443,7 +443,7 @@ def test_derived_steps_from_samples_per_epoch():
 
 
 def test_plan_tokens_and_flops_come_from_the_clip_and_the_counted_model():
-    from marscale.cost import count_model
+    from marscale.cost.counting import count_model
 
     cfg = train_cfg(data={"samples_per_epoch": 100})  # vit_tiny, 16 x 64 x 64 clips, 50% masked
     plan = make_plan(cfg, 1, shard_set(100), shard_set(10, "val"))
@@ -526,7 +526,7 @@ def test_eval_refuses_a_checkpoint_without_a_trained_classifier(tmp_path, capsys
 def test_a_stored_config_with_a_retired_key_still_loads():
     """A run saved before `checkpoint.load_universal` was retired must still evaluate: the
     key is dropped from stored configs (a file a user writes still gets the error)."""
-    from marscale.config import drop_retired, from_dict, to_dict
+    from marscale.core.config import drop_retired, from_dict, to_dict
     from marscale.engine.config import TrainConfig, load_train_config
 
     stored = to_dict(load_train_config(os.path.join(CONFIG_DIR, "demo.yaml")))

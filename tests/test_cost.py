@@ -1,4 +1,4 @@
-"""marscale.cost: counted FLOPs against the analytic formula and the published figures.
+"""marscale.cost.counting: counted FLOPs against the analytic formula and the published figures.
 
 Counts run on the meta device; each distinct model is counted once per test module (the
 in-memory cache) into a fresh disk cache under a temporary directory.
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from marscale import cost
-from marscale.clip import ClipConfig
+from marscale.cost import counting as cost
+from marscale.core.clip import ClipConfig
 from marscale.model import VARIANTS, DecoderConfig, ModelConfig, build_model
 from marscale.model.config import DecoderSpec
 
@@ -242,7 +242,7 @@ def test_gpu_benchmark_imports_only_torch_and_model_modules():
         "spec = importlib.util.spec_from_file_location('bench', 'benchmarks/bench_model.py')\n"
         "sys.modules['bench'] = module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
-        "import marscale.cost, marscale.cost_table, marscale.masking, marscale.losses, marscale.model\n"
+        "import marscale.cost.counting, marscale.cost.table, marscale.tokens.masking, marscale.engine.loss, marscale.model\n"
         "heavy = {'deepspeed', 'webdataset', 'decord', 'timm', 'torchvision', 'av', 'yaml'}\n"
         "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
     )

@@ -1,4 +1,4 @@
-"""marscale.cost_cache: counts written to disk are read back by a new count, and only
+"""marscale.cost.cache: counts written to disk are read back by a new count, and only
 under the fingerprint of the code and torch that counted them."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from marscale import cost, cost_cache
-from marscale.clip import ClipConfig
+from marscale.cost import cache as cost_cache
+from marscale.cost import counting as cost
+from marscale.core.clip import ClipConfig
 from marscale.model import ModelConfig
 
 CFG = ModelConfig(num_classes=7, arch="mar", variant="vit_tiny")
@@ -62,11 +63,11 @@ def test_fingerprint_covers_every_package_source(tmp_path, monkeypatch):
     # Counting reads modules beyond marscale/model (losses, cost, configs); hashing the
     # whole package keeps a count from outliving an edit to any of them.
     package = tmp_path / "marscale"
-    shutil.copytree(Path(cost_cache.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(cost_cache, "__file__", str(package / "cost_cache.py"))
+    shutil.copytree(Path(cost_cache.__file__).parents[1], package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(cost_cache, "__file__", str(package / "cost" / "cache.py"))
     before = cost_cache.fingerprint.__wrapped__()
     assert before == cost_cache.fingerprint()  # the copy hashes like the package itself
-    for edited in ("cost.py", "cost_table.py", "model/encoder.py"):
+    for edited in ("cost/counting.py", "cost/table.py", "model/encoder.py"):
         with open(package / edited, "a") as f:
             f.write("\n# edited\n")
         after = cost_cache.fingerprint.__wrapped__()

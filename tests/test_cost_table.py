@@ -1,11 +1,11 @@
-"""marscale.cost_table: the rows of `marscale cost` compare the counted MACs they claim to."""
+"""marscale.cost.table: the rows of `marscale cost` compare the counted MACs they claim to."""
 
 from __future__ import annotations
 
 import pytest
 from helpers import count_standard as count
 
-from marscale import cost_table
+from marscale.cost import table as cost_table
 
 
 def test_ratios_in_table():

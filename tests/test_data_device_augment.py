@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.data.augment_params import OP_KINDS, AugmentDraw, ClipParams
 from marscale.data.config import resolve_augment_on

@@ -25,7 +25,7 @@ import webdataset as wds
 from marscale.data import decode
 from marscale.data.decode import FRAME_TOLERANCE, available_decoders, open_sample, open_video
 from marscale.data.frames import FrameIndex, decode_runs, encode_runs, scan_video, sequential_frames
-from marscale.shards import Manifest, SampleMeta
+from marscale.data.shards import Manifest, SampleMeta
 from shards_tools.convert import ConvertOptions, convert
 from shards_tools.stats import collect_stats
 from shards_tools.verify import verify

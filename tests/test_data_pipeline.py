@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.data import build_eval_loader as _build_eval_loader
 from marscale.data import build_train_loader as _build_train_loader
 from marscale.data.loaders import worker_batches
-from marscale.shards import Manifest, ShardSet, key_to_index, load_manifest, sample_key, save_manifest
+from marscale.data.shards import Manifest, ShardSet, key_to_index, load_manifest, sample_key, save_manifest
 
 CLIP = ClipConfig(num_frames=8, sampling_interval=2, img_size=32)
 NUM_CLASSES = 4  # the synthetic set's, and the model's in these tests

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.data import sampling
 

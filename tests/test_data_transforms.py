@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data import SSV2_FLIP_LABEL_PAIRS, DataConfig
 from marscale.data.mixup import VideoMixup, normalize, smoothed_one_hot
 from marscale.data.augment_params import erasing_params, rrc_params

@@ -1,4 +1,4 @@
-"""marscale/dist.py without processes: the process group's timeout, and telling a lost
+"""marscale/core/dist.py without processes: the process group's timeout, and telling a lost
 peer from other errors (the two-host tests in tests/test_multinode.py see it happen)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import datetime
 import pytest
 import torch.distributed as torch_dist
 
-from marscale import dist
+from marscale.core import dist
 
 GLOO_RESET = (
     "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.77.0.2]:47294: "

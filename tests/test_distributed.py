@@ -16,7 +16,7 @@ from helpers import DEMO_CONFIG as DEMO
 from helpers import REPO as ROOT
 from helpers import run_overrides, subprocess_env
 
-from marscale.dist import free_port
+from marscale.core.dist import free_port
 
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "fixed_batch_steps.py")
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from marscale import cli
-from marscale.engine import checkpointing as ckpt
-from marscale.engine import checkpoint_integrity as integrity
-from marscale.engine import rng_state
+from marscale.checkpoints import folders as ckpt
+from marscale.checkpoints import integrity
+from marscale.checkpoints import rng_state
 
 
 def make_checkpoint(root, step: int, complete: bool = True, checksums: bool = True) -> str:

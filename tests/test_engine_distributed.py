@@ -21,7 +21,7 @@ import pytest
 from helpers import DEMO_CONFIG as CONFIG
 from helpers import REPO, run_overrides, subprocess_env
 
-from marscale.dist import free_port
+from marscale.core.dist import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -88,7 +88,7 @@ def test_train_zero3_deepspeed_launcher_then_eval_under_torchrun(synthetic_shard
         assert "COMPLETE" in files and {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= set(files)
         assert sum("optim_states" in f for f in files) == 2  # one ZeRO shard per rank
 
-    from marscale.engine.export import export
+    from marscale.weights.export import export
 
     model_file = str(tmp_path / "model.pt")
     export(os.path.join(out, "checkpoints", "step-3"), model_file)

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from marscale import dist
-from marscale.clip import ClipConfig
+from marscale.core import dist
+from marscale.core.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.engine.evaluate import ScoreTable, evaluate, video_accuracy
-from marscale.masking import MaskingConfig, make_mask
-from marscale.shards import ShardSet
+from marscale.tokens.masking import MaskingConfig, make_mask
+from marscale.data.shards import ShardSet
 
 
 @pytest.fixture(scope="module", autouse=True)

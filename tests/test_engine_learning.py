@@ -16,7 +16,7 @@ import os
 import pytest
 from helpers import DEMO_CONFIG as CONFIG
 
-from marscale import dist
+from marscale.core import dist
 from marscale.engine.config import load_train_config
 from marscale.engine.metrics import by_step, read_jsonl
 from marscale.engine.trainer import EVAL_FILE, train

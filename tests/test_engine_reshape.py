@@ -1,4 +1,4 @@
-"""Resuming on another world size (marscale/engine/reshape.py).
+"""Resuming on another world size (marscale/checkpoints/reshape.py).
 
 - Which combinations load plainly, which through a universal conversion, and which are
   refused before the engine is built (a ZeRO stage change).
@@ -19,8 +19,8 @@ import pytest
 import torch
 from helpers import DEMO_CONFIG, REPO, run_overrides, subprocess_env
 
-from marscale.dist import free_port
-from marscale.engine.reshape import Layout, ReshapeError, needs_universal, plan_resume, prune_conversions
+from marscale.core.dist import free_port
+from marscale.checkpoints.reshape import Layout, ReshapeError, needs_universal, plan_resume, prune_conversions
 
 SCRIPT = os.path.join(REPO, "tests", "scripts", "resize_state.py")
 STAGES = (1, 2, 3)

@@ -19,8 +19,8 @@ import torch
 from helpers import DEMO_CONFIG as CONFIG
 from helpers import REPO, run_overrides, subprocess_env
 
-from marscale import dist
-from marscale.engine import checkpointing as ckpt
+from marscale.core import dist
+from marscale.checkpoints import folders as ckpt
 from marscale.engine.config import load_train_config
 from marscale.engine.metrics import by_step, read_jsonl
 from marscale.engine.trainer import EXIT_PREEMPTED, LOAD_REPORT_FILE, Trainer
@@ -169,8 +169,8 @@ def test_preempt_resume_is_exact_and_ignores_incomplete_checkpoints(synthetic_sh
         assert os.path.isfile(run_dir / "eval.json")
 
         # Export round trip (ZeRO-2, fp32): the exported weights give the engine's logits.
-        from marscale.checkpoint import load_pretrained
-        from marscale.engine.export import export
+        from marscale.weights.pretrained import load_pretrained
+        from marscale.weights.export import export
         from marscale.model import build_model
 
         out = str(tmp_path / "model.pt")
@@ -243,8 +243,8 @@ def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
 def test_export_from_zero3_bf16(synthetic_shards, tmp_path):
     import deepspeed
 
-    from marscale.checkpoint import load_pretrained
-    from marscale.engine.export import consolidate, export, has_zero_shards
+    from marscale.weights.pretrained import load_pretrained
+    from marscale.weights.export import consolidate, export, has_zero_shards
     from marscale.model import build_model
 
     cfg = tiny_config(

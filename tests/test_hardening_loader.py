@@ -1,7 +1,7 @@
 """Bad shards end a run promptly with one line, and skipped samples are counted where
 runs are read (metrics.jsonl, TensorBoard, the end-of-run log line, eval.json).
 
-- Loader workers start with SIGTERM blocked (marscale.signals), so on an error path
+- Loader workers start with SIGTERM blocked (marscale.core.signals), so on an error path
   Python's multiprocessing exit handler, which SIGTERMs and joins its daemonic children,
   would wait for them forever. The loader's iterator shuts them down (and kills what does
   not stop) when it is closed, on an error, or at interpreter exit.
@@ -26,9 +26,9 @@ import torch
 from helpers import DEMO_CONFIG as CONFIG
 from helpers import REPO, run_overrides, subprocess_env
 
-from marscale import dist
+from marscale.core import dist
 from marscale.data.stages import MAX_CONSECUTIVE_SKIPS
-from marscale.shards import Manifest, ShardInfo, load_manifest, sample_key, save_manifest
+from marscale.data.shards import Manifest, ShardInfo, load_manifest, sample_key, save_manifest
 
 # A plausible MP4 header followed by bytes no decoder accepts.
 GARBAGE_VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4

@@ -1,6 +1,6 @@
 """Layers point one way: the library (`marscale/`) never imports the tools (`shards_tools/`).
 
-The tools write shards in the format the library owns (`marscale.shards`); a library
+The tools write shards in the format the library owns (`marscale.data.shards`); a library
 that reached back into them would tie training to the converter's dependencies and let
 the two ends of the format drift apart.
 """
@@ -59,12 +59,12 @@ def test_no_library_file_names_the_tools_package():
 
 def test_importing_the_library_loads_no_tool_module():
     modules = [
-        "marscale.shards",
-        "marscale.io",
+        "marscale.data.shards",
+        "marscale.core.io",
         "marscale.data.loaders",
         "marscale.engine.trainer",
         "marscale.engine.plan",
-        "marscale.cost",
+        "marscale.cost.counting",
         "marscale.cli",
         "marscale.commands.demo",
         "marscale.commands.eval",

@@ -1,4 +1,4 @@
-"""Tests for marscale.losses: patch layout, reconstruction target, classification and total loss."""
+"""Tests for marscale.engine.loss: patch layout, reconstruction target, classification and total loss."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from marscale.losses import (
+from marscale.engine.loss import (
     classification_loss,
     masked_mse,
     normalized_pixel_target,
     patchify,
     soft_target_cross_entropy,
 )
-from marscale.losses import MARLoss, build_loss
+from marscale.engine.loss import MARLoss, build_loss
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -139,7 +139,7 @@ def test_total_loss_backpropagates_to_both_terms():
 
 
 def test_build_loss_reads_the_clip_section():
-    from marscale.clip import ClipConfig
+    from marscale.core.clip import ClipConfig
 
     clip = ClipConfig(num_frames=8, img_size=64, tubelet_size=4, mean=(0.5, 0.5, 0.5), std=(0.2, 0.3, 0.4))
     assert build_loss(clip, patch_size=16, recon_weight=0.3) == MARLoss(4, 16, (0.5, 0.5, 0.5), (0.2, 0.3, 0.4), 0.3)

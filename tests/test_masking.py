@@ -1,11 +1,11 @@
-"""Tests for marscale.masking: cell running masks, random / tube masks, index conversion."""
+"""Tests for marscale.tokens.masking: cell running masks, random / tube masks, index conversion."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from marscale.masking import (
+from marscale.tokens.masking import (
     shuffle_time_slices,
     MaskingConfig,
     cell_running_mask,

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_clip, tiny_model_config
 
-from marscale.clip import ClipConfig
-from marscale.losses import build_loss
+from marscale.core.clip import ClipConfig
+from marscale.engine.loss import build_loss
 from marscale.model import VARIANTS, BridgeConfig, DecoderConfig, ModelConfig, build_model
 from marscale.model.layers import Attention, Block, DropPath, drop_path_rates, init_weights, sincos_table
 

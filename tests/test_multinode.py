@@ -32,7 +32,7 @@ from helpers import DEMO_CONFIG as CONFIG
 from helpers import REPO, run_overrides, subprocess_env
 from netns import IFNAME, two_hosts_or_skip
 
-from marscale.dist import EXIT_PEER_LOST, free_port
+from marscale.core.dist import EXIT_PEER_LOST, free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

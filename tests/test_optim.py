@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from marscale.config import from_dict
+from marscale.core.config import from_dict
 from marscale.engine.config import OptimConfig
 from marscale.engine.optim import apply_lr, build_optimizer, layer_id, lr_at, param_groups
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.model import ModelConfig, build_model
 
 DEPTH = 6  # vit_tiny

@@ -11,11 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from marscale.losses import build_loss
-from marscale.masking import MaskingConfig, cell_running_mask, make_mask, mask_to_indices, random_mask
+from marscale.engine.loss import build_loss
+from marscale.tokens.masking import MaskingConfig, cell_running_mask, make_mask, mask_to_indices, random_mask
 from marscale.model import build_model
 from marscale.model.attention import resolve_backend
-from marscale.packing import pack_mask
+from marscale.tokens.packing import pack_mask
 from tests.helpers import tiny_clip, tiny_model_config
 
 CLIP = tiny_clip(img_size=64)  # 2 x 4 x 4 = 32 tokens

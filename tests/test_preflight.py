@@ -16,9 +16,9 @@ from helpers import DEMO_CONFIG, run_overrides
 
 from marscale.engine import preflight as preflight_module
 from marscale.engine.config import load_train_config
-from marscale.engine.checkpointing import checkpoint_bytes
+from marscale.checkpoints.folders import checkpoint_bytes
 from marscale.engine.preflight import PreflightError, preflight
-from marscale.shards import load_manifest, save_manifest
+from marscale.data.shards import load_manifest, save_manifest
 
 
 def config(shards: dict[str, str], out, *overrides: str):
@@ -92,7 +92,7 @@ def test_missing_shard_files_and_manifests(synthetic_shards, tmp_path):
 
 def test_disk_space_for_one_checkpoint(synthetic_shards, tmp_path, monkeypatch):
     cfg = config(synthetic_shards, tmp_path / "new" / "run", "deepspeed.zero_stage=1", "deepspeed.precision=bf16")
-    from marscale.cost import count_model
+    from marscale.cost.counting import count_model
 
     params = count_model(cfg.model, cfg.clip, 0.5).params_training
     usage = collections.namedtuple("usage", "total used free")

@@ -31,7 +31,7 @@ from shards_tools.plan import plan
 from shards_tools.video import SkipVideo, container_truncation, probe_video
 from shards_tools.write import ConvertError
 from marscale.data.decode import available_decoders, open_video
-from marscale.shards import SampleMeta, load_manifest, save_manifest, shard_name
+from marscale.data.shards import SampleMeta, load_manifest, save_manifest, shard_name
 from shards_tools.stats import collect_stats
 import shards_tools.synth as synth_module
 from shards_tools.synth import SYNTH_CLASSES, TIME_REVERSED, encode_video, make_synthetic_dataset, render_clip

@@ -10,13 +10,13 @@ import pytest
 import torch
 from test_engine_trainer import losses, preempt_after, tiny_config
 
-from marscale import dist
-from marscale.config import ConfigError
-from marscale.engine import checkpointing as ckpt
+from marscale.core import dist
+from marscale.core.config import ConfigError
+from marscale.checkpoints import folders as ckpt
 from marscale.engine.metrics import by_step, read_jsonl
 from marscale.engine.trainer import Trainer
-from marscale.masking import MaskingConfig
-from marscale.token_batches import build_token_batches, loss_scales
+from marscale.tokens.masking import MaskingConfig
+from marscale.tokens.batches import build_token_batches, loss_scales
 
 GRID = (2, 2, 2)  # the tiny clips: 8 tokens, one 2x2 cell per time slice
 

@@ -14,7 +14,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool, help_t
         help="override a config value, e.g. --set optim.lr=5e-4 (repeatable)",
     )
     # The deepspeed launcher appends --local_rank=N unless given --no_local_rank; the
-    # rank is read from the environment (marscale.dist), so the flag is accepted and ignored.
+    # rank is read from the environment (marscale.core.dist), so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 
-from marscale.compare import (
+from marscale.cost.compare import (
     DEFAULT_ENTRIES,
     DEFAULT_REFERENCE,
     K400_TRAIN_VIDEOS,
@@ -121,7 +121,7 @@ def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argpa
     import torch
     from tqdm import tqdm
 
-    from marscale import dist
+    from marscale.core import dist
     from marscale.engine.measure import measure
 
     dist.init_distributed()
@@ -244,7 +244,7 @@ def _markdown(head: list[str], body: list[list[str]]) -> str:
 def notes(rows: list[CompareRow], reference: CompareRow, settings: str) -> list[str]:
     """What the columns and ratios hold, and the ratios beside the paper's figures."""
     out = [
-        "GFLOPs as in the MAR/VideoMAE papers = 1e9 multiply-accumulates (counted, marscale.cost); "
+        "GFLOPs as in the MAR/VideoMAE papers = 1e9 multiply-accumulates (counted, marscale.cost.counting); "
         "schedule EFLOPs, TFLOP/s and MFU use hardware FLOPs (2x).",
         f"schedule = {reference.schedule_videos:,} training videos x epochs x clips per video (the preset's); "
         "device-hours = measured seconds per training clip x those clips, on one device.",
@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     settings = "not measured (--no-measure)"
     if not args.no_measure:
         prepare_device(next(iter(configs.values())).run.device)
-        from marscale import dist
+        from marscale.core import dist
 
         # DeepSpeed prints to stdout (and its logger keeps the stream it found when it was
         # imported, here): keep stdout for the table, CSV or JSON.
@@ -359,8 +359,8 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(out: str, rows: list[CompareRow], reference: CompareRow, settings: str) -> dict[str, str]:
     """compare.md, .csv, .json and .png in `out`; returns their paths by extension."""
-    from marscale.compare_chart import draw
-    from marscale.io import atomic_write_bytes
+    from marscale.cost.chart import draw
+    from marscale.core.io import atomic_write_bytes
 
     os.makedirs(out, exist_ok=True)
     paths = {ext: os.path.join(out, f"{OUT_NAME}.{ext}") for ext in ("md", "csv", "json", "png")}

@@ -1,6 +1,6 @@
 """`marscale cost`: the parameter and FLOP table as text, Markdown, CSV or JSON.
 
-The numbers come from `marscale.cost_table`; this module only lays them out and adds the
+The numbers come from `marscale.cost.table`; this module only lays them out and adds the
 notes on units and on how the backward pass is counted, and the paragraph that sets the
 counted ratios against the paper's "MAR ViT-L costs 14.5% of ViT-H".
 """
@@ -14,7 +14,7 @@ import io
 import json
 import sys
 
-from marscale.cost_table import (
+from marscale.cost.table import (
     KINETICS_VIEWS,
     TABLE_RATIOS,
     TABLE_VARIANTS,

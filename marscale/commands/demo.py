@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 
-from marscale.io import write_json
-from marscale.shards import manifest_path
+from marscale.core.io import write_json
+from marscale.data.shards import manifest_path
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def print_cost(model_cfg, clip_cfg, mask_ratio: float) -> None:
     import dataclasses
 
     from marscale.commands.cost import format_table
-    from marscale.cost import count_model
-    from marscale.cost_table import cost_table
+    from marscale.cost.counting import count_model
+    from marscale.cost.table import cost_table
 
     print("\nCost of the demo model per clip (MACs, the papers' 'FLOPs'):")
     for name, cfg, ratio in (
@@ -105,7 +105,7 @@ def print_cost(model_cfg, clip_cfg, mask_ratio: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marscale import dist
+    from marscale.core import dist
     from marscale.engine.config import load_train_config
     from marscale.engine.trainer import EVAL_FILE, train
 

@@ -17,7 +17,7 @@ import logging
 import os
 
 from marscale.commands.common import add_config_arguments, prepare_device
-from marscale.io import write_json
+from marscale.core.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _eval_config(args: argparse.Namespace, stored: dict | None):
     """The config of `--config` (+ overrides), or the one stored in the checkpoint."""
-    from marscale.config import apply_overrides, drop_retired, from_dict
+    from marscale.core.config import apply_overrides, drop_retired, from_dict
     from marscale.engine.config import TrainConfig, load_train_config
 
     overrides = args.overrides
@@ -69,9 +69,9 @@ def _eval_config(args: argparse.Namespace, stored: dict | None):
 def _open_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict | None]:
     """(the checked step-N folder, or None for a file; the training config stored with the
     weights, or None). Reads no weights: a folder's model states are memory-mapped."""
-    from marscale.engine.checkpoint_integrity import read_model_states
-    from marscale.engine.checkpointing import find_checkpoint
-    from marscale.engine.export import exported_config
+    from marscale.checkpoints.integrity import read_model_states
+    from marscale.checkpoints.folders import find_checkpoint
+    from marscale.weights.export import exported_config
 
     if os.path.isdir(args.checkpoint):
         folder = find_checkpoint(args.checkpoint)
@@ -87,8 +87,8 @@ def _open_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict | None]
 
 def _load_weights(model, args: argparse.Namespace, folder: str | None, cfg) -> None:
     """The checkpoint's weights into `model`; a file must hold a trained classifier."""
-    from marscale.checkpoint import CheckpointError, load_pretrained
-    from marscale.engine.export import consolidate_checked
+    from marscale.weights.pretrained import CheckpointError, load_pretrained
+    from marscale.weights.export import consolidate_checked
 
     if folder is not None:
         model.load_state_dict(consolidate_checked(folder)[0])
@@ -106,7 +106,7 @@ def _load_weights(model, args: argparse.Namespace, folder: str | None, cfg) -> N
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate weights on the config's evaluation shards, without DeepSpeed (collective)."""
-    from marscale import dist
+    from marscale.core import dist
     from marscale.commands import eval_ratios
     from marscale.engine.config import PRECISION_DTYPES
     from marscale.engine.evaluate import evaluate

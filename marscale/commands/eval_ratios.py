@@ -9,7 +9,7 @@ trained without masking (`masking.kind: none`, the full-token ViT) is masked at 
 above 0 with cell running masking in the default cell, and the output says so.
 
 Per ratio: visible tokens per view, top-1 / top-5, inference GFLOPs per view counted by
-`marscale.cost` on the real modules (multiply-accumulates, the papers' "FLOPs", as
+`marscale.cost.counting` on the real modules (multiply-accumulates, the papers' "FLOPs", as
 `marscale cost` prints them), its share of the same model's full-token cost, and the
 measured throughput (views scored per second of wall time of the pass, each rank's first
 batch excluded as warm-up). The main rank prints the table as Markdown and writes
@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as torch_dist
 
-from marscale import dist
-from marscale.clip import token_grid
+from marscale.core import dist
+from marscale.core.clip import token_grid
 from marscale.commands.cost import UNIT_NOTE
-from marscale.config import to_dict
-from marscale.cost import count_model
+from marscale.core.config import to_dict
+from marscale.cost.counting import count_model
 from marscale.engine.evaluate import EvalResult, Forward, evaluate
-from marscale.io import atomic_write_bytes, write_json
-from marscale.masking import MaskingConfig, make_mask
+from marscale.core.io import atomic_write_bytes, write_json
+from marscale.tokens.masking import MaskingConfig, make_mask
 
 if TYPE_CHECKING:
     from marscale.engine.config import TrainConfig
@@ -247,7 +247,7 @@ def _cells(row: RatioRow) -> list[str]:
 def notes(rows: list[RatioRow], masking: MaskingConfig) -> list[str]:
     """What the columns count, and what the table changed about the model's masking."""
     lines = [
-        f"GFLOPs/view: inference per view (encoder + classifier), counted by marscale.cost; {UNIT_NOTE}.",
+        f"GFLOPs/view: inference per view (encoder + classifier), counted by marscale.cost.counting; {UNIT_NOTE}.",
         "of full: GFLOPs/view against the same model with every token visible (ratio 0).",
         THROUGHPUT_NOTE + ("" if all(r.speed.warmup_excluded for r in rows) else f" ({THROUGHPUT_FALLBACK_NOTE})")
         + ".",
@@ -377,7 +377,7 @@ def plot_png(rows: list[RatioRow], title: str) -> bytes:
 
 def default_out_dir(checkpoint: str, folder: str | None) -> str:
     """RUN/eval_ratios for a checkpoint folder (RUN holds checkpoints/step-N), else ./eval_ratios."""
-    from marscale.engine.checkpointing import CHECKPOINT_SUBDIR
+    from marscale.checkpoints.folders import CHECKPOINT_SUBDIR
 
     if folder is None:
         return FILE_STEM

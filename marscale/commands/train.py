@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marscale import dist
+    from marscale.core import dist
     from marscale.engine.config import load_train_config
     from marscale.engine.trainer import train
 

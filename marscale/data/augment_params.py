@@ -28,7 +28,7 @@ import random
 import numpy as np
 import torch
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data.config import DataConfig
 
 # timm RandomErasing defaults (min_area, max_area, min_aspect; max_aspect = 1 / min_aspect).

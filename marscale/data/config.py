@@ -1,7 +1,7 @@
 """`DataConfig`: where the shards are and how clips are batched, decoded and augmented.
 
 One flat dataclass (the `data:` section of a run's YAML file). The clip itself (frames,
-size, sampling, pixel statistics) is the `clip:` section (`marscale.clip.ClipConfig`),
+size, sampling, pixel statistics) is the `clip:` section (`marscale.core.clip.ClipConfig`),
 shared with the model and the loss. Derived values - batches per epoch, the resolved
 decoder - come from the run plan (`marscale.engine.plan`) and `marscale.data.decode`,
 never from changing these fields.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal, Optional
 
-from marscale.choices import check_choices
+from marscale.core.choices import check_choices
 
 SSV2_FLIP_LABEL_PAIRS: tuple[tuple[int, int], ...] = ((86, 87), (93, 94), (166, 167))
 """Something-Something v2 classes that a horizontal flip turns into each other (0-based
@@ -55,7 +55,7 @@ class DataConfig:
     token_budget: int | None = None
     """Form training batches by visible encoder tokens instead of a clip count: each
     micro-batch takes clips (with the mask ratios drawn for them) while their visible
-    tokens fit in this budget, at most `batch_size` clips (`marscale.token_batches`). With
+    tokens fit in this budget, at most `batch_size` clips (`marscale.tokens.batches`). With
     per-clip mask ratios every step then costs about the same. null: `batch_size` clips."""
 
     clips_per_video: int = 1

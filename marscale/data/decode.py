@@ -74,7 +74,7 @@ from marscale.data.frames import (
     scan_video,
     stream_frame_rate,
 )
-from marscale.shards import SampleMeta
+from marscale.data.shards import SampleMeta
 
 __all__ = [
     "AUTO_ORDER", "DecodeError", "FRAME_TOLERANCE", "INDEXED_CONTAINERS", "VideoReader", "available_decoders",

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data.augment_params import OP_KINDS, RandAugmentDraw, rand_augment_hparams
 from marscale.data.config import DataConfig
 

@@ -13,7 +13,7 @@ so the frame after it is the next frame number and its timestamp shows the gap, 
 any variable-frame-rate video.
 
 **The frame table** (`FrameIndex`, stored in each sample's JSON record at conversion,
-`marscale.shards.SampleMeta.frames`): the presentation timestamp of every frame and
+`marscale.data.shards.SampleMeta.frames`): the presentation timestamp of every frame and
 which frames are key frames, read from the frames the decode actually gives. Frame
 counts and frame rates come from it rather than from the container's header, whose
 average rate can be off (30.12 for a true 30 fps MP4) and whose timestamps can start

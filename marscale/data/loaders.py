@@ -47,14 +47,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data.config import DataConfig
 from marscale.data.decode import resolve_decoder
 from marscale.data.augment_params import AugmentDraw
 from marscale.data.stages import ShardDataError, SkipStats, augmented_clip, clip_for_device, eval_stages, train_stages
 from marscale.data.transforms import EvalTransform, TrainTransform
-from marscale.shards import ShardSet
-from marscale.signals import stop_signals_blocked
+from marscale.data.shards import ShardSet
+from marscale.core.signals import stop_signals_blocked
 
 
 def _worker_slot() -> tuple[int, int]:
@@ -321,7 +321,7 @@ def build_train_loader(
     loader batches per rank), resumed at batch `start_batch` of the epoch. Samples whose
     label is not below `num_classes` (the model's) are skipped and counted ("label").
     `batch_sizes(k)`: clips in the rank's batch k of the epoch (token budgets,
-    `marscale.token_batches`); None: `cfg.batch_size` each. `augment_on`: "worker"
+    `marscale.tokens.batches`); None: `cfg.batch_size` each. `augment_on`: "worker"
     (augmented uint8 [B, C, T, S, S] batches) or "device" (decoded windows uint8
     [B, T, H, W, 3] and their "augment" parameters, for `device_augment.DeviceAugment`),
     `config.resolve_augment_on` of the training device."""

@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 
 
 class FrameRateError(ValueError):

@@ -59,14 +59,14 @@ from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data import sampling
 from marscale.data.config import DataConfig
 from marscale.data.decode import DecodeError, open_sample
 from marscale.data.augment_params import AugmentDraw
 from marscale.data.transforms import EvalTransform, TrainTransform
-from marscale.seeding import seed_word, seed_words
-from marscale.shards import LABEL_EXT, META_EXT, VIDEO_EXTENSIONS, SampleMeta, key_to_index
+from marscale.core.seeding import seed_word, seed_words
+from marscale.data.shards import LABEL_EXT, META_EXT, VIDEO_EXTENSIONS, SampleMeta, key_to_index
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from marscale.clip import ClipConfig
+from marscale.core.clip import ClipConfig
 from marscale.data.augment_params import AugmentDraw, ClipParams, OpDraw, RandAugmentDraw
 from marscale.data.config import DataConfig
 

@@ -1,9 +1,9 @@
 """The training config tree: one dataclass per YAML section, checks, and derived values.
 
     TrainConfig
-      clip: ClipConfig            marscale/clip.py: frames, size, tubelets, pixel stats, sampling
+      clip: ClipConfig            marscale/core/clip.py: frames, size, tubelets, pixel stats, sampling
       model: ModelConfig          marscale/model/config.py
-      masking: MaskingConfig      marscale/masking.py
+      masking: MaskingConfig      marscale/tokens/masking.py
       data: DataConfig            marscale/data/config.py
       optim: OptimConfig          optimizer and learning-rate schedule
       deepspeed: DeepSpeedConfig  ZeRO stage, precision, accumulation (-> ds_config.py)
@@ -26,11 +26,11 @@ from typing import ClassVar, Literal
 
 import torch
 
-from marscale.clip import ClipConfig, token_grid
-from marscale.choices import check_choices
-from marscale.config import load_config
+from marscale.core.clip import ClipConfig, token_grid
+from marscale.core.choices import check_choices
+from marscale.core.config import load_config
 from marscale.data.config import DataConfig
-from marscale.masking import MaskingConfig
+from marscale.tokens.masking import MaskingConfig
 from marscale.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class CheckpointConfig:
 
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
         "load_universal": "a checkpoint resumed on another number of ranks is converted to DeepSpeed's "
-        "universal format by the run itself (marscale/engine/reshape.py)",
+        "universal format by the run itself (marscale/checkpoints/reshape.py)",
     }
 
     def __post_init__(self):

@@ -63,7 +63,7 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal:
     """The dict for `deepspeed.initialize(config=...)` on `world_size` data-parallel ranks.
 
     load_universal: the run resumes from a universal conversion of its checkpoint (saved on
-    another world size; `marscale.engine.reshape` decides)."""
+    another world size; `marscale.checkpoints.reshape` decides)."""
     ds = cfg.deepspeed
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,

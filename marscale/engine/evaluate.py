@@ -31,13 +31,13 @@ from typing import Callable
 import torch
 import torch.distributed as torch_dist
 
-from marscale import dist
-from marscale.clip import ClipConfig
+from marscale.core import dist
+from marscale.core.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.engine.metrics import format_counts, sum_over_ranks
-from marscale.masking import MaskingConfig, make_mask, mask_to_indices, shuffle_time_slices
-from marscale.seeding import derive_seed
-from marscale.shards import ShardSet
+from marscale.tokens.masking import MaskingConfig, make_mask, mask_to_indices, shuffle_time_slices
+from marscale.core.seeding import derive_seed
+from marscale.data.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 

@@ -33,14 +33,14 @@ from typing import Callable
 
 import torch
 
-from marscale import dist
+from marscale.core import dist
 from marscale.data import normalize
 from marscale.engine.config import PRECISION_DTYPES, TrainConfig
 from marscale.engine.metrics import peak_tflops
 from marscale.engine.plan import RunPlan, make_plan
 from marscale.engine.trainer import Trainer
-from marscale.masking import make_mask, mask_to_indices
-from marscale.shards import ShardSet
+from marscale.tokens.masking import make_mask, mask_to_indices
+from marscale.data.shards import ShardSet
 
 SYNTHETIC_ROOT = "<synthetic>"
 
@@ -135,9 +135,9 @@ class SyntheticTrainer(Trainer):
         from marscale.data import build_mixup
         from marscale.engine.ds_config import build_deepspeed_config
         from marscale.engine.optim import build_optimizer
-        from marscale.losses import build_loss
+        from marscale.engine.loss import build_loss
         from marscale.model import build_model
-        from marscale.seeding import seed_everything
+        from marscale.core.seeding import seed_everything
 
         self.cfg, self.plan = cfg, plan
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -206,7 +206,7 @@ def measure(
     """Build `cfg`'s engine with `batch` clips per step, run `warmup` + `steps` training
     steps and as many inference steps, and time the last `steps` of each.
 
-    Needs the process group (`marscale.dist.init_distributed`). `videos`: the schedule's
+    Needs the process group (`marscale.core.dist.init_distributed`). `videos`: the schedule's
     training videos (only the plan's epoch arithmetic reads it). `tick` is called after
     every step (a progress bar).
     """

@@ -1,7 +1,7 @@
 """Training metrics: throughput, achieved TFLOP/s and MFU, peak memory, skipped samples,
 and the writers.
 
-Units, named apart everywhere (see `marscale.cost`):
+Units, named apart everywhere (see `marscale.cost.counting`):
 - model FLOPs per clip are *true* FLOPs (2 x multiply-accumulates), counted on the real
   modules; activation recomputation is not counted (it is not model work).
 - TFLOP/s is per device: clips/s of the whole job x FLOPs per clip / devices.

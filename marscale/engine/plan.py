@@ -12,11 +12,11 @@ computed once at start, frozen, logged and saved beside the run (`plan.json`).
     warm-up steps       round(optim.warmup_epochs x steps per epoch), at most total steps
     tokens              the clip's token grid; visible tokens in training and evaluation
     FLOPs               per training clip (forward + backward) and per evaluation view,
-                        counted on the real modules (`marscale.cost`); with per-clip mask
+                        counted on the real modules (`marscale.cost.counting`); with per-clip mask
                         ratios, per visible-token count (the metrics count true work) and
                         the mean over the ratio schedule
     batches             which clips and mask ratios each micro-batch holds
-                        (`marscale.token_batches`, a function of seed, step, micro, rank)
+                        (`marscale.tokens.batches`, a function of seed, step, micro, rank)
 
 The loaders, the trainer, the learning-rate schedule, evaluation and the metrics read
 these values from the plan; none of them derives its own copy.
@@ -28,11 +28,11 @@ import dataclasses
 import math
 import os
 
-from marscale.clip import token_grid
+from marscale.core.clip import token_grid
 from marscale.engine.config import TrainConfig
-from marscale.io import write_json
-from marscale.shards import ShardSet
-from marscale.token_batches import TokenBatches, build_token_batches
+from marscale.core.io import write_json
+from marscale.data.shards import ShardSet
+from marscale.tokens.batches import TokenBatches, build_token_batches
 
 PLAN_FILE = "plan.json"
 
@@ -128,7 +128,7 @@ def make_plan(
 ) -> RunPlan:
     """The plan of `cfg` on `world_size` ranks. The shard sets are read from their
     manifests unless given."""
-    from marscale.cost import count_model, training_flops_by_visible  # counting imports the model
+    from marscale.cost.counting import count_model, training_flops_by_visible  # counting imports the model
 
     train_set = train_set if train_set is not None else ShardSet.load(cfg.data.train_shards)
     val_set = val_set if val_set is not None else ShardSet.load(cfg.data.val_shards)

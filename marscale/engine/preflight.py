@@ -30,11 +30,11 @@ import shutil
 import torch
 import torch.distributed as torch_dist
 
-from marscale import dist
+from marscale.core import dist
 from marscale.engine.config import TrainConfig
-from marscale.engine.checkpointing import checkpoint_bytes
+from marscale.checkpoints.folders import checkpoint_bytes
 from marscale.engine.plan import RunPlan, class_problem, make_plan
-from marscale.shards import ShardSet
+from marscale.data.shards import ShardSet
 
 
 class PreflightError(ValueError):
@@ -92,7 +92,7 @@ def _class_names_problem(train_set: ShardSet, val_set: ShardSet) -> str | None:
 
 def _checkpoint_space_problem(cfg: TrainConfig) -> str | None:
     """Whether run.output_dir can take one checkpoint (of the size `checkpoint_bytes` estimates)."""
-    from marscale.cost import count_model  # counting imports the model; the count is cached
+    from marscale.cost.counting import count_model  # counting imports the model; the count is cached
 
     if not cfg.checkpoint.every_steps and not cfg.checkpoint.save_at_end:
         return None
@@ -115,7 +115,7 @@ def _checkpoint_space_problem(cfg: TrainConfig) -> str | None:
 
 def _attention_problem(cfg: TrainConfig) -> str | None:
     """Why `model.attention` cannot train packed batches on this run's device, or None."""
-    from marscale.dist import resolve_device
+    from marscale.core.dist import resolve_device
     from marscale.model.attention import resolve_backend
 
     device = resolve_device(cfg.run.device)
@@ -152,7 +152,7 @@ def preflight(cfg: TrainConfig, world_size: int, *, training: bool = True) -> Ru
     Raises PreflightError listing every problem found.
     """
     from marscale.data import build_eval_loader, resolve_decoder
-    from marscale.engine.checkpointing import resolve_resume
+    from marscale.checkpoints.folders import resolve_resume
 
     problems: list[str] = []
     train_set = _load(cfg.data.train_shards, problems)

@@ -62,24 +62,24 @@ from typing import Iterator
 
 import torch
 
-from marscale import dist
-from marscale.config import save_config, to_dict
-from marscale.engine import checkpointing as ckpt
+from marscale.core import dist
+from marscale.core.config import save_config, to_dict
+from marscale.checkpoints import folders as ckpt
 from marscale.engine.config import PRECISION_DTYPES, TrainConfig
 from marscale.engine.evaluate import EvalResult, evaluate
 from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, SkipTally, StepCost, format_counts
 from marscale.engine.metrics import format_record, peak_memory_bytes, peak_tflops, sum_over_ranks, throughput
 from marscale.engine.plan import save_plan
 from marscale.engine.preflight import preflight
-from marscale.engine.reshape import Layout, ReshapeError, ResumeSource, plan_resume
-from marscale.engine.rng_state import load_rng_state
-from marscale.io import write_json
-from marscale.losses import build_loss
-from marscale.masking import make_mask, mask_to_indices
-from marscale.packing import PackedTokens, pack_mask
-from marscale.token_batches import loss_scales
-from marscale.seeding import derive_seed, seed_everything
-from marscale.signals import StopSignal
+from marscale.checkpoints.reshape import Layout, ReshapeError, ResumeSource, plan_resume
+from marscale.checkpoints.rng_state import load_rng_state
+from marscale.core.io import write_json
+from marscale.engine.loss import build_loss
+from marscale.tokens.masking import make_mask, mask_to_indices
+from marscale.tokens.packing import PackedTokens, pack_mask
+from marscale.tokens.batches import loss_scales
+from marscale.core.seeding import derive_seed, seed_everything
+from marscale.core.signals import StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,13 @@ CONFIG_FILE = "config.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 EVAL_FILE = "eval.json"
 LOAD_REPORT_FILE = "load_report.json"
-"""What `model.pretrained` filled, by part of the model (`marscale.checkpoint.LoadReport`)."""
+"""What `model.pretrained` filled, by part of the model (`marscale.weights.pretrained.LoadReport`)."""
 
 
 class Trainer:
     """Builds the model, optimizer, DeepSpeed engine and writers for `cfg`; `fit()` trains.
 
-    Needs the process group (`marscale.dist.init_distributed`). Every public method is
+    Needs the process group (`marscale.core.dist.init_distributed`). Every public method is
     collective: call it on all ranks.
     """
 
@@ -130,7 +130,7 @@ class Trainer:
         seed_everything(cfg.run.seed)
         model = build_model(cfg.model, cfg.clip)
         if cfg.model.pretrained:
-            from marscale.checkpoint import load_pretrained
+            from marscale.weights.pretrained import load_pretrained
 
             report = load_pretrained(model, cfg.model.pretrained, clip=cfg.clip, partial=cfg.model.pretrained_partial)
             if dist.is_main():

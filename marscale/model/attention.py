@@ -2,7 +2,7 @@
 
 Shapes: Ntot packed tokens (the clips' visible tokens one after another), h heads,
 d head width; q, k, v and the output are [Ntot, h, d]. A token attends to the tokens of
-its own clip only (`marscale.packing.PackedTokens` says where each clip starts).
+its own clip only (`marscale.tokens.packing.PackedTokens` says where each clip starts).
 
 Backends (`model.attention`):
 - `flash_varlen`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; if installed).
@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from marscale.packing import PackedTokens
+from marscale.tokens.packing import PackedTokens
 
 AttentionBackend = Literal["auto", "flash_varlen", "torch_varlen", "flex", "sdpa_mask", "per_clip"]
 

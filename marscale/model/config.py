@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-from marscale.choices import check_choices
+from marscale.core.choices import check_choices
 from marscale.model.attention import AttentionBackend
 
 
@@ -106,7 +106,7 @@ class ModelConfig:
     """Which network to build. Maps onto the `model:` section of a YAML config.
 
     The clip it runs on (frames, size, tubelets, pixel statistics) is the `clip:` section
-    (`marscale.clip.ClipConfig`), passed to `build_model` beside this one.
+    (`marscale.core.clip.ClipConfig`), passed to `build_model` beside this one.
     """
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from marscale.model.encoder import gather_tokens
 from marscale.model.layers import Block, sincos_table
-from marscale.packing import PackedTokens
+from marscale.tokens.packing import PackedTokens
 
 
 class ReconstructionDecoder(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from marscale.model.layers import Block, drop_path_rates, sincos_table
-from marscale.packing import PackedTokens
+from marscale.tokens.packing import PackedTokens
 
 
 class TubeletEmbed(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from marscale.model.layers import Block, init_weights, xavier_init
-from marscale.packing import PackedTokens
+from marscale.tokens.packing import PackedTokens
 
 
 def mean_pool(x: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from marscale.model.attention import packed_attention
-from marscale.packing import PackedTokens
+from marscale.tokens.packing import PackedTokens
 
 
 def sincos_table(num_positions: int, dim: int, device=None) -> torch.Tensor:

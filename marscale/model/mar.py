@@ -3,12 +3,12 @@
 Shapes: B batch, C/T/H/W the clip, N tokens per clip, Nv visible, Nm masked, K classes.
 `visible_idx` [B, Nv] and `masked_idx` [B, Nm] hold token indices (see masking.py);
 together they cover all N tokens of each clip. Clips that keep different numbers of tokens
-run packed instead (`packed`, a `marscale.packing.PackedTokens`): the encoder and the
+run packed instead (`packed`, a `marscale.tokens.packing.PackedTokens`): the encoder and the
 bridging classifier on one sequence of Ntot tokens without padding, the decoder on
 rectangular [B, N] rows again; predictions of masked tokens come back packed [Mtot, P].
 
 The models return predictions only; the losses and the reconstruction target are built
-where the loss is computed (`marscale.losses`), from the clip the model saw.
+where the loss is computed (`marscale.engine.loss`), from the clip the model saw.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from marscale.clip import ClipConfig, token_grid
+from marscale.core.clip import ClipConfig, token_grid
 from marscale.model.config import VARIANTS, ModelConfig
 from marscale.model.decoder import ReconstructionDecoder
 from marscale.model.encoder import VideoViTEncoder
 from marscale.model.heads import BridgingClassifier, ClassifierHead
 from marscale.model.layers import init_weights, set_attention_backend
-from marscale.packing import PackedTokens
+from marscale.tokens.packing import PackedTokens
 
 
 def _build_encoder(cfg: ModelConfig, clip: ClipConfig, final_norm: bool, device, dtype) -> VideoViTEncoder:

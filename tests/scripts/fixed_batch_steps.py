@@ -19,12 +19,12 @@ import sys
 import torch
 import torch.distributed as torch_dist
 
-from marscale import dist
+from marscale.core import dist
 from marscale.engine.config import load_train_config
 from marscale.engine.trainer import Trainer
-from marscale.masking import make_mask, mask_to_indices
-from marscale.packing import pack_mask
-from marscale.token_batches import loss_scales
+from marscale.tokens.masking import make_mask, mask_to_indices
+from marscale.tokens.packing import pack_mask
+from marscale.tokens.batches import loss_scales
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from marscale import dist
+from marscale.core import dist
 from marscale.engine.config import load_train_config
 from marscale.engine.trainer import Trainer
 

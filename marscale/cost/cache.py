@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from marscale.io import write_json
+from marscale.core.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def cache_file() -> Path | None:
 @functools.lru_cache(maxsize=1)
 def fingerprint() -> str:
     """torch version + every `marscale` source file (names and contents)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # marscale/
     digest = hashlib.sha256(torch.__version__.encode())
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode())

@@ -32,7 +32,7 @@ the good ones, and later resumes pass over it. Markers written before checksums 
 are accepted with a note; their files are checked for readability only.
 
 No code from checkpoint files: every file is unpickled with `weights_only=True`
-(`marscale.checkpoint_layouts.load_file`). The RNG files hold only ints, floats and
+(`marscale.weights.layouts.load_file`). The RNG files hold only ints, floats and
 tensors (`capture_rng_state`). DeepSpeed's files hold a few of DeepSpeed's own classes
 beside tensors: those and nothing else are allowed (`checkpoint_layouts.DEEPSPEED_GLOBALS`);
 a file with anything else is refused (`UnsafeCheckpointError`, naming the file and the
@@ -70,9 +70,9 @@ from typing import Any
 
 import torch
 
-from marscale import dist
-from marscale.checkpoint_layouts import CorruptCheckpointError, UnsafeCheckpointError, refused_global
-from marscale.engine.checkpoint_integrity import (
+from marscale.core import dist
+from marscale.weights.layouts import CorruptCheckpointError, UnsafeCheckpointError, refused_global
+from marscale.checkpoints.integrity import (
     COMPLETE_MARKER,
     DAMAGED_MARKER,
     ModelMismatchError,
@@ -83,9 +83,9 @@ from marscale.engine.checkpoint_integrity import (
     mark_damaged,
     weights_only_loads,
 )
-from marscale.engine.reshape import prune_conversions
-from marscale.engine.rng_state import capture_rng_state, rng_state_file
-from marscale.io import write_json
+from marscale.checkpoints.reshape import prune_conversions
+from marscale.checkpoints.rng_state import capture_rng_state, rng_state_file
+from marscale.core.io import write_json
 
 logger = logging.getLogger(__name__)
 

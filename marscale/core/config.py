@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from marscale.io import atomic_write_bytes
+from marscale.core.io import atomic_write_bytes
 
 T = TypeVar("T")
 

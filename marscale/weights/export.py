@@ -6,7 +6,7 @@
   half-precision copy the model computed with).
 
 `marscale export` writes ``{"model": state dict, "config": the training config, "step": N}``
-with marscale's own parameter names, which `marscale.checkpoint.load_pretrained` detects
+with marscale's own parameter names, which `marscale.weights.pretrained.load_pretrained` detects
 as its "marscale" layout and `marscale eval --checkpoint` reads.
 
 The checkpoint is checked first (`checkpointing.find_checkpoint`: intact, every file safe
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from marscale.checkpoint_layouts import CheckpointError, load_file
-from marscale.engine.checkpoint_integrity import read_model_states, weights_only_loads
-from marscale.engine.checkpointing import find_checkpoint, step_of
+from marscale.weights.layouts import CheckpointError, load_file
+from marscale.checkpoints.integrity import read_model_states, weights_only_loads
+from marscale.checkpoints.folders import find_checkpoint, step_of
 
 logger = logging.getLogger(__name__)
 

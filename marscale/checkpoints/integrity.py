@@ -1,6 +1,6 @@
 """Checkpoint integrity and safety: sizes and checksums in the COMPLETE marker, the checks
 run before a folder is used, the same-model check on resume, and loading DeepSpeed's and
-marscale's files with `weights_only=True` only (see `marscale.engine.checkpointing` for the
+marscale's files with `weights_only=True` only (see `marscale.checkpoints.folders` for the
 layout and the guarantees these give).
 """
 
@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from marscale.checkpoint_layouts import (
+from marscale.weights.layouts import (
     CheckpointError,
     CorruptCheckpointError,
     allowing,
     deepspeed_globals,
     load_file,
 )
-from marscale.io import write_json
+from marscale.core.io import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from marscale.engine.checkpoint_integrity import load_checkpoint_file
+from marscale.checkpoints.integrity import load_checkpoint_file
 
 def capture_rng_state() -> dict[str, Any]:
     """Every global random stream the training step draws from, for this process, as ints,

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from marscale.clip import ClipConfig
-from marscale.packing import PackedTokens
+from marscale.core.clip import ClipConfig
+from marscale.tokens.packing import PackedTokens
 
 
 def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
@@ -95,7 +95,7 @@ class MARLoss:
     masked at 75% has three times the reconstruction targets of one at 25%, and each
     target is one tubelet's worth of evidence, as in MAE/VideoMAE's mean over all masked
     tokens. The caller passes `cls_scale` and `recon_scale` that turn this micro-batch's
-    means into its share of the step's (`marscale.token_batches.loss_scales`); the returned
+    means into its share of the step's (`marscale.tokens.batches.loss_scales`); the returned
     "loss_cls" and "loss_recon" stay this micro-batch's plain means (for logging).
     """
 

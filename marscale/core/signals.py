@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 import torch.distributed as torch_dist
 
-from marscale import dist
+from marscale.core import dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """The signals a training job stops on (checkpoint, then exit 75)."""

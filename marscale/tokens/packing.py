@@ -54,7 +54,7 @@ class PackedTokens:
     def runs(self) -> tuple[tuple[int, int, int], ...]:
         """Runs of consecutive clips of equal length: (first token, clips, length) each.
         Attention can batch a run as one rectangular call; batches whose ratios are drawn
-        in sorted order (`marscale.token_batches`) have one run per distinct ratio."""
+        in sorted order (`marscale.tokens.batches`) have one run per distinct ratio."""
         runs, start = [], 0
         for n in self.lengths:
             if runs and runs[-1][2] == n:

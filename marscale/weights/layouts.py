@@ -9,7 +9,7 @@ else is an `UnsafeCheckpointError`; a truncated or foreign file a `CorruptCheckp
 
 `read_checkpoint` unwraps the state dict and strips wrapper prefixes. `detect_layout`
 names the layout from the keys, and `MAPPINGS[layout]` maps each key onto marscale's
-parameter names (see `marscale.checkpoint` for the layouts and what loading checks).
+parameter names (see `marscale.weights.pretrained` for the layouts and what loading checks).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Choices typed as `Literal[...]`: the check for config dataclasses built in Python.
 
-The YAML loader (`marscale.config`) checks `Literal` fields when it reads a file; a
+The YAML loader (`marscale.core.config`) checks `Literal` fields when it reads a file; a
 dataclass built in Python calls `check_choices(self)` from `__post_init__`, so the
 allowed values live only in the field's type. Kept apart from the loader so that the
 model and clip configs import without PyYAML (the GPU benchmark runs on PyTorch alone).

@@ -11,7 +11,7 @@ matplotlib is imported here only, with the Agg backend (no display needed).
 
 from __future__ import annotations
 
-from marscale.compare import CompareRow
+from marscale.cost.compare import CompareRow
 
 
 def draw(rows: list[CompareRow], reference: CompareRow, path: str) -> None:

@@ -1,8 +1,8 @@
 """The rows of `marscale compare`: counted cost and measured time of training configs, and
 their ratios to one reference config (full-token ViT-H by default).
 
-Numbers only; `marscale.commands.compare` lays them out and `marscale.compare_chart`
-draws them. Counted values come from `marscale.cost.count_model` (the same counts as
+Numbers only; `marscale.commands.compare` lays them out and `marscale.cost.chart`
+draws them. Counted values come from `marscale.cost.counting.count_model` (the same counts as
 `marscale cost`, at each config's own clip), measured ones from
 `marscale.engine.measure` (the real engine on synthetic tensors).
 
@@ -31,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from marscale.cost import count_model
-from marscale.cost_table import DISPLAY_NAMES
+from marscale.cost.counting import count_model
+from marscale.cost.table import DISPLAY_NAMES
 from marscale.engine.config import TrainConfig, load_train_config
 from marscale.engine.measure import Measurement
 

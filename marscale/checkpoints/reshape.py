@@ -36,10 +36,10 @@ import shutil
 import time
 from typing import Any
 
-from marscale import dist
-from marscale.checkpoint_layouts import CheckpointError
-from marscale.engine.checkpoint_integrity import COMPLETE_MARKER, read_marker, read_model_states, weights_only_loads
-from marscale.io import write_json
+from marscale.core import dist
+from marscale.weights.layouts import CheckpointError
+from marscale.checkpoints.integrity import COMPLETE_MARKER, read_marker, read_model_states, weights_only_loads
+from marscale.core.io import write_json
 
 logger = logging.getLogger(__name__)
 

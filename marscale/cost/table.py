@@ -1,6 +1,6 @@
 """The rows of `marscale cost` and the ratios behind the paper's "MAR ViT-L costs 14.5% of ViT-H".
 
-Numbers only, all from `marscale.cost.count_model`; `marscale.commands.cost` turns them
+Numbers only, all from `marscale.cost.counting.count_model`; `marscale.commands.cost` turns them
 into text. Every row is at the variant's standard clip (16 x 224 x 224, tubelets
 2 x patch x patch) and is compared with the full-token model of its own size and with
 full-token ViT-H.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from marscale.clip import ClipConfig
-from marscale.cost import count_model
+from marscale.core.clip import ClipConfig
+from marscale.cost.counting import count_model
 from marscale.model import VARIANTS, ModelConfig
 
 DISPLAY_NAMES = {

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from marscale.choices import check_choices
+from marscale.core.choices import check_choices
 
 
 @dataclasses.dataclass

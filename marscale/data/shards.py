@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any
 
-from marscale.io import PARTIAL_SUFFIX, atomic_write_bytes
+from marscale.core.io import PARTIAL_SUFFIX, atomic_write_bytes
 
 FORMAT_VERSION = 2
 # Version 1 records have no frame table, rotation, pixel aspect or checked decoders; they
@@ -34,7 +34,7 @@ VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 LABEL_EXT = "cls"
 META_EXT = "json"
 SHARD_SUFFIX = ".tar"
-# A shard is written as `.NAME.partial` (PARTIAL_SUFFIX, marscale.io) and renamed to NAME
+# A shard is written as `.NAME.partial` (PARTIAL_SUFFIX, marscale.core.io) and renamed to NAME
 # when complete, so a shard that exists under its final name is always whole.
 
 

@@ -23,8 +23,8 @@ import dataclasses
 
 import torch
 
-from marscale.masking import MaskingConfig, RatioSchedule, make_mask
-from marscale.seeding import derive_seed
+from marscale.tokens.masking import MaskingConfig, RatioSchedule, make_mask
+from marscale.core.seeding import derive_seed
 
 _RATIO_STREAM = 0x7261  # keeps the ratio draws apart from the mask draws (seed, step, micro, rank)
 

@@ -28,7 +28,7 @@ differs from the model's); a table with other values (learned positions) is an e
 the model could not use them.
 
 Reading files (`torch.load(weights_only=True)`: a checkpoint from the internet can run no
-code here) and the key names of each layout are in `marscale/checkpoint_layouts.py`.
+code here) and the key names of each layout are in `marscale/weights/layouts.py`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import re
 import torch
 import torch.nn as nn
 
-from marscale.checkpoint_layouts import IGNORE, LAYOUTS, MAPPINGS, CheckpointError, detect_layout, read_checkpoint
-from marscale.clip import ClipConfig
+from marscale.weights.layouts import IGNORE, LAYOUTS, MAPPINGS, CheckpointError, detect_layout, read_checkpoint
+from marscale.core.clip import ClipConfig
 from marscale.model.config import VARIANTS
 from marscale.model.layers import sincos_table
 

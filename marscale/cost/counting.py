@@ -26,13 +26,13 @@ Python API (for the training loop's TFLOP/s and MFU):
     model_flops_per_clip(model_cfg, clip_cfg, mask_ratio, training=True)  # true FLOPs
     model_macs_per_clip(model_cfg, clip_cfg, mask_ratio, training=True)   # MACs, papers' "FLOPs"
     count_model(model_cfg, clip_cfg, mask_ratio)                          # everything, by part
-The rows of `marscale cost` are built from these in `marscale.cost_table`.
+The rows of `marscale cost` are built from these in `marscale.cost.table`.
 
 Which tokens are visible does not change the cost, only how many: N - round(ratio * N).
 
 Counting runs every op of the model through Python meta kernels (one to two seconds for
 ViT-L or ViT-H), so each count is kept in memory for the process and on disk across
-processes (`marscale.cost_cache`).
+processes (`marscale.cost.cache`).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from fractions import Fraction
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from marscale import cost_cache
-from marscale.clip import ClipConfig, num_tokens
-from marscale.losses import MARLoss
+from marscale.cost import cache as cost_cache
+from marscale.core.clip import ClipConfig, num_tokens
+from marscale.engine.loss import MARLoss
 from marscale.model import BridgeConfig, DecoderConfig, ModelConfig, build_model
 
 

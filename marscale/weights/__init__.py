@@ -1,0 +1,2 @@
+"""Weights in and out: pre-trained files (VideoMAE, MAR, marscale layouts) loaded into a model,
+and trained models exported."""
