@@ -59,7 +59,8 @@ from marscale.cost.counting import count_model  # noqa: E402
 from marscale.cost.table import DISPLAY_NAMES  # noqa: E402
 from marscale.core.clip import ClipConfig, token_grid  # noqa: E402
 from marscale.engine.loss import build_loss  # noqa: E402
-from marscale.tokens.masking import MaskingConfig, make_mask, mask_to_indices  # noqa: E402
+from marscale.tokens.masking import MaskingConfig, make_mask  # noqa: E402
+from marscale.tokens.packing import pack_mask  # noqa: E402
 from marscale.model import VARIANTS, ModelConfig, build_model  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidth (TB/s) by device name;
@@ -175,13 +176,11 @@ class Case:
         shape = (b, 3, self.clip.num_frames, self.clip.img_size, self.clip.img_size)
         self.video = torch.randn(shape, generator=g).to(device)
         self.target = torch.softmax(torch.randn(b, self.cfg.num_classes, generator=g), -1).to(device)
-        self.visible_idx = self.masked_idx = self.eval_visible_idx = None
+        self.tokens = self.eval_tokens = None
         if setup.ratio > 0:
             masking = MaskingConfig(kind=args.mask, ratio=setup.ratio)
-            vis, msk = mask_to_indices(make_mask(masking, b, grid, g, train=True))
-            self.visible_idx, self.masked_idx = vis.to(device), msk.to(device)
-            vis, _ = mask_to_indices(make_mask(masking, b, grid, g, train=False))
-            self.eval_visible_idx = vis.to(device)
+            self.tokens = pack_mask(make_mask(masking, b, grid, g, train=True)).to(device)
+            self.eval_tokens = pack_mask(make_mask(masking, b, grid, g, train=False)).to(device)
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext()
         )
@@ -192,8 +191,8 @@ class Case:
         self.model.train()
         with sdpa_context(self.sdpa):
             with self.autocast:
-                out = self.model(self.video, self.visible_idx, self.masked_idx)
-                loss = self.loss(out, self.video, self.masked_idx, self.target)["loss"]
+                out = self.model(self.video, self.tokens)
+                loss = self.loss(out, self.video, self.tokens, self.target)["loss"]
             mark("forward")
             loss.backward()
         mark("backward")
@@ -205,7 +204,7 @@ class Case:
     def infer_step(self, mark=lambda phase: None) -> None:
         self.model.eval()
         with torch.inference_mode(), self.autocast, sdpa_context(self.sdpa):
-            self.model(self.video, self.eval_visible_idx)
+            self.model(self.video, self.eval_tokens)
 
     def step(self, mode: str, mark=lambda phase: None) -> None:
         (self.train_step if mode == "train" else self.infer_step)(mark)

@@ -1,8 +1,8 @@
 """Packed vs padded training steps on batches whose clips keep different numbers of tokens.
 
 A MAR batch whose clips draw their mask ratios from {0.25, 0.5, 0.75} holds clips of
-different lengths. Padding runs every clip at the longest one's length (a key-padding mask
-keeps the pads out of the attention; their matmuls still run); packing concatenates the
+different lengths. Padding runs every clip at the longest one's length (masked tokens as pads, one
+rectangular batch with no attention mask, so SDPA's fastest kernels stay open); packing concatenates the
 visible tokens and attends within each clip (`marscale.model.attention`). This times a
 training step (forward, loss, backward; no optimizer) of both, for batch compositions from
 no padding to a lot, and reports the padding fraction (share of padded token slots), each
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 from marscale.core.clip import ClipConfig, token_grid  # noqa: E402
 from marscale.engine.loss import build_loss  # noqa: E402
-from marscale.tokens.masking import cell_running_mask, mask_to_indices  # noqa: E402
+from marscale.tokens.masking import cell_running_mask  # noqa: E402
 from marscale.model import BridgeConfig, ModelConfig, build_model  # noqa: E402
 from marscale.model.attention import resolve_backend  # noqa: E402
 from marscale.tokens.packing import pack_mask  # noqa: E402
@@ -84,26 +84,25 @@ def backends(device: torch.device) -> list[str]:
 
 
 def padded_step(model, loss_fn, video, labels, mask):
-    """Every clip at the longest clip's length: the shortest clips' visible tokens plus
-    masked ones as pads, kept out of attention by a key-padding mask."""
-    B, N = mask.shape
+    """Every clip at the longest clip's length: each clip's visible tokens plus masked ones
+    as pads, run as one uniform batch (attention's rectangular fast path, no mask: the pads
+    are attended to, which costs what masked-out pads cost and keeps SDPA's fastest kernels
+    open). The work of padding, not its exact numbers."""
     lengths = (~mask).sum(1)
     longest = int(lengths.max())
-    # Visible tokens first, then masked ones (stable): the first `longest` of each row.
-    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
-    vis = order[:, :longest].to(video.device)
-    rest = order[:, longest:].to(video.device)
-    keep = (torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)).to(video.device)  # [B, longest]
-    attn = keep[:, None, None, :]  # [B, 1, 1, L]: pads never attended to
-    x = model.encoder(video, vis, attn_mask=attn)
-    logits = model.classifier(x, attn_mask=attn)
-    pred = model.decoder(x, vis, rest)
-    parts = loss_fn({"logits": logits, "pred": pred}, video, rest, labels)
+    padded = mask.clone()
+    for b in range(mask.shape[0]):  # unmask the first (longest - length) masked tokens as pads
+        pads = mask[b].nonzero().flatten()[: longest - int(lengths[b])]
+        padded[b, pads] = False
+    tokens = pack_mask(padded).to(video.device)
+    assert tokens.uniform
+    out = model(video, tokens)
+    parts = loss_fn(out, video, tokens, labels)
     parts["loss"].backward()
 
 
 def packed_step(model, loss_fn, video, labels, packed):
-    out = model(video, packed=packed)
+    out = model(video, packed)
     parts = loss_fn(out, video, packed, labels)
     parts["loss"].backward()
 
@@ -156,14 +155,8 @@ def run_shape(name: str, args, device: torch.device) -> list[dict]:
 
         row["padded_s"], row["padded_wall_s"] = timed(step(padded_step, mask), args.repeats, device)
         packed = pack_mask(mask).to(device)
-        if all(r == ratios[0] for r in ratios):
-            vis, msk = (t.to(device) for t in mask_to_indices(mask))
-            row["rectangular_s"], _ = timed(step(lambda m, lf, v, lb: lf(m(v, vis, msk), v, msk, lb)["loss"].backward()),
-                                            args.repeats, device)
-        for backend in usable:
-            for module in model.modules():
-                if hasattr(module, "backend"):
-                    module.backend = backend
+        for backend in usable:  # a uniform batch takes the rectangular fast path whatever the backend
+            model.set_attention(backend, device)
             row[f"{backend}_s"], _ = timed(step(packed_step, packed), args.repeats, device)
         best = min(usable, key=lambda b: row[f"{b}_s"])
         row["best_packed"] = best

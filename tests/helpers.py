@@ -77,3 +77,22 @@ def count_standard(variant: str, ratio: float, num_classes: int = 400):
 
     model = ModelConfig(num_classes=num_classes, arch="vit" if ratio == 0 else "mar", variant=variant)
     return cost.count_model(model, ClipConfig(), ratio)
+
+
+def tokens_of(visible_idx, num_tokens: int):
+    """The packed token layout (`PackedTokens`) of clips whose visible tokens are the rows of
+    `visible_idx` [B, Nv] (any order; the layout holds them ascending)."""
+    import torch
+
+    from marscale.tokens.packing import pack_mask
+
+    mask = torch.ones(visible_idx.shape[0], num_tokens, dtype=torch.bool)
+    mask.scatter_(1, visible_idx, False)
+    return pack_mask(mask)
+
+
+def rows_of(x):
+    """A rectangular [B, N, D] batch as the packed layout's [B*N, D] rows and their layout."""
+    from marscale.tokens.packing import PackedTokens
+
+    return x.reshape(-1, x.shape[-1]), PackedTokens.full(x.shape[0], x.shape[1])

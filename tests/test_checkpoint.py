@@ -16,11 +16,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_clip, tiny_model_config
+from helpers import rows_of, tiny_clip, tiny_model_config
 
 from marscale.weights.pretrained import CheckpointError, LoadReport, detect_layout, key_group, load_pretrained
 from marscale.core.clip import ClipConfig
-from marscale.tokens.masking import cell_running_mask, mask_to_indices
+from marscale.tokens.masking import cell_running_mask
+from marscale.tokens.packing import PackedTokens, pack_mask
 from marscale.model import BridgeConfig, DecoderConfig, MARModel, ModelConfig, ViTClassifier, build_model
 from marscale.model.layers import Attention, sincos_table
 
@@ -60,9 +61,13 @@ def clip(seed: int = 0, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, 4, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def indices(batch: int = 2):
+def layout(batch: int = 2) -> PackedTokens:
     # 50% cell running mask over the 2x2x2 token grid, evaluation pattern.
-    return mask_to_indices(cell_running_mask(batch, (2, 2, 2), 0.5, train=False))
+    return pack_mask(cell_running_mask(batch, (2, 2, 2), 0.5, train=False))
+
+
+def every_token(batch: int = 2) -> PackedTokens:
+    return PackedTokens.full(batch, 8)
 
 
 # --- writing the foreign layouts --------------------------------------------------------
@@ -187,10 +192,10 @@ def save(tmp_path, obj, name: str = "ckpt.pth") -> str:
     return path
 
 
-def mar_outputs(model: MARModel, video, vis, msk):
+def mar_outputs(model: MARModel, video, tokens: PackedTokens):
     with torch.no_grad():
-        x = model.encoder(video, vis)
-        return {"encoded": x, "pred": model.decoder(x, vis, msk), "logits": model.classifier(x)}
+        x = model.encoder(video, tokens)
+        return {"encoded": x, "pred": model.decoder(x, tokens), "logits": model.classifier(x, tokens)}
 
 
 def assert_differs(a: torch.Tensor, b: torch.Tensor):
@@ -212,8 +217,8 @@ def test_layout_writers_cover_every_source_tensor():
 
 def test_videomae_pretrain_round_trip(tmp_path, caplog):
     src, dst = make_mar(0), make_mar(1)
-    video, (vis, msk) = clip(), indices()
-    ref, before = mar_outputs(src, video, vis, msk), mar_outputs(dst, video, vis, msk)
+    video, tokens = clip(), layout()
+    ref, before = mar_outputs(src, video, tokens), mar_outputs(dst, video, tokens)
     assert_differs(ref["encoded"], before["encoded"])
     classifier_before = {k: v.clone() for k, v in dst.classifier.state_dict().items()}
 
@@ -223,7 +228,7 @@ def test_videomae_pretrain_round_trip(tmp_path, caplog):
         report = load_pretrained(dst, save(tmp_path, ckpt))
 
     assert isinstance(report, LoadReport) and report.layout == "videomae_pretrain"
-    after = mar_outputs(dst, video, vis, msk)
+    after = mar_outputs(dst, video, tokens)
     torch.testing.assert_close(after["encoded"], ref["encoded"], rtol=0, atol=0)
     torch.testing.assert_close(after["pred"], ref["pred"], rtol=0, atol=0)
     # Fine-tuning from pre-training: the bridging classifier is missing and keeps its init.
@@ -261,11 +266,11 @@ def test_videomae_pretrain_into_vit_baseline(tmp_path):
         k for k in videomae_pretrain_layout(src)["model"] if not k.startswith("encoder.")
     }
     assert report.missing == ["head.fc_norm.weight", "head.fc_norm.bias", "head.head.weight", "head.head.bias"]
-    x = src.encoder.embed(clip())
+    x = src.encoder.embed(clip(), every_token())
     with torch.no_grad():
         for b in src.encoder.blocks:
-            x = b(x)
-        torch.testing.assert_close(dst.encoder(clip()), x, rtol=0, atol=0)
+            x = b(x, every_token())
+        torch.testing.assert_close(dst.encoder(clip(), every_token()), x, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("wrapper", ["module", "model"])
@@ -284,15 +289,15 @@ def test_videomae_finetune_round_trip(tmp_path, wrapper):
 
 def test_mar_reference_round_trip(tmp_path):
     src, dst = make_mar(0), make_mar(1)
-    video, (vis, msk) = clip(), indices()
-    ref, before = mar_outputs(src, video, vis, msk), mar_outputs(dst, video, vis, msk)
+    video, tokens = clip(), layout()
+    ref, before = mar_outputs(src, video, tokens), mar_outputs(dst, video, tokens)
     assert_differs(ref["logits"], before["logits"])
     report = load_pretrained(dst, save(tmp_path, mar_reference_layout(src)))
     assert report.layout == "mar_reference"
     assert report.missing == [] and report.unexpected == [] and report.dropped == []
     assert sorted(report.ignored) == ["cls_head.mask_token", "mean", "pos_embed", "std"]
     assert report.notes == []
-    after = mar_outputs(dst, video, vis, msk)
+    after = mar_outputs(dst, video, tokens)
     for k in ref:
         # The dropped k bias changes attention logits by a per-query constant: equal up to rounding.
         torch.testing.assert_close(after[k], ref[k], rtol=1e-5, atol=1e-6)
@@ -317,14 +322,14 @@ def test_k_bias_leaves_attention_unchanged():
     weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
     expected = attn.proj((weights @ v).transpose(1, 2).reshape(B, N, D))
     with torch.no_grad():
-        torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(attn(*rows_of(x)).view(B, N, D), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("container", ["plain", "ddp", "compiled", "ddp_compiled", "compiled_encoder", "export"])
 def test_marscale_layout_round_trip(tmp_path, caplog, container):
     src, dst = make_mar(0), make_mar(1)
-    video, (vis, msk) = clip(), indices()
-    ref = mar_outputs(src, video, vis, msk)
+    video, tokens = clip(), layout()
+    ref = mar_outputs(src, video, tokens)
     sd = src.state_dict()
     if container == "ddp":
         sd = {"module." + k: v for k, v in sd.items()}
@@ -342,7 +347,7 @@ def test_marscale_layout_round_trip(tmp_path, caplog, container):
         report = load_pretrained(dst, path)
     assert report.layout == "marscale" and report.missing == [] and report.unexpected == []
     assert [r.levelno for r in caplog.records if r.name == "marscale.weights.pretrained"] == [logging.INFO]  # all loaded
-    after = mar_outputs(dst, video, vis, msk)
+    after = mar_outputs(dst, video, tokens)
     for k in ref:
         torch.testing.assert_close(after[k], ref[k], rtol=0, atol=0)
 
@@ -432,11 +437,11 @@ def test_custom_decoder_round_trip(tmp_path):
     src = randomised(MARModel(tiny_model_config(num_classes=NUM_CLASSES, decoder=custom), tiny_clip()), 0)
     torch.manual_seed(1)
     dst = randomised(MARModel(tiny_model_config(num_classes=NUM_CLASSES, decoder=custom), tiny_clip()), 1)
-    video, (vis, msk) = clip(), indices()
-    ref = mar_outputs(src, video, vis, msk)
+    video, tokens = clip(), layout()
+    ref = mar_outputs(src, video, tokens)
     report = load_pretrained(dst, save(tmp_path, videomae_pretrain_layout(src)))
     assert report.unexpected == [] and report.dropped == [] and report.by_group()["decoder"]["missing"] == 0
-    torch.testing.assert_close(mar_outputs(dst, video, vis, msk)["pred"], ref["pred"], rtol=0, atol=0)
+    torch.testing.assert_close(mar_outputs(dst, video, tokens)["pred"], ref["pred"], rtol=0, atol=0)
 
 
 def test_decoder_of_another_width_names_the_settings(tmp_path):
@@ -507,7 +512,7 @@ def test_backbone_prefix_loads_the_encoder(tmp_path):
     assert report.layout == "mar_reference" and report.unexpected == []
     assert report.by_group()["encoder"] == {"loaded": len(sd), "missing": 0, "unexpected": 0, "dropped": 0}
     with torch.no_grad():
-        torch.testing.assert_close(dst.encoder(clip()), src.encoder(clip()), rtol=0, atol=0)
+        torch.testing.assert_close(dst.encoder(clip(), every_token()), src.encoder(clip(), every_token()), rtol=0, atol=0)
 
 
 def test_key_groups_of_every_layout():

@@ -75,7 +75,7 @@ def direct(weights, masking: MaskingConfig):
     model.load_state_dict(weights.state)
     model.to(device).eval()
     return evaluate(
-        lambda x, v, m: model(x, v, m)["logits"], cfg.data, cfg.clip, masking, ShardSet.load(cfg.data.val_shards),
+        lambda x, tokens: model(x, tokens)["logits"], cfg.data, cfg.clip, masking, ShardSet.load(cfg.data.val_shards),
         token_grid(cfg.clip, cfg.model.patch_size), cfg.model.num_classes, device=device, dtype=torch.float32,
     )
 

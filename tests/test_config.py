@@ -22,7 +22,7 @@ from marscale.core.config import (
     to_dict,
 )
 from marscale.engine.config import TrainConfig, load_train_config, presets, validate
-from marscale.engine.plan import clips_per_step, make_plan
+from marscale.engine.plan import make_plan
 from marscale.data.shards import Manifest, ShardInfo, ShardSet, save_manifest
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -422,7 +422,6 @@ def test_derived_steps_from_samples_per_epoch():
         deepspeed={"grad_accum_steps": 2},
         optim={"epochs": 3, "warmup_epochs": 0.5},
     )
-    assert clips_per_step(cfg, 4) == 8 * 4 * 2
     plan = make_plan(cfg, 4, shard_set(5000), shard_set(10, "val"))
     assert (plan.clips_per_step, plan.videos_per_step, plan.videos_per_epoch) == (64, 32, 1000)
     # 1000 videos x 2 clips / 64 clips per step = 31.25 -> 31 steps
@@ -536,3 +535,19 @@ def test_a_stored_config_with_a_retired_key_still_loads():
     cleaned, dropped = drop_retired(TrainConfig, stored)
     assert dropped == ["checkpoint.load_universal"] and "load_universal" in stored["checkpoint"]
     assert to_dict(from_dict(TrainConfig, cleaned)) == to_dict(load_train_config(os.path.join(CONFIG_DIR, "demo.yaml")))
+
+
+def test_a_ratio_that_masks_part_of_a_unit_is_refused_when_the_config_is_read():
+    tiny = {"clip": {"img_size": 32, "num_frames": 4}, "data": {"short_side": 32}}  # 2x2x2: 8 tokens
+    with pytest.raises((ConfigError, ValueError), match=re.escape("0.3 masks 2.4 of the 8 tokens")) as e:
+        train_cfg(**tiny, masking={"kind": "random", "ratio": 0.3})
+    assert "use 0.25 (2) or 0.375 (3)" in str(e.value)
+    assert train_cfg(**tiny, masking={"kind": "random", "ratio": 0.25}).masking.visible((2, 2, 2), 0.25) == 6
+    with pytest.raises((ConfigError, ValueError), match=r"masking.ratio 0.3 masks 2.4"):
+        train_cfg(**tiny, masking={"kind": "random", "ratio": [0.25, 0.3], "eval_ratio": 0.5})
+    with pytest.raises((ConfigError, ValueError), match=r"masking.eval_ratio 0.6 masks 4.8"):
+        train_cfg(**tiny, masking={"kind": "random", "ratio": [0.25, 0.5], "eval_ratio": 0.6})
+    # tube masking counts spatial positions: VideoMAE's 0.9 of 14 x 14 is 176.4 of them
+    with pytest.raises((ConfigError, ValueError), match=re.escape("176.4 of the 196 spatial positions")) as e:
+        train_cfg(clip={"img_size": 224}, data={"short_side": 224}, masking={"kind": "tube", "ratio": 0.9})
+    assert "use 0.897959 (176) or 0.903061 (177)" in str(e.value)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tokens_of
 from torch.utils.flop_counter import FlopCounterMode
 
 from marscale.cost import counting as cost
@@ -130,9 +131,9 @@ def test_inference_count_matches_an_eval_mode_forward():
     cfg = ModelConfig(num_classes=K, arch="mar", variant="vit_tiny")
     model = build_model(cfg, ClipConfig(), device="meta").eval()
     video = torch.empty(1, 3, 16, 224, 224, device="meta")
-    visible = torch.arange(784, device="meta").unsqueeze(0)
+    tokens = tokens_of(torch.arange(784).unsqueeze(0), 1568).to("meta")
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(video, visible)
+        model(video, tokens)
     assert fc.get_total_flops() // 2 == cost.count_model(cfg, ClipConfig(), 0.5).macs_inference
 
 

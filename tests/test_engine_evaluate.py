@@ -15,6 +15,14 @@ from marscale.tokens.masking import MaskingConfig, make_mask
 from marscale.data.shards import ShardSet
 
 
+def indices(x, tokens):
+    """(visible [B, Nv], masked [B, Nm]) token indices of a uniform layout, or (None, None)."""
+    if tokens is None:
+        return None, None
+    assert tokens.uniform
+    return tokens.visible_idx.view(x.shape[0], -1), tokens.masked_idx.view(x.shape[0], -1)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
     dist.init_distributed()  # a one-rank gloo group: the collectives run for real
@@ -77,7 +85,8 @@ def test_evaluate_counts_every_view_once(synthetic_shards):
     )
     seen = []
 
-    def forward(x, visible_idx, masked_idx):
+    def forward(x, tokens):
+        visible_idx, masked_idx = indices(x, tokens)
         # The deterministic evaluation mask: the same visible tokens for every view.
         seen.append((x.shape, visible_idx, masked_idx))
         logits = torch.zeros(x.shape[0], 4)
@@ -124,7 +133,8 @@ def test_eval_complement_averages_the_logits_of_mask_and_complement(synthetic_sh
     val_set = ShardSet.load(cfg.val_shards)
     passes = []
 
-    def forward(x, visible_idx, masked_idx):
+    def forward(x, tokens):
+        visible_idx, masked_idx = indices(x, tokens)
         passes.append((visible_idx.clone(), masked_idx.clone()))
         # Class 0 when token 0 is visible, class 2 otherwise: each pass votes for one class.
         logits = torch.zeros(x.shape[0], 4)
@@ -156,7 +166,8 @@ def test_eval_temporal_shuffle_is_per_view_and_independent_of_batching(synthetic
         cfg = _eval_cfg(synthetic_shards, eval_batch_size=batch_size)
         masks: list[torch.Tensor] = []
 
-        def forward(x, visible_idx, masked_idx):
+        def forward(x, tokens):
+            visible_idx, masked_idx = indices(x, tokens)
             masks.append(visible_idx)
             return torch.zeros(x.shape[0], 4)
 

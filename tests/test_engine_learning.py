@@ -19,7 +19,8 @@ from helpers import DEMO_CONFIG as CONFIG
 from marscale.core import dist
 from marscale.engine.config import load_train_config
 from marscale.engine.metrics import by_step, read_jsonl
-from marscale.engine.trainer import EVAL_FILE, train
+from marscale.engine.run import train
+from marscale.engine.trainer import EVAL_FILE
 from shards_tools.convert import convert_synthetic
 from shards_tools.synth import make_synthetic_dataset
 

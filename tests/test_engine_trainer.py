@@ -23,6 +23,7 @@ from marscale.core import dist
 from marscale.checkpoints import folders as ckpt
 from marscale.engine.config import load_train_config
 from marscale.engine.metrics import by_step, read_jsonl
+from marscale.engine.optim import apply_lr
 from marscale.engine.trainer import EXIT_PREEMPTED, LOAD_REPORT_FILE, Trainer
 
 
@@ -49,6 +50,17 @@ def tiny_config(shards: dict[str, str], out, *overrides: str):
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
     dist.init_distributed()
+
+
+def step_tokens(trainer: Trainer, step: int = 0, micro: int = 0):
+    """The token layout the training step gives micro-batch `micro` of `step` on this rank."""
+    b = trainer.plan.batches
+    return b.tokens(b.micro_batch(step, micro, trainer.rank), trainer.cfg.run.seed, step, micro, trainer.rank)
+
+
+def micro_step(trainer: Trainer, video, labels, tokens, **kw):
+    """One micro-batch through the trainer's step, weighted as a step of alike batches."""
+    return trainer.step.micro_step({"video": video, "label": labels}, tokens, (1.0, 1.0), **kw)
 
 
 def fixed_batch(batch: int = 4):
@@ -79,20 +91,20 @@ def test_zero_stage_with_activation_checkpointing(stage, precision, synthetic_sh
         hook = module.encoder.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
 
         video, labels = fixed_batch()
-        visible_idx, masked_idx, _ = trainer.train_masks(0, 0, video.shape[0])
-        trainer.set_lr(2e-3)
-        first = trainer.train_step(video, labels, visible_idx, masked_idx, want_grad_norm=True)
+        tokens = step_tokens(trainer)
+        apply_lr(trainer.engine.optimizer, 2e-3)
+        first = micro_step(trainer, video, labels, tokens, want_grad_norm=True)
         assert set(first) == {"loss", "loss_cls", "loss_recon", "grad_norm"}
         assert torch.isfinite(first["grad_norm"]) and first["grad_norm"] > 0
         # Checkpointed blocks run twice per step: forward, and again in backward.
         assert len(calls) == 2
-        run = [trainer.train_step(video, labels, visible_idx, masked_idx)["loss"].item() for _ in range(7)]
+        run = [micro_step(trainer, video, labels, tokens)["loss"].item() for _ in range(7)]
         assert len(calls) == 16
         assert run[-1] < 0.6 * first["loss"].item(), (first["loss"].item(), run)
 
         # The lr reaches the optimizer DeepSpeed steps: at lr 0 the weights do not move.
-        trainer.set_lr(0.0)
-        frozen = [trainer.train_step(video, labels, visible_idx, masked_idx)["loss"].item() for _ in range(3)]
+        apply_lr(trainer.engine.optimizer, 0.0)
+        frozen = [micro_step(trainer, video, labels, tokens)["loss"].item() for _ in range(3)]
         assert frozen[1] == frozen[2], frozen
         hook.remove()
     finally:
@@ -207,7 +219,7 @@ def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, t
     )
     straight_dir = tmp_path / "straight"
     trainer = Trainer(tiny_config(synthetic_shards, straight_dir, *extra))
-    assert trainer.augment_on == "device"
+    assert trainer.step.augment_on == "device"
     try:
         assert trainer.fit() == 0
     finally:
@@ -229,13 +241,13 @@ def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
     from marscale.data import normalize
 
     video, _ = fixed_batch()
-    x = normalize(video, trainer.cfg.clip.mean, trainer.cfg.clip.std, trainer.dtype)
-    visible_idx, masked_idx, _ = trainer.train_masks(0, 0, video.shape[0])
+    x = normalize(video, trainer.cfg.clip.mean, trainer.cfg.clip.std, trainer.built.dtype)
+    tokens = step_tokens(trainer)
     trainer.engine.eval()
-    model.to(trainer.dtype).eval()
+    model.to(trainer.built.dtype).eval()
     with torch.no_grad():
-        expected = trainer.engine(x, visible_idx, masked_idx)["logits"]
-        got = model(x, visible_idx, masked_idx)["logits"]
+        expected = trainer.engine(x, tokens)["logits"]
+        got = model(x, tokens)["logits"]
     trainer.engine.train()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -326,10 +338,10 @@ def test_starts_from_videomae_pretraining(synthetic_shards, tmp_path):
 def test_diverged_loss_stops_before_saving(synthetic_shards, tmp_path, monkeypatch):
     """A NaN loss from step 4 on: the checkpoint step 4 logs first, finds it, and raises;
     step-2 stays the newest checkpoint and resuming from it is possible."""
-    from marscale.engine import trainer as trainer_module
+    from marscale.engine import step as step_module
     from marscale.engine.trainer import TrainingDiverged
 
-    calls, original_build = [], trainer_module.build_loss
+    calls, original_build = [], step_module.build_loss
 
     def build_poisoned(*args, **kw):
         loss = original_build(*args, **kw)
@@ -343,7 +355,7 @@ def test_diverged_loss_stops_before_saving(synthetic_shards, tmp_path, monkeypat
 
         return poisoned
 
-    monkeypatch.setattr(trainer_module, "build_loss", build_poisoned)
+    monkeypatch.setattr(step_module, "build_loss", build_poisoned)
     cfg = tiny_config(
         synthetic_shards, tmp_path, "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
         "checkpoint.every_steps=2", "checkpoint.keep_last=3", "logging.every_steps=5",

@@ -77,4 +77,4 @@ def test_importing_the_library_loads_no_tool_module():
     out = subprocess.run(
         [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "[]"
+    assert out.strip().splitlines()[-1] == "[]"  # after any line a library prints on import

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tokens_of
 
 from marscale.engine.loss import (
     classification_loss,
@@ -14,15 +15,17 @@ from marscale.engine.loss import (
     soft_target_cross_entropy,
 )
 from marscale.engine.loss import MARLoss, build_loss
+from marscale.tokens.packing import PackedTokens
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _clip_and_masked(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [B, 3, 4, 8, 8] clip (tubelet 2, patch 4: 8 tokens) and 6 masked tokens per clip."""
+def _clip_and_masked(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, PackedTokens]:
+    """A [B, 3, 4, 8, 8] clip (tubelet 2, patch 4: 8 tokens) and its layout with 6 masked
+    tokens per clip."""
     video = torch.randn(batch, 3, 4, 8, 8, generator=generator)
-    masked = torch.stack([torch.randperm(8, generator=generator)[:6] for _ in range(batch)])
-    return video, masked
+    visible = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(batch)])
+    return video, tokens_of(visible, 8)
 
 
 def test_patchify_matches_a_loop():
@@ -50,8 +53,10 @@ def test_normalized_pixel_target_by_hand():
     g = torch.Generator().manual_seed(1)
     video = torch.randn(B, C, T, H, W, generator=g)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    masked_idx = torch.tensor([[3, 0], [1, 2]])
-    target = normalized_pixel_target(video, masked_idx, tub, p, mean, std)
+    masked_idx = torch.tensor([[0, 3], [1, 2]])  # the layout holds each clip's masked tokens ascending
+    visible_idx = torch.tensor([[1, 2], [0, 3]])
+    target = normalized_pixel_target(video, tokens_of(visible_idx, 4),
+                                     tub, p, mean, std).view(B, 2, -1)
     assert target.shape == (B, 2, tub * p * p * C)
     for b in range(B):
         for j, n in enumerate(masked_idx[b].tolist()):
@@ -101,7 +106,7 @@ def test_total_loss_weighting(w):
     g = torch.Generator().manual_seed(3)
     logits, labels = torch.randn(4, 5, generator=g), torch.tensor([1, 0, 4, 2])
     video, masked = _clip_and_masked(4, g)
-    pred = torch.randn(4, 6, 96, generator=g)
+    pred = torch.randn(4 * 6, 96, generator=g)
     out = MARLoss(2, 4, MEAN, STD, w)({"logits": logits, "pred": pred}, video, masked, labels)
     target = normalized_pixel_target(video, masked, 2, 4, MEAN, STD)  # built from the clip the model saw
     ce, mse = F.cross_entropy(logits, labels), ((pred - target) ** 2).mean()
@@ -117,11 +122,11 @@ def test_total_loss_without_reconstruction():
     only_cls = loss({"logits": logits}, video, None, labels)
     assert set(only_cls) == {"loss", "loss_cls"}
     torch.testing.assert_close(only_cls["loss"], F.cross_entropy(logits, labels))
-    outputs = {"logits": logits, "pred": torch.ones(2, 6, 96)}
+    outputs = {"logits": logits, "pred": torch.ones(2 * 6, 96)}
     off = MARLoss(2, 4, MEAN, STD, 0.0)(outputs, video, masked, labels)
     assert "loss_recon" not in off
     torch.testing.assert_close(off["loss"], F.cross_entropy(logits, labels))
-    with pytest.raises(ValueError, match="masked_idx"):
+    with pytest.raises(ValueError, match="no token layout"):
         loss(outputs, video, None, labels)
 
 

@@ -1,4 +1,5 @@
-"""Tests for marscale.tokens.masking: cell running masks, random / tube masks, index conversion."""
+"""Tests for marscale.tokens.masking: cell running masks, random / tube masks, the packed layout of a
+mask, and the one count of kept tokens."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import pytest
 import torch
 
 from marscale.tokens.masking import (
-    shuffle_time_slices,
     MaskingConfig,
     cell_running_mask,
     make_mask,
-    mask_to_indices,
     random_mask,
+    shuffle_time_slices,
     tube_mask,
+    visible_tokens,
 )
+from marscale.tokens.packing import PackedTokens, pack_mask
 
 GRIDS = [(8, 14, 14), (4, 4, 6), (2, 4, 4)]
 RATIOS = [0.25, 0.5, 0.75]
@@ -179,26 +181,20 @@ def test_make_mask_follows_the_config():
         random_mask(3, (4, 4, 6), 0.3, gen(2)),
     ],
 )
-def test_mask_to_indices(mask):
-    vis, msk = mask_to_indices(mask)
+def test_a_mask_packs_into_a_uniform_layout_and_its_complement(mask):
+    packed = pack_mask(mask)
     N = mask.shape[1]
     n_mask = int(mask[0].sum())
-    assert vis.shape == (3, N - n_mask) and msk.shape == (3, n_mask)
+    assert packed.uniform and packed.lengths == (N - n_mask,) * 3 and packed.num_masked == 3 * n_mask
+    vis, msk = packed.visible_idx.view(3, -1), packed.masked_idx.view(3, -1)
     for b in range(3):
         v, m = vis[b].tolist(), msk[b].tolist()
-        assert v == sorted(v) and m == sorted(m)
-        assert set(v).isdisjoint(m) and sorted(v + m) == list(range(N))
-        assert v == torch.nonzero(~mask[b]).flatten().tolist()
+        assert v == torch.nonzero(~mask[b]).flatten().tolist()  # ascending
         assert m == torch.nonzero(mask[b]).flatten().tolist()
-
-
-def test_mask_to_indices_rejects_ragged_batches():
-    mask = torch.zeros(2, 8, dtype=torch.bool)
-    mask[0, :3] = True
-    mask[1, :4] = True
-    with pytest.raises(ValueError, match="same number"):
-        mask_to_indices(mask)
-
+    other = packed.complement()
+    assert torch.equal(other.visible_idx, packed.masked_idx) and torch.equal(other.masked_idx, packed.visible_idx)
+    full = PackedTokens.full(3, N)
+    assert full.uniform and full.num_masked == 0 and torch.equal(full.flat_visible, torch.arange(3 * N))
 
 
 def test_shuffle_time_slices_permutes_whole_slices_per_clip():
@@ -224,3 +220,26 @@ def test_evaluation_options_need_a_mask():
     with pytest.raises(ValueError, match="masking.kind is none"):
         MaskingConfig(kind="none", eval_complement=True)
     assert MaskingConfig(eval_complement=True, eval_temporal_shuffle=True).eval_complement
+
+
+def test_one_count_of_kept_tokens_for_masks_batches_and_cost():
+    """Tube masking at 0.9 on the 8 x 14 x 14 grid: round(0.9 x 196) = 176 positions through
+    8 slices keep 160 tokens, not N - round(0.9 N) = 157. Masks, batches and the cost
+    counter use the one count (`visible_tokens`)."""
+    from marscale.core.clip import ClipConfig
+    from marscale.cost.counting import count_model
+    from marscale.model import ModelConfig
+    from marscale.tokens.batches import build_token_batches
+
+    grid = (8, 14, 14)
+    tube = MaskingConfig(kind="tube", ratio=0.9)
+    assert visible_tokens("tube", grid, 0.9) == tube.visible(grid, 0.9) == 160
+    assert (~make_mask(tube, 2, grid, gen(0))).sum(1).tolist() == [160, 160]
+    batches = build_token_batches(tube, grid, seed=0, batch_size=2, token_budget=None, clips_per_video=1,
+                                  pairs=False, grad_accum_steps=1)
+    assert batches.visible == {0.9: 160} and batches.micro_batch(0, 0, 0).visible == (160, 160)
+    model = ModelConfig(num_classes=10, variant="vit_tiny")
+    assert count_model(model, ClipConfig(), 0.9, tube).visible_tokens == 160
+    assert count_model(model, ClipConfig(), 0.9).visible_tokens == 1568 - 1411  # random: round(0.9 N) masked
+    cell = MaskingConfig(kind="cell_running", ratio=0.75)
+    assert cell.visible(grid, 0.75) == 392 == int((~make_mask(cell, 1, grid, gen(0))).sum())

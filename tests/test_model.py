@@ -11,12 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_clip, tiny_model_config
+from helpers import rows_of, tokens_of, tiny_clip, tiny_model_config
 
 from marscale.core.clip import ClipConfig
 from marscale.engine.loss import build_loss
 from marscale.model import VARIANTS, BridgeConfig, DecoderConfig, ModelConfig, build_model
 from marscale.model.layers import Attention, Block, DropPath, drop_path_rates, init_weights, sincos_table
+from marscale.tokens.packing import PackedTokens
 
 # Tokens in the tiny clips: 4 frames / tubelet 2, 32 px / patch 16 -> a 2 x 2 x 2 grid.
 N = 8
@@ -108,11 +109,11 @@ def test_output_shapes():
     m = model("mar")
     video = clip()
     m.train()
-    out = m(video, VIS, MSK)
+    out = m(video, tokens_of(VIS, N))
     assert out["logits"].shape == (2, 5)
-    assert out["pred"].shape == (2, 4, 1536) and "target" not in out  # the loss builds the target
+    assert out["pred"].shape == (8, 1536) and "target" not in out  # the loss builds the target
     m.eval()
-    assert set(m(video, VIS, MSK)) == {"logits"}
+    assert set(m(video, tokens_of(VIS, N))) == {"logits"}
     assert m(video)["logits"].shape == (2, 5)
     vit = model("vit")
     assert set(vit(video)) == {"logits"} and vit(video)["logits"].shape == (2, 5)
@@ -120,7 +121,7 @@ def test_output_shapes():
 
 def test_decoder_can_be_switched_off():
     m = build_model(tiny_model_config("mar", decoder=DecoderConfig(enabled=False)), tiny_clip()).train()
-    assert m.decoder is None and set(m(clip(), VIS, MSK)) == {"logits"}
+    assert m.decoder is None and set(m(clip(), tokens_of(VIS, N))) == {"logits"}
 
 
 def test_decoder_size_defaults_to_the_variant_and_can_be_set():
@@ -157,9 +158,10 @@ def test_encoder_without_mask_is_the_full_token_vit(arch):
     video = clip()
     with torch.no_grad():
         expected = ref_encoder(enc, ref_tokens(enc, video))
-        torch.testing.assert_close(enc(video), expected, rtol=1e-4, atol=1e-5)
+        full = enc(video, PackedTokens.full(2, N)).view(2, N, -1)
+        torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-5)
         all_idx = torch.arange(N).expand(2, N)
-        torch.testing.assert_close(enc(video, all_idx), enc(video), rtol=0, atol=0)
+        torch.testing.assert_close(enc(video, tokens_of(all_idx, N)).view(2, N, -1), full, rtol=0, atol=0)
 
 
 def test_encoder_on_visible_tokens_adds_positions_before_gathering():
@@ -168,7 +170,7 @@ def test_encoder_on_visible_tokens_adds_positions_before_gathering():
     with torch.no_grad():
         full = ref_tokens(enc, video)
         expected = ref_encoder(enc, gather(full, VIS))
-        got = enc(video, VIS)
+        got = enc(video, tokens_of(VIS, N)).view(2, 4, -1)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         # The wrong semantics (positions of the compacted sequence) give something else.
         conv_only = full - ref_table(N, full.shape[-1])
@@ -180,12 +182,13 @@ def test_mar_logits_see_only_visible_tokens():
     m = model("mar")
     video = clip()
     with torch.no_grad():
-        expected = m.classifier(m.encoder(video, VIS))
-        torch.testing.assert_close(m(video, VIS)["logits"], expected, rtol=0, atol=0)
+        vis = tokens_of(VIS, N)
+        expected = m.classifier(m.encoder(video, vis), vis)
+        torch.testing.assert_close(m(video, vis)["logits"], expected, rtol=0, atol=0)
         # Changing the pixels of a masked tubelet (token 1 of clip 0: t=0, y=0, x=1) changes nothing.
         edited = video.clone()
         edited[0, :, 0:2, 0:16, 16:32] = 5.0
-        torch.testing.assert_close(m(edited, VIS)["logits"], m(video, VIS)["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(m(edited, vis)["logits"], m(video, vis)["logits"], rtol=0, atol=0)
         assert (m(edited)["logits"][0] - m(video)["logits"][0]).abs().max() > 1e-4
 
 
@@ -198,7 +201,7 @@ def test_bridging_classifier_by_hand():
             h = ref_block(b, h)
         pooled = F.layer_norm(h.mean(1), (64,), cls.head.fc_norm.weight, cls.head.fc_norm.bias, 1e-6)
         expected = pooled @ cls.head.head.weight.T + cls.head.head.bias
-        torch.testing.assert_close(cls(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cls(*rows_of(x)), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_decoder_matches_in_place_reference():
@@ -208,9 +211,11 @@ def test_decoder_matches_in_place_reference():
     dec = m.decoder
     video = clip()
     with torch.no_grad():
-        x = m.encoder(video, VIS)
-        pred = dec(x, VIS, MSK)
-        assert pred.shape == (2, 4, 1536)
+        tokens = tokens_of(VIS, N)
+        pred = dec(m.encoder(video, tokens), tokens)
+        assert pred.shape == (8, 1536)  # [Mtot, P]: clip 0's masked tokens, then clip 1's
+        pred = pred.view(2, 4, 1536)
+        x = m.encoder(video, tokens).view(2, 4, -1)
         seq = dec.mask_token.expand(2, N, -1).clone()
         proj = x @ dec.encoder_to_decoder.weight.T
         for b in range(2):
@@ -242,9 +247,10 @@ def test_reconstruction_target_by_hand():
                 sd = torch.sqrt(((vals - mu) ** 2).sum() / (vals.numel() - 1))
                 target[b, j, ch::3] = ((vals - mu) / (sd + 1e-6)).float()
     logits = torch.zeros(2, 5)
-    parts = loss({"logits": logits, "pred": target}, video, MSK, torch.tensor([0, 1]))
+    tokens, target = tokens_of(VIS, N), target.flatten(0, 1)  # MSK rows ascending: the layout's order
+    parts = loss({"logits": logits, "pred": target}, video, tokens, torch.tensor([0, 1]))
     assert parts["loss_recon"].item() < 1e-8
-    off = loss({"logits": logits, "pred": target + 0.5}, video, MSK, torch.tensor([0, 1]))
+    off = loss({"logits": logits, "pred": target + 0.5}, video, tokens, torch.tensor([0, 1]))
     torch.testing.assert_close(off["loss_recon"], torch.tensor(0.25), rtol=1e-5, atol=1e-6)
 
 
@@ -275,34 +281,39 @@ def test_position_tables_are_fixed_buffers_not_saved():
 
 def test_qkv_bias_layout():
     torch.manual_seed(0)
-    attn = Attention(12, 3)
-    assert attn.qkv.bias is None, "k must have no bias"
-    assert {n for n, _ in attn.named_parameters()} == {"qkv.weight", "q_bias", "v_bias", "proj.weight", "proj.bias"}
+    layer = Attention(12, 3)
+    assert layer.qkv.bias is None, "k must have no bias"
+    assert {n for n, _ in layer.named_parameters()} == {"qkv.weight", "q_bias", "v_bias", "proj.weight", "proj.bias"}
     x = torch.randn(2, 5, 12)
+
+    def attn(x):  # [B, N, D] through the packed layout and back
+        return layer(*rows_of(x)).view(x.shape)
+
     with torch.no_grad():
-        attn.q_bias.normal_()
-        attn.v_bias.normal_()
-        torch.testing.assert_close(attn(x), ref_attention(attn, x), rtol=1e-5, atol=1e-6)
+        layer.q_bias.normal_()
+        layer.v_bias.normal_()
+        torch.testing.assert_close(attn(x), ref_attention(layer, x), rtol=1e-5, atol=1e-6)
         # With a zero qkv weight, q and v are their biases and k is 0: attention is uniform and
         # every token's output is proj(v_bias). A v_bias in the k slot would give proj.bias.
-        attn.qkv.weight.zero_()
-        torch.testing.assert_close(attn(x), attn.proj(attn.v_bias).expand(2, 5, 12), rtol=1e-5, atol=1e-6)
+        layer.qkv.weight.zero_()
+        torch.testing.assert_close(attn(x), layer.proj(layer.v_bias).expand(2, 5, 12), rtol=1e-5, atol=1e-6)
         # q_bias enters the logits only with k; k = 0 here, so the q bias cannot matter...
-        attn.q_bias.normal_()
-        torch.testing.assert_close(attn(x), attn.proj(attn.v_bias).expand(2, 5, 12), rtol=1e-5, atol=1e-6)
+        layer.q_bias.normal_()
+        torch.testing.assert_close(attn(x), layer.proj(layer.v_bias).expand(2, 5, 12), rtol=1e-5, atol=1e-6)
         # ...but with keys and values that depend on x it does.
-        attn.qkv.weight[12:] = torch.randn(24, 12)
+        layer.qkv.weight[12:] = torch.randn(24, 12)
         before = attn(x)
-        attn.q_bias.add_(1.0)
+        layer.q_bias.add_(1.0)
         assert (attn(x) - before).abs().max() > 1e-4
 
 
 def test_drop_path_is_identity_in_eval_and_per_sample_in_training():
     dp = DropPath(0.5)
-    x = torch.randn(64, 3, 4)
-    assert dp.eval()(x) is x
+    rows, tokens = rows_of(torch.randn(64, 3, 4))  # 64 clips of 3 tokens
+    x = rows.view(64, 3, 4)
+    assert dp.eval()(rows, tokens) is rows
     torch.manual_seed(0)
-    y = dp.train()(x)
+    y = dp.train()(rows, tokens).view(64, 3, 4)
     kept = (y != 0).flatten(1).all(1)
     dropped = (y == 0).flatten(1).all(1)
     assert bool((kept | dropped).all()) and 0 < int(kept.sum()) < 64
@@ -315,7 +326,7 @@ def test_drop_path_scales_kept_samples_by_exactly_one_over_keep():
     x = torch.randn(64, 3, 4, generator=torch.Generator().manual_seed(0))
     for p in (0.1, 0.3):
         torch.manual_seed(0)
-        y = DropPath(p).train()(x)
+        y = DropPath(p).train()(*rows_of(x)).view(x.shape)
         torch.manual_seed(0)
         mask = torch.empty(64, 1, 1).bernoulli_(1 - p)
         assert torch.equal(y, x * mask / (1 - p))
@@ -463,17 +474,18 @@ def test_drop_path_model_is_deterministic_in_eval():
     with_dp.eval(), without.eval()
     video = clip()
     with torch.no_grad():
-        torch.testing.assert_close(with_dp(video, VIS)["logits"], without(video, VIS)["logits"], rtol=0, atol=0)
+        vis = tokens_of(VIS, N)
+        torch.testing.assert_close(with_dp(video, vis)["logits"], without(video, vis)["logits"], rtol=0, atol=0)
         with_dp.train()
         torch.manual_seed(1)
-        a = with_dp(video, VIS)["logits"]
-        assert (a - without(video, VIS)["logits"]).abs().max() > 1e-6
+        a = with_dp(video, vis)["logits"]
+        assert (a - without(video, vis)["logits"]).abs().max() > 1e-6
 
 
 def _grads(m, video, seed):
     m.zero_grad()
     torch.manual_seed(seed)
-    out = m(video, VIS, MSK)
+    out = m(video, tokens_of(VIS, N))
     (out["logits"].sum() + out["pred"].square().mean()).backward()
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 

@@ -1,9 +1,10 @@
 """Packed variable-length batches: every attention backend against each clip run alone.
 
 For clips with different mask ratios in one batch, the packed model must give what the
-rectangular model gives on each clip by itself: logits, the step's loss (classification
-per clip, reconstruction per masked token) and the gradients, for every backend that can
-run here. Fixed-ratio batches give the same numbers packed as rectangular.
+model gives on each clip by itself (one clip: the rectangular fast path): logits, the
+step's loss (classification per clip, reconstruction per masked token) and the
+gradients, for every backend that can run here. Fixed-ratio batches (one run: the fast
+path for the whole batch) give the same numbers as each clip alone.
 """
 
 import dataclasses
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from marscale.engine.loss import build_loss
-from marscale.tokens.masking import MaskingConfig, cell_running_mask, make_mask, mask_to_indices, random_mask
+from marscale.tokens.masking import MaskingConfig, cell_running_mask, make_mask, random_mask
 from marscale.model import build_model
-from marscale.model.attention import resolve_backend
+from marscale.model.attention import PackedAttention, resolve_backend
+from marscale.model.layers import Attention
 from marscale.tokens.packing import pack_mask
 from tests.helpers import tiny_clip, tiny_model_config
 
@@ -37,16 +39,17 @@ def _batch(ratios, seed=1):
 
 
 def _reference(model, loss_fn, video, labels, mask):
-    """Each clip alone through the rectangular path; losses combined as the packed batch
+    """Each clip alone (the rectangular fast path); losses combined as the packed batch
     weighs them (per clip / per masked token over the batch). Returns logits, loss, grads."""
     model.zero_grad()
     masked_total = int(mask.sum())
     logits, total = [], 0.0
     for b in range(video.shape[0]):
-        visible_idx, masked_idx = mask_to_indices(mask[b : b + 1])
-        out = model(video[b : b + 1], visible_idx, masked_idx)
-        parts = loss_fn(out, video[b : b + 1], masked_idx, labels[b : b + 1])
-        share = masked_idx.shape[1] / masked_total
+        alone = pack_mask(mask[b : b + 1])
+        assert alone.uniform
+        out = model(video[b : b + 1], alone)
+        parts = loss_fn(out, video[b : b + 1], alone, labels[b : b + 1])
+        share = alone.num_masked / masked_total
         loss = parts["loss_cls"] / video.shape[0]
         if share:  # a clip masked at 0% reconstructs nothing
             loss = loss + loss_fn.recon_weight * share * parts["loss_recon"]
@@ -60,7 +63,7 @@ def _reference(model, loss_fn, video, labels, mask):
 def _packed(model, loss_fn, video, labels, mask):
     model.zero_grad()
     packed = pack_mask(mask)
-    out = model(video, packed=packed)
+    out = model(video, packed)
     parts = loss_fn(out, video, packed, labels)
     parts["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -88,8 +91,8 @@ def test_flex_forward_matches_on_cpu():
     ref = _model(attention="per_clip").eval()
     flex = _model(attention="flex").eval()
     with torch.no_grad():
-        expected = ref(video, packed=pack_mask(mask))["logits"]
-        got = flex(video, packed=pack_mask(mask))["logits"]
+        expected = ref(video, pack_mask(mask))["logits"]
+        got = flex(video, pack_mask(mask))["logits"]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -97,26 +100,41 @@ def test_flex_refuses_to_train_on_cpu():
     video, labels, mask = _batch([0.25, 0.75])
     model = _model(attention="flex")
     with pytest.raises(RuntimeError, match="no CPU backward"):
-        model(video, packed=pack_mask(mask))
+        model(video, pack_mask(mask))
 
 
 @pytest.mark.parametrize("backend", CPU_TRAINING_BACKENDS)
 def test_fixed_ratio_packed_equals_rectangular(backend):
-    """A fixed-ratio batch packed gives the rectangular path's numbers (dtype tolerance)."""
+    """A fixed-ratio batch is one run: the fast path for the whole batch, whatever the
+    backend, gives each clip's numbers alone (dtype tolerance)."""
     model = _model(attention=backend)
     loss_fn = build_loss(CLIP, 16, recon_weight=1.0)
     video, labels, mask = _batch([0.5] * 4)
-    model.zero_grad()
-    visible_idx, masked_idx = mask_to_indices(mask)
-    out = model(video, visible_idx, masked_idx)
-    parts = loss_fn(out, video, masked_idx, labels)
-    parts["loss"].backward()
-    rect_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert pack_mask(mask).uniform
+    ref_logits, ref_loss, ref_grads = _reference(model, loss_fn, video, labels, mask)
     logits, loss, grads = _packed(model, loss_fn, video, labels, mask)
-    torch.testing.assert_close(logits, out["logits"].detach(), rtol=1e-5, atol=1e-5)
-    assert loss == pytest.approx(float(parts["loss"]), rel=1e-6)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
     for name in grads:
-        torch.testing.assert_close(grads[name], rect_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_kernel_is_chosen_once_and_uniform_batches_take_the_fast_path(monkeypatch):
+    model = _model(attention="sdpa_mask")
+    kernels = {id(m.attend) for m in model.modules() if isinstance(m, Attention)}
+    assert len(kernels) == 1  # one PackedAttention, resolved when the model was built
+    attend = next(m.attend for m in model.modules() if isinstance(m, Attention))
+    assert attend.backend == "sdpa_mask"
+    calls = []
+    monkeypatch.setattr(attend, "_kernel", lambda *a: calls.append(1) or PackedAttention("per_clip")(*a))
+    video, _, mask = _batch([0.5, 0.5])
+    with torch.no_grad():
+        model.eval()(video, pack_mask(mask))
+    assert calls == []  # uniform: the fast path, not the backend
+    video, _, mask = _batch([0.25, 0.5])
+    with torch.no_grad():
+        model(video, pack_mask(mask))
+    assert len(calls) == len(model.encoder.blocks) + len(model.classifier.blocks)
 
 
 def test_vit_baseline_packed():
@@ -124,8 +142,8 @@ def test_vit_baseline_packed():
     model = _model(arch="vit", attention="sdpa_mask").eval()
     video, _, mask = _batch([0.25, 0.75, 0.5])
     with torch.no_grad():
-        got = model(video, packed=pack_mask(mask))["logits"]
-        want = torch.cat([model(video[b : b + 1], mask_to_indices(mask[b : b + 1])[0])["logits"] for b in range(3)])
+        got = model(video, pack_mask(mask))["logits"]
+        want = torch.cat([model(video[b : b + 1], pack_mask(mask[b : b + 1]))["logits"] for b in range(3)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -136,12 +154,12 @@ def test_drop_path_drops_whole_clips_when_packed():
     dp = DropPath(0.5).train()
     mask = cell_running_mask(6, GRID, [0.25, 0.75, 0.5, 0.5, 0.0, 0.75], torch.Generator().manual_seed(0))
     packed = pack_mask(mask)
-    x = torch.ones(1, packed.total, 4)
+    x = torch.ones(packed.total, 4)
     torch.manual_seed(3)
     out = dp(x, packed)
     torch.manual_seed(3)
-    rect = dp(torch.ones(6, 1, 4))
-    for b, tokens in enumerate(packed.split(out[0])):
+    rect = torch.ones(6, 1, 4) * torch.empty(6).bernoulli_(0.5).view(6, 1, 1) / 0.5  # a [B, N, D] batch's draws
+    for b, tokens in enumerate(packed.split(out)):
         assert torch.all(tokens == rect[b, 0, 0])
 
 

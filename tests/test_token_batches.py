@@ -8,12 +8,13 @@ import os
 
 import pytest
 import torch
-from test_engine_trainer import losses, preempt_after, tiny_config
+from test_engine_trainer import losses, micro_step, preempt_after, step_tokens, tiny_config
 
 from marscale.core import dist
 from marscale.core.config import ConfigError
 from marscale.checkpoints import folders as ckpt
 from marscale.engine.metrics import by_step, read_jsonl
+from marscale.engine.optim import apply_lr
 from marscale.engine.trainer import Trainer
 from marscale.tokens.masking import MaskingConfig
 from marscale.tokens.batches import build_token_batches, loss_scales
@@ -27,8 +28,7 @@ def process_group():
 
 
 def batches(ratio, **kw):
-    args = dict(seed=0, batch_size=8, token_budget=None, clips_per_video=1, pairs=False, grad_accum_steps=2,
-                steps_per_epoch=5)
+    args = dict(seed=0, batch_size=8, token_budget=None, clips_per_video=1, pairs=False, grad_accum_steps=2)
     args.update(kw)
     return build_token_batches(MaskingConfig(ratio=ratio, eval_ratio=0.5), GRID, **args)
 
@@ -84,7 +84,7 @@ def test_token_budget_fills_batches_by_visible_tokens():
             assert len(ratios) % 2 == 0 and len(ratios) <= 6
             assert tokens <= 16 or len(ratios) == 2  # one group always fits
             sizes.add(len(ratios))
-            assert b.clips_in_batch(step // 5, (step % 5) * 2 + micro, 0) == len(ratios)
+            assert b.micro_batch(step, micro, 0).clips == len(ratios)
     assert sizes == {2, 4, 6}  # 75%-masked clips make bigger batches
     with pytest.raises(ValueError, match="cannot hold one group"):
         batches([0.25, 0.75], token_budget=10, clips_per_video=2)
@@ -124,10 +124,10 @@ def test_per_clip_ratios_with_token_budget_train_and_resume_exactly(synthetic_sh
     # Metrics count the clips and tokens each step really ran.
     records = by_step(read_jsonl(os.path.join(straight_dir, "metrics.jsonl")))
     for step, record in records.items():
-        clips, visible, _ = plan.batches.step_totals(step - 1, 1)
-        assert record["samples"] == sum(plan.batches.step_totals(s, 1)[0] for s in range(step))
+        clips, visible, _ = plan.batches.step_batches(step - 1, 1).totals
+        assert record["samples"] == sum(plan.batches.step_batches(s, 1).totals[0] for s in range(step))
         assert record["visible_tokens_per_s"] / record["clips_per_s"] == pytest.approx(visible / clips)
-    sizes = {plan.batches.step_totals(s, 1)[0] for s in range(6)}
+    sizes = {plan.batches.step_batches(s, 1).totals[0] for s in range(6)}
     assert len(sizes) > 1, sizes  # batches really differ in size
     saved = json.load(open(straight_dir / "plan.json"))
     assert saved["batches"]["token_budget"] == 16
@@ -158,10 +158,10 @@ def test_packed_training_under_every_zero_stage(stage, synthetic_shards, tmp_pat
         g = torch.Generator().manual_seed(0)
         video = torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8, generator=g)
         labels = torch.arange(4) % 4
-        _, _, packed = trainer.train_masks(0, 0, 4)
+        packed = step_tokens(trainer)
         assert packed is not None and len(set(packed.lengths)) > 1, packed.lengths
-        trainer.set_lr(2e-3)
-        run = [trainer.train_step(video, labels, None, None, packed=packed)["loss"].item() for _ in range(6)]
+        apply_lr(trainer.engine.optimizer, 2e-3)
+        run = [micro_step(trainer, video, labels, packed)["loss"].item() for _ in range(6)]
         assert all(torch.isfinite(torch.tensor(run))) and run[-1] < run[0], run
     finally:
         trainer.close()

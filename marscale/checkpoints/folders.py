@@ -1,6 +1,6 @@
 """DeepSpeed checkpoints that count only once complete, load only when intact and never run
 code from their files; resume selection. (The integrity checks are in
-`checkpoint_integrity.py`, the random state in `rng_state.py`.)
+`integrity.py`, the random state in `rng_state.py`.)
 
 Layout of a run's checkpoints::
 
@@ -34,7 +34,7 @@ are accepted with a note; their files are checked for readability only.
 No code from checkpoint files: every file is unpickled with `weights_only=True`
 (`marscale.weights.layouts.load_file`). The RNG files hold only ints, floats and
 tensors (`capture_rng_state`). DeepSpeed's files hold a few of DeepSpeed's own classes
-beside tensors: those and nothing else are allowed (`checkpoint_layouts.DEEPSPEED_GLOBALS`);
+beside tensors: those and nothing else are allowed (`marscale.weights.layouts.DEEPSPEED_GLOBALS`);
 a file with anything else is refused (`UnsafeCheckpointError`, naming the file and the
 global). Two layers make this hold for the files DeepSpeed opens itself:
 

@@ -29,6 +29,7 @@ unchanged, the global batch and so the number of steps per epoch.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -118,7 +119,6 @@ def _finished(dest: str, source: dict[str, Any]) -> bool:
 
 def _convert(checkpoint: str, dest: str) -> str:
     """Main rank: DeepSpeed's universal conversion of `checkpoint` into `dest` (atomic rename)."""
-    import argparse
 
     from deepspeed.checkpoint import ds_to_universal
 

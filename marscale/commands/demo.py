@@ -107,7 +107,8 @@ def print_cost(model_cfg, clip_cfg, mask_ratio: float) -> None:
 def run(args: argparse.Namespace) -> int:
     from marscale.core import dist
     from marscale.engine.config import load_train_config
-    from marscale.engine.trainer import EVAL_FILE, train
+    from marscale.engine.run import train
+    from marscale.engine.trainer import EVAL_FILE
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -134,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
         device = dist.resolve_device(cfg.run.device)
         dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         model.to(device=device, dtype=dtype).eval()
+        model.set_attention(cfg.model.attention, device)  # the kernel for where it now runs
 
-        def forward(x, visible_idx, masked_idx):
-            return model(x, visible_idx, masked_idx)["logits"]
+        def forward(x, tokens):
+            return model(x, tokens)["logits"]
 
         if passes is not None:
             rows = eval_ratios.evaluate_ratios(forward, cfg, plan, passes, device=device, dtype=dtype)

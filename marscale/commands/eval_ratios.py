@@ -34,10 +34,10 @@ from marscale.core import dist
 from marscale.core.clip import token_grid
 from marscale.commands.cost import UNIT_NOTE
 from marscale.core.config import to_dict
-from marscale.cost.counting import count_model
+from marscale.cost.counting import count_visible
 from marscale.engine.evaluate import EvalResult, Forward, evaluate
 from marscale.core.io import atomic_write_bytes, write_json
-from marscale.tokens.masking import MaskingConfig, make_mask
+from marscale.tokens.masking import MaskingConfig
 
 if TYPE_CHECKING:
     from marscale.engine.config import TrainConfig
@@ -136,20 +136,19 @@ def plan_passes(cfg: TrainConfig, ratios: list[float]) -> list[RatioPass]:
     (and counted) before any is run. Raises ValueError naming the first that does not fit."""
     grid = token_grid(cfg.clip, cfg.model.patch_size)
     tokens = grid[0] * grid[1] * grid[2]
-    full = count_model(cfg.model, cfg.clip, 0.0).macs_inference
+    full = count_visible(cfg.model, cfg.clip, tokens).macs_inference
     passes = []
     for ratio in ratios:
         try:
             masking = masking_for(cfg.masking, ratio)
-            mask = make_mask(masking, 1, grid, None, train=False)  # [1, N]; None: every token visible
+            masking.check_grid(grid)
+            visible = masking.visible(grid, masking.ratio_at(train=False))
         except ValueError as e:
             raise ValueError(f"--mask-ratios: ratio {ratio:g} does not fit this model: {e}") from None
-        masked = 0 if mask is None else int(mask.sum())
-        # The count at the mask's own share of tokens, so cost and mask agree token for token.
-        macs = count_model(cfg.model, cfg.clip, masked / tokens).macs_inference
-        if masking.eval_complement and masked:
-            macs += count_model(cfg.model, cfg.clip, (tokens - masked) / tokens).macs_inference
-        passes.append(RatioPass(ratio, masking, tokens, tokens - masked, macs, macs / full))
+        macs = count_visible(cfg.model, cfg.clip, visible).macs_inference
+        if masking.eval_complement and visible < tokens:
+            macs += count_visible(cfg.model, cfg.clip, tokens - visible).macs_inference
+        passes.append(RatioPass(ratio, masking, tokens, visible, macs, macs / full))
     return passes
 
 
@@ -167,8 +166,8 @@ class WarmupTimer:
         self.warmup_views = 0
         self.warmup_end: float | None = None
 
-    def __call__(self, x: torch.Tensor, visible_idx: torch.Tensor | None, masked_idx: torch.Tensor | None):
-        logits = self.forward(x, visible_idx, masked_idx)
+    def __call__(self, x: torch.Tensor, tokens):
+        logits = self.forward(x, tokens)
         self.calls += 1
         if self.calls == 1:
             self.warmup_views = x.shape[0]

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from marscale.core import dist
     from marscale.engine.config import load_train_config
-    from marscale.engine.trainer import train
+    from marscale.engine.run import train
 
     overrides = list(args.overrides)
     if args.resume is not None:

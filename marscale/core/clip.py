@@ -97,3 +97,9 @@ def num_tokens(clip: ClipConfig, patch_size: int) -> int:
     """Tokens per clip: T' x H' x W'."""
     t, h, w = token_grid(clip, patch_size)
     return t * h * w
+
+
+def tubelet_values(clip: ClipConfig, patch_size: int, channels: int = 3) -> int:
+    """P, the pixel values of one tubelet (tubelet_size x patch x patch x channels): what the
+    reconstruction decoder predicts per masked token."""
+    return channels * clip.tubelet_size * patch_size**2

@@ -7,6 +7,7 @@ Everything else asks this module instead of reading environment variables or cal
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -95,7 +96,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_COLL
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if torch.cuda.is_available():
         torch.cuda.set_device(get_local_rank())
-    import datetime
 
     # deepspeed.init_distributed wraps torch.distributed and records the backend for
     # DeepSpeed's own communication layer; it reads the same environment variables.
@@ -107,7 +107,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_COLL
 
 def collective_timeout() -> "datetime.timedelta":
     """The process group's timeout, for groups created later (`torch_dist.new_group(timeout=...)`)."""
-    import datetime
 
     return datetime.timedelta(seconds=_collective_timeout_s)
 

@@ -29,12 +29,14 @@ What enters each ratio (every ratio is this row's value / the reference's):
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from marscale.cost.counting import count_model
 from marscale.cost.table import DISPLAY_NAMES
 from marscale.engine.config import TrainConfig, load_train_config
-from marscale.engine.measure import Measurement
+
+if TYPE_CHECKING:  # measuring imports DeepSpeed, which captures stdout at import: the command imports it late
+    from marscale.engine.measure import Measurement
 
 DEFAULT_ENTRIES = (
     "vit_b_k400",
@@ -186,8 +188,8 @@ RATIO_TERMS = {
 def counted_row(entry: Entry, cfg: TrainConfig, videos: int, top1: dict[str, float]) -> CompareRow:
     """The counted half of a row (no measurement yet)."""
     ratio = cfg.masking.ratio_at(train=True)
-    count = count_model(cfg.model, cfg.clip, ratio)
-    eval_count = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=False))
+    count = count_model(cfg.model, cfg.clip, ratio, None if cfg.masking.per_clip else cfg.masking)  # mean of a mix
+    eval_count = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=False), cfg.masking)
     name = label(cfg)
     c = cfg.clip
     standard = (c.num_frames, c.img_size, cfg.model.num_classes) == (16, 224, 400)

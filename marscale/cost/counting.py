@@ -28,7 +28,8 @@ Python API (for the training loop's TFLOP/s and MFU):
     count_model(model_cfg, clip_cfg, mask_ratio)                          # everything, by part
 The rows of `marscale cost` are built from these in `marscale.cost.table`.
 
-Which tokens are visible does not change the cost, only how many: N - round(ratio * N).
+Which tokens are visible does not change the cost, only how many: the masking's own count
+(`marscale.tokens.masking.visible_tokens`, the rule the masks use).
 
 Counting runs every op of the model through Python meta kernels (one to two seconds for
 ViT-L or ViT-H), so each count is kept in memory for the process and on disk across
@@ -46,9 +47,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from marscale.cost import cache as cost_cache
-from marscale.core.clip import ClipConfig, num_tokens
+from marscale.core.clip import ClipConfig, num_tokens, token_grid
 from marscale.engine.loss import MARLoss
 from marscale.model import BridgeConfig, DecoderConfig, ModelConfig, build_model
+from marscale.tokens.masking import MaskingConfig
+from marscale.tokens.packing import PackedTokens, pack_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,17 +97,15 @@ def _count_on_meta(cfg: ModelConfig, clip: ClipConfig, nv: int) -> ModelCount:
     model.train()
     n = num_tokens(clip, cfg.patch_size)
     video = torch.empty(1, 3, clip.num_frames, clip.img_size, clip.img_size, device="meta")
-    visible_idx = masked_idx = None
-    if nv < n:
-        visible_idx = torch.arange(nv, device="meta").unsqueeze(0)  # [1, Nv]
-        masked_idx = torch.arange(nv, n, device="meta").unsqueeze(0)  # [1, Nm]
+    mask = torch.arange(n).unsqueeze(0) >= nv  # [1, N]: the first Nv tokens visible
+    tokens = pack_mask(mask).to("meta") if nv < n else PackedTokens.full(1, n, "meta")
     soft_target = torch.empty(1, cfg.num_classes, device="meta")
 
     # Forward and backward under separate counters: the forward's per-module split is
     # exact, while backward ops are not reliably attributed to the module they belong to.
     with FlopCounterMode(display=False) as fwd:
-        out = model(video, visible_idx, masked_idx)
-    loss = MARLoss(clip.tubelet_size, cfg.patch_size, clip.mean, clip.std, 1.0)(out, video, masked_idx, soft_target)
+        out = model(video, tokens)
+    loss = MARLoss(clip.tubelet_size, cfg.patch_size, clip.mean, clip.std, 1.0)(out, video, tokens, soft_target)
     loss = loss["loss"]
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
@@ -156,16 +157,28 @@ def _count(model_json: str, clip_json: str, num_visible: int) -> ModelCount:
     return count
 
 
-def count_model(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float) -> ModelCount:
+def count_model(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float, masking: MaskingConfig | None = None) -> ModelCount:
     """Parameters and per-clip MACs of `cfg` on clips shaped as `clip`, with `mask_ratio`
-    of the tokens masked.
+    of the tokens masked by `masking`: the tokens it keeps are the masks' own count
+    (`MaskingConfig.visible`). Without a masking (or with none), round(ratio x N) tokens
+    are masked, the rule of random masking, which cell running and tube masking share
+    wherever their ratio masks whole units."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    masking = masking if masking is not None and masking.kind != "none" else MaskingConfig(kind="random")
+    return count_visible(cfg, clip, masking.visible(token_grid(clip, cfg.patch_size), mask_ratio))
+
+
+def count_visible(cfg: ModelConfig, clip: ClipConfig, visible: int) -> ModelCount:
+    """Parameters and per-clip MACs of `cfg` on clips shaped as `clip` when the encoder runs
+    on `visible` of their tokens.
 
     Counted once per shape on the meta device and cached. `cfg.arch` picks the model
     (MAR or full-token ViT); `cfg.decoder` whether MAR training runs the decoder, and its size.
     """
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     n = num_tokens(clip, cfg.patch_size)
+    if not 0 < visible <= n:
+        raise ValueError(f"visible tokens must be in [1, {n}], got {visible}")
     # Dropout and stochastic depth cost no matmuls, and model FLOPs exclude the recomputation
     # of gradient checkpointing: they are switched off so the meta run has fewer ops.
     # Keyed on the decoder as built (None filled in from the variant), so `depth: null` and
@@ -177,7 +190,7 @@ def count_model(cfg: ModelConfig, clip: ClipConfig, mask_ratio: float) -> ModelC
         decoder=decoder, attention="auto",
     )
     model_json = json.dumps(dataclasses.asdict(counted), sort_keys=True)
-    return _count(model_json, json.dumps(dataclasses.asdict(clip), sort_keys=True), n - round(mask_ratio * n))
+    return _count(model_json, json.dumps(dataclasses.asdict(clip), sort_keys=True), visible)
 
 
 def training_flops_by_visible(cfg: ModelConfig, clip: ClipConfig, visible_counts) -> dict[int, int]:
@@ -196,7 +209,7 @@ def training_flops_by_visible(cfg: ModelConfig, clip: ClipConfig, visible_counts
         raise ValueError(f"visible token counts must be in [1, {n}], got {wanted}")
 
     def count(v: int) -> int:
-        return 2 * count_model(cfg, clip, (n - v) / n).macs_training
+        return 2 * count_visible(cfg, clip, v).macs_training
 
     masked = [v for v in wanted if v < n]
     if len(masked) <= 3:

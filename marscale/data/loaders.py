@@ -188,13 +188,13 @@ class TrainStream(IterableDataset):
     def __init__(
         self, cfg: DataConfig, clip: ClipConfig, urls: list[str], *, epoch: int, rank: int, batches_per_rank: int,
         start_batch: int, decoder: str, stats: SkipStats, num_classes: int,
-        batch_sizes: Callable[[int], int] | None = None, augment_on: str = "worker",
+        batch_ratios: Callable[[int], tuple[float, ...]] | None = None, augment_on: str = "worker",
     ):
         super().__init__()
         self.cfg, self.clip, self.urls, self.epoch, self.rank = cfg, clip, urls, epoch, rank
         self.batches_per_rank, self.start_batch = batches_per_rank, start_batch
         self.decoder, self.stats, self.num_classes = decoder, stats, num_classes
-        self.batch_sizes = batch_sizes
+        self.batch_ratios = batch_ratios
         if augment_on == "device":
             self.make_clip = clip_for_device(AugmentDraw(cfg, clip), clip.img_size)
         elif augment_on == "worker":
@@ -208,19 +208,19 @@ class TrainStream(IterableDataset):
         # starts at batch `start_batch` (made by role start_batch mod W in the full epoch).
         role = (worker + self.start_batch) % num_workers
         first_batch, num_batches = worker_batches(self.batches_per_rank, num_workers, role, self.start_batch)
-        sizes = None
+        ratios = None
         first_sample = first_batch * self.cfg.videos_per_batch
-        if self.batch_sizes is not None:
+        if self.batch_ratios is not None:
             # The worker's batches j are the rank's batches j * W + role; skip the clips of the
             # earlier ones (whole videos: sizes are multiples of clips_per_video).
-            size_of = [self.batch_sizes(j * num_workers + role) for j in range(first_batch + num_batches)]
-            sizes = size_of[first_batch:]
-            first_sample = sum(size_of[:first_batch]) // self.cfg.clips_per_video
+            ratios_of = [self.batch_ratios(j * num_workers + role) for j in range(first_batch + num_batches)]
+            ratios = ratios_of[first_batch:]
+            first_sample = sum(len(r) for r in ratios_of[:first_batch]) // self.cfg.clips_per_video
         stages = train_stages(
             self.cfg, self.clip, self.urls, epoch=self.epoch, rank=self.rank, worker=role,
             first_sample=first_sample, num_batches=num_batches,
             make_clip=self.make_clip, decoder=self.decoder, stats=self.stats, num_classes=self.num_classes,
-            batch_sizes=sizes,
+            batch_ratios=ratios,
         )
         yield from wds.DataPipeline(*stages)
 
@@ -314,14 +314,15 @@ def build_train_loader(
     world_size: int,
     num_classes: int,
     start_batch: int = 0,
-    batch_sizes: Callable[[int], int] | None = None,
+    batch_ratios: Callable[[int], tuple[float, ...]] | None = None,
     augment_on: str = "worker",
 ) -> TrainLoader:
     """Training batches of `rank` for `epoch`: `batches_per_epoch` of them (the run plan's
     loader batches per rank), resumed at batch `start_batch` of the epoch. Samples whose
     label is not below `num_classes` (the model's) are skipped and counted ("label").
-    `batch_sizes(k)`: clips in the rank's batch k of the epoch (token budgets,
-    `marscale.tokens.batches`); None: `cfg.batch_size` each. `augment_on`: "worker"
+    `batch_ratios(k)`: the mask ratios of the clips of the rank's batch k of the epoch
+    (token budgets, `marscale.tokens.batches`): batch k holds that many clips and carries
+    the ratios as "ratios" (float64 [B]); None: `cfg.batch_size` clips each. `augment_on`: "worker"
     (augmented uint8 [B, C, T, S, S] batches) or "device" (decoded windows uint8
     [B, T, H, W, 3] and their "augment" parameters, for `device_augment.DeviceAugment`),
     `config.resolve_augment_on` of the training device."""
@@ -337,7 +338,7 @@ def build_train_loader(
     stream = TrainStream(
         cfg, clip, list(train_set.shards), epoch=epoch, rank=rank, batches_per_rank=batches_per_epoch,
         start_batch=start_batch, decoder=resolve_decoder(cfg.decoder), stats=stats, num_classes=num_classes,
-        batch_sizes=batch_sizes, augment_on=augment_on,
+        batch_ratios=batch_ratios, augment_on=augment_on,
     )
     return TrainLoader(_dataloader(stream, cfg.num_workers), batches_per_epoch, start_batch, stats)
 
@@ -385,14 +386,14 @@ def train_batches(
     world_size: int,
     position: Callable[[], tuple[int, int]],
     tally=None,
-    batch_sizes: Callable[[int, int], int] | None = None,
+    batch_ratios: Callable[[int, int], tuple[float, ...]] | None = None,
     augment_on: str = "worker",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's training batches, epoch after epoch, from the data position `position()`
     returns, (epoch, batch in epoch), read when each epoch's loader opens: the caller must
     update it before asking for the next batch. `tally` (optional: `open(loader)`,
-    `close()`) follows each epoch's loader for its skip counts. `batch_sizes(epoch, k)`:
-    clips in batch k of an epoch, when they vary (token budgets). `augment_on`: as
+    `close()`) follows each epoch's loader for its skip counts. `batch_ratios(epoch, k)`:
+    the mask ratios of batch k of an epoch, when its size follows them (token budgets). `augment_on`: as
     `build_train_loader`.
     """
     while True:
@@ -400,7 +401,7 @@ def train_batches(
         loader = build_train_loader(
             cfg, clip, train_set, batches_per_epoch=batches_per_epoch, epoch=epoch, rank=rank,
             world_size=world_size, start_batch=start, num_classes=num_classes,
-            batch_sizes=None if batch_sizes is None else functools.partial(batch_sizes, epoch),
+            batch_ratios=None if batch_ratios is None else functools.partial(batch_ratios, epoch),
             augment_on=augment_on,
         )
         it = start_iterator(loader)

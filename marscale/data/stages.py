@@ -385,17 +385,17 @@ def train_stages(
     decoder: str,
     stats: SkipStats,
     num_classes: int,
-    batch_sizes: list[int] | None = None,
+    batch_ratios: list[tuple[float, ...]] | None = None,
 ) -> list:
     """The training pipeline of one (rank, worker) as an explicit list of stages.
-    `batch_sizes`: clips in each of the worker's `num_batches` batches (token budgets),
-    instead of `cfg.batch_size` each."""
-    if batch_sizes is not None and len(batch_sizes) != num_batches:
-        raise ValueError(f"{len(batch_sizes)} batch sizes for {num_batches} batches")
+    `batch_ratios`: the mask ratios of the clips of each of the worker's `num_batches`
+    batches (token budgets): that many clips each, instead of `cfg.batch_size`."""
+    if batch_ratios is not None and len(batch_ratios) != num_batches:
+        raise ValueError(f"{len(batch_ratios)} batch ratio lists for {num_batches} batches")
     batching = (
         [wds.slice(num_batches * cfg.batch_size), wds.batched(cfg.batch_size, collation_fn=collate, partial=False)]
-        if batch_sizes is None
-        else [sized_batches(batch_sizes)]
+        if batch_ratios is None
+        else [sized_batches(batch_ratios)]
     )
     base = (cfg.seed, epoch, rank, worker)
     shuffle_seed = seed_word(*base, _SHUFFLE_STREAM)
@@ -420,19 +420,23 @@ def train_stages(
     ]
 
 
-def sized_batches(sizes: list[int]) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """clips -> batches of sizes[0], sizes[1], ... clips (collated), then stop: a batch is
-    released as soon as it is full, so no clip beyond the last batch is decoded."""
+def sized_batches(ratios: list[tuple[float, ...]]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """clips -> batches of len(ratios[0]), len(ratios[1]), ... clips (collated, each with
+    its "ratios" as float64 [B]), then stop: a batch is released as soon as it is full, so
+    no clip beyond the last batch is decoded."""
 
     def stage(clips: Iterable[dict]) -> Iterator[dict]:
-        if not sizes:
+        if not ratios:
             return
         it = iter(clips)
-        for size in sizes:
+        for batch_ratios in ratios:
+            size = len(batch_ratios)
             items = [item for _, item in zip(range(size), it)]
             if len(items) < size:
                 return  # the stream ended early: the loader reports the missing batches
-            yield collate(items)
+            batch = collate(items)
+            batch["ratios"] = torch.tensor(batch_ratios, dtype=torch.float64)
+            yield batch
 
     return stage
 

@@ -350,6 +350,7 @@ def validate(cfg: TrainConfig) -> None:
                 f"masking.cell={list(k.cell)} does not tile the {gh}x{gw} token grid of clip.img_size {c.img_size}; "
                 f"choose a cell size that divides it"
             )
+    k.check_grid(grid)
     if cfg.run.device == "cpu" and cfg.deepspeed.precision == "fp16":
         raise ValueError("deepspeed.precision=fp16 is not supported on CPU; use bf16 or fp32")
     if cfg.deepspeed.offload_optimizer and cfg.run.device == "cpu":

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from marscale.engine.config import TrainConfig
-from marscale.engine.plan import clips_per_step
 
 # We log ourselves on logging.every_steps; DeepSpeed's own progress prints stay off.
 _NEVER = 1_000_000_000
@@ -68,7 +67,9 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal:
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum_steps,
-        "train_batch_size": clips_per_step(cfg, world_size),
+        # DeepSpeed's own rule: micro-batch x accumulation x world (with a token budget
+        # the micro-batch size is the most a micro-batch holds).
+        "train_batch_size": cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * world_size,
         # DeepSpeed's default is 1.0; 0.0 is its "no clipping".
         "gradient_clipping": float(cfg.optim.clip_grad) if cfg.optim.clip_grad is not None else 0.0,
         "zero_optimization": _zero_section(cfg),

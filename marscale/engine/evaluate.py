@@ -35,13 +35,14 @@ from marscale.core import dist
 from marscale.core.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.engine.metrics import format_counts, sum_over_ranks
-from marscale.tokens.masking import MaskingConfig, make_mask, mask_to_indices, shuffle_time_slices
+from marscale.tokens.masking import MaskingConfig, make_mask, shuffle_time_slices
+from marscale.tokens.packing import PackedTokens, pack_mask
 from marscale.core.seeding import derive_seed
 from marscale.data.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 
-# forward(video [B,C,T,H,W] normalised, visible_idx [B,Nv] | None, masked_idx | None) -> logits [B, K]
+# forward(video [B,C,T,H,W] normalised, tokens: PackedTokens | None (every token)) -> logits [B, K]
 Forward = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
@@ -155,22 +156,27 @@ def evaluate(
     loader = build_eval_loader(data_cfg, clip, val_set, rank=rank, world_size=world_size, num_classes=num_classes)
     expected = val_set.num_videos
     lockstep = lockstep and world_size > 1
-    masks: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    masks: dict[int, tuple[PackedTokens, PackedTokens | None] | None] = {}
 
-    def indices(batch: int, views: torch.Tensor | None):
-        """(visible_idx, masked_idx) on the device for `batch` views, or None (no mask).
+    def layouts(batch: int, views: torch.Tensor | None) -> tuple[PackedTokens, PackedTokens | None] | None:
+        """(tokens, complement or None) on the device for `batch` views, or None (no mask).
         views: [B, 2] (video index, view) when the mask is shuffled per view."""
+
+        def packed(mask: torch.Tensor) -> tuple[PackedTokens, PackedTokens | None]:
+            complement = pack_mask(~mask).to(device) if masking_cfg.eval_complement else None
+            return pack_mask(mask).to(device), complement
+
         if views is None or not masking_cfg.eval_temporal_shuffle:
             # Deterministic: one mask per batch size, built once on the host.
             if batch not in masks:
                 mask = make_mask(masking_cfg, batch, token_grid, None, train=False)
-                masks[batch] = None if mask is None else tuple(t.to(device) for t in mask_to_indices(mask))
+                masks[batch] = None if mask is None else packed(mask)
             return masks[batch]
         mask = make_mask(masking_cfg, batch, token_grid, None, train=False)
         if mask is None:
             return None
         generators = [torch.Generator().manual_seed(derive_seed(int(v), int(k))) for v, k in views.tolist()]
-        return tuple(t.to(device) for t in mask_to_indices(shuffle_time_slices(mask, token_grid, generators)))
+        return packed(shuffle_time_slices(mask, token_grid, generators))
 
     table = ScoreTable(num_classes)
     it = start_iterator(loader)
@@ -195,13 +201,12 @@ def evaluate(
                     device=device,
                 )
             views_of_batch = torch.stack([batch["video_index"], batch["view"]], dim=1) if real else None
-            idx = indices(video.shape[0], views_of_batch)
-            visible_idx, masked_idx = idx if idx is not None else (None, None)
+            tokens, complement = layouts(video.shape[0], views_of_batch) or (None, None)
             x = normalize(video, clip.mean, clip.std, dtype)
-            logits = forward(x, visible_idx, masked_idx)
-            if masking_cfg.eval_complement and idx is not None:
+            logits = forward(x, tokens)
+            if complement is not None:
                 # The complementary pass: the masked tokens visible. Every rank runs it (lockstep).
-                logits = (logits.float() + forward(x, masked_idx, visible_idx).float()) / 2
+                logits = (logits.float() + forward(x, complement).float()) / 2
             if real:
                 table.add(
                     torch.softmax(logits.float(), dim=-1),

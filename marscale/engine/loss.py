@@ -1,7 +1,8 @@
 """Loss functions and the reconstruction target, kept apart from the modules.
 
-Shapes: B batch, C channels, T frames, H/W pixels, N tokens, Nm masked tokens,
-P = tubelet * patch * patch * C values per tubelet, K classes.
+Shapes: B batch, C channels, T frames, H/W pixels, N tokens, Mtot masked tokens of the
+batch (packed layout, `marscale.tokens.packing`), P = tubelet * patch * patch * C values
+per tubelet, K classes.
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
 
 def normalized_pixel_target(
     video: torch.Tensor,
-    masked_idx: torch.Tensor | PackedTokens,
+    tokens: PackedTokens,
     tubelet: int,
     patch: int,
     mean: Sequence[float],
     std: Sequence[float],
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Reconstruction target for the masked tubelets: [B, Nm, P] (packed: [Mtot, P], in
-    the order the packed decoder predicts them).
+    """Reconstruction target for the masked tubelets of `tokens`: [Mtot, P], in the order
+    the decoder predicts them (`PackedTokens.masked_slots`).
 
     The normalised input is un-normalised to [0, 1] pixels; then every tubelet is
     normalised per channel by its own mean and unbiased std (+eps), as VideoMAE does.
@@ -49,21 +50,17 @@ def normalized_pixel_target(
         video = video.float()
         m = torch.as_tensor(mean, device=video.device, dtype=video.dtype).view(1, -1, 1, 1, 1)
         s = torch.as_tensor(std, device=video.device, dtype=video.dtype).view(1, -1, 1, 1, 1)
-        tokens = patchify(video * s + m, tubelet, patch)  # [B, N, p, C]
-        if isinstance(masked_idx, PackedTokens):
-            tokens = tokens.flatten(0, 1)[masked_idx.flat_masked]  # [Mtot, p, C]
-        else:
-            idx = masked_idx[:, :, None, None].expand(-1, -1, tokens.shape[2], tokens.shape[3])
-            tokens = tokens.gather(1, idx)  # [B, Nm, p, C]
-        mu = tokens.mean(dim=-2, keepdim=True)
-        sd = tokens.var(dim=-2, unbiased=True, keepdim=True).sqrt()
-        tokens = (tokens - mu) / (sd + eps)
-        return tokens.flatten(-2)
+        pixels = patchify(video * s + m, tubelet, patch)  # [B, N, p, C]
+        pixels = pixels.flatten(0, 1)[tokens.flat_masked]  # [Mtot, p, C]
+        mu = pixels.mean(dim=-2, keepdim=True)
+        sd = pixels.var(dim=-2, unbiased=True, keepdim=True).sqrt()
+        pixels = (pixels - mu) / (sd + eps)
+        return pixels.flatten(-2)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked tokens (pred, target: [B, Nm, P] or packed
-    [Mtot, P]): every masked token weighs the same, whichever clip it is in."""
+    """Mean squared error over the masked tokens (pred, target: [Mtot, P]): every masked
+    token weighs the same, whichever clip it is in."""
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -109,22 +106,22 @@ class MARLoss:
         self,
         outputs: dict[str, torch.Tensor],
         video: torch.Tensor,
-        masked_idx: torch.Tensor | PackedTokens | None,
+        tokens: PackedTokens | None,
         target: torch.Tensor,
         *,
         cls_scale: float = 1.0,
         recon_scale: float = 1.0,
     ) -> dict[str, torch.Tensor]:
-        """outputs: the model's {"logits" [B, K], "pred"? [B, Nm, P] or packed [Mtot, P]};
-        video: the normalised clip the model saw [B, C, T, H, W]; masked_idx [B, Nm] or the
-        batch's PackedTokens (None: nothing masked); target: soft [B, K] or hard [B] labels."""
+        """outputs: the model's {"logits" [B, K], "pred"? [Mtot, P]}; video: the normalised
+        clip the model saw [B, C, T, H, W]; tokens: the batch's token layout (None: every
+        token visible); target: soft [B, K] or hard [B] labels."""
         parts = {"loss_cls": classification_loss(outputs["logits"], target)}
         loss = parts["loss_cls"] if cls_scale == 1.0 else cls_scale * parts["loss_cls"]
         if "pred" in outputs and self.recon_weight > 0:
-            if masked_idx is None:
-                raise ValueError("the model reconstructed masked tokens but no masked_idx was given")
+            if tokens is None:
+                raise ValueError("the model reconstructed masked tokens but no token layout was given")
             recon_target = normalized_pixel_target(
-                video, masked_idx, self.tubelet_size, self.patch_size, self.mean, self.std
+                video, tokens, self.tubelet_size, self.patch_size, self.mean, self.std
             )
             parts["loss_recon"] = masked_mse(outputs["pred"], recon_target)
             loss = loss + self.recon_weight * recon_scale * parts["loss_recon"]

@@ -1,10 +1,10 @@
 """Time one config's training and inference step on the real engine, with synthetic tensors.
 
-What runs is what `marscale train` runs: the model, the AdamW groups and the DeepSpeed
-engine are built as `Trainer` builds them (ZeRO stage, precision, activation
-checkpointing and accumulation from the config), and every step goes through
-`Trainer.train_masks` and `Trainer.train_step` (normalise, mixup, masks from the run
-plan, loss, backward, optimizer step). Only the data is synthetic: uint8 clips and labels
+What runs is what `marscale train` runs: the engine is built by the trainer's builder
+(`marscale.engine.build`: model, AdamW groups, DeepSpeed with the config's ZeRO stage,
+precision and activation checkpointing), and every step is the trainer's step
+(`marscale.engine.step`: normalise, mixup, masks from the run plan, loss, backward,
+optimizer step). Only the data is synthetic: uint8 clips and labels
 of the config's real shapes, made once, so the loader's cost is left out.
 
     timed training step   = masks + host-to-device copy + forward + loss + backward + step
@@ -35,12 +35,14 @@ import torch
 
 from marscale.core import dist
 from marscale.data import normalize
-from marscale.engine.config import PRECISION_DTYPES, TrainConfig
-from marscale.engine.metrics import peak_tflops
-from marscale.engine.plan import RunPlan, make_plan
-from marscale.engine.trainer import Trainer
-from marscale.tokens.masking import make_mask, mask_to_indices
 from marscale.data.shards import ShardSet
+from marscale.engine.build import build_engine
+from marscale.engine.config import TrainConfig
+from marscale.engine.metrics import peak_memory_bytes, peak_tflops
+from marscale.engine.plan import RunPlan, make_plan
+from marscale.engine.step import TrainStep
+from marscale.tokens.masking import make_mask
+from marscale.tokens.packing import pack_mask
 
 SYNTHETIC_ROOT = "<synthetic>"
 
@@ -120,45 +122,6 @@ def synthetic_plan(cfg: TrainConfig, videos: int) -> RunPlan:
     return make_plan(cfg, world_size=1, train_set=shard_set, val_set=shard_set)
 
 
-class SyntheticTrainer(Trainer):
-    """`Trainer`'s engine and step without data, writers or run records.
-
-    The engine is built as in `Trainer.__init__` (same model, optimizer groups, DeepSpeed
-    config and seeds); `train_masks` and `train_step` are the Trainer's own.
-    """
-
-    def __init__(self, cfg: TrainConfig, plan: RunPlan):
-        # Not super().__init__(): that reads the manifests, checks the shards and writes the
-        # run's records. Keep these lines in step with it.
-        import deepspeed
-
-        from marscale.data import build_mixup
-        from marscale.engine.ds_config import build_deepspeed_config
-        from marscale.engine.optim import build_optimizer
-        from marscale.engine.loss import build_loss
-        from marscale.model import build_model
-        from marscale.core.seeding import seed_everything
-
-        self.cfg, self.plan = cfg, plan
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
-        device = dist.resolve_device(cfg.run.device)
-        seed_everything(cfg.run.seed)
-        model = build_model(cfg.model, cfg.clip)
-        optimizer = build_optimizer(model, cfg.optim, device.type, offload=cfg.deepspeed.offload_optimizer)
-        self.ds_config = build_deepspeed_config(cfg, self.world_size)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        self.device = self.engine.device if isinstance(self.engine.device, torch.device) else device
-        self._own_grad_norm = isinstance(self.engine.optimizer, torch.optim.Optimizer)
-        self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
-        self.loss = build_loss(cfg.clip, cfg.model.patch_size, cfg.optim.recon_weight)
-
-    def close(self) -> None:
-        destroy = getattr(self.engine, "destroy", None)
-        if destroy is not None:
-            destroy()
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -189,8 +152,6 @@ def _peak_memory(device: torch.device) -> int:
         with open("/proc/self/status") as f:
             return int(re.search(r"VmHWM:\s+(\d+)\s+kB", f.read()).group(1)) * 1024
     except (OSError, AttributeError):
-        from marscale.engine.metrics import peak_memory_bytes
-
         return peak_memory_bytes(device)
 
 
@@ -222,9 +183,10 @@ def measure(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     _reset_peak_memory(device)
-    trainer = SyntheticTrainer(cfg, plan)
+    built = build_engine(cfg, world_size=dist.get_world_size(), rank=dist.get_rank())
     try:
-        device = trainer.device
+        device = built.device
+        train_step = TrainStep(cfg, plan, built, rank=dist.get_rank(), world_size=dist.get_world_size())
         g = torch.Generator().manual_seed(cfg.run.seed)
         c = cfg.clip
         video = torch.randint(0, 256, (batch, 3, c.num_frames, c.img_size, c.img_size), dtype=torch.uint8, generator=g)
@@ -241,28 +203,24 @@ def measure(
                 times[mode][1].append(time.perf_counter() - t0)
             tick()
 
-        def train_step(step: int) -> None:
-            visible_idx, masked_idx, packed = trainer.train_masks(step, 0, batch)
-            trainer.train_step(video, labels, visible_idx, masked_idx, packed=packed)
-
         for step in range(warmup + steps):
-            timed("train", step, lambda: train_step(step))
+            timed("train", step, lambda: train_step(step, [{"video": video, "label": labels}]))
 
         mask = make_mask(cfg.masking, batch, plan.token_grid, None, train=False)
-        eval_visible = mask_to_indices(mask)[0].to(device) if mask is not None else None
-        engine = trainer.engine
+        eval_tokens = pack_mask(mask).to(device) if mask is not None else None
+        engine = built.engine
         engine.eval()
 
         def infer_step() -> None:
-            x = normalize(video.to(device, non_blocking=True), c.mean, c.std, trainer.dtype)
-            engine(x, eval_visible, None)
+            x = normalize(video.to(device, non_blocking=True), c.mean, c.std, built.dtype)
+            engine(x, eval_tokens)
 
         with torch.no_grad():
             for step in range(warmup + steps):
                 timed("infer", step, infer_step)
         peak = _peak_memory(device)
     finally:
-        trainer.close()
+        built.close()
     return Measurement(
         device=device_name(device),
         batch=batch,

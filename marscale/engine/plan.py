@@ -16,7 +16,9 @@ computed once at start, frozen, logged and saved beside the run (`plan.json`).
                         ratios, per visible-token count (the metrics count true work) and
                         the mean over the ratio schedule
     batches             which clips and mask ratios each micro-batch holds
-                        (`marscale.tokens.batches`, a function of seed, step, micro, rank)
+                        (`marscale.tokens.batches`, a function of seed, step, micro, rank);
+                        loader batch k of an epoch is micro-batch k mod accumulation of
+                        step epoch x steps per epoch + k // accumulation (`batch_step`)
 
 The loaders, the trainer, the learning-rate schedule, evaluation and the metrics read
 these values from the plan; none of them derives its own copy.
@@ -33,6 +35,7 @@ from marscale.engine.config import TrainConfig
 from marscale.core.io import write_json
 from marscale.data.shards import ShardSet
 from marscale.tokens.batches import TokenBatches, build_token_batches
+from marscale.cost.counting import count_visible, training_flops_by_visible
 
 PLAN_FILE = "plan.json"
 
@@ -48,7 +51,9 @@ class RunPlan:
     """Classes the model predicts (model.num_classes; the training set has at most as many)."""
     videos_per_epoch: int
     clips_per_step: int
-    """Global batch: clips per optimizer step over all ranks."""
+    """Global batch: clips per optimizer step over all ranks (with data.token_budget: the
+    mean over the first micro-batches, rounded to whole videos; each step's own count is
+    its `StepBatches.totals`)."""
     videos_per_step: int
     steps_per_epoch: int
     """Optimizer steps per epoch."""
@@ -95,17 +100,20 @@ class RunPlan:
         )
 
 
+    def batch_step(self, epoch: int, batch: int) -> tuple[int, int]:
+        """(optimizer step, micro-batch) of loader batch `batch` of `epoch`."""
+        accum = self.batches.grad_accum_steps
+        return epoch * self.steps_per_epoch + batch // accum, batch % accum
+
+    def batch_ratios(self, epoch: int, batch: int, rank: int) -> tuple[float, ...]:
+        """The mask ratios of loader batch `batch` of `epoch` on `rank`: what a loader worker
+        that cuts batches by a token budget draws, and carries in the batch."""
+        return self.batches.ratios(*self.batch_step(epoch, batch), rank)
+
     def _ratio_text(self) -> str:
         stages = self.batches.schedule.stages
         text = ", ".join(f"from step {start}: {list(values)}" for start, values in stages)
         return text if len(stages) > 1 else str(list(stages[0][1]))
-
-
-def clips_per_step(cfg: TrainConfig, world_size: int) -> int:
-    """Clips per optimizer step over all ranks: data.batch_size x world x grad_accum_steps."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    return cfg.data.batch_size * world_size * cfg.deepspeed.grad_accum_steps
 
 
 def class_problem(shard_set: ShardSet, num_classes: int) -> str | None:
@@ -128,8 +136,8 @@ def make_plan(
 ) -> RunPlan:
     """The plan of `cfg` on `world_size` ranks. The shard sets are read from their
     manifests unless given."""
-    from marscale.cost.counting import count_model, training_flops_by_visible  # counting imports the model
-
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
     train_set = train_set if train_set is not None else ShardSet.load(cfg.data.train_shards)
     val_set = val_set if val_set is not None else ShardSet.load(cfg.data.val_shards)
     problem = class_problem(train_set, cfg.model.num_classes)
@@ -138,19 +146,15 @@ def make_plan(
     videos = cfg.data.samples_per_epoch if cfg.data.samples_per_epoch is not None else train_set.num_videos
     grid = token_grid(cfg.clip, cfg.model.patch_size)
     accum = cfg.deepspeed.grad_accum_steps
-
-    def batches_for(steps_per_epoch: int) -> TokenBatches:
-        return build_token_batches(
-            cfg.masking, grid, seed=cfg.run.seed, batch_size=cfg.data.batch_size, token_budget=cfg.data.token_budget,
-            clips_per_video=cfg.data.clips_per_video, pairs=cfg.data.mixup > 0 or cfg.data.cutmix > 0,
-            grad_accum_steps=accum, steps_per_epoch=steps_per_epoch,
-        )
-
-    clips = clips_per_step(cfg, world_size)
+    batches = build_token_batches(
+        cfg.masking, grid, seed=cfg.run.seed, batch_size=cfg.data.batch_size, token_budget=cfg.data.token_budget,
+        clips_per_video=cfg.data.clips_per_video, pairs=cfg.data.mixup > 0 or cfg.data.cutmix > 0,
+        grad_accum_steps=accum,
+    )
+    clips = cfg.data.batch_size * world_size * accum
     if cfg.data.token_budget is not None:
-        mean = batches_for(1).mean_clips_per_batch()
         per_video = cfg.data.clips_per_video
-        clips = max(per_video, round(mean * world_size * accum / per_video) * per_video)
+        clips = max(per_video, round(batches.mean_clips_per_batch() * world_size * accum / per_video) * per_video)
     videos_per_step = clips // cfg.data.clips_per_video
     steps = videos // videos_per_step
     if steps < 1:
@@ -162,9 +166,7 @@ def make_plan(
         )
     total = cfg.run.max_steps if cfg.run.max_steps is not None else cfg.optim.epochs * steps
     warmup = 0 if cfg.optim.warmup_epochs == 0 else min(int(math.floor(cfg.optim.warmup_epochs * steps + 0.5)), total)
-    batches = batches_for(steps)
-    train_count = count_model(cfg.model, cfg.clip, batches.schedule.stages[0][1][0])
-    eval_count = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=False))
+    eval_visible = cfg.masking.visible(grid, cfg.masking.ratio_at(train=False))
     by_visible = training_flops_by_visible(cfg.model, cfg.clip, batches.visible.values())
     visible_of = batches.visible
     mean_visible = batches.schedule.mean_over(total, lambda r: visible_of[r])
@@ -182,11 +184,11 @@ def make_plan(
         total_steps=total,
         warmup_steps=warmup,
         token_grid=grid,
-        tokens_per_clip=train_count.tokens,
+        tokens_per_clip=batches.tokens_per_clip,
         visible_tokens_train=round(mean_visible),
-        visible_tokens_eval=eval_count.visible_tokens,
+        visible_tokens_eval=eval_visible,
         flops_per_clip_train=round(mean_flops),
-        macs_per_view_eval=eval_count.macs_inference,
+        macs_per_view_eval=count_visible(cfg.model, cfg.clip, eval_visible).macs_inference,
         flops_by_visible=by_visible,
         batches=batches,
     )

@@ -30,11 +30,15 @@ import shutil
 import torch
 import torch.distributed as torch_dist
 
+from marscale.checkpoints.folders import checkpoint_bytes, resolve_resume
 from marscale.core import dist
-from marscale.engine.config import TrainConfig
-from marscale.checkpoints.folders import checkpoint_bytes
-from marscale.engine.plan import RunPlan, class_problem, make_plan
+from marscale.core.clip import num_tokens
+from marscale.cost.counting import count_visible
+from marscale.data import build_eval_loader, resolve_decoder
 from marscale.data.shards import ShardSet
+from marscale.engine.config import TrainConfig
+from marscale.engine.plan import RunPlan, class_problem, make_plan
+from marscale.model.attention import resolve_backend, training_problem
 
 
 class PreflightError(ValueError):
@@ -92,8 +96,6 @@ def _class_names_problem(train_set: ShardSet, val_set: ShardSet) -> str | None:
 
 def _checkpoint_space_problem(cfg: TrainConfig) -> str | None:
     """Whether run.output_dir can take one checkpoint (of the size `checkpoint_bytes` estimates)."""
-    from marscale.cost.counting import count_model  # counting imports the model; the count is cached
-
     if not cfg.checkpoint.every_steps and not cfg.checkpoint.save_at_end:
         return None
     where = _existing_parent(cfg.run.output_dir)
@@ -101,7 +103,7 @@ def _checkpoint_space_problem(cfg: TrainConfig) -> str | None:
         return f"run.output_dir {cfg.run.output_dir!r}: {where} is a file, not a folder"
     if not os.access(where, os.W_OK | os.X_OK):
         return f"run.output_dir {cfg.run.output_dir!r}: {where} is not writable"
-    params = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=True)).params_training
+    params = count_visible(cfg.model, cfg.clip, num_tokens(cfg.clip, cfg.model.patch_size)).params_training
     need = checkpoint_bytes(params, cfg.deepspeed.precision, cfg.deepspeed.zero_stage)
     free = shutil.disk_usage(where).free
     if free >= need:
@@ -115,17 +117,12 @@ def _checkpoint_space_problem(cfg: TrainConfig) -> str | None:
 
 def _attention_problem(cfg: TrainConfig) -> str | None:
     """Why `model.attention` cannot train packed batches on this run's device, or None."""
-    from marscale.core.dist import resolve_device
-    from marscale.model.attention import resolve_backend
-
-    device = resolve_device(cfg.run.device)
+    device = dist.resolve_device(cfg.run.device)
     try:
         backend = resolve_backend(cfg.model.attention, device)
     except RuntimeError as e:
         return str(e)
-    if backend == "flex" and device.type == "cpu":
-        return "model.attention=flex cannot train on CPU (FlexAttention has no CPU backward); use per_clip or sdpa_mask"
-    return None
+    return training_problem(backend, device)
 
 
 def _agree(problems: list[str]) -> list[str]:
@@ -151,9 +148,6 @@ def preflight(cfg: TrainConfig, world_size: int, *, training: bool = True) -> Ru
     training=False: the checks that apply to `marscale eval` (see the module docstring).
     Raises PreflightError listing every problem found.
     """
-    from marscale.data import build_eval_loader, resolve_decoder
-    from marscale.checkpoints.folders import resolve_resume
-
     problems: list[str] = []
     train_set = _load(cfg.data.train_shards, problems)
     val_set = _load(cfg.data.val_shards, problems)

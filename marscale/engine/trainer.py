@@ -1,31 +1,17 @@
 """The training loop: a MAR model (or the ViT baseline) under DeepSpeed, fed from shards.
 
-One optimizer step, on every rank::
+The trainer keeps the run: its plan, records, resume, the loop (learning rate, logging,
+checkpoint and evaluation timing, stop signals) and what happens when a peer is lost. The
+engine is built by `marscale.engine.build`; one optimizer step is `marscale.engine.step`.
 
-    lr = lr_at(step)                        set on the engine's optimizer groups
-    for each of grad_accum_steps micro-batches:
-        batch  <- loader                    uint8 [B, C, T, H, W] + labels (host); with
-                                            data.augment_on "device": decoded windows and
-                                            their drawn parameters, augmented on the device
-        ratios <- plan.batches.ratios(step, micro, rank)        host: per-clip mask ratios
-        mask   <- make_mask(generator(seed, step, micro, rank))   host, cheap; packed
-                                            (PackedTokens) when clips differ in visible tokens
-        video  -> device -> normalise -> mixup/cutmix (soft targets) -> precision
-        loss   = soft-target CE + recon_weight x masked MSE (MAR) | CE (ViT), the
-                 reconstruction target built from the clip the model saw; with batches
-                 that differ, weighted by the whole step's clips and masked tokens
-        engine.backward(loss); engine.step()   (DeepSpeed steps at the boundary)
+The step's losses are summed on the device and read (`.tolist()`, the only host sync) on
+logging steps. A step's micro-batches are taken from the loader before it runs.
 
-The step returns loss tensors; they are summed on the device and read (`.tolist()`,
-the only host sync) on logging steps.
-
-Determinism and resume: masks come from a generator seeded by (seed, step, micro,
-rank), so they need no saved state; dropout / drop path draw from torch's global
-generator and mixup from numpy's, whose per-rank states are saved with each checkpoint
-and restored last on resume; the data stream is a function of (seed, epoch, rank) and
-is resumed at its batch offset (`start_batch`). On CPU with fixed seeds an interrupted
-and resumed run produces the same losses as an uninterrupted one
-(tests/test_engine_trainer.py checks it).
+Determinism and resume: masks come from a generator seeded by (seed, step, micro, rank);
+dropout / drop path draw from torch's global generator and mixup from numpy's, whose
+per-rank states are saved with each checkpoint and restored last on resume; the data
+stream is a function of (seed, epoch, rank), resumed at its batch offset. On CPU an
+interrupted and resumed run gives the losses of an uninterrupted one (tested).
 
 Divergence: the losses are read on logging steps, and every checkpoint step is also a
 logging step. A NaN or infinite interval loss raises `TrainingDiverged` there, before
@@ -45,15 +31,12 @@ Bad samples: the loaders skip and count them per reason; the counts since the st
 summed over the ranks, are logged on logging steps (`skipped_samples` in metrics.jsonl
 and TensorBoard), in one line at the end of the loop, and in the evaluation result.
 
-Every derived number (steps per epoch, loader batches, warm-up, FLOPs per clip) comes
-from the run plan (`marscale.engine.plan`), computed once at start, logged and saved as
-`plan.json` beside `config.yaml`.
+Every derived number comes from the run plan (`marscale.engine.plan`), saved as
+`plan.json` beside `config.yaml`. A lost peer is `marscale.engine.run`'s concern.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 import os
@@ -61,25 +44,26 @@ import time
 from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
+from marscale.checkpoints import folders as ckpt
+from marscale.checkpoints.reshape import Layout, ReshapeError, ResumeSource, plan_resume
+from marscale.checkpoints.rng_state import load_rng_state
 from marscale.core import dist
 from marscale.core.config import save_config, to_dict
-from marscale.checkpoints import folders as ckpt
-from marscale.engine.config import PRECISION_DTYPES, TrainConfig
+from marscale.core.io import write_json
+from marscale.core.signals import StopSignal
+from marscale.data.loaders import train_batches
+from marscale.data.stages import SKIP_REASONS
+from marscale.engine.build import build_engine
+from marscale.engine.config import TrainConfig
 from marscale.engine.evaluate import EvalResult, evaluate
 from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, SkipTally, StepCost, format_counts
 from marscale.engine.metrics import format_record, peak_memory_bytes, peak_tflops, sum_over_ranks, throughput
+from marscale.engine.optim import apply_lr, lr_at
 from marscale.engine.plan import save_plan
 from marscale.engine.preflight import preflight
-from marscale.checkpoints.reshape import Layout, ReshapeError, ResumeSource, plan_resume
-from marscale.checkpoints.rng_state import load_rng_state
-from marscale.core.io import write_json
-from marscale.engine.loss import build_loss
-from marscale.tokens.masking import make_mask, mask_to_indices
-from marscale.tokens.packing import PackedTokens, pack_mask
-from marscale.tokens.batches import loss_scales
-from marscale.core.seeding import derive_seed, seed_everything
-from marscale.core.signals import StopSignal
+from marscale.engine.step import TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -107,66 +91,25 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig):
-        import deepspeed
-
-        from marscale.data import build_mixup
-        from marscale.data.config import resolve_augment_on
-        from marscale.data.device_augment import DeviceAugment
-        from marscale.data.stages import SKIP_REASONS
-        from marscale.engine.ds_config import build_deepspeed_config
-        from marscale.engine.optim import build_optimizer
-        from marscale.model import build_model
-
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.output_dir = cfg.run.output_dir
-        self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
-        device = dist.resolve_device(cfg.run.device)
-        # Every derived number, from the config, the world size and the manifests (read once),
-        # after every check that can run before the first step (all problems in one error).
+        # Every derived number, after every check that can run before the first step.
         self.plan = preflight(cfg, self.world_size)
-
-        # Same seed on every rank for the initial weights (DeepSpeed also broadcasts them).
-        seed_everything(cfg.run.seed)
-        model = build_model(cfg.model, cfg.clip)
-        if cfg.model.pretrained:
-            from marscale.weights.pretrained import load_pretrained
-
-            report = load_pretrained(model, cfg.model.pretrained, clip=cfg.clip, partial=cfg.model.pretrained_partial)
-            if dist.is_main():
-                os.makedirs(self.output_dir, exist_ok=True)
-                write_json(os.path.join(self.output_dir, LOAD_REPORT_FILE), report.to_json())
-        optimizer = build_optimizer(model, cfg.optim, device.type, offload=cfg.deepspeed.offload_optimizer)
         # The checkpoint to resume from, and whether DeepSpeed loads it in its universal
         # format (saved on another world size), are decided before the engine exists: the
         # format is part of DeepSpeed's config. A combination that cannot load stops here.
         self.resume_from = self._resume_source()
-        self.ds_config = build_deepspeed_config(
-            cfg, self.world_size, load_universal=self.resume_from is not None and self.resume_from.universal
+        built = build_engine(
+            cfg, world_size=self.world_size, rank=self.rank,
+            load_universal=self.resume_from is not None and self.resume_from.universal,
         )
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        self.device = self.engine.device if isinstance(self.engine.device, torch.device) else device
-        # DeepSpeed's wrappers (ZeRO, mixed precision) report the pre-clipping gradient norm;
-        # a bare torch optimizer (ZeRO-0 in fp32) does not, so the loop computes it then.
-        self._own_grad_norm = isinstance(self.engine.optimizer, torch.optim.Optimizer)
-        # From here on ranks draw different dropout / drop-path / mixup randomness.
-        seed_everything(derive_seed(cfg.run.seed, 1, self.rank))
-
-        self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
-        self.augment_on = resolve_augment_on(cfg.data.augment_on, self.device.type)
-        self.device_augment = DeviceAugment(cfg.data, cfg.clip) if self.augment_on == "device" else None
-        self.loss = build_loss(cfg.clip, cfg.model.patch_size, cfg.optim.recon_weight)
+        self.built, self.engine, self.device, self.ds_config = built, built.engine, built.device, built.ds_config
+        self.step = TrainStep(cfg, self.plan, built, rank=self.rank, world_size=self.world_size)
         self.total_steps = self.plan.total_steps
-        self.cost = StepCost(
-            clips_per_step=self.plan.clips_per_step,
-            visible_tokens_per_clip=self.plan.visible_tokens_train,
-            flops_per_clip=self.plan.flops_per_clip_train,
-            world_size=self.world_size,
-            peak_tflops=peak_tflops(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops),
-        )
-        # Batches that differ between steps or ranks (per-clip ratios, token budgets): the
-        # losses are weighted by the whole step and the metrics count the work actually run.
-        self._uneven = self.plan.batches.varies or cfg.data.token_budget is not None
+        peak = peak_tflops(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops)
+        p = self.plan
+        self.cost = StepCost(p.clips_per_step, p.visible_tokens_train, p.flops_per_clip_train, self.world_size, peak)
         self.state = ckpt.TrainState()
         self.writer = MetricsWriter(self.output_dir, enabled=dist.is_main(), tensorboard=cfg.logging.tensorboard)
         self.stop = StopSignal()
@@ -175,148 +118,45 @@ class Trainer:
         self._save_records()
         logger.info(
             "%s: %s %s, %d ranks, global batch %d, %d steps, ZeRO-%d %s, augmentation on the %s\n%s",
-            cfg.run.name,
-            cfg.model.arch,
-            cfg.model.variant,
-            self.world_size,
-            self.plan.clips_per_step,
-            self.plan.total_steps,
-            cfg.deepspeed.zero_stage,
-            cfg.deepspeed.precision,
-            self.augment_on,
+            cfg.run.name, cfg.model.arch, cfg.model.variant, self.world_size, self.plan.clips_per_step,
+            self.plan.total_steps, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, self.step.augment_on,
             self.plan.summary(),
         )
 
-    # --- records ----------------------------------------------------------------------
-
     def _save_records(self) -> None:
-        """The effective config (YAML), the run plan and the generated DeepSpeed config (JSON,
-        records of the run)."""
+        """The effective config (YAML), the run plan, the generated DeepSpeed config and the
+        pre-trained load report (JSON, records of the run)."""
         if dist.is_main():
             os.makedirs(self.output_dir, exist_ok=True)
+            if self.built.load_report is not None:
+                write_json(os.path.join(self.output_dir, LOAD_REPORT_FILE), self.built.load_report.to_json())
             save_config(self.cfg, os.path.join(self.output_dir, CONFIG_FILE))
             save_plan(self.plan, self.output_dir)
-            with open(os.path.join(self.output_dir, DEEPSPEED_CONFIG_FILE), "w") as f:
-                json.dump(self.ds_config, f, indent=1)
-                f.write("\n")
+            write_json(os.path.join(self.output_dir, DEEPSPEED_CONFIG_FILE), self.ds_config)
 
     @property
     def checkpoints_root(self) -> str:
         return ckpt.checkpoints_root(self.output_dir)
 
-    # --- one step ---------------------------------------------------------------------
-
     def lr_at(self, step: int) -> float:
-        from marscale.engine.optim import lr_at
-
         o = self.cfg.optim
         return lr_at(
-            step,
-            schedule=o.schedule,
-            base_lr=o.lr,
-            min_lr=o.min_lr,
-            warmup_lr=o.warmup_lr,
-            warmup_steps=self.plan.warmup_steps,
-            total_steps=self.plan.total_steps,
+            step, schedule=o.schedule, base_lr=o.lr, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
+            warmup_steps=self.plan.warmup_steps, total_steps=self.plan.total_steps,
         )
-
-    def set_lr(self, lr: float) -> None:
-        from marscale.engine.optim import apply_lr
-
-        # engine.optimizer is DeepSpeed's wrapper (ZeRO 1-3, bf16/fp16) or the torch
-        # optimizer itself; each exposes the param_groups its step reads.
-        apply_lr(self.engine.optimizer, lr)
-
-    def train_masks(
-        self, step: int, micro: int, batch: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, PackedTokens | None]:
-        """(visible_idx, masked_idx, None) on the device for a training micro-batch of `batch`
-        clips, (None, None, None) with nothing masked, or (None, None, packed) when the clips
-        draw their own ratios (`plan.batches`)."""
-        batches = self.plan.batches
-        ratios = batches.ratios(step, micro, self.rank)
-        if len(ratios) != batch:
-            raise RuntimeError(
-                f"rank {self.rank}: the loader gave {batch} clips for step {step} micro-batch {micro}, "
-                f"the batch plan says {len(ratios)}"
-            )
-        generator = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, step, micro, self.rank))
-        per_clip = list(ratios) if batches.varies else None
-        mask = make_mask(self.cfg.masking, batch, self.plan.token_grid, generator, train=True, ratios=per_clip)
-        if mask is None:
-            return None, None, None
-        if batches.varies:
-            return None, None, pack_mask(mask).to(self.device, non_blocking=True)
-        visible_idx, masked_idx = mask_to_indices(mask)
-        return visible_idx.to(self.device, non_blocking=True), masked_idx.to(self.device, non_blocking=True), None
-
-    def train_step(
-        self,
-        video: torch.Tensor,
-        labels: torch.Tensor,
-        visible_idx: torch.Tensor | None,
-        masked_idx: torch.Tensor | None,
-        *,
-        packed: PackedTokens | None = None,
-        scales: tuple[float, float] = (1.0, 1.0),
-        want_grad_norm: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """Forward, backward and (at the accumulation boundary) the optimizer step.
-
-        video: uint8 [B, C, T, H, W] (host or device); labels: int64 [B]; packed: the
-        batch's packed tokens instead of the two indices; scales: this micro-batch's
-        (classification, reconstruction) share of the step (`token_batches.loss_scales`).
-        Returns detached loss tensors {"loss", "loss_cls", "loss_recon"?} and, when
-        `want_grad_norm` and this micro-batch ends the step, "grad_norm". No host sync.
-        """
-        from marscale.data import normalize
-
-        cfg = self.cfg
-        video = video.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        x = normalize(video, cfg.clip.mean, cfg.clip.std)  # fp32 [B, C, T, H, W]
-        x, target = self.mixup(x, labels)  # soft targets [B, K]
-        x = x.to(self.dtype)  # the clip the model sees, and the loss builds its target from
-        if packed is not None:
-            outputs = self.engine(x, packed=packed)
-            parts = self.loss(outputs, x, packed, target, cls_scale=scales[0], recon_scale=scales[1])
-        else:
-            outputs = self.engine(x, visible_idx, masked_idx)
-            parts = self.loss(outputs, x, masked_idx, target, cls_scale=scales[0], recon_scale=scales[1])
-        self.engine.backward(parts["loss"])
-        result = {k: v.detach() for k, v in parts.items()}
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        if want_grad_norm and boundary and self._own_grad_norm:
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            result["grad_norm"] = torch.nn.utils.get_total_norm(grads)  # before step() clears them
-        self.engine.step()
-        if want_grad_norm and boundary and not self._own_grad_norm:
-            norm = self.engine.get_global_grad_norm()
-            if norm is not None:
-                result["grad_norm"] = torch.as_tensor(norm)
-        return result
-
-    def _flops(self, ratios: list[float]) -> int:
-        """Hardware FLOPs of training clips masked at `ratios`, from each clip's visible tokens."""
-        by_visible, visible = self.plan.flops_by_visible, self.plan.batches.visible
-        return sum(by_visible[visible[r]] for r in ratios)
-
-    # --- the loop ---------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's training batches from the current data position (`self.state`, read
         when each epoch's loader opens) on, epoch after epoch."""
-        from marscale.data.loaders import train_batches
-
         return train_batches(
             self.cfg.data, self.cfg.clip, self.plan.train_set, num_classes=self.plan.num_classes,
             batches_per_epoch=self.plan.batches_per_epoch, rank=self.rank, world_size=self.world_size,
             position=lambda: (self.state.epoch, self.state.batch_in_epoch), tally=self.skips,
-            batch_sizes=(
-                functools.partial(self.plan.batches.clips_in_batch, rank=self.rank)
+            batch_ratios=(
+                (lambda epoch, k: self.plan.batch_ratios(epoch, k, self.rank))
                 if self.cfg.data.token_budget is not None else None
             ),
-            augment_on=self.augment_on,
+            augment_on=self.step.augment_on,
         )
 
     def fit(self) -> int:
@@ -324,8 +164,6 @@ class Trainer:
 
         Returns 0 when training finished, EXIT_PREEMPTED after a signal (checkpoint saved).
         """
-        from tqdm import tqdm
-
         resumed = self._load(self.resume_from)
         cfg, state = self.cfg, self.state  # after resume(), which replaces the state
         last_saved = state.step if resumed else None
@@ -345,33 +183,18 @@ class Trainer:
                     (state.step + 1) % cfg.logging.every_steps == 0 or state.step + 1 == self.total_steps or save_now
                 )
                 lr = self.lr_at(state.step)
-                self.set_lr(lr)
-                step_clips = self.cost.clips_per_step
-                if self._uneven:
-                    # Every rank's ratios for this step, drawn once: the loss weights and the
-                    # work the metrics count both come from them (host only, no collective).
-                    step_ratios = self.plan.batches.step_ratios(state.step, self.world_size)
-                    step_clips, step_visible, step_masked = self.plan.batches.totals(step_ratios)
-                    timer.add_work(step_clips, step_visible, self._flops(step_ratios))
-                for micro in range(accum):
-                    t0 = time.perf_counter()
-                    batch = next(batches)
-                    timer.add_data_wait(time.perf_counter() - t0)
-                    video = batch["video"]
-                    if self.device_augment is not None:  # decoded windows + drawn parameters -> clips
-                        video = self.device_augment(video.to(self.device, non_blocking=True), batch["augment"])
-                    visible_idx, masked_idx, packed = self.train_masks(state.step, micro, video.shape[0])
-                    scales = (1.0, 1.0)
-                    if self._uneven:
-                        clips, _, masked = self.plan.batches.batch_counts(state.step, micro, self.rank)
-                        scales = loss_scales((clips, masked), (step_clips, step_masked), self.world_size, accum)
-                    parts = self.train_step(
-                        video, batch["label"], visible_idx, masked_idx, packed=packed, scales=scales,
-                        want_grad_norm=log_now,
-                    )
+                # engine.optimizer: DeepSpeed's wrapper (ZeRO 1-3, bf16/fp16) or the torch
+                # optimizer itself; each exposes the param_groups its step reads.
+                apply_lr(self.engine.optimizer, lr)
+                t0 = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(accum)]
+                timer.add_data_wait(time.perf_counter() - t0)
+                out = self.step(state.step, micro_batches, want_grad_norm=log_now)
+                for parts in out.losses:
                     self.meter.add(parts)
+                timer.add_work(*out.batches.work(self.plan.flops_by_visible))
                 state.step += 1
-                state.samples_seen += step_clips
+                state.samples_seen += out.batches.totals[0]
                 state.batch_in_epoch += accum
                 if state.batch_in_epoch >= self.plan.batches_per_epoch:
                     state.epoch += 1
@@ -437,35 +260,25 @@ class Trainer:
         values["epoch"] = self.state.epoch
         values["samples"] = self.state.samples_seen
         values["skipped_samples"] = sum_over_ranks(self.skips.local(), self.world_size, self.device)
-        work = tuple(timer.work) if self._uneven else None
-        values.update(throughput(self.cost, timer.steps, timer.elapsed(), timer.data_seconds, work))
+        values.update(throughput(self.cost, timer.steps, timer.elapsed(), timer.data_seconds, tuple(timer.work)))
         values["peak_mem_gib"] = peak_memory_bytes(self.device) / 2**30
         self.writer.log("metrics", self.state.step, values)
         logger.info("step %d/%d | %s", self.state.step, self.total_steps, format_record(values))
         return values
-
-    # --- evaluation and checkpoints ---------------------------------------------------
 
     def evaluate(self) -> EvalResult:
         """Multi-view evaluation of the current weights (collective); written to eval.json
         (latest), eval.jsonl (history) and TensorBoard."""
         engine = self.engine
 
-        def forward(x, visible_idx, masked_idx):
-            return engine(x, visible_idx, masked_idx)["logits"]
+        def forward(x, tokens):
+            return engine(x, tokens)["logits"]
 
         engine.eval()
         try:
             result = evaluate(
-                forward,
-                self.cfg.data,
-                self.cfg.clip,
-                self.cfg.masking,
-                self.plan.val_set,
-                self.plan.token_grid,
-                self.plan.num_classes,
-                device=self.device,
-                dtype=self.dtype,
+                forward, self.cfg.data, self.cfg.clip, self.cfg.masking, self.plan.val_set, self.plan.token_grid,
+                self.plan.num_classes, device=self.device, dtype=self.built.dtype,
                 lockstep=self.cfg.deepspeed.zero_stage == 3,
             )
         finally:
@@ -531,35 +344,5 @@ class Trainer:
     def close(self) -> None:
         self.stop.close()
         self.writer.close()
-        destroy = getattr(self.engine, "destroy", None)
-        if destroy is not None:
-            destroy()
+        self.built.close()
 
-
-def train(cfg: TrainConfig) -> int:
-    """Train `cfg` in this process (one rank of the job). Returns the exit status.
-
-    A collective that fails because another rank is gone (its node died or dropped off the
-    network: the backend reports it at once, or after `run.collective_timeout_s`) raises
-    `dist.PeerLost`, logged on every surviving rank with the peer, the step and the
-    checkpoint to resume from; the command exits with status `dist.EXIT_PEER_LOST` (69).
-    """
-    trainer = None
-    try:
-        trainer = Trainer(cfg)
-        return trainer.fit()
-    except Exception as e:
-        lost = dist.lost_peer(e)
-        if lost is None:
-            raise
-        step = trainer.state.step if trainer is not None else 0
-        newest = ckpt.latest_checkpoint(ckpt.checkpoints_root(cfg.run.output_dir))
-        error = dist.PeerLost(
-            f"{lost}. Stopped at step {step}; the newest complete checkpoint is {newest or 'none'}: start the job "
-            f"again on every node with --resume auto (on fewer or more nodes too)"
-        )
-        logger.error("%s", error)
-        raise error from e
-    finally:
-        if trainer is not None:
-            trainer.close()

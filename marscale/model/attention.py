@@ -1,4 +1,4 @@
-"""Attention over packed variable-length sequences, behind one function with several backends.
+"""Attention over the packed token layout, behind one kernel chosen when the model is built.
 
 Shapes: Ntot packed tokens (the clips' visible tokens one after another), h heads,
 d head width; q, k, v and the output are [Ntot, h, d]. A token attends to the tokens of
@@ -15,25 +15,32 @@ Backends (`model.attention`):
 - `per_clip`: a loop of `scaled_dot_product_attention` calls, one per run of consecutive
   clips of equal length (batched as one rectangular call: with ratios drawn in sorted
   order, one call per distinct ratio).
+- every backend: a uniform layout (all clips keep the same number of tokens: a fixed
+  mask ratio, or no mask) is one rectangular `scaled_dot_product_attention` call over
+  [B, h, Nv, d] (the fast path, the same call `per_clip` makes for one run).
 - `auto`: on CUDA the first available of flash_varlen, torch_varlen, flex; elsewhere
   `per_clip`, the faster of the two CPU backends in every measured case
   (benchmarks/bench_packing.py, docs/benchmarks.md).
 
 A backend that is asked for but cannot run here is an error naming what is missing, never
-a silent fallback.
+a silent fallback. The backend is resolved once, when the model is built for its device
+(`PackedAttention`); nothing is looked up per call.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from marscale.tokens.packing import PackedTokens
 
 AttentionBackend = Literal["auto", "flash_varlen", "torch_varlen", "flex", "sdpa_mask", "per_clip"]
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedTokens], torch.Tensor]
 
 
 def _has_flash_attn() -> bool:
@@ -44,9 +51,9 @@ def _has_torch_varlen() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device | str) -> str:
     """The backend `name` resolves to on `device`; an error if it cannot run there."""
-    cuda = device.type == "cuda"
+    cuda = torch.device(device).type == "cuda"
     if name == "auto":
         if cuda:
             if _has_flash_attn():
@@ -72,14 +79,36 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def _flex(q, k, v, packed: PackedTokens) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def training_problem(backend: str, device: torch.device | str) -> str | None:
+    """Why `backend` (resolved) cannot train packed batches on `device`, or None: the one
+    statement of each limit (the pre-flight and the kernels both use it)."""
+    if backend == "flex" and torch.device(device).type == "cpu":
+        return "model.attention=flex cannot train on CPU (FlexAttention has no CPU backward); use per_clip or sdpa_mask"
+    return None
 
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        raise RuntimeError(
-            "model.attention=flex cannot train on CPU (FlexAttention has no CPU backward); "
-            "use per_clip or sdpa_mask there"
-        )
+
+def _runs(q, k, v, packed: PackedTokens) -> torch.Tensor:
+    """One SDPA call per run of consecutive clips of equal length (one call for a uniform layout)."""
+    h, d = q.shape[1:]
+    outs = []
+    for start, clips, length in packed.runs:
+        # [clips * length, h, d] -> [clips, h, length, d]: a view, one call for the run
+        qi, ki, vi = (t[start : start + clips * length].view(clips, length, h, d).transpose(1, 2) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(1, 2).reshape(clips * length, h, d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _sdpa_mask(q, k, v, packed: PackedTokens) -> torch.Tensor:
+    mask = packed.block_mask  # [Ntot, Ntot] block-diagonal
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+    return out.transpose(0, 1)
+
+
+def _flex(q, k, v, packed: PackedTokens) -> torch.Tensor:
+    if torch.is_grad_enabled() and q.requires_grad:
+        problem = training_problem("flex", q.device)
+        if problem:
+            raise RuntimeError(problem)
     ids = packed.clip_ids
 
     def same_clip(b, h, q_idx, kv_idx):
@@ -91,31 +120,43 @@ def _flex(q, k, v, packed: PackedTokens) -> torch.Tensor:
     return out[0].transpose(0, 1)
 
 
-def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedTokens, backend: str
-) -> torch.Tensor:
-    """Softmax attention within each clip. q, k, v: [Ntot, h, d] -> [Ntot, h, d]."""
-    backend = resolve_backend(backend, q.device)
-    if backend == "per_clip":
-        h, d = q.shape[1:]
-        outs = []
-        for start, clips, length in packed.runs:
-            # [clips * length, h, d] -> [clips, h, length, d]: a view, one call for the run
-            qi, ki, vi = (t[start : start + clips * length].view(clips, length, h, d).transpose(1, 2) for t in (q, k, v))
-            outs.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(1, 2).reshape(clips * length, h, d))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    if backend == "sdpa_mask":
-        mask = packed.block_mask  # [Ntot, Ntot] block-diagonal
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-        return out.transpose(0, 1)
-    if backend == "flex":
-        return _flex(q, k, v, packed)
-    cu = packed.cu_seqlens.to(device=q.device, dtype=torch.int32)
-    m = packed.max_seqlen
-    if backend == "torch_varlen":
-        from torch.nn.attention.varlen import varlen_attn
+def _torch_varlen(q, k, v, packed: PackedTokens) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn  # resolve_backend checked it exists (torch >= 2.9)
 
-        return varlen_attn(q, k, v, cu, cu, m, m)
-    from flash_attn import flash_attn_varlen_func
+    cu, m = packed.cu_seqlens.to(device=q.device, dtype=torch.int32), packed.max_seqlen
+    return varlen_attn(q, k, v, cu, cu, m, m)
 
+
+def _flash_varlen(q, k, v, packed: PackedTokens) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func  # optional: resolve_backend checked it is installed
+
+    cu, m = packed.cu_seqlens.to(device=q.device, dtype=torch.int32), packed.max_seqlen
     return flash_attn_varlen_func(q, k, v, cu, cu, m, m)
+
+
+_KERNELS: dict[str, Kernel] = {
+    "per_clip": _runs,
+    "sdpa_mask": _sdpa_mask,
+    "flex": _flex,
+    "torch_varlen": _torch_varlen,
+    "flash_varlen": _flash_varlen,
+}
+
+
+class PackedAttention:
+    """Softmax attention within each clip, with the backend `name` resolves to on `device`
+    (chosen here, once). Called with q, k, v: [Ntot, h, d] -> [Ntot, h, d]."""
+
+    def __init__(self, name: str = "auto", device: torch.device | str = "cpu"):
+        self.name = name
+        self.backend = resolve_backend(name, device)
+        self._kernel = _KERNELS[self.backend]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        if packed.uniform:  # every clip the same length: the rectangular fast path
+            return _runs(q, k, v, packed)
+        return self._kernel(q, k, v, packed)
+
+    def __repr__(self) -> str:
+        return f"PackedAttention({self.backend})"
+

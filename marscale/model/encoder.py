@@ -3,6 +3,8 @@
 Shapes: B batch, C channels, T frames, H/W pixels; T'/H'/W' the token grid
 (T/tubelet, H/patch, W/patch); N = T'*H'*W' tokens in a clip, Nv visible ones, D width.
 Token n is at grid position (t, y, x) with n = (t*H' + y)*W' + x (flattened Conv3d output).
+The grid comes from the clip section (`marscale.core.clip.token_grid`), never recomputed here.
+Tokens leave the encoder in the packed layout, [Ntot, D] (`marscale.tokens.packing`).
 """
 
 from __future__ import annotations
@@ -28,22 +30,16 @@ class TubeletEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, D], index: [B, Nk] -> [B, Nk, D]."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 class VideoViTEncoder(nn.Module):
     def __init__(
         self,
         embed_dim: int,
         depth: int,
         num_heads: int,
+        grid: tuple[int, int, int],
         mlp_ratio: float = 4.0,
         patch_size: int = 16,
         tubelet_size: int = 2,
-        img_size: int = 224,
-        num_frames: int = 16,
         drop_path: float = 0.0,
         final_norm: bool = True,
         device=None,
@@ -51,8 +47,8 @@ class VideoViTEncoder(nn.Module):
     ):
         super().__init__()
         self.embed_dim = embed_dim
-        self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
-        num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.grid = grid
+        num_tokens = grid[0] * grid[1] * grid[2]
         self.patch_embed = TubeletEmbed(embed_dim, patch_size, tubelet_size, device=device, dtype=dtype)
         # Fixed, not a parameter and not saved: VideoMAE checkpoints do not store it.
         self.register_buffer("pos_embed", sincos_table(num_tokens, embed_dim, device=device), persistent=False)
@@ -74,31 +70,19 @@ class VideoViTEncoder(nn.Module):
             raise ValueError(f"n_blocks must be in [0, {len(self.blocks)}], got {n_blocks}")
         self.grad_checkpointing = n_blocks
 
-    def embed(
-        self, video: torch.Tensor, visible_idx: torch.Tensor | None = None, packed: PackedTokens | None = None
-    ) -> torch.Tensor:
-        """video [B,C,T,H,W] -> tokens with positions [B, Nv, D] (all N if no index);
-        packed: the visible tokens of every clip in one row, [1, Ntot, D]."""
-        x = self.patch_embed(video) + self.pos_embed.to(video.dtype)
-        if packed is not None:
-            return x.reshape(-1, x.shape[-1])[packed.flat_visible].unsqueeze(0)
-        if visible_idx is not None:
-            x = gather_tokens(x, visible_idx)
-        return x
+    def embed(self, video: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """video [B,C,T,H,W] -> the visible tokens of `packed` with their positions, [Ntot, D]."""
+        x = self.patch_embed(video) + self.pos_embed.to(video.dtype)  # [B, N, D]
+        x = x.reshape(-1, x.shape[-1])  # [B*N, D]
+        return x if packed.num_masked == 0 else x[packed.flat_visible]
 
-    def forward(
-        self,
-        video: torch.Tensor,
-        visible_idx: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        packed: PackedTokens | None = None,
-    ) -> torch.Tensor:
-        """video: [B,C,T,H,W]; visible_idx: [B, Nv] token indices (None = all tokens).
-        Returns the (normed) visible tokens [B, Nv, D]; packed: [1, Ntot, D]."""
-        x = self.embed(video, visible_idx, packed)
+    def forward(self, video: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """video: [B,C,T,H,W]; packed: which tokens of each clip are visible.
+        Returns the (normed) visible tokens, [Ntot, D]."""
+        x = self.embed(video, packed)
         for i, block in enumerate(self.blocks):
             if i < self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, packed, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, packed, use_reentrant=False)
             else:
-                x = block(x, attn_mask, packed)
+                x = block(x, packed)
         return self.norm(x)

@@ -1,6 +1,7 @@
 """Classifier heads: MAR's bridging classifier and the full-token baseline head.
 
-Shapes: B batch, Nv tokens, D encoder width, K classes.
+Shapes: B batch, Ntot visible tokens of the batch in the packed layout, D encoder width,
+K classes.
 """
 
 from __future__ import annotations
@@ -8,22 +9,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from marscale.model.layers import Block, init_weights, xavier_init
+from marscale.model.layers import Block, init_weights, scale_head, xavier_init
 from marscale.tokens.packing import PackedTokens
 
 
-def mean_pool(x: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:
-    """Mean over each clip's tokens: [B, N, D] -> [B, D]; packed [1, Ntot, D] -> [B, D]."""
-    if packed is None:
-        return x.mean(dim=1)
-    sums = x.new_zeros(packed.batch, x.shape[-1]).index_add_(0, packed.clip_ids, x[0])
+def mean_pool(x: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+    """Mean over each clip's tokens: [Ntot, D] -> [B, D]."""
+    if packed.uniform:  # a [B, Nv, D] batch viewed flat
+        return x.view(packed.batch, -1, x.shape[-1]).mean(dim=1)
+    sums = x.new_zeros(packed.batch, x.shape[-1]).index_add_(0, packed.clip_ids, x)
     counts = torch.tensor(packed.lengths, dtype=x.dtype).to(x.device, non_blocking=True)
     return sums / counts.unsqueeze(1)
 
 
 class ClassifierHead(nn.Module):
-    """Mean pool -> LayerNorm (fc_norm) -> dropout -> Linear: [B, N, D] (or packed
-    [1, Ntot, D]) -> [B, K]."""
+    """Mean pool -> LayerNorm (fc_norm) -> dropout -> Linear: [Ntot, D] -> [B, K]."""
 
     def __init__(self, dim: int, num_classes: int, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
@@ -31,7 +31,7 @@ class ClassifierHead(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(dim, num_classes, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
         return self.head(self.dropout(self.fc_norm(mean_pool(x, packed))))
 
 
@@ -70,15 +70,11 @@ class BridgingClassifier(nn.Module):
             xavier_init(self.head)
         else:
             init_weights(self)
-            with torch.no_grad():
-                self.head.head.weight.mul_(init_scale)
-                self.head.head.bias.mul_(init_scale)
+            scale_head(self.head.head, init_scale)
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, packed: PackedTokens | None = None
-    ) -> torch.Tensor:
-        """x: encoder tokens [B, Nv, D] (packed: [1, Ntot, D]) -> logits [B, K]."""
+    def forward(self, x: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """x: encoder tokens [Ntot, D] -> logits [B, K]."""
         x = self.embed(x)
         for block in self.blocks:
-            x = block(x, attn_mask, packed)
+            x = block(x, packed)
         return self.head(x, packed)

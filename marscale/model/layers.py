@@ -1,6 +1,8 @@
 """Transformer building blocks shared by the encoder, decoder and bridging classifier.
 
-Shapes: B batch, N tokens, D width, h heads.
+Shapes: Ntot tokens of a batch in the packed layout (`marscale.tokens.packing`), D width,
+h heads. Blocks take tokens as [Ntot, D] with the batch's `PackedTokens`, which says which
+clip each row belongs to.
 Switched-off features (drop path 0, no q/v bias) are `nn.Identity` or None, not branches.
 
 Each piece here was measured against timm's (`timm.layers`): drop path, the drop-path
@@ -16,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from marscale.model.attention import packed_attention
+from marscale.model.attention import PackedAttention
 from marscale.tokens.packing import PackedTokens
 
 
@@ -46,16 +48,13 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor, packed: PackedTokens | None = None) -> torch.Tensor:
-        """x: [B, N, D]; packed: x is [1, Ntot, D] and a sample is a clip of `packed` (the
-        same draws as the clips' rectangular batch)."""
+    def forward(self, x: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """x: [Ntot, D]; a sample is a clip of `packed` (one draw per clip, in clip order:
+        the draws of a [B, Nv, D] batch)."""
         if not self.training:
             return x
         keep = 1.0 - self.p
-        if packed is not None:
-            mask = x.new_empty(packed.batch).bernoulli_(keep)[packed.clip_ids].view(1, -1, 1)
-        else:
-            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        mask = x.new_empty(packed.batch).bernoulli_(keep)[packed.clip_ids].unsqueeze(1)
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -81,12 +80,9 @@ class Attention(nn.Module):
     qkv is one bias-free Linear plus separate learnable q and v biases (k has no bias),
     the VideoMAE layout, so its checkpoints load without conversion.
 
-    On a packed batch (`packed` given, x [1, Ntot, D]) each token attends within its clip
-    through `packed_attention` with the backend in `self.backend` (set for the whole model
-    by `set_attention_backend`).
+    Each token attends within its clip (`packed`) through the model's `PackedAttention`
+    (the kernel chosen once, when the model is built: `set_attention`).
     """
-
-    backend: str = "auto"
 
     def __init__(self, dim: int, num_heads: int, qv_bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -100,24 +96,17 @@ class Attention(nn.Module):
         else:
             self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        self.attend = PackedAttention()
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, packed: PackedTokens | None = None
-    ) -> torch.Tensor:
-        """x: [B, N, D]; attn_mask: optional bool [B or 1, 1, N, N] (True = attend).
-        Packed: x [1, Ntot, D], the clips of `packed` one after another."""
-        B, N, D = x.shape
+    def forward(self, x: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """x: [Ntot, D], the clips of `packed` one after another -> [Ntot, D]."""
+        N, D = x.shape
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
-        if packed is not None:
-            q, k, v = qkv.view(N, 3, self.num_heads, D // self.num_heads).unbind(1)  # [Ntot, h, d] each
-            x = packed_attention(q, k, v, packed, self.backend)
-            return self.proj(x.reshape(B, N, D))
-        q, k, v = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, N, D/h]
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        q, k, v = qkv.view(N, 3, self.num_heads, D // self.num_heads).unbind(1)  # [Ntot, h, d] each
+        return self.proj(self.attend(q, k, v, packed).reshape(N, D))
 
 
 class Block(nn.Module):
@@ -140,22 +129,29 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(round(dim * mlp_ratio)), device=device, dtype=dtype)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, packed: PackedTokens | None = None
-    ) -> torch.Tensor:
-        x = x + self._drop(self.attn(self.norm1(x), attn_mask, packed), packed)
+    def forward(self, x: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        """x: [Ntot, D] -> [Ntot, D]."""
+        x = x + self._drop(self.attn(self.norm1(x), packed), packed)
         return x + self._drop(self.mlp(self.norm2(x)), packed)
 
-    def _drop(self, x: torch.Tensor, packed: PackedTokens | None) -> torch.Tensor:
-        # A packed row holds many clips: stochastic depth must drop per clip, not per row.
-        return self.drop_path(x) if packed is None or not isinstance(self.drop_path, DropPath) else self.drop_path(x, packed)
+    def _drop(self, x: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+        # Stochastic depth drops per clip, not per row.
+        return self.drop_path(x, packed) if isinstance(self.drop_path, DropPath) else x
 
 
-def set_attention_backend(module: nn.Module, backend: str) -> None:
-    """Use `backend` (`marscale.model.attention`) for the packed attention of every block."""
+def set_attention(module: nn.Module, name: str, device: torch.device | str) -> None:
+    """Resolve `model.attention` for `device` once and give every block's attention that kernel."""
+    attend = PackedAttention(name, device)
     for m in module.modules():
         if isinstance(m, Attention):
-            m.backend = backend
+            m.attend = attend
+
+
+def scale_head(head: nn.Linear, init_scale: float) -> None:
+    """VideoMAE's head init: the final Linear's weight and bias multiplied by `init_scale`."""
+    with torch.no_grad():
+        head.weight.mul_(init_scale)
+        head.bias.mul_(init_scale)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -1,11 +1,11 @@
 """MAR and the full-token baseline, assembled from the encoder, decoder and heads.
 
-Shapes: B batch, C/T/H/W the clip, N tokens per clip, Nv visible, Nm masked, K classes.
-`visible_idx` [B, Nv] and `masked_idx` [B, Nm] hold token indices (see masking.py);
-together they cover all N tokens of each clip. Clips that keep different numbers of tokens
-run packed instead (`packed`, a `marscale.tokens.packing.PackedTokens`): the encoder and the
-bridging classifier on one sequence of Ntot tokens without padding, the decoder on
-rectangular [B, N] rows again; predictions of masked tokens come back packed [Mtot, P].
+Shapes: B batch, C/T/H/W the clip, N tokens per clip, K classes. Which tokens each clip
+shows is one `marscale.tokens.packing.PackedTokens` (None: every token): the encoder and
+the classifier run on the packed visible tokens [Ntot, D], the decoder on rectangular
+[B, N] rows again; predictions of masked tokens come back packed [Mtot, P]. A batch whose
+clips keep equal numbers of tokens is the same layout, run by attention's rectangular
+fast path.
 
 The models return predictions only; the losses and the reconstruction target are built
 where the loss is computed (`marscale.engine.loss`), from the clip the model saw.
@@ -16,66 +16,87 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from marscale.core.clip import ClipConfig, token_grid
+from marscale.core.clip import ClipConfig, token_grid, tubelet_values
 from marscale.model.config import VARIANTS, ModelConfig
 from marscale.model.decoder import ReconstructionDecoder
 from marscale.model.encoder import VideoViTEncoder
 from marscale.model.heads import BridgingClassifier, ClassifierHead
-from marscale.model.layers import init_weights, set_attention_backend
+from marscale.model.layers import init_weights, scale_head, set_attention
 from marscale.tokens.packing import PackedTokens
-
-
-def _build_encoder(cfg: ModelConfig, clip: ClipConfig, final_norm: bool, device, dtype) -> VideoViTEncoder:
-    spec = VARIANTS[cfg.variant].encoder
-    token_grid(clip, spec.patch_size)  # the clip must cut into whole patches
-    return VideoViTEncoder(
-        spec.embed_dim,
-        spec.depth,
-        spec.num_heads,
-        spec.mlp_ratio,
-        spec.patch_size,
-        clip.tubelet_size,
-        clip.img_size,
-        clip.num_frames,
-        cfg.drop_path,
-        final_norm=final_norm,
-        device=device,
-        dtype=dtype,
-    )
 
 
 def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())  # shapes only: nothing to initialise
 
 
-def _init(model: nn.Module, head: nn.Linear, init_scale: float) -> None:
-    if _on_meta(model):
-        return
-    init_weights(model)
-    with torch.no_grad():
-        head.weight.mul_(init_scale)
-        head.bias.mul_(init_scale)
+class VideoModel(nn.Module):
+    """What MAR and the baseline share: the encoder on a clip's visible tokens, activation
+    checkpointing, the attention kernel, and the forward over one token layout. Subclasses
+    add their heads (`_heads`)."""
 
-
-class MARModel(nn.Module):
-    """Encoder on visible tokens + reconstruction decoder + bridging classifier."""
-
-    def __init__(self, cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, clip: ClipConfig, final_norm: bool, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
-        encoder_dim = VARIANTS[cfg.variant].encoder.embed_dim
-        self.encoder = _build_encoder(cfg, clip, final_norm=True, device=device, dtype=dtype)
+        spec = VARIANTS[cfg.variant].encoder
+        self.encoder = VideoViTEncoder(
+            spec.embed_dim,
+            spec.depth,
+            spec.num_heads,
+            token_grid(clip, spec.patch_size),
+            spec.mlp_ratio,
+            spec.patch_size,
+            clip.tubelet_size,
+            cfg.drop_path,
+            final_norm=final_norm,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _finish(self, compute_device) -> None:
+        """After the subclass built its heads: checkpointing and the attention kernel (for
+        `compute_device`; None: the CPU)."""
+        if self.cfg.grad_checkpointing:
+            self.set_grad_checkpointing(self.cfg.grad_checkpointing)
+        self.set_attention(self.cfg.attention, compute_device or "cpu")
+
+    def set_grad_checkpointing(self, n_blocks: int) -> None:
+        self.encoder.set_grad_checkpointing(n_blocks)
+
+    def set_attention(self, name: str, device) -> None:
+        """Choose the packed-attention kernel `name` for running on `device` (once; see
+        `marscale.model.attention`)."""
+        set_attention(self, name, device)
+
+    def forward(self, video: torch.Tensor, tokens: PackedTokens | None = None) -> dict[str, torch.Tensor]:
+        """video: [B, C, T, H, W] normalised; tokens: which tokens each clip shows (None: all).
+
+        Returns {"logits": [B, K]}; MAR training with a decoder and masked tokens also
+        returns {"pred": [Mtot, P]}, the reconstruction of the masked tubelets.
+        """
+        if tokens is None:
+            tokens = PackedTokens.full(video.shape[0], self.encoder.num_tokens, video.device)
+        return self._heads(self.encoder(video, tokens), tokens)
+
+    def _heads(self, x: torch.Tensor, tokens: PackedTokens) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class MARModel(VideoModel):
+    """Encoder on visible tokens + reconstruction decoder + bridging classifier."""
+
+    def __init__(self, cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None, compute_device=None):
+        super().__init__(cfg, clip, final_norm=True, device=device, dtype=dtype)
+        encoder_dim = self.encoder.embed_dim
         self.decoder = None
         if cfg.decoder.enabled:
             spec = cfg.decoder_spec
-            patch_values = 3 * clip.tubelet_size * cfg.patch_size**2
             self.decoder = ReconstructionDecoder(
                 encoder_dim,
                 spec.embed_dim,
                 spec.depth,
                 spec.num_heads,
                 self.encoder.num_tokens,
-                patch_values,
+                tubelet_values(clip, cfg.patch_size),
                 device=device,
                 dtype=dtype,
             )
@@ -95,70 +116,37 @@ class MARModel(nn.Module):
             if self.decoder is not None:
                 init_weights(self.decoder)
             self.classifier.reset_parameters(cfg.bridge.init, cfg.init_scale)
-        if cfg.grad_checkpointing:
-            self.set_grad_checkpointing(cfg.grad_checkpointing)
-        set_attention_backend(self, cfg.attention)
+        self._finish(compute_device)
 
-    def set_grad_checkpointing(self, n_blocks: int) -> None:
-        self.encoder.set_grad_checkpointing(n_blocks)
-
-    def forward(
-        self,
-        video: torch.Tensor,
-        visible_idx: torch.Tensor | None = None,
-        masked_idx: torch.Tensor | None = None,
-        packed: PackedTokens | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """video: [B, C, T, H, W] normalised; visible_idx: [B, Nv] (None = all tokens).
-
-        Returns {"logits": [B, K]}; when training with a decoder and a mask, also
-        {"pred": [B, Nm, P]}, the reconstruction of the masked tubelets ([Mtot, P] packed).
-        """
-        if packed is not None:
-            x = self.encoder(video, packed=packed)  # [1, Ntot, D]
-            out = {"logits": self.classifier(x, packed=packed)}
-            if self.training and self.decoder is not None and packed.num_masked > 0:
-                out["pred"] = self.decoder.forward_packed(x, packed)
-            return out
-        x = self.encoder(video, visible_idx)  # [B, Nv, D]
-        out = {"logits": self.classifier(x)}
-        if self.training and self.decoder is not None and masked_idx is not None and masked_idx.shape[1] > 0:
-            out["pred"] = self.decoder(x, visible_idx, masked_idx)
+    def _heads(self, x: torch.Tensor, tokens: PackedTokens) -> dict[str, torch.Tensor]:
+        out = {"logits": self.classifier(x, tokens)}
+        if self.training and self.decoder is not None and tokens.num_masked > 0:
+            out["pred"] = self.decoder(x, tokens)
         return out
 
 
-class ViTClassifier(nn.Module):
-    """The standard full-token fine-tuning baseline (VideoMAE): mean pool, fc_norm, Linear."""
+class ViTClassifier(VideoModel):
+    """The standard full-token fine-tuning baseline (VideoMAE): mean pool, fc_norm, Linear.
+    It accepts masked tokens too (masked inference of a full-token model), but is meant to
+    see every token."""
 
-    def __init__(self, cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = _build_encoder(cfg, clip, final_norm=False, device=device, dtype=dtype)
-        self.head = ClassifierHead(
-            VARIANTS[cfg.variant].encoder.embed_dim, cfg.num_classes, cfg.head_dropout, device=device, dtype=dtype
-        )
-        _init(self, self.head.head, cfg.init_scale)
-        if cfg.grad_checkpointing:
-            self.set_grad_checkpointing(cfg.grad_checkpointing)
-        set_attention_backend(self, cfg.attention)
+    def __init__(self, cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None, compute_device=None):
+        super().__init__(cfg, clip, final_norm=False, device=device, dtype=dtype)
+        self.head = ClassifierHead(self.encoder.embed_dim, cfg.num_classes, cfg.head_dropout, device=device, dtype=dtype)
+        if not _on_meta(self):
+            init_weights(self)
+            scale_head(self.head.head, cfg.init_scale)
+        self._finish(compute_device)
 
-    def set_grad_checkpointing(self, n_blocks: int) -> None:
-        self.encoder.set_grad_checkpointing(n_blocks)
-
-    def forward(
-        self,
-        video: torch.Tensor,
-        visible_idx: torch.Tensor | None = None,
-        masked_idx: torch.Tensor | None = None,
-        packed: PackedTokens | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """video: [B, C, T, H, W]. A visible index (or packed tokens) is accepted (masked
-        inference of a full-token model) but the baseline is meant to see every token."""
-        return {"logits": self.head(self.encoder(video, visible_idx, packed=packed), packed)}
+    def _heads(self, x: torch.Tensor, tokens: PackedTokens) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(x, tokens)}
 
 
-def build_model(cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None) -> nn.Module:
+def build_model(cfg: ModelConfig, clip: ClipConfig, device=None, dtype=None, compute_device=None) -> VideoModel:
     """`MARModel` or `ViTClassifier` for `cfg.arch` on clips shaped as `clip`;
-    device="meta" builds shapes only."""
+    device="meta" builds shapes only. compute_device: where the model will run (the
+    attention kernel is chosen for it; default `device`, or the CPU)."""
+    if compute_device is None and device is not None and torch.device(device).type != "meta":
+        compute_device = device
     cls = MARModel if cfg.arch == "mar" else ViTClassifier
-    return cls(cfg, clip, device=device, dtype=dtype)
+    return cls(cfg, clip, device=device, dtype=dtype, compute_device=compute_device)

@@ -1,9 +1,12 @@
 """What each training micro-batch holds: how many clips, and the mask ratio of each.
 
 A pure function of (seed, step, micro-batch, rank), so it needs no saved state and every
-process can compute it for every other: the loader uses it to cut batches of the right
-size, the trainer to draw the masks, and both ranks to weigh their losses by the whole
-step's clips and masked tokens (no collective).
+process can compute it for every other. A micro-batch is described once (`MicroBatch`: its
+ratios, visible and masked tokens), drawn by `TokenBatches.micro_batch`: under a token
+budget by the loader worker that cuts the batch (it carries the ratios in the batch as
+"ratios"), otherwise by the training step. The step describes itself once (`StepBatches`:
+every micro-batch of every rank, this rank's from its batches), and its totals, the
+loss weights of each micro-batch and the work the metrics count all come from that.
 
 Two ways to form a batch (`data.token_budget`):
 - a clip count: `data.batch_size` clips, each drawing its ratio from the schedule;
@@ -20,17 +23,75 @@ stay in step; the epoch is counted in loader batches as before (`marscale.engine
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
-from marscale.tokens.masking import MaskingConfig, RatioSchedule, make_mask
 from marscale.core.seeding import derive_seed
+from marscale.tokens.masking import MaskingConfig, RatioSchedule, make_mask
+from marscale.tokens.packing import PackedTokens, pack_mask
 
 _RATIO_STREAM = 0x7261  # keeps the ratio draws apart from the mask draws (seed, step, micro, rank)
 
 
 @dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch's clips: their mask ratios (ascending) and tokens, described once."""
+
+    ratios: tuple[float, ...]
+    visible: tuple[int, ...]
+    """Visible tokens of each clip."""
+    tokens_per_clip: int
+
+    @property
+    def clips(self) -> int:
+        return len(self.ratios)
+
+    @property
+    def visible_total(self) -> int:
+        return sum(self.visible)
+
+    @property
+    def masked_total(self) -> int:
+        return self.clips * self.tokens_per_clip - self.visible_total
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBatches:
+    """Every micro-batch of one optimizer step on every rank: `by_rank[rank][micro]`."""
+
+    by_rank: tuple[tuple[MicroBatch, ...], ...]
+
+    @functools.cached_property
+    def totals(self) -> tuple[int, int, int]:
+        """(clips, visible tokens, masked tokens) of the whole step."""
+        mbs = [mb for micro in self.by_rank for mb in micro]
+        return (sum(mb.clips for mb in mbs), sum(mb.visible_total for mb in mbs), sum(mb.masked_total for mb in mbs))
+
+    def work(self, flops_by_visible: dict[int, int]) -> tuple[int, int, int]:
+        """(clips, visible tokens, FLOPs) of the whole step, a clip's FLOPs looked up by its
+        visible tokens (the run plan's `flops_by_visible`): the work the metrics count."""
+        per_batch: dict[int, int] = {}  # alike micro-batches are one object: sum each once
+        flops = 0
+        for micro in self.by_rank:
+            for mb in micro:
+                if id(mb) not in per_batch:
+                    per_batch[id(mb)] = sum(flops_by_visible[v] for v in mb.visible)
+                flops += per_batch[id(mb)]
+        clips, visible, _ = self.totals
+        return clips, visible, flops
+
+    def scales(self, rank: int, micro: int) -> tuple[float, float]:
+        """(classification, reconstruction) loss scales of one micro-batch (`loss_scales`)."""
+        mb = self.by_rank[rank][micro]
+        clips, _, masked = self.totals
+        return loss_scales((mb.clips, mb.masked_total), (clips, masked), len(self.by_rank), len(self.by_rank[rank]))
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenBatches:
+    masking: MaskingConfig
+    grid: tuple[int, int, int]
     schedule: RatioSchedule
     visible: dict[float, int]
     """Visible tokens of a clip masked at each ratio the schedule can draw."""
@@ -42,18 +103,17 @@ class TokenBatches:
     group: int
     """Clips added together (see the module docstring)."""
     grad_accum_steps: int
-    steps_per_epoch: int
 
     @property
     def varies(self) -> bool:
-        """True when clips of one batch can keep different numbers of tokens (packed batches)."""
+        """True when clips of one batch can keep different numbers of tokens."""
         return self.schedule.fixed is None
 
     def ratios(self, step: int, micro: int, rank: int) -> tuple[float, ...]:
-        """The mask ratio of each clip of micro-batch `micro` of optimizer `step` on `rank`,
-        in ascending order: clips of equal length sit together, so packed attention runs
-        one call per distinct ratio (`PackedTokens.runs`). Which clip gets which ratio is
-        as random as before: the loader's clips come in shuffled order."""
+        """Draw the mask ratio of each clip of micro-batch `micro` of optimizer `step` on
+        `rank`, in ascending order: clips of equal length sit together, so packed attention
+        runs one call per distinct ratio (`PackedTokens.runs`). Which clip gets which ratio
+        is as random as before: the loader's clips come in shuffled order."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, _RATIO_STREAM, step, micro, rank))
         if self.token_budget is None:
             return tuple(sorted(self.schedule.draw(step, self.batch_size, g)))
@@ -68,28 +128,38 @@ class TokenBatches:
             used += cost
         return tuple(sorted(out))
 
-    def clips_in_batch(self, epoch: int, batch: int, rank: int) -> int:
-        """Clips in loader batch `batch` of `epoch` on `rank` (batch = step x accumulation + micro)."""
-        step = epoch * self.steps_per_epoch + batch // self.grad_accum_steps
-        return len(self.ratios(step, batch % self.grad_accum_steps, rank))
+    def describe(self, ratios) -> MicroBatch:
+        """The micro-batch of clips masked at `ratios`."""
+        ratios = tuple(float(r) for r in ratios)
+        return MicroBatch(ratios, tuple(self.visible[r] for r in ratios), self.tokens_per_clip)
 
-    def batch_counts(self, step: int, micro: int, rank: int) -> tuple[int, int, int]:
-        """(clips, visible tokens, masked tokens) of one micro-batch."""
-        return self.totals(list(self.ratios(step, micro, rank)))
+    def micro_batch(self, step: int, micro: int, rank: int) -> MicroBatch:
+        """Micro-batch `micro` of optimizer `step` on `rank`, drawn (`ratios`); the same one
+        for every micro-batch when clips neither vary nor fill a budget."""
+        if self.schedule.fixed is not None and self.token_budget is None:
+            return self._fixed
+        return self.describe(self.ratios(step, micro, rank))
 
-    def step_ratios(self, step: int, world_size: int) -> list[float]:
-        """The ratios of every clip of optimizer `step`, every micro-batch of every rank."""
-        return [r for rank in range(world_size) for m in range(self.grad_accum_steps) for r in self.ratios(step, m, rank)]
+    @functools.cached_property
+    def _fixed(self) -> MicroBatch:
+        return self.describe((self.schedule.fixed,) * self.batch_size)
 
-    def totals(self, ratios: list[float]) -> tuple[int, int, int]:
-        """(clips, visible tokens, masked tokens) of clips masked at `ratios`."""
-        visible = sum(self.visible[r] for r in ratios)
-        return len(ratios), visible, len(ratios) * self.tokens_per_clip - visible
+    def step_batches(self, step: int, world_size: int, rank: int = 0, mine=None) -> StepBatches:
+        """Every micro-batch of optimizer `step`. `mine`: this `rank`'s micro-batches when
+        they are already known (the ratios its loader carried), so they are not drawn again."""
+        return StepBatches(tuple(
+            tuple(mine) if r == rank and mine is not None
+            else tuple(self.micro_batch(step, m, r) for m in range(self.grad_accum_steps))
+            for r in range(world_size)
+        ))
 
-    def step_totals(self, step: int, world_size: int) -> tuple[int, int, int]:
-        """(clips, visible tokens, masked tokens) of optimizer `step` over every micro-batch
-        of every rank."""
-        return self.totals(self.step_ratios(step, world_size))
+    def tokens(self, batch: MicroBatch, seed: int, step: int, micro: int, rank: int) -> PackedTokens | None:
+        """The token layout of a training micro-batch (host), masked from a generator seeded
+        by (seed, step, micro, rank); None when every token is visible."""
+        generator = torch.Generator().manual_seed(derive_seed(seed, step, micro, rank))
+        ratios = list(batch.ratios) if self.varies else None
+        mask = make_mask(self.masking, batch.clips, self.grid, generator, train=True, ratios=ratios)
+        return None if mask is None else pack_mask(mask)
 
     def mean_clips_per_batch(self, samples: int = 64) -> float:
         """Mean clips per micro-batch over the first `samples` micro-batches of rank 0 (the
@@ -126,17 +196,12 @@ def build_token_batches(
     clips_per_video: int,
     pairs: bool,
     grad_accum_steps: int,
-    steps_per_epoch: int,
 ) -> TokenBatches:
     """The batches of a run. `pairs`: mixup/cutmix is on (batches must be even)."""
     schedule = masking.schedule(grid)
     values = sorted({r for _, stage in schedule.stages for r in stage})
     n = grid[0] * grid[1] * grid[2]
-    # Visible tokens per ratio, from the masks themselves (one home for the rounding rules).
-    visible = {}
-    for r in values:
-        mask = make_mask(masking, 1, grid, torch.Generator().manual_seed(0), train=True, ratios=[r])
-        visible[r] = n - (0 if mask is None else int(mask.sum()))
+    visible = {r: masking.visible(grid, r) for r in values}
     group = clips_per_video * (2 if pairs and clips_per_video % 2 else 1)
     if token_budget is not None:
         largest = max(visible.values()) * group
@@ -148,6 +213,6 @@ def build_token_batches(
         if batch_size % group:
             raise ValueError(f"data.batch_size {batch_size} must be a multiple of {group} with a token budget")
     return TokenBatches(
-        schedule=schedule, visible=visible, tokens_per_clip=n, seed=seed, batch_size=batch_size,
-        token_budget=token_budget, group=group, grad_accum_steps=grad_accum_steps, steps_per_epoch=steps_per_epoch,
+        masking=masking, grid=grid, schedule=schedule, visible=visible, tokens_per_clip=n, seed=seed, batch_size=batch_size,
+        token_budget=token_budget, group=group, grad_accum_steps=grad_accum_steps,
     )

@@ -90,6 +90,21 @@ class MaskingConfig:
             return RatioSchedule(((0, (0.0,)),))
         return parse_ratio(self.ratio, self.kind, self.cell, grid)
 
+    def visible(self, grid: tuple[int, int, int], ratio: float) -> int:
+        """Tokens a clip keeps under this masking at `ratio` (`visible_tokens`)."""
+        return visible_tokens(self.kind, grid, ratio, self.cell)
+
+    def check_grid(self, grid: tuple[int, int, int]) -> None:
+        """Every ratio training can draw, and the evaluation ratio, masks whole units of `grid`
+        (an error naming the nearest whole ratios otherwise)."""
+        if self.kind == "none":
+            return
+        for start, values in self.schedule(grid).stages:
+            for r in values:
+                check_whole_units(self.kind, grid, r, self.cell, "masking.ratio")
+        if self.eval_ratio is not None:
+            check_whole_units(self.kind, grid, self.eval_ratio, self.cell, "masking.eval_ratio")
+
     @property
     def per_clip(self) -> bool:
         """True when training draws a ratio per clip (clips then differ in visible tokens)."""
@@ -156,6 +171,46 @@ def mask_units(kind: str, cell: tuple[int, int], grid: tuple[int, int, int] | No
     if grid is None:
         return None
     return grid[0] * grid[1] * grid[2] if kind == "random" else grid[1] * grid[2]
+
+
+def masked_tokens(kind: str, grid: tuple[int, int, int], ratio: float, cell: tuple[int, int] = (2, 2)) -> int:
+    """How many of a clip's T'*H'*W' tokens `kind` masking masks at `ratio`: the one rule,
+    used by the masks themselves, the run plan, the cost counter and the evaluation dial.
+
+    cell running: ratio x slots per cell (whole, else an error) in every cell of every slice;
+    random: round(ratio x N) tokens; tube: round(ratio x H'*W') positions through all T'
+    slices. Configs may only name ratios that mask whole units (`check_whole_units`).
+    """
+    T, H, W = grid
+    if kind == "none" or ratio == 0:
+        return 0
+    if kind == "cell_running":
+        slots = cell[0] * cell[1]
+        return T * (H * W // slots) * masked_per_cell(ratio, slots)
+    if kind == "random":
+        return int(round(ratio * T * H * W))
+    return T * int(round(ratio * H * W))
+
+
+def visible_tokens(kind: str, grid: tuple[int, int, int], ratio: float, cell: tuple[int, int] = (2, 2)) -> int:
+    """Tokens a clip keeps: N - `masked_tokens`."""
+    return grid[0] * grid[1] * grid[2] - masked_tokens(kind, grid, ratio, cell)
+
+
+def check_whole_units(kind: str, grid: tuple[int, int, int], ratio: float, cell: tuple[int, int], where: str) -> None:
+    """Refuse a ratio that masks part of a unit (a token for random, a spatial position for
+    tube; cell slots are checked by `masked_per_cell`), naming the nearest whole ratios."""
+    units = mask_units(kind, cell, grid)
+    if kind not in ("random", "tube") or units is None:
+        return
+    exact = ratio * units
+    if abs(exact - round(exact)) > 1e-6:
+        low, high = math.floor(exact), math.ceil(exact)
+        name = "tokens" if kind == "random" else "spatial positions"
+        raise ValueError(
+            f"{where} {ratio} masks {exact:.4g} of the {units} {name} of {kind} masking, not a whole number; "
+            f"use {low / units:.6g} ({low}) or {high / units:.6g} ({high})"
+        )
 
 
 def check_ratio(ratio: float, kind: str, cell: tuple[int, int]) -> float:
@@ -282,7 +337,7 @@ def random_mask(
 ) -> torch.Tensor:
     """Uniformly random tokens masked, round(ratio x N) per clip: bool [B, N]."""
     N = grid[0] * grid[1] * grid[2]
-    n_mask = torch.tensor([int(round(r * N)) for r in _per_clip(ratio, batch)])
+    n_mask = torch.tensor([masked_tokens("random", grid, r) for r in _per_clip(ratio, batch)])
     rank = torch.argsort(torch.rand(batch, N, generator=generator), dim=1).argsort(dim=1)
     return rank < n_mask.unsqueeze(1)
 
@@ -338,18 +393,3 @@ def shuffle_time_slices(
     perm = torch.stack([torch.randperm(T, generator=g) for g in generators])  # [B, T']
     slices = mask.view(mask.shape[0], T, H * W)
     return slices.gather(1, perm.unsqueeze(-1).expand(-1, -1, H * W)).reshape(mask.shape)
-
-
-def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [B, N] -> (visible_idx [B, Nv], masked_idx [B, Nm]), each ascending.
-
-    Every clip must mask the same number of tokens (true for all masks above), so the
-    encoder batch stays rectangular.
-    """
-    counts = mask.sum(dim=1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError("every clip in a batch must mask the same number of tokens")
-    n_mask = int(counts[0])
-    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
-    n_vis = mask.shape[1] - n_mask
-    return order[:, :n_vis], order[:, n_vis:]

@@ -1,5 +1,10 @@
-"""Packed token batches: the visible tokens of clips that keep different numbers of tokens,
-concatenated into one sequence with no padding.
+"""The one token layout: the visible tokens of a batch of clips, concatenated into one
+sequence with no padding, whatever number each clip keeps.
+
+Every batch the model sees is described by a `PackedTokens`: clips masked at one ratio
+(every clip keeps Nv tokens: the layout is `uniform`, and attention runs it as one
+rectangular [B, h, Nv, d] call), clips masked at their own ratios, and clips with every
+token visible (`PackedTokens.full`). Model, attention and loss have no second path.
 
 Shapes: B clips, N tokens per clip, Nv_b visible tokens of clip b, Ntot = sum_b Nv_b,
 Mtot = sum_b (N - Nv_b) masked tokens.
@@ -19,6 +24,9 @@ what the model and the loss need to go from the packed sequence back to clips:
 
 The lengths are Python ints (known on the host when the mask is made), so nothing here
 needs a device-to-host sync.
+
+Token tensors that flow through the model with this layout are [Ntot, D]: row i is packed
+token i (for a uniform layout, a [B, Nv, D] batch viewed flat).
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ class PackedTokens:
     """int64 [Mtot]: the clip of each masked token, in `masked_slots` order."""
     masked_idx: torch.Tensor
     """int64 [Mtot]: each masked token's index in its clip, in `masked_slots` order."""
+    masked_rows: torch.Tensor
+    """int64 [Mtot]: the masked slots as rows of the [B*N] flattened `order` (an index, so
+    reading them needs no boolean indexing: shapes are known without the data)."""
 
     @functools.cached_property
     def runs(self) -> tuple[tuple[int, int, int], ...]:
@@ -63,6 +74,17 @@ class PackedTokens:
                 runs.append([start, 1, n])
             start += n
         return tuple(tuple(r) for r in runs)
+
+    @functools.cached_property
+    def uniform(self) -> bool:
+        """True when every clip keeps the same number of tokens (one run): a [Ntot, ...] tensor
+        is then a [B, Nv, ...] batch viewed flat, and attention takes the rectangular fast path."""
+        return len(self.runs) == 1
+
+    @functools.cached_property
+    def every_token(self) -> "PackedTokens":
+        """The same clips with every token visible (the decoder's rows), built once per batch."""
+        return PackedTokens.full(self.batch, self.num_tokens, self.order.device)
 
     @functools.cached_property
     def block_mask(self) -> torch.Tensor:
@@ -105,6 +127,32 @@ class PackedTokens:
         }
         return dataclasses.replace(self, **moved)
 
+    def complement(self) -> "PackedTokens":
+        """The layout with the masked tokens visible and the visible ones masked (evaluation's
+        complementary pass)."""
+        mask = torch.ones(self.batch, self.num_tokens, dtype=torch.bool, device=self.visible_idx.device)
+        mask[self.clip_ids, self.visible_idx] = False
+        return pack_mask(~mask)
+
+    @classmethod
+    def full(cls, batch: int, num_tokens: int, device=None) -> "PackedTokens":
+        """Every token of `batch` clips visible, built on `device` directly (no host copy)."""
+        tokens = torch.arange(num_tokens, device=device)
+        clips = torch.arange(batch, device=device)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return cls(
+            num_tokens=num_tokens,
+            lengths=(num_tokens,) * batch,
+            visible_idx=tokens.repeat(batch),
+            clip_ids=clips.repeat_interleave(num_tokens),
+            cu_seqlens=torch.arange(0, batch * num_tokens + 1, num_tokens, dtype=torch.int32, device=device),
+            order=tokens.expand(batch, num_tokens),
+            masked_slots=torch.zeros(batch, num_tokens, dtype=torch.bool, device=device),
+            masked_clip_ids=empty,
+            masked_idx=empty,
+            masked_rows=empty,
+        )
+
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[Ntot, ...] -> per clip [Nv_b, ...] (views, no copy)."""
         return list(torch.split(x, list(self.lengths), dim=0))
@@ -137,4 +185,5 @@ def pack_mask(mask: torch.Tensor) -> PackedTokens:
         masked_slots=masked_slots,
         masked_clip_ids=masked_rows,
         masked_idx=order[masked_slots],
+        masked_rows=masked_slots.flatten().nonzero().squeeze(1),
     )

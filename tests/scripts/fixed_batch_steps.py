@@ -21,10 +21,11 @@ import torch.distributed as torch_dist
 
 from marscale.core import dist
 from marscale.engine.config import load_train_config
+from marscale.engine.optim import apply_lr
 from marscale.engine.trainer import Trainer
-from marscale.tokens.masking import make_mask, mask_to_indices
-from marscale.tokens.packing import pack_mask
 from marscale.tokens.batches import loss_scales
+from marscale.tokens.masking import make_mask
+from marscale.tokens.packing import pack_mask
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     if uneven and world == 2:
         rows = slice(0, global_batch // 3) if rank == 0 else slice(global_batch // 3, global_batch)
     for step in range(steps):
-        trainer.set_lr(cfg.optim.lr)
+        apply_lr(trainer.engine.optimizer, cfg.optim.lr)
         video = torch.randint(0, 256, (global_batch, 3, cfg.clip.num_frames, cfg.clip.img_size, cfg.clip.img_size),
                               generator=g, dtype=torch.uint8)
         labels = torch.randint(0, cfg.model.num_classes, (global_batch,), generator=g)
@@ -57,11 +58,11 @@ def main() -> None:
             scales = loss_scales(
                 (local.shape[0], int(local.sum())), (global_batch, int(mask.sum())), world, 1
             )
-            parts = trainer.train_step(video[rows], labels[rows], None, None, packed=pack_mask(local), scales=scales)
         else:
             mask = make_mask(cfg.masking, global_batch, grid, g, train=True)
-            visible_idx, masked_idx = mask_to_indices(mask)
-            parts = trainer.train_step(video[rows], labels[rows], visible_idx[rows], masked_idx[rows])
+            local, scales = mask[rows], (1.0, 1.0)
+        batch = {"video": video[rows], "label": labels[rows]}
+        parts = trainer.step.micro_step(batch, pack_mask(local), scales)
         loss = parts["loss"].detach().clone()
         if world > 1:
             torch_dist.all_reduce(loss)

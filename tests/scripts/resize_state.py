@@ -20,6 +20,7 @@ import torch
 
 from marscale.core import dist
 from marscale.engine.config import load_train_config
+from marscale.engine.optim import apply_lr
 from marscale.engine.trainer import Trainer
 
 
@@ -59,11 +60,10 @@ def run_stage(stage: int, run_dir: str, steps: int, config: str, overrides: list
         g = torch.Generator().manual_seed(100 * stage + trainer.state.step + 7 * dist.get_rank())
         c, b = cfg.clip, cfg.data.batch_size
         for _ in range(steps):
-            trainer.set_lr(cfg.optim.lr)
+            apply_lr(trainer.engine.optimizer, cfg.optim.lr)
             video = torch.randint(0, 256, (b, 3, c.num_frames, c.img_size, c.img_size), generator=g, dtype=torch.uint8)
             labels = torch.randint(0, cfg.model.num_classes, (b,), generator=g)
-            visible_idx, masked_idx, packed = trainer.train_masks(trainer.state.step, 0, b)
-            trainer.train_step(video, labels, visible_idx, masked_idx, packed=packed)
+            trainer.step(trainer.state.step, [{"video": video, "label": labels}])
             trainer.state.step += 1
         trainer.save()
         record["saved"] = full_state(trainer)
