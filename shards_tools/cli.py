@@ -20,7 +20,7 @@ import sys
 
 from .annotations import FORMATS, AnnotationError
 from .convert import ConvertOptions, convert, convert_synthetic
-from .plan import DEFAULT_SAMPLES_PER_SHARD
+from .options import DEFAULT_SAMPLES_PER_SHARD
 from .stats import format_stats, stats_for
 from .synth import SYNTH_CLASSES, make_synthetic_dataset
 from .verify import verify

@@ -14,17 +14,12 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import annotations as ann
+from .options import DEFAULT_SAMPLES_PER_SHARD, ConvertOptions
 from marscale.data.shards import Skipped
-
-if TYPE_CHECKING:
-    from .convert import ConvertOptions
-
-DEFAULT_SAMPLES_PER_SHARD = 500
 
 # Tar header plus padding, and the .cls/.json members: used to plan shards by bytes.
 _SAMPLE_OVERHEAD_BYTES = 3 * 1024 + 1024
