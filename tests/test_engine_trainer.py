@@ -55,7 +55,7 @@ def process_group():
 def step_tokens(trainer: Trainer, step: int = 0, micro: int = 0):
     """The token layout the training step gives micro-batch `micro` of `step` on this rank."""
     b = trainer.plan.batches
-    return b.tokens(b.micro_batch(step, micro, trainer.rank), trainer.cfg.run.seed, step, micro, trainer.rank)
+    return b.tokens(b.micro_batch(step, micro, trainer.rank), step, micro, trainer.rank)
 
 
 def micro_step(trainer: Trainer, video, labels, tokens, **kw):

@@ -30,12 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from marscale.core import dist
     from marscale.engine.config import load_train_config
-    from marscale.engine.run import train
 
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_train_config(args.config, overrides)
+    # After the config is read: a bad config is one line, before DeepSpeed is imported.
+    from marscale.engine.run import train
     prepare_device(cfg.run.device)
     dist.init_distributed(timeout_s=cfg.run.collective_timeout_s)
     dist.setup_logging()

@@ -188,7 +188,9 @@ RATIO_TERMS = {
 def counted_row(entry: Entry, cfg: TrainConfig, videos: int, top1: dict[str, float]) -> CompareRow:
     """The counted half of a row (no measurement yet)."""
     ratio = cfg.masking.ratio_at(train=True)
-    count = count_model(cfg.model, cfg.clip, ratio, None if cfg.masking.per_clip else cfg.masking)  # mean of a mix
+    # Per-clip ratios: `ratio` is their mean, which need not mask whole cell slots; it is
+    # counted with random masking's rounding, as a summary of the mix.
+    count = count_model(cfg.model, cfg.clip, ratio, None if cfg.masking.per_clip else cfg.masking)
     eval_count = count_model(cfg.model, cfg.clip, cfg.masking.ratio_at(train=False), cfg.masking)
     name = label(cfg)
     c = cfg.clip

@@ -51,7 +51,7 @@ from marscale.core.clip import ClipConfig, num_tokens, token_grid
 from marscale.engine.loss import MARLoss
 from marscale.model import BridgeConfig, DecoderConfig, ModelConfig, build_model
 from marscale.tokens.masking import MaskingConfig
-from marscale.tokens.packing import PackedTokens, pack_mask
+from marscale.tokens.packing import pack_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +97,7 @@ def _count_on_meta(cfg: ModelConfig, clip: ClipConfig, nv: int) -> ModelCount:
     model.train()
     n = num_tokens(clip, cfg.patch_size)
     video = torch.empty(1, 3, clip.num_frames, clip.img_size, clip.img_size, device="meta")
-    mask = torch.arange(n).unsqueeze(0) >= nv  # [1, N]: the first Nv tokens visible
-    tokens = pack_mask(mask).to("meta") if nv < n else PackedTokens.full(1, n, "meta")
+    tokens = pack_mask(torch.arange(n).unsqueeze(0) >= nv).to("meta")  # the first Nv of N tokens visible
     soft_target = torch.empty(1, cfg.num_classes, device="meta")
 
     # Forward and backward under separate counters: the forward's per-module split is

@@ -55,7 +55,7 @@ class TrainStep:
         self.engine, self.device, self.dtype = built.engine, built.device, built.dtype
         self.own_grad_norm = built.own_grad_norm
         self.batches = plan.batches
-        self.seed, self.rank, self.world_size = cfg.run.seed, rank, world_size
+        self.rank, self.world_size = rank, world_size
         self.clip = cfg.clip
         self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
         self.loss = build_loss(cfg.clip, cfg.model.patch_size, cfg.optim.recon_weight)
@@ -76,7 +76,7 @@ class TrainStep:
         layout = self.describe(step, micro_batches)
         losses = []
         for micro, batch in enumerate(micro_batches):
-            tokens = self.batches.tokens(layout.by_rank[self.rank][micro], self.seed, step, micro, self.rank)
+            tokens = self.batches.tokens(layout.by_rank[self.rank][micro], step, micro, self.rank)
             if tokens is not None:
                 tokens = tokens.to(self.device, non_blocking=True)
             losses.append(self.micro_step(

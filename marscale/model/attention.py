@@ -148,7 +148,6 @@ class PackedAttention:
     (chosen here, once). Called with q, k, v: [Ntot, h, d] -> [Ntot, h, d]."""
 
     def __init__(self, name: str = "auto", device: torch.device | str = "cpu"):
-        self.name = name
         self.backend = resolve_backend(name, device)
         self._kernel = _KERNELS[self.backend]
 

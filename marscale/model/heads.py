@@ -18,7 +18,7 @@ def mean_pool(x: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
     if packed.uniform:  # a [B, Nv, D] batch viewed flat
         return x.view(packed.batch, -1, x.shape[-1]).mean(dim=1)
     sums = x.new_zeros(packed.batch, x.shape[-1]).index_add_(0, packed.clip_ids, x)
-    counts = torch.tensor(packed.lengths, dtype=x.dtype).to(x.device, non_blocking=True)
+    counts = packed.cu_seqlens.diff().to(x.dtype)  # tokens per clip, already on the device
     return sums / counts.unsqueeze(1)
 
 

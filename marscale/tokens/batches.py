@@ -153,10 +153,10 @@ class TokenBatches:
             for r in range(world_size)
         ))
 
-    def tokens(self, batch: MicroBatch, seed: int, step: int, micro: int, rank: int) -> PackedTokens | None:
+    def tokens(self, batch: MicroBatch, step: int, micro: int, rank: int) -> PackedTokens | None:
         """The token layout of a training micro-batch (host), masked from a generator seeded
-        by (seed, step, micro, rank); None when every token is visible."""
-        generator = torch.Generator().manual_seed(derive_seed(seed, step, micro, rank))
+        by (run seed, step, micro, rank); None when every token is visible."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, step, micro, rank))
         ratios = list(batch.ratios) if self.varies else None
         mask = make_mask(self.masking, batch.clips, self.grid, generator, train=True, ratios=ratios)
         return None if mask is None else pack_mask(mask)

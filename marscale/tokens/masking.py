@@ -12,10 +12,11 @@ consecutive slices. Training draws a phase per clip (optionally per cell) and th
 shuffles the time slices per clip; evaluation uses phase 0 and no shuffle.
 
 Per-clip ratios: `masking.ratio` is one value, a set drawn per clip, a range, or a schedule
-of those over training steps (`RatioSchedule`). Every drawn ratio gives a whole number of
-masked units: cell slots for cell running, tokens for random masking, spatial positions
-for tube masking. The masks then hold different numbers of visible tokens per clip and the
-batch runs packed (`PackedTokens`, `mask_to_packed`).
+of those over training steps (`RatioSchedule`). Every ratio (fixed, drawn or for
+evaluation) gives a whole number of masked units: cell slots for cell running, tokens for
+random masking, spatial positions for tube masking (`check_whole_units`, when the config
+is read; `masked_tokens` is the one count). The masks then hold different numbers of
+visible tokens per clip (`marscale.tokens.packing.pack_mask` lays them out).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class MaskingConfig:
         (an error naming the nearest whole ratios otherwise)."""
         if self.kind == "none":
             return
-        for start, values in self.schedule(grid).stages:
+        for _, values in self.schedule(grid).stages:
             for r in values:
                 check_whole_units(self.kind, grid, r, self.cell, "masking.ratio")
         if self.eval_ratio is not None:

@@ -127,13 +127,6 @@ class PackedTokens:
         }
         return dataclasses.replace(self, **moved)
 
-    def complement(self) -> "PackedTokens":
-        """The layout with the masked tokens visible and the visible ones masked (evaluation's
-        complementary pass)."""
-        mask = torch.ones(self.batch, self.num_tokens, dtype=torch.bool, device=self.visible_idx.device)
-        mask[self.clip_ids, self.visible_idx] = False
-        return pack_mask(~mask)
-
     @classmethod
     def full(cls, batch: int, num_tokens: int, device=None) -> "PackedTokens":
         """Every token of `batch` clips visible, built on `device` directly (no host copy)."""
