@@ -566,3 +566,17 @@ def test_fps_scaled_windows_use_the_decoders_frame_rate(synthetic_shards, monkey
         np.testing.assert_array_equal(np.sort(request), np.unique(expected))
     batch = next(iter(build_train_loader(cfg, clip, epoch=0, rank=0, world_size=1)))
     assert batch["video"].shape == (4, 3, 8, 32, 32)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_cut_by_their_ratios_carry_them(synthetic_shards, num_workers):
+    """Under a token budget the loader sizes each batch by the ratios drawn for it and carries
+    them ("ratios"), so the training step does not draw them again."""
+    cfg = _cfg(synthetic_shards, clips_per_video=1, batch_size=3, num_workers=num_workers, mixup=0.0, cutmix=0.0)
+    drawn = {0: (0.25, 0.5), 1: (0.25, 0.5, 0.75), 2: (0.75,), 3: (0.5, 0.5), 4: (0.25,), 5: (0.75, 0.75, 0.75)}
+    batches = _batches(cfg, epoch=0, rank=0, world_size=1, batch_ratios=lambda k: drawn[k % 6])
+    assert len(batches) == epoch_batches(cfg, 1)
+    for k, batch in enumerate(batches):
+        assert batch["ratios"].dtype == torch.float64 and tuple(batch["ratios"].tolist()) == drawn[k % 6]
+        assert batch["video"].shape[0] == batch["label"].shape[0] == len(drawn[k % 6])
+    assert "ratios" not in _batches(cfg, epoch=0, rank=0, world_size=1)[0]

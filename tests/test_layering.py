@@ -78,3 +78,52 @@ def test_importing_the_library_loads_no_tool_module():
         [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, check=True
     ).stdout
     assert out.strip().splitlines()[-1] == "[]"  # after any line a library prints on import
+
+
+def _library_modules() -> dict[str, str]:
+    out = {}
+    for path in _python_files(LIBRARY):
+        name = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+        out[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    return out
+
+
+def test_no_import_cycle_between_library_modules():
+    modules = _library_modules()
+    edges = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(open(path).read(), filename=path)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                for alias in node.names:  # `from marscale.core import dist` names a module
+                    sub = f"{node.module}.{alias.name}"
+                    targets.add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in modules}
+        edges[name] = targets - {name}
+    done, cycles = set(), []
+
+    def visit(name, path):
+        for nxt in sorted(edges[name]):
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in done:
+                visit(nxt, path + [nxt])
+        done.add(name)
+
+    for name in sorted(edges):
+        if name not in done:
+            visit(name, [name])
+    assert cycles == []
+
+
+def test_only_the_engine_builder_creates_a_deepspeed_engine():
+    def calls_initialize(path: str) -> bool:
+        return any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "initialize"
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "deepspeed"
+            for n in ast.walk(ast.parse(open(path).read(), filename=path))
+        )
+
+    callers = [os.path.relpath(path, REPO) for path in _python_files(LIBRARY) if calls_initialize(path)]
+    assert callers == [os.path.join("marscale", "engine", "build.py")]

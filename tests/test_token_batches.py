@@ -165,3 +165,22 @@ def test_packed_training_under_every_zero_stage(stage, synthetic_shards, tmp_pat
         assert all(torch.isfinite(torch.tensor(run))) and run[-1] < run[0], run
     finally:
         trainer.close()
+
+
+def test_a_step_is_described_once_and_uses_the_ratios_its_loader_carried(monkeypatch):
+    b = batches([0.25, 0.5, 0.75], token_budget=16, batch_size=6, clips_per_video=2)
+    calls = []
+    original = type(b).ratios
+    monkeypatch.setattr(type(b), "ratios", lambda self, *a: calls.append(a) or original(self, *a))
+    mine = [b.describe((0.75, 0.75)), b.describe((0.25, 0.25, 0.5, 0.5))]  # what rank 1's loader carried
+    step = b.step_batches(7, world_size=3, rank=1, mine=mine)
+    assert sorted(calls) == sorted((7, m, r) for r in (0, 2) for m in (0, 1))  # only the other ranks drawn
+    assert step.by_rank[1] == tuple(mine)
+    clips, visible, masked = step.totals
+    assert clips == sum(mb.clips for micro in step.by_rank for mb in micro)
+    assert visible + masked == clips * 8
+    # Loss scales from the one description: clips and masked tokens of the whole step.
+    assert step.scales(1, 0) == loss_scales((2, 12), (clips, masked), 3, 2)
+    assert step.work({2: 10, 4: 20, 6: 30})[2] == sum(
+        {2: 10, 4: 20, 6: 30}[v] for micro in step.by_rank for mb in micro for v in mb.visible
+    )
