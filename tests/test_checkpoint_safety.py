@@ -248,3 +248,19 @@ def test_disk_full_while_saving_says_so_and_keeps_the_previous_checkpoint(traine
     assert [s for s, _ in ckpt.list_checkpoints(root, complete=None)] == [1]  # the unfinished step-2 is gone
     assert ckpt.find_checkpoint(root) == first  # intact: every file as recorded
     assert ckpt.load_checkpoint(trainer.engine, first)["marscale"]["train_state"]["step"] == 1
+
+
+def test_a_start_hashes_the_checkpoint_it_resumes_from_once(trainer, synthetic_shards, monkeypatch):
+    """The pre-flight chooses and checks the checkpoint (every file hashed); the trainer
+    resumes from that choice instead of checking it again."""
+    fresh_checkpoints(trainer, 2)
+    checked = []
+    original = ckpt.check_checkpoint
+    monkeypatch.setattr(ckpt, "check_checkpoint", lambda path: checked.append(path) or original(path))
+    resumed = Trainer(trainer.cfg)
+    try:
+        assert resumed.plan.resume_checkpoint == os.path.join(trainer.checkpoints_root, "step-2")
+        assert checked == [resumed.plan.resume_checkpoint]
+        assert resumed.fit() == 0 and resumed.state.step == resumed.plan.total_steps
+    finally:
+        resumed.close()

@@ -78,7 +78,6 @@ from marscale.checkpoints.integrity import (
     ModelMismatchError,
     files_of,
     check_checkpoint,
-    check_same_model,
     file_records,
     mark_damaged,
     weights_only_loads,
@@ -209,32 +208,28 @@ def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def resolve_resume(resume: str, output_dir: str, *, config: dict[str, Any] | None = None) -> str | None:
+def resolve_resume(resume: str, output_dir: str) -> str | None:
     """The checkpoint to resume from for `checkpoint.resume` (collective: the main rank
     checks, every rank gets its answer or raises its error).
 
     "" -> None (start fresh); "auto" -> the newest intact checkpoint of this run, or None
     when there is none yet (the first start of a job that is requeued later); anything
     else is a path for `find_checkpoint`, which must exist. Damaged checkpoints of this
-    run are marked `DAMAGED` on the way. config: the current config as a dict; a
-    checkpoint written for another model is a `ModelMismatchError` (`check_same_model`).
+    run are marked `DAMAGED` on the way. (Whether it was written for the model at hand is
+    `check_same_model`, which the trainer runs on the answer.)
     """
     if not resume:
         return None
-    return dist.decided_on_main(_resolve_resume, resume, output_dir, config)
+    return dist.decided_on_main(_resolve_resume, resume, output_dir)
 
 
-def _resolve_resume(resume: str, output_dir: str, config: dict[str, Any] | None) -> str | None:
+def _resolve_resume(resume: str, output_dir: str) -> str | None:
     own = checkpoints_root(output_dir)
     if resume == "auto":
         if not list_checkpoints(own):
             return None
-        path = find_checkpoint(own, demote_under=own)
-    else:
-        path = find_checkpoint(resume, demote_under=own)
-    if config is not None:
-        check_same_model(path, config)
-    return path
+        return find_checkpoint(own, demote_under=own)
+    return find_checkpoint(resume, demote_under=own)
 
 
 # --- save / load ----------------------------------------------------------------------

@@ -75,6 +75,9 @@ class RunPlan:
     """Clips and mask ratios of every micro-batch."""
     macs_per_view_eval: int
     """MACs (the papers' "FLOPs") of one evaluation view."""
+    resume_checkpoint: str | None = None
+    """The checkpoint this start resumes from (`checkpoint.resume`, checked once by the
+    pre-flight); None: a fresh start (or a plan made without the pre-flight)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

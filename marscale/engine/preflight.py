@@ -11,8 +11,10 @@ that lists them all:
     plan           the run plan computes (an epoch holds at least one optimizer step)
     decoder        data.decoder is installed
     evaluation     a shard for every reader (ranks x workers): the evaluation loader's rule
-    training only  model.pretrained and checkpoint.resume exist; run.output_dir can be
-                   written and has room for one checkpoint (`checkpoint_bytes`)
+    training only  model.pretrained exists; checkpoint.resume names an intact checkpoint
+                   (chosen here, once, and kept in the plan; the trainer then checks it was
+                   written for this model); run.output_dir can be written and has room for
+                   one checkpoint (`checkpoint_bytes`)
 
 `marscale eval` runs the checks that apply to it (training=False): it still plans the
 run, so the training manifest must load, but its shard files are not needed.
@@ -24,6 +26,7 @@ waiting for the failed rank in DeepSpeed's first collective.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -179,11 +182,12 @@ def preflight(cfg: TrainConfig, world_size: int, *, training: bool = True) -> Ru
             except ValueError as e:
                 found.append(str(e))
 
+    resume = None
     if training:
         if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
             found.append(f"model.pretrained {cfg.model.pretrained!r} does not exist")
-        try:
-            resolve_resume(cfg.checkpoint.resume, cfg.run.output_dir)
+        try:  # once per start: every file of the checkpoint is hashed (`check_checkpoint`)
+            resume = resolve_resume(cfg.checkpoint.resume, cfg.run.output_dir)
         except (FileNotFoundError, ValueError) as e:
             found.append(f"checkpoint.resume: {e}")
         found.append(_checkpoint_space_problem(cfg))
@@ -194,4 +198,4 @@ def preflight(cfg: TrainConfig, world_size: int, *, training: bool = True) -> Ru
     if problems:
         raise PreflightError(problems)
     assert plan is not None  # no problem: both sets loaded and the plan computed
-    return plan
+    return dataclasses.replace(plan, resume_checkpoint=resume)

@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from marscale.checkpoints import folders as ckpt
+from marscale.checkpoints.integrity import check_same_model
 from marscale.checkpoints.reshape import Layout, ReshapeError, ResumeSource, plan_resume
 from marscale.checkpoints.rng_state import load_rng_state
 from marscale.core import dist
@@ -99,7 +100,7 @@ class Trainer:
         # The checkpoint to resume from, and whether DeepSpeed loads it in its universal
         # format (saved on another world size), are decided before the engine exists: the
         # format is part of DeepSpeed's config. A combination that cannot load stops here.
-        self.resume_from = self._resume_source()
+        self.resume_from = self._resume_source(self.plan.resume_checkpoint)
         built = build_engine(
             cfg, world_size=self.world_size, rank=self.rank,
             load_universal=self.resume_from is not None and self.resume_from.universal,
@@ -302,22 +303,22 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last,
         )
 
-    def _resume_source(self) -> ResumeSource | None:
-        """The checkpoint `checkpoint.resume` names, checked (intact, safe, written for this
-        model, falling back past damaged ones) and, when it was saved on another world size
-        under ZeRO >= 1, converted to DeepSpeed's universal format. Collective."""
-        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir, config=to_dict(self.cfg))
+    def _resume_source(self, path: str | None) -> ResumeSource | None:
+        """`path` (an intact, safe checkpoint chosen by `ckpt.resolve_resume`), refused when it
+        was written for another model, as DeepSpeed loads it: converted to its universal
+        format when it was saved on another world size under ZeRO >= 1. Collective."""
         if path is None:
             if self.cfg.checkpoint.resume == "auto":
                 logger.info("no complete checkpoint in %s: starting from scratch", self.checkpoints_root)
             return None
+        dist.decided_on_main(check_same_model, path, to_dict(self.cfg))
         now = Layout(world_size=self.world_size, zero_stage=self.cfg.deepspeed.zero_stage)
         return plan_resume(path, now, self.checkpoints_root, clips_per_step=self.plan.clips_per_step)
 
     def resume(self) -> bool:
         """Choose the checkpoint `checkpoint.resume` names now (checked again) and load it, if
         any. True if one was loaded. (`fit` loads the one chosen when the trainer was built.)"""
-        source = self._resume_source()
+        source = self._resume_source(ckpt.resolve_resume(self.cfg.checkpoint.resume, self.output_dir))
         if source is not None and source.universal != self.ds_config["checkpoint"]["load_universal"]:
             raise ReshapeError(
                 f"{source.checkpoint} was saved on {source.saved.world_size} ranks: build the trainer again to "
