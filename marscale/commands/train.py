@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marscale.core import dist
+    from marscale.core import dist, ds_ops
     from marscale.engine.config import load_train_config
 
     overrides = list(args.overrides)
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     # After the config is read: a bad config is one line, before DeepSpeed is imported.
     from marscale.engine.run import train
     prepare_device(cfg.run.device)
+    ds_ops.prepare_op_builds()  # before DeepSpeed's backend: no CPU op build, no stale lock
     dist.init_distributed(timeout_s=cfg.run.collective_timeout_s)
     dist.setup_logging()
     lost = False
