@@ -8,9 +8,9 @@ the nearest valid key, instead of surfacing hours later as an `AttributeError`::
     'data.batch_size' expects int, got '16' (str)
     missing required key 'model.num_classes'
 
-Supported field types: int, float (ints accepted), bool, str, `X | None` / `Optional[X]`,
-`tuple[X, ...]`, `tuple[X, Y]`, bare `tuple`, `list[X]`, `dict[str, X]`, `Literal[...]`,
-and nested dataclasses.
+Supported field types: int, float (ints, `.inf` and `inf` accepted), bool, str,
+`X | None` / `Optional[X]`, `tuple[X, ...]`, `tuple[X, Y]`, bare `tuple`, `list[X]`,
+`dict[str, X]`, `Literal[...]`, and nested dataclasses.
 
 A YAML file may start from another one with a top-level `defaults: base.yaml` (path
 relative to the file); the file's own keys are merged over the base section by section.
@@ -169,6 +169,10 @@ def _is_structured(tp: Any) -> bool:
     return _is_dataclass_type(tp) or tp in (tuple, list, dict) or typing.get_origin(tp) in (tuple, list, dict)
 
 
+_INFINITY = ("inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")
+"""Text a float field reads as infinity (beside YAML's `.inf`)."""
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """`value` checked against (and, for containers, converted to) type `tp`."""
     if tp is Any:
@@ -212,6 +216,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise _type_error(key, tp, value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML spells infinity `.inf`; `inf` (as Python and `--set x=inf` write it) reads
+        # as text. Either is a float here; the field's own check says whether it fits.
+        if isinstance(value, str) and value.strip().lower() in _INFINITY:
             return float(value)
         raise _type_error(key, tp, value)
     if tp is str:

@@ -29,6 +29,7 @@ import torch
 from marscale.core.clip import ClipConfig, token_grid
 from marscale.core.choices import check_choices
 from marscale.core.config import load_config
+from marscale.core.timeouts import check_timeout
 from marscale.data.config import DataConfig
 from marscale.tokens.masking import MaskingConfig
 from marscale.model.config import ModelConfig
@@ -269,7 +270,9 @@ class RunConfig:
     the main rank), converting one for another world size on resume (once, on the main
     rank), uneven evaluation, the first step. The default (30 min, torch's) is
     safe; on a large cluster set it to a few minutes more than the measured checkpoint
-    save, e.g. 600 for ViT-L/H on fast storage, so a lost node costs minutes, not half an hour."""
+    save, e.g. 600 for ViT-L/H on fast storage, so a lost node costs minutes, not half an hour.
+    At most 365 days; `.inf` waits without a practical limit (the process group is given
+    365 days: `marscale.core.timeouts`)."""
 
     def __post_init__(self):
         check_choices(self)
@@ -283,10 +286,7 @@ class RunConfig:
             raise ValueError(f"run.max_steps must be >= 1, or null for epochs x steps per epoch; got {self.max_steps}")
         if self.eval_every_steps < 0:
             raise ValueError(f"run.eval_every_steps must be >= 0 (0: only at the end), got {self.eval_every_steps}")
-        if not self.collective_timeout_s > 0:
-            raise ValueError(
-                f"run.collective_timeout_s must be > 0 seconds (e.g. 600 on a large cluster), got {self.collective_timeout_s}"
-            )
+        check_timeout("run.collective_timeout_s", self.collective_timeout_s)
 
 
 @dataclasses.dataclass(kw_only=True)
