@@ -215,8 +215,8 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     "" -> None (start fresh); "auto" -> the newest intact checkpoint of this run, or None
     when there is none yet (the first start of a job that is requeued later); anything
     else is a path for `find_checkpoint`, which must exist. Damaged checkpoints of this
-    run are marked `DAMAGED` on the way. (Whether it was written for the model at hand is
-    `check_same_model`, which the trainer runs on the answer.)
+    run are marked `DAMAGED` on the way. (Whether this run's config may continue it is
+    `marscale.engine.resume_config.check_resume_config`, which the trainer runs on the answer.)
     """
     if not resume:
         return None
@@ -425,19 +425,22 @@ def load_checkpoint(engine, path: str, *, load_optimizer: bool = True) -> dict[s
 
 
 def resume_state(
-    engine, path: str, *, world_size: int, steps_per_epoch: int, grad_accum_steps: int
+    engine, path: str, *, steps_per_epoch: int, grad_accum_steps: int
 ) -> TrainState:
     """Load checkpoint `path` into `engine` (collective) and return where training stands.
 
-    The data position is per rank: on another world size it cannot be carried over
-    exactly, so training continues from the same step at the start of that step's epoch
-    position, and the log says the data order differs from here on.
+    The data position (epoch, batch in epoch) is where this run's plan puts the saved
+    step. With the batches of the run that saved it, that is the saved position itself
+    (a step ends every `grad_accum_steps` batches, an epoch every `steps_per_epoch` steps).
+    On another world size, batch size, accumulation or epoch length the saved position
+    means other samples, or lies past this run's epoch: training continues from the same
+    step, and the log says the data order differs from here on (`reshape.plan_resume`,
+    `marscale.engine.resume_config`).
     """
     saved = load_checkpoint(engine, path).get("marscale")
     if saved is None:
         raise ValueError(f"{path} was not written by marscale (no training state in it)")
     state = TrainState(**saved["train_state"])
-    if saved["world_size"] != world_size:  # (what changes is logged by reshape.plan_resume)
-        state.epoch, offset = divmod(state.step, steps_per_epoch)
-        state.batch_in_epoch = offset * grad_accum_steps
+    state.epoch, offset = divmod(state.step, steps_per_epoch)
+    state.batch_in_epoch = offset * grad_accum_steps
     return state

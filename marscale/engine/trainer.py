@@ -47,7 +47,6 @@ import torch
 from tqdm import tqdm
 
 from marscale.checkpoints import folders as ckpt
-from marscale.checkpoints.integrity import check_same_model
 from marscale.checkpoints.reshape import Layout, ReshapeError, ResumeSource, plan_resume
 from marscale.checkpoints.rng_state import load_rng_state
 from marscale.core import dist
@@ -64,6 +63,7 @@ from marscale.engine.metrics import format_record, peak_memory_bytes, peak_tflop
 from marscale.engine.optim import apply_lr, lr_at
 from marscale.engine.plan import save_plan
 from marscale.engine.preflight import preflight
+from marscale.engine.resume_config import OptimizerSettings, check_resume_config, log_changes
 from marscale.engine.step import TrainStep
 
 logger = logging.getLogger(__name__)
@@ -240,8 +240,9 @@ class Trainer:
         raise TrainingDiverged(
             f"the training loss is {values['loss']} at step {self.state.step} (mean since the previous log); "
             f"stopped without saving these weights. Newest complete checkpoint: {latest or 'none'}. "
-            f"Resume from it with --resume auto after lowering optim.lr, setting optim.clip_grad or "
-            f"switching deepspeed.precision (fp16 -> bf16)."
+            f"Resume from it with --resume auto after lowering optim.lr or setting optim.clip_grad; another "
+            f"deepspeed.precision (fp16 -> bf16) needs a new run from its weights (marscale export, then "
+            f"model.pretrained=...)."
         )
 
     def _report_skips(self) -> None:
@@ -304,16 +305,20 @@ class Trainer:
         )
 
     def _resume_source(self, path: str | None) -> ResumeSource | None:
-        """`path` (an intact, safe checkpoint chosen by `ckpt.resolve_resume`), refused when it
-        was written for another model, as DeepSpeed loads it: converted to its universal
-        format when it was saved on another world size under ZeRO >= 1. Collective."""
+        """`path` (an intact, safe checkpoint chosen by `ckpt.resolve_resume`), as DeepSpeed
+        loads it: converted to its universal format when it was saved on another world size
+        under ZeRO >= 1. Refused (one line) when a setting that cannot change on resume
+        differs from the checkpoint's run; the settings that changed are logged, one line
+        each (`marscale.engine.resume_config`). Collective."""
         if path is None:
             if self.cfg.checkpoint.resume == "auto":
                 logger.info("no complete checkpoint in %s: starting from scratch", self.checkpoints_root)
             return None
-        dist.decided_on_main(check_same_model, path, to_dict(self.cfg))
+        changes = dist.decided_on_main(check_resume_config, path, to_dict(self.cfg))
         now = Layout(world_size=self.world_size, zero_stage=self.cfg.deepspeed.zero_stage)
-        return plan_resume(path, now, self.checkpoints_root, clips_per_step=self.plan.clips_per_step)
+        source = plan_resume(path, now, self.checkpoints_root, clips_per_step=self.plan.clips_per_step)
+        log_changes(path, changes)
+        return source
 
     def resume(self) -> bool:
         """Choose the checkpoint `checkpoint.resume` names now (checked again) and load it, if
@@ -331,10 +336,12 @@ class Trainer:
         if source is None:
             return False
         path = source.checkpoint
+        configured = OptimizerSettings.of(self.engine.optimizer)  # DeepSpeed's load brings the saved ones back
         self.state = ckpt.resume_state(
-            self.engine, source.load_path, world_size=self.world_size, steps_per_epoch=self.plan.steps_per_epoch,
+            self.engine, source.load_path, steps_per_epoch=self.plan.steps_per_epoch,
             grad_accum_steps=self.cfg.deepspeed.grad_accum_steps,
         )
+        configured.apply(self.engine.optimizer)  # a changed weight decay, clip_grad, ... applies from here
         # Last, after anything that might draw random numbers.
         if not load_rng_state(path, self.rank):
             logger.warning("no RNG state for rank %d in %s: random streams restart", self.rank, path)
