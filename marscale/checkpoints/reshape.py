@@ -23,8 +23,12 @@ the conversion read weights only (`weights_only_loads`). Pruning removes a conve
 once its source checkpoint is gone (`prune_conversions`).
 
 What changes on another world size, and is logged: the per-rank data streams (the data
-order differs from the original run from there on) and, with `data.batch_size` per rank
-unchanged, the global batch and so the number of steps per epoch.
+order differs from the original run from there on) and, when ranks x `data.batch_size` x
+`deepspeed.grad_accum_steps` (and x `data.token_budget`) differs from the checkpoint's, the
+global batch and so the number of steps per epoch (`batch_change` says so, and what keeps it).
+
+DeepSpeed's ZeRO-3 universal loader gives every parameter group the first group's step
+counter and settings; `restore_group_state` gives each its own back after the load.
 """
 
 from __future__ import annotations
@@ -37,9 +41,17 @@ import shutil
 import time
 from typing import Any
 
+import torch
+
 from marscale.core import dist
 from marscale.weights.layouts import CheckpointError
-from marscale.checkpoints.integrity import COMPLETE_MARKER, read_marker, read_model_states, weights_only_loads
+from marscale.checkpoints.integrity import (
+    COMPLETE_MARKER,
+    load_checkpoint_file,
+    read_marker,
+    read_model_states,
+    weights_only_loads,
+)
 from marscale.core.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -54,11 +66,30 @@ class ReshapeError(CheckpointError):
 
 
 @dataclasses.dataclass(frozen=True)
+class RankBatch:
+    """What each rank feeds one optimizer step: `grad_accum_steps` micro-batches of
+    `batch_size` clips (with `token_budget`: at most `batch_size` clips, while their visible
+    tokens fit in it). The global batch is ranks x this."""
+
+    batch_size: int
+    grad_accum_steps: int
+    token_budget: int | None = None
+
+    @classmethod
+    def of_config(cls, config: dict[str, Any]) -> RankBatch:
+        """The rank batch of a config tree as a dict (`to_dict`, as a checkpoint stores it)."""
+        data = config["data"]
+        return cls(data["batch_size"], config["deepspeed"]["grad_accum_steps"], data.get("token_budget"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a checkpoint was (or a run is) partitioned."""
+    """How a checkpoint was (or a run is) partitioned, and the batch each rank feeds a step."""
 
     world_size: int
     zero_stage: int
+    batch: RankBatch | None = None
+    """None where it is not known (a checkpoint without a stored config): nothing is said of the batch."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +107,19 @@ class ResumeSource:
 
 
 def saved_layout(path: str) -> Layout:
-    """World size (from the COMPLETE marker) and ZeRO stage (from DeepSpeed's model states) of checkpoint `path`."""
+    """World size (from the COMPLETE marker), ZeRO stage (from DeepSpeed's model states) and
+    rank batch (from the config stored with it) of checkpoint `path`."""
     world_size = read_marker(path).get("world_size")
     states = read_model_states(path)
     stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if not isinstance(world_size, int):
         world_size = states.get("dp_world_size", 1)
-    return Layout(world_size=int(world_size), zero_stage=int(stage))
+    config = (states.get("marscale") or {}).get("config")
+    try:
+        batch = RankBatch.of_config(config)
+    except (KeyError, TypeError):  # no config, or one from before these keys
+        batch = None
+    return Layout(world_size=int(world_size), zero_stage=int(stage), batch=batch)
 
 
 def needs_universal(saved: Layout, now: Layout) -> bool:
@@ -95,6 +132,40 @@ def needs_universal(saved: Layout, now: Layout) -> bool:
             f"the number of ranks can)"
         )
     return saved.world_size != now.world_size and saved.zero_stage > 0
+
+
+def _per_step(layout: Layout) -> dict[str, int]:
+    """{"batch_size": clips, "token_budget": visible tokens (with one)} one step draws over all ranks, at most."""
+    b = layout.batch
+    counts = {"batch_size": b.batch_size, "token_budget": b.token_budget}
+    return {k: layout.world_size * b.grad_accum_steps * v for k, v in counts.items() if v is not None}
+
+
+def batch_change(saved: Layout, now: Layout) -> str | None:
+    """What resuming `saved` as `now` does to the global batch, for the log; None when it
+    stays the same (ranks x data.batch_size x deepspeed.grad_accum_steps, and with token
+    budgets ranks x data.token_budget x deepspeed.grad_accum_steps) or the checkpoint does
+    not record it."""
+    if saved.batch is None or now.batch is None:
+        return None
+    before, after = _per_step(saved), _per_step(now)
+    if before == after:
+        return None
+
+    def amount(step: dict[str, int]) -> str:
+        if "token_budget" not in step:
+            return f"{step['batch_size']} clips"
+        return f"at most {step['batch_size']} clips and {step['token_budget']} visible tokens"
+
+    # Each rank's micro-batch that keeps the original step, when a whole one does.
+    micro_batches = now.world_size * now.batch.grad_accum_steps
+    if all(v % micro_batches == 0 for v in before.values()):
+        how = f"set {' and '.join(f'data.{k}={v // micro_batches}' for k, v in before.items())} to keep it"
+    else:
+        how = (f"no whole data.batch_size keeps it on {now.world_size} ranks with deepspeed.grad_accum_steps="
+               f"{now.batch.grad_accum_steps}")
+    return (f"the global batch (ranks x data.batch_size x deepspeed.grad_accum_steps) changes from "
+            f"{amount(before)} to {amount(after)} per step, and with it the steps per epoch: {how}")
 
 
 def conversion_path(checkpoints_root: str, checkpoint: str) -> str:
@@ -162,25 +233,64 @@ def universal_copy(checkpoint: str, checkpoints_root: str) -> str:
     return dist.decided_on_main(_convert, checkpoint, conversion_path(checkpoints_root, checkpoint))
 
 
-def plan_resume(checkpoint: str, now: Layout, checkpoints_root: str, *, clips_per_step: int) -> ResumeSource:
+def plan_resume(checkpoint: str, now: Layout, checkpoints_root: str) -> ResumeSource:
     """How to resume from `checkpoint` (an intact `step-N`) with layout `now` (collective).
 
     Raises ReshapeError for a combination that cannot work; converts to the universal
-    format when the world size changed under ZeRO >= 1; logs what changes.
+    format when the world size changed under ZeRO >= 1; logs what changes (the global
+    batch only when it does: `batch_change`).
     """
     saved = dist.decided_on_main(saved_layout, checkpoint)
     universal = needs_universal(saved, now)
     if saved.world_size != now.world_size:
+        batch = batch_change(saved, now)
         logger.warning(
             "resuming %s, written by %d ranks, on %d ranks (ZeRO-%d%s): weights and optimizer state are "
             "restored whole; each rank's data stream is another one, so the data order differs from the "
-            "original run from here on; the global batch is now %d clips per step (data.batch_size x ranks x "
-            "grad_accum_steps: set data.batch_size to keep the original one)",
+            "original run from here on%s",
             checkpoint, saved.world_size, now.world_size, now.zero_stage,
-            ", through a universal checkpoint" if universal else "", clips_per_step,
+            ", through a universal checkpoint" if universal else "", f"; {batch}" if batch else "",
         )
     load_path = universal_copy(checkpoint, checkpoints_root) if universal else checkpoint
     return ResumeSource(checkpoint=checkpoint, load_path=load_path, universal=universal, saved=saved)
+
+
+def restore_group_state(optimizer, load_path: str) -> None:
+    """Give each parameter group of `optimizer` (a DeepSpeed ZeRO optimizer just loaded from
+    the universal checkpoint `load_path`) its own step counter and the settings saved with
+    that group.
+
+    DeepSpeed's ZeRO-3 universal loader (`DeepSpeedZeroOptimizer_Stage3.
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3`) leaves two things shared that
+    belong to each group:
+    - Adam's step: it puts one tensor, the first saved group's `step`, in the state of every
+      ZeRO-3 sub-group. ZeRO-3 steps its sub-groups one at a time and AdamW adds 1 to `step`
+      in place, so at the first update sub-group k already counts step + k + 1, the count
+      runs ahead by the number of sub-groups at each update, and the bias correction is that
+      of a later step: a resized run leaves the run it continues from its second step on
+      (the first step's loss, taken before any update, still matches).
+    - The group settings: it copies the first saved group's (layer 0's, decayed) into every
+      group, so norms, biases and tokens would be decayed and every group would train at
+      layer 0's lr_scale.
+    ZeRO-1/2's loader keeps both per group, so this changes nothing there: one path for every
+    stage. The groups match by position: the same model and optimizer config build the same
+    groups in the same order (`marscale.engine.optim.param_groups`; the model is checked on
+    resume).
+    """
+    base = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside DeepSpeed's wrapper
+    for state in base.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+    state_file = os.path.join(load_path, "zero", "optimizer_state.pt")
+    saved = load_checkpoint_file(state_file, mmap=True)["param_groups"]  # mmap: only the pickle is read
+    groups = base.param_groups
+    if len(saved) != len(groups):
+        raise CheckpointError(
+            f"{state_file} holds {len(saved)} optimizer parameter groups, this run builds {len(groups)}: "
+            f"resume it with the optim.layer_decay_scope it was saved with"
+        )
+    for group, settings in zip(groups, saved):
+        group.update({k: v for k, v in settings.items() if k != "params"})
 
 
 def prune_conversions(checkpoints_root: str) -> list[str]:

@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from marscale.checkpoints import folders as ckpt
-from marscale.checkpoints.reshape import Layout, ReshapeError, ResumeSource, plan_resume
+from marscale.checkpoints.reshape import Layout, RankBatch, ReshapeError, ResumeSource, plan_resume, restore_group_state
 from marscale.checkpoints.rng_state import load_rng_state
 from marscale.core import dist
 from marscale.core.config import save_config, to_dict
@@ -314,9 +314,10 @@ class Trainer:
             if self.cfg.checkpoint.resume == "auto":
                 logger.info("no complete checkpoint in %s: starting from scratch", self.checkpoints_root)
             return None
-        changes = dist.decided_on_main(check_resume_config, path, to_dict(self.cfg))
-        now = Layout(world_size=self.world_size, zero_stage=self.cfg.deepspeed.zero_stage)
-        source = plan_resume(path, now, self.checkpoints_root, clips_per_step=self.plan.clips_per_step)
+        config = to_dict(self.cfg)
+        changes = dist.decided_on_main(check_resume_config, path, config)
+        now = Layout(self.world_size, self.cfg.deepspeed.zero_stage, batch=RankBatch.of_config(config))
+        source = plan_resume(path, now, self.checkpoints_root)
         log_changes(path, changes)
         return source
 
@@ -341,6 +342,8 @@ class Trainer:
             self.engine, source.load_path, steps_per_epoch=self.plan.steps_per_epoch,
             grad_accum_steps=self.cfg.deepspeed.grad_accum_steps,
         )
+        if source.universal:  # DeepSpeed's ZeRO-3 universal loader shares the first group's step and settings
+            restore_group_state(self.engine.optimizer, source.load_path)
         configured.apply(self.engine.optimizer)  # a changed weight decay, clip_grad, ... applies from here
         # Last, after anything that might draw random numbers.
         if not load_rng_state(path, self.rank):

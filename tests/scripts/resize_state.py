@@ -1,15 +1,16 @@
 """Save and resume the marscale Trainer under the given ZeRO stages (0-3), recording the full
-training state on each side, for tests/test_engine_reshape.py.
+training state on each side and the losses in between, for tests/test_engine_reshape.py.
 
 Started as one process or as N ranks under the `deepspeed` launcher. For each ZeRO stage
 in STAGES, in one process: build a Trainer on the run folder RUNS/stage<S>; if it holds a
 checkpoint, resume it (`--resume auto`: on another world size the engine converts it) and
-record the state just loaded; train STEPS optimizer steps on seeded batches; save a
-checkpoint and record the state saved. The state is every parameter gathered whole: its
-fp32 master weight and AdamW's exp_avg and exp_avg_sq (DeepSpeed's `safe_get_full_*`,
+record the state just loaded; train STEPS optimizer steps on batches seeded by (step, rank)
+only, so every stage sees the same data and a ZeRO-0 run is the reference of the others;
+save a checkpoint and record the state saved. The state is every parameter gathered whole:
+its fp32 master weight and AdamW's exp_avg and exp_avg_sq (DeepSpeed's `safe_get_full_*`,
 collective under ZeRO-3; under ZeRO-0 the module and the torch optimizer hold them whole).
-Rank 0 writes {stage: {"loaded": ..., "saved": ..., "world_size", "step"}} to OUT
-(torch.save).
+Rank 0 writes {stage: {"loaded": ..., "saved": ..., "losses": [loss of each step, mean over
+the ranks], "world_size", "step"}} to OUT (torch.save).
 
     resize_state.py OUT RUNS STAGES STEPS CONFIG [--set k=v ...]
 """
@@ -57,13 +58,17 @@ def run_stage(stage: int, run_dir: str, steps: int, config: str, overrides: list
         if trainer.resume():
             record["loaded"] = full_state(trainer)
             record["loaded_step"] = trainer.state.step
-        g = torch.Generator().manual_seed(100 * stage + trainer.state.step + 7 * dist.get_rank())
         c, b = cfg.clip, cfg.data.batch_size
+        record["losses"] = []
         for _ in range(steps):
+            g = torch.Generator().manual_seed(1000 * dist.get_rank() + trainer.state.step)
             apply_lr(trainer.engine.optimizer, cfg.optim.lr)
             video = torch.randint(0, 256, (b, 3, c.num_frames, c.img_size, c.img_size), generator=g, dtype=torch.uint8)
             labels = torch.randint(0, cfg.model.num_classes, (b,), generator=g)
-            trainer.step(trainer.state.step, [{"video": video, "label": labels}])
+            out = trainer.step(trainer.state.step, [{"video": video, "label": labels}])
+            for parts in out.losses:
+                trainer.meter.add(parts)
+            record["losses"].append(trainer.meter.read(dist.get_world_size())["loss"])
             trainer.state.step += 1
         trainer.save()
         record["saved"] = full_state(trainer)
