@@ -25,8 +25,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 # The venv's bin first on PATH, as in an activated venv: the processes the tests launch
-# (deepspeed, torchrun) and the tests themselves then find the same `ninja`, so DeepSpeed
-# does not rebuild its CPU communication op each time the two alternate.
+# (deepspeed, torchrun, ninja for an op DeepSpeed builds) are this environment's.
 TEST_ENV := PATH="$(abspath $(BIN)):$$PATH"
 
 test: setup

@@ -18,6 +18,8 @@ import importlib
 import os
 import sys
 
+from marscale.core import exits
+
 # name -> (module, one-line help). Each module has `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
     "train": ("marscale.commands.train", "fine-tune a MAR model (or the ViT baseline) from shards"),
@@ -30,6 +32,20 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status follows `marscale.core.exits` (recorded for the
+    launch wrapper when it asks: `MARSCALE_STATUS_DIR`)."""
+    status = exits.FAILED  # an exception that escapes is an unforeseen error
+    try:
+        status = _run(argv)
+        return status
+    except SystemExit as e:  # argparse: 2 for a wrong command line, 0 for --help
+        status = e.code if isinstance(e.code, int) else exits.USAGE
+        raise
+    finally:
+        exits.record(status)
+
+
+def _run(argv: list[str] | None) -> int:
     import argparse
 
     argv = sys.argv[1:] if argv is None else argv
@@ -51,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MARSCALE_TRACEBACK") == "1" or not _is_reported(e):
             raise
         print(f"marscale {args.command}: error: {e}", file=sys.stderr)
-        from marscale.core.dist import EXIT_PEER_LOST, PeerLost
+        from marscale.core.dist import PeerLost
 
         if isinstance(e, PeerLost):
-            return EXIT_PEER_LOST
-        return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 1
+            return exits.PEER_LOST
+        return exits.BAD_INPUT if isinstance(e, (ValueError, FileNotFoundError)) else exits.FAILED
 
 
 def _is_reported(error: BaseException) -> bool:

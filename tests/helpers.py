@@ -96,3 +96,27 @@ def rows_of(x):
     from marscale.tokens.packing import PackedTokens
 
     return x.reshape(-1, x.shape[-1]), PackedTokens.full(x.shape[0], x.shape[1])
+
+
+def readme_block(name: str) -> str:
+    """The fenced code block of README.md that follows the marker `<!-- NAME -->`: commands
+    tests run as written."""
+    import re
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    found = re.search(rf"<!-- {re.escape(name)} -->\n```[a-z]*\n(.*?)```", text, re.S)
+    assert found, f"README.md has no block marked <!-- {name} -->"
+    return found.group(1)
+
+
+def shell_commands(block: str) -> list[str]:
+    """The commands of a shell block, one per entry (backslash continuations joined)."""
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.lstrip().startswith("#")]
+
+
+def fresh_shell_env(*prefix: str) -> dict[str, str]:
+    """A login-like environment with no virtual environment on PATH (`prefix` folders
+    first), as a user's new shell has."""
+    path = os.pathsep.join([*prefix, "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+    return {"HOME": os.environ.get("HOME", "/root"), "PATH": path, "LANG": "C.UTF-8", "USER": os.environ.get("USER", "root")}

@@ -127,7 +127,7 @@ def test_planted_code_does_not_run_in_eval_or_export(trainer, tmp_path, capsys, 
     marker = tmp_path / "payload-ran"
     plant(path, MODEL_STATES, marker)
     out = ["--out", str(tmp_path / "model.pt")] if command == "export" else []
-    assert cli.main([command, "--checkpoint", trainer.output_dir, *out]) == 2
+    assert cli.main([command, "--checkpoint", trainer.output_dir, *out]) == 78
     line = reported(capsys.readouterr().err, command)
     assert MODEL_STATES in line and "refused" in line and "io.open" in line
     assert not marker.exists() and not (tmp_path / "model.pt").exists()
@@ -148,7 +148,7 @@ def test_eval_of_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, kind
         open(file, "wb").close()
     else:
         torch.save([1, 2, 3], file)
-    assert cli.main(["eval", "--checkpoint", file]) == 2
+    assert cli.main(["eval", "--checkpoint", file]) == 78
     assert file in reported(capsys.readouterr().err, "eval")
 
 
@@ -184,7 +184,7 @@ def test_export_and_eval_of_a_run_fall_back_past_a_truncated_checkpoint(trainer,
     assert client["train_state"]["step"] == 1
     assert ckpt.is_complete(second)  # reading never renames
 
-    assert cli.main(["export", "--checkpoint", second, "--out", out]) == 2
+    assert cli.main(["export", "--checkpoint", second, "--out", out]) == 78
     assert f"{OPTIM_STATES}' has 1000 bytes" in reported(capsys.readouterr().err, "export")
 
 

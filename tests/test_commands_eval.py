@@ -206,16 +206,16 @@ def test_a_bad_ratio_stops_before_anything_is_built(mar, tmp_path, capsys, monke
 
     monkeypatch.setattr(marscale.model, "build_model", build_model)
     args = ["eval", "--checkpoint", mar.file, "--mask-ratios", ratios, "--out-dir", str(tmp_path / "t")]
-    assert cli.main(args) == 2
+    assert cli.main(args) == 78
     err = capsys.readouterr().err
     assert err.startswith("marscale eval: error: --mask-ratios") and named in err
     assert not os.path.exists(tmp_path / "t")
 
 
 def test_out_dir_and_out_belong_to_their_own_mode(mar, tmp_path, capsys):
-    assert cli.main(["eval", "--checkpoint", mar.file, "--out-dir", str(tmp_path)]) == 2
+    assert cli.main(["eval", "--checkpoint", mar.file, "--out-dir", str(tmp_path)]) == 78
     assert "pass --mask-ratios too" in capsys.readouterr().err
-    assert cli.main(["eval", "--checkpoint", mar.file, "--mask-ratios", "0", "--out", str(tmp_path / "e.json")]) == 2
+    assert cli.main(["eval", "--checkpoint", mar.file, "--mask-ratios", "0", "--out", str(tmp_path / "e.json")]) == 78
     assert "--out-dir" in capsys.readouterr().err
 
 

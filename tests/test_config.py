@@ -494,10 +494,10 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.delenv("MARSCALE_TRACEBACK", raising=False)
     demo = os.path.join(CONFIG_DIR, "demo.yaml")
-    assert main(["train", "--config", demo, "--set", "optim.lrr=1e-4"]) == 2
+    assert main(["train", "--config", demo, "--set", "optim.lrr=1e-4"]) == 78
     err = capsys.readouterr().err.strip()
     assert err == "marscale train: error: --set optim.lrr=1e-4: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"
-    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--config", demo]) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--config", demo]) == 78
     assert "missing.pt" in capsys.readouterr().err
 
     monkeypatch.setenv("MARSCALE_TRACEBACK", "1")
@@ -517,7 +517,7 @@ def test_eval_refuses_a_checkpoint_without_a_trained_classifier(tmp_path, capsys
     demo = os.path.join(CONFIG_DIR, "demo.yaml")
     cfg = load_train_config(demo)
     path = save(tmp_path, videomae_pretrain_layout(build_model(cfg.model, cfg.clip)), "pretrain.pth")
-    assert main(["eval", "--checkpoint", path, "--config", demo]) == 2
+    assert main(["eval", "--checkpoint", path, "--config", demo]) == 78
     err = capsys.readouterr().err
     assert "has no trained classifier for this model (4 classes)" in err and "classifier." in err
 

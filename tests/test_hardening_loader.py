@@ -108,7 +108,7 @@ def train_args(train: str, val: str, out, *overrides: str) -> list[str]:
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 2, output[-3000:]
+    assert proc.returncode == 78, output[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("marscale train: error: ") and message in last, output[-3000:]
     assert "Traceback" not in output, output[-3000:]

@@ -1,22 +1,23 @@
-"""Multi-node training on two real (namespaced) hosts: the three launcher forms, a node
-lost mid-run, and recovery.
+"""Multi-node training on two real (namespaced) hosts: the README's commands as written,
+a node lost mid-run, recovery, and a bounded start-up.
 
 Two hosts (tests/netns.py): each its own network namespace, joined by one veth pair,
-10.77.0.1 and 10.77.0.2; one rank per host (gloo, `GLOO_SOCKET_IFNAME=veth0`). Every run
-trains the same tiny MAR model under ZeRO-3 in fp32 for STEPS steps with a checkpoint
-every 2 steps, and evaluates at the end.
+10.77.0.1 and 10.77.0.2; one rank per host (gloo).
 
-- Training: launch/deepspeed.sh with NO_SSH on each host; launch/deepspeed.sh with a
-  hostfile over ssh (sshd in each host, pdsh, the launcher's default form); launch/torchrun.sh
-  with a c10d rendezvous on host 0 and MAX_RESTARTS=3, one of whose workers is killed
-  mid-run: the job restarts and resumes by itself. Each matches a one-node run of the same
-  two ranks (same global batch, `baseline`) step for step; every validation video is
-  counted exactly once; the checkpoints hold both ranks' shards.
-- Failure: every process of host 1 killed (kill -9), or the link cut (`ip link set down`),
-  mid-run: host 0's processes exit with status 69 (a peer lost) within
-  run.collective_timeout_s plus a margin, naming the lost peer; the measured time to exit
-  is printed. `--resume auto` on both
-  hosts then continues from the newest complete checkpoint and finishes.
+- The README's "Running on a cluster" step 0, run as written from a fresh shell (no
+  virtual environment on PATH, nothing set by hand; the test writes the hostfile the
+  README asks for): the demo data, then the job over ssh with a hostfile (sshd in each
+  host, pdsh), without ssh (one command per host) and with torchrun (rendezvous on host
+  0, MAX_RESTARTS=3). The ssh form is pre-empted mid-run (SIGTERM to the launch script:
+  every rank saves, status 75) and the same command resumes it; one torchrun worker is
+  killed mid-run and torchrun restarts and resumes. The three forms give the same losses
+  step for step; every validation video is counted once; both ranks' shards are saved.
+- Failure (tiny model, ZeRO-3, launch/deepspeed.sh without ssh): every process of host 1
+  killed (kill -9), or the link cut, mid-run: host 0's launch script exits 69 within
+  run.collective_timeout_s plus a margin, naming the lost peer; `--resume auto` on both
+  hosts then finishes.
+- Start-up: a host that does not resolve or answer stops the launch in seconds with one
+  line and status 68; a rank whose peer never starts exits 69 after run.setup_timeout_s.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
 from helpers import DEMO_CONFIG as CONFIG
-from helpers import REPO, run_overrides, subprocess_env
+from helpers import REPO, fresh_shell_env, readme_block, run_overrides, shell_commands, subprocess_env
 from netns import IFNAME, two_hosts_or_skip
 
-from marscale.core.dist import EXIT_PEER_LOST, free_port
+from marscale.core.dist import EXIT_PEER_LOST
+from marscale.core import exits
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -43,10 +48,12 @@ EXIT_MARGIN_S = 25
 """Allowed on top of TIMEOUT_S for the processes to log, close and exit on a busy 2-core machine."""
 RUN_TIMEOUT_S = 240
 FINISH_TIMEOUT = ("--set", "run.collective_timeout_s=120")
-"""For runs that only have to finish (a resume, torchrun's restarts): processes started
-together on a busy 2-core machine can reach their first collective tens of seconds apart
-(imports alone), and gloo's connect waits only the collective timeout. The bound itself is
-measured by the failure tests, with TIMEOUT_S."""
+"""For runs that only have to finish (a resume): processes started together on a busy
+2-core machine can reach their first collective tens of seconds apart (imports alone),
+and gloo's connect waits only the collective timeout. The bound itself is measured by the
+failure tests, with TIMEOUT_S."""
+TRY = os.path.join(REPO, "runs", "two-nodes")
+"""Where the README's step 0 writes (relative to the checkout, as a user runs it)."""
 
 
 def overrides(shards: dict[str, str], out: str) -> list[str]:
@@ -66,8 +73,9 @@ def command(script: str, shards: dict[str, str], out: str, *extra: str) -> list[
 
 
 def host_env(**extra: str) -> dict[str, str]:
+    """No GLOO_SOCKET_IFNAME: each host's ranks find the interface that routes to the master."""
     env = subprocess_env()
-    env.update(GLOO_SOCKET_IFNAME=IFNAME, **extra)
+    env.update(**extra)
     return env
 
 
@@ -79,6 +87,37 @@ def records(out: str, name: str = "metrics.jsonl") -> list[dict]:
 def losses_by_step(out: str) -> dict[int, float]:
     """The loss logged at each step; after a restart, the resumed run's value (logged last)."""
     return {r["step"]: r["loss"] for r in records(out)}
+
+
+class Logged:
+    """A started process whose output goes to a file: a pipe that nobody reads until the end
+    can fill up and stop a chatty job (torchrun's restarts). `communicate` waits and returns
+    (output, None); past its timeout it fails with the output so far."""
+
+    def __init__(self, proc: subprocess.Popen, path: str):
+        self.proc, self.path = proc, path
+
+    def __getattr__(self, name):
+        return getattr(self.proc, name)
+
+    def read(self) -> str:
+        with open(self.path, errors="replace") as f:
+            return f.read()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s; its output:\n{self.read()[-8000:]}") from None
+        return self.read(), None
+
+
+def spawn(hosts, host: int, cmd: list[str], env: dict[str, str]) -> Logged:
+    """`cmd` on host `host` in the checkout, its output in a file."""
+    fd, path = tempfile.mkstemp(prefix=f"host{host}-", suffix=".log", dir=hosts._tmp)  # removed with the hosts
+    with os.fdopen(fd, "w") as log:
+        proc = hosts.popen(host, cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return Logged(proc, path)
 
 
 def finish(procs) -> list[str]:
@@ -96,27 +135,9 @@ def wait_for_step(out: str, step: int, procs) -> None:
         if os.path.exists(metrics) and any(r["step"] >= step for r in records(out)):
             return
         for p in procs:
-            assert p.poll() is None, p.communicate()[0][-5000:]
+            assert p.poll() is None, p.read()[-5000:]
         time.sleep(0.05)
     raise AssertionError(f"no step {step} in {metrics} after {RUN_TIMEOUT_S}s")
-
-
-def assert_matches(out: str, baseline: dict) -> None:
-    """Same losses as the one-node run, every validation video once, both ranks' shards saved."""
-    losses = losses_by_step(out)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, loss in baseline["losses"].items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, losses, baseline["losses"])
-    result = json.load(open(os.path.join(out, "eval.json")))
-    assert result["step"] == STEPS
-    assert result["num_videos"] == result["expected_videos"] == 8  # each counted once over the two hosts
-    assert result["num_views"] == 16 and result["incomplete_videos"] == 0
-    for key in ("top1", "top5"):
-        assert result[key] == baseline["eval"][key]
-    for step in range(2, STEPS + 1, 2):
-        files = set(os.listdir(os.path.join(out, "checkpoints", f"step-{step}")))
-        assert {"COMPLETE", "rng_state_rank0.pt", "rng_state_rank1.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files, (step, files)
 
 
 @pytest.fixture
@@ -128,68 +149,103 @@ def hosts():
         two.close()
 
 
-@pytest.fixture(scope="module")
-def baseline(synthetic_shards, tmp_path_factory) -> dict:
-    """The same job on one node: two ranks on this machine, no namespaces."""
-    out = str(tmp_path_factory.mktemp("baseline") / "run")
-    env = subprocess_env()
-    env.update(GPUS="2", MASTER_PORT=str(free_port()))
-    proc = subprocess.run(command("launch/deepspeed.sh", synthetic_shards, out), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return {"losses": losses_by_step(out), "eval": json.load(open(os.path.join(out, "eval.json")))}
-
-
-def start_no_ssh(hosts, shards, out: str, port: str, *extra: str) -> list[subprocess.Popen]:
-    """launch/deepspeed.sh with NO_SSH on both hosts (host 1 first). Returns [host 0, host 1]."""
+def start_no_ssh(hosts, shards, out: str, port: str, *extra: str, only=(1, 0)) -> list[subprocess.Popen]:
+    """launch/deepspeed.sh with NO_SSH on both hosts (host 1 first), or on the hosts `only`
+    names. Returns their processes in host order."""
     hostfile = os.path.join(os.path.dirname(out), "hosts.txt")
     with open(hostfile, "w") as f:
         f.write("".join(f"{a} slots=1\n" for a in hosts.addresses))
     procs = {}
-    for host in (1, 0):
+    for host in only:
         env = host_env(NO_SSH="1", HOSTFILE=hostfile, NODE_RANK=str(host), MASTER_ADDR=hosts.addresses[0],
                        MASTER_PORT=port)
-        procs[host] = hosts.popen(host, command("launch/deepspeed.sh", shards, out, *extra), cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return [procs[0], procs[1]]
+        procs[host] = spawn(hosts, host, command("launch/deepspeed.sh", shards, out, *extra), env)
+    return [procs[h] for h in sorted(procs)]
 
 
-# --- training on two hosts: three launcher forms ----------------------------------------
+# --- the README's step 0, as written -------------------------------------------------------
+
+RESULTS: dict[str, dict[int, float]] = {}
+"""Losses by step of each launch form that finished (they must agree)."""
 
 
-def test_deepspeed_without_ssh_on_two_hosts(hosts, baseline, synthetic_shards, tmp_path):
-    out = str(tmp_path / "run")
-    logs = finish(start_no_ssh(hosts, synthetic_shards, out, "29500"))
-    assert "mar vit_tiny, 2 ranks, global batch 4" in logs[0]  # host 0 runs rank 0
-    assert "+ deepspeed " in logs[0]  # the script prints the command it runs
-    assert_matches(out, baseline)
+@pytest.fixture(scope="module")
+def readme_data():
+    """The README's data block, run as written in the checkout (its runs/two-nodes)."""
+    shutil.rmtree(TRY, ignore_errors=True)
+    for command in shell_commands(readme_block("two-nodes: data")):
+        proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=fresh_shell_env(), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-3000:])
+    yield
+    shutil.rmtree(TRY, ignore_errors=True)
 
 
-def test_deepspeed_over_ssh_with_a_hostfile(hosts, baseline, synthetic_shards, tmp_path):
-    """The form most users run: a hostfile, one command on the first node; the launcher
-    reaches both hosts over ssh with pdsh. Variables for the remote ranks travel in the
-    file DS_ENV_FILE names (deepspeed's .deepspeed_env)."""
+def write_hostfile(hosts) -> None:
+    """What the README asks the user to write: one line per node, the first runs rank 0."""
+    with open(os.path.join(TRY, "hosts.txt"), "w") as f:
+        f.write("".join(f"{a} slots=1\n" for a in hosts.addresses))
+
+
+def start_readme(hosts, host: int, command: str, env: dict[str, str]) -> Logged:
+    return spawn(hosts, host, ["bash", "-c", command], env)
+
+
+def check_readme_run(form: str) -> None:
+    """Every step logged once, every validation video counted once over the two hosts,
+    both ranks' state in the last checkpoint, and the losses of the other forms."""
+    out = os.path.join(TRY, form)
+    losses = losses_by_step(out)
+    assert sorted(losses) == list(range(1, STEPS + 1)), losses
+    result = json.load(open(os.path.join(out, "eval.json")))
+    assert result["step"] == STEPS
+    assert result["num_videos"] == result["expected_videos"] == 8 and result["incomplete_videos"] == 0
+    files = set(os.listdir(os.path.join(out, "checkpoints", f"step-{STEPS}")))
+    assert {"COMPLETE", "rng_state_rank0.pt", "rng_state_rank1.pt"} <= files, files
+    for other, theirs in RESULTS.items():
+        for step, loss in theirs.items():
+            if step in losses:
+                assert losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (form, other, step, losses, theirs)
+    RESULTS[form] = losses
+
+
+def test_readme_ssh_form_is_preempted_and_resumed(hosts, readme_data):
+    """The hostfile over ssh (pdsh), from a fresh shell: SIGTERM to the launch script
+    mid-run reaches both hosts' ranks, which save the same step; status 75. The same
+    command then resumes and finishes."""
     hosts.start_sshd()
-    out = str(tmp_path / "run")
-    hostfile = tmp_path / "hosts.txt"
-    hostfile.write_text("".join(f"{a} slots=1\n" for a in hosts.addresses))
-    # This environment's bin first on PATH, as activating it would: the remote ranks then
-    # build DeepSpeed's C++ op with the same tools (ninja) as the local ones, and reuse it.
-    remote_env = {"GLOO_SOCKET_IFNAME": IFNAME, "OMP_NUM_THREADS": "1", "MARSCALE_CACHE_DIR": "",
-                  "PATH": subprocess_env()["PATH"]}
-    if "TORCH_EXTENSIONS_DIR" in os.environ:
-        remote_env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
-    env_file = tmp_path / "deepspeed_env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in remote_env.items()))
-    # No MASTER_ADDR: the launcher asks the first host for its address over ssh.
-    env = hosts.ssh_env(host_env(HOSTFILE=str(hostfile), DS_ENV_FILE=str(env_file), MASTER_PORT="29500"))
-    proc = hosts.popen(0, command("launch/deepspeed.sh", synthetic_shards, out), cwd=REPO, env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = finish([proc])[0]
-    assert "pdsh" in log and "--hostfile" in log
+    write_hostfile(hosts)
+    [command] = shell_commands(readme_block("two-nodes: ssh"))
+    env = hosts.ssh_env(fresh_shell_env())
+    proc = start_readme(hosts, 0, command, env)
+    out = os.path.join(TRY, "ssh")
+    wait_for_step(out, 3, [proc])
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=RUN_TIMEOUT_S)[0]
+    assert proc.returncode == exits.PREEMPTED, log[-5000:]
+    for expected in ("2 hosts answer ssh", f"MASTER_ADDR={hosts.addresses[0]}", "remote ranks get PATH=",
+                     f"GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME={IFNAME}", "+ deepspeed ", "--hostfile"):
+        assert expected in log, (expected, log[-5000:])
+    stopped = records(out)[-1]["step"]
+    assert stopped < STEPS
     for address in hosts.addresses:  # pdsh prefixes each host's output with its name
         assert f"{address}: " in log
-    assert_matches(out, baseline)
+    files = set(os.listdir(os.path.join(out, "checkpoints", f"step-{stopped}")))
+    assert {"COMPLETE", "rng_state_rank0.pt", "rng_state_rank1.pt"} <= files, files
+
+    log = finish([start_readme(hosts, 0, command, env)])[0]
+    assert f"at step {stopped}" in log and "resumed from" in log
+    check_readme_run("ssh")
+
+
+def test_readme_no_ssh_form(hosts, readme_data):
+    write_hostfile(hosts)
+    commands = shell_commands(readme_block("two-nodes: no-ssh"))
+    assert len(commands) == 2 and "NODE_RANK=0" in commands[0] and "NODE_RANK=1" in commands[1]
+    procs = [start_readme(hosts, host, commands[host], fresh_shell_env()) for host in (1, 0)][::-1]
+    logs = finish(procs)
+    assert "two_nodes: mar vit_tiny, 2 ranks" in logs[0]  # host 0 runs rank 0
+    check_readme_run("no-ssh")
 
 
 def worker_pids(hosts, host: int) -> list[int]:
@@ -209,18 +265,14 @@ def worker_pids(hosts, host: int) -> list[int]:
     return found
 
 
-def test_torchrun_rendezvous_restarts_and_resumes_after_a_worker_dies(hosts, baseline, synthetic_shards, tmp_path):
-    """launch/torchrun.sh on both hosts, rendezvous on host 0, MAX_RESTARTS=3: the worker
+def test_readme_torchrun_form_restarts_after_a_worker_dies(hosts, readme_data):
+    """The torchrun block on both hosts (rendezvous on host 0, MAX_RESTARTS=3): the worker
     on host 1 is killed after the step-2 checkpoint; both hosts restart their workers,
-    which resume from the newest complete checkpoint and finish with the baseline's numbers."""
-    out = str(tmp_path / "run")
-    procs = []
-    for host in (0, 1):
-        env = host_env(NNODES="2", GPUS="1", MASTER_ADDR=hosts.addresses[0], MASTER_PORT="29400",
-                       MAX_RESTARTS="3", LOCAL_ADDR=hosts.addresses[host], RDZV_ID="multinode-test")
-        procs.append(hosts.popen(host, command("launch/torchrun.sh", synthetic_shards, out, "--resume", "auto",
-                                                         *FINISH_TIMEOUT),
-                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    which resume from the newest complete checkpoint and finish with the other forms' losses."""
+    write_hostfile(hosts)
+    [command] = shell_commands(readme_block("two-nodes: torchrun"))
+    procs = [start_readme(hosts, host, command, fresh_shell_env()) for host in (0, 1)]
+    out = os.path.join(TRY, "torchrun")
     wait_for_step(out, 3, procs)
     victims = worker_pids(hosts, 1)
     assert victims, "no worker found on host 1"
@@ -228,10 +280,10 @@ def test_torchrun_rendezvous_restarts_and_resumes_after_a_worker_dies(hosts, bas
         os.kill(pid, 9)
     logs = finish(procs)
     both = "\n".join(logs)
-    assert "resumed from" in both and "--rdzv_backend c10d" in both
+    assert "resumed from" in both and "--rdzv_backend c10d" in both and "hosts the rendezvous" in logs[0]
     steps = [r["step"] for r in records(out)]
     assert steps != sorted(set(steps)), "no step was trained twice: the kill landed after the end"
-    assert_matches(out, baseline)
+    check_readme_run("torchrun")
 
 
 # --- a node lost mid-run ----------------------------------------------------------------
@@ -244,7 +296,7 @@ def time_to_exit(procs, since: float) -> list[tuple[float, int, str]]:
     while any(r is None for r in result) and time.time() < deadline:
         for i, p in enumerate(procs):
             if result[i] is None and p.poll() is not None:
-                result[i] = (time.time() - since, p.returncode, p.stdout.read())
+                result[i] = (time.time() - since, p.returncode, p.read())
         time.sleep(0.05)
     for i, p in enumerate(procs):
         if result[i] is None:
@@ -274,15 +326,23 @@ def assert_lost_peer_reported(log: str, peer: str) -> None:
 
 
 def test_node_killed_ends_the_job_in_bounded_time_and_it_resumes(hosts, synthetic_shards, tmp_path):
+    """The job launched over ssh (pdsh) from host 0; every process of host 1 (its sshd
+    too) killed mid-run. Host 0's rank exits 69; pdsh returns the largest host status (ssh's
+    255 for the host it lost), which the launch script reports as 69."""
+    hosts.start_sshd()
     out = str(tmp_path / "run")
-    procs = start_no_ssh(hosts, synthetic_shards, out, "29500")
-    wait_for_step(out, 3, procs)
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("".join(f"{a} slots=1\n" for a in hosts.addresses))
+    env = hosts.ssh_env(host_env(HOSTFILE=str(hostfile), MASTER_PORT="29500", OMP_NUM_THREADS="1"))
+    proc = spawn(hosts, 0, command("launch/deepspeed.sh", synthetic_shards, out), env)
+    wait_for_step(out, 3, [proc])
     killed_at = time.time()
     assert hosts.kill_host(1)
-    (seconds, status, log), _ = time_to_exit(procs, killed_at)
-    print(f"\nhost 1 killed (kill -9): host 0 exited {status} after {seconds:.1f}s "
+    [(seconds, status, log)] = time_to_exit([proc], killed_at)
+    print(f"\nhost 1 killed (kill -9), launched over ssh: the launch script exited {status} after {seconds:.1f}s "
           f"(run.collective_timeout_s={TIMEOUT_S})\n{error_line(log)}")
     assert status == EXIT_PEER_LOST, log[-5000:]
+    assert re.search(r"the launcher exited (255|24\d): job status 69", log), log[-3000:]
     assert seconds < TIMEOUT_S + EXIT_MARGIN_S
     assert_lost_peer_reported(log, hosts.addresses[1])
     resume_and_finish(hosts, synthetic_shards, out)
@@ -304,3 +364,48 @@ def test_link_cut_ends_the_job_in_bounded_time_and_it_resumes(hosts, synthetic_s
     assert_lost_peer_reported(exits[0][2], hosts.addresses[1])
     hosts.link_up(1)
     resume_and_finish(hosts, synthetic_shards, out)
+
+
+# --- a bounded start-up -------------------------------------------------------------------
+
+
+def test_hosts_that_do_not_answer_stop_the_launch_in_seconds(hosts, synthetic_shards, tmp_path):
+    """A hostfile with a host that does not resolve and one that does not answer: one line
+    naming each, status 68, before any rank starts; without ssh, a MASTER_ADDR that does
+    not answer likewise."""
+    hosts.start_sshd()
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(f"{hosts.addresses[0]} slots=1\n10.77.0.9 slots=1\nno-such-node.invalid slots=1\n")
+    out = str(tmp_path / "run")
+    env = hosts.ssh_env(host_env(HOSTFILE=str(hostfile), CHECK_TIMEOUT_S="3"))
+    started = time.time()
+    proc = hosts.run(0, command("launch/deepspeed.sh", synthetic_shards, out), cwd=REPO, env=env, timeout=60)
+    seconds = time.time() - started
+    print(f"\nunreachable hosts: status {proc.returncode} after {seconds:.1f}s\n{proc.stderr.strip()}")
+    assert proc.returncode == exits.NO_HOST, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "10.77.0.9 does not answer ssh" in error[0], proc.stderr
+    assert "no-such-node.invalid does not resolve" in error[0] and f"host {hosts.addresses[0]} " not in error[0]
+    assert not os.path.exists(out) and seconds < 20
+
+    env = host_env(NO_SSH="1", HOSTFILE=str(hostfile), NODE_RANK="1", MASTER_ADDR="10.77.0.9", CHECK_TIMEOUT_S="3")
+    proc = hosts.run(1, command("launch/deepspeed.sh", synthetic_shards, out), cwd=REPO, env=env, timeout=60)
+    assert proc.returncode == exits.NO_HOST, proc.stderr[-3000:]
+    assert "MASTER_ADDR 10.77.0.9 (10.77.0.9) does not answer on port 29500" in proc.stderr
+
+
+def test_a_node_that_never_starts_ends_the_others_after_the_setup_timeout(hosts, synthetic_shards, tmp_path):
+    """Host 0 starts its rank; host 1 never does. Host 0's rank gives up after
+    run.setup_timeout_s with one line, and the launch script exits 69."""
+    out = str(tmp_path / "run")
+    setup_s = 8
+    [proc] = start_no_ssh(hosts, synthetic_shards, out, "29502", "--set", f"run.setup_timeout_s={setup_s}",
+                          only=(0,))
+    started = time.time()
+    log = proc.communicate(timeout=120)[0]
+    seconds = time.time() - started
+    print(f"\nno second node: status {proc.returncode} after {seconds:.1f}s (setup_timeout_s={setup_s})\n"
+          f"{error_line(log)}")
+    assert proc.returncode == exits.PEER_LOST, log[-5000:]
+    assert f"did not all meet at {hosts.addresses[0]}:29502 within run.setup_timeout_s={setup_s} s" in log
+    assert seconds < setup_s + 60  # imports and DeepSpeed's start on a busy machine come first

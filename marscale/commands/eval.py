@@ -78,7 +78,7 @@ def _open_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict | None]
         stored = read_model_states(folder).get("marscale", {}).get("config")
     elif not args.config:
         # Files written by `marscale export` carry their training config; anything that is
-        # no readable checkpoint is a CheckpointError naming the file (one line, exit 2).
+        # no readable checkpoint is a CheckpointError naming the file (one line, exit 78).
         folder, stored = None, exported_config(args.checkpoint)
     else:
         folder, stored = None, None

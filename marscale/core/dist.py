@@ -18,6 +18,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as torch_dist
 
+from marscale.core import exits
+from marscale.core.timeouts import backend_seconds
+
 
 def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
@@ -68,7 +71,15 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 _collective_timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
+DEFAULT_SETUP_TIMEOUT_S = 300.0
+"""How long the ranks have to meet when the process group is set up (`run.setup_timeout_s`)."""
+
+
+def init_distributed(
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+    setup_timeout_s: float = DEFAULT_SETUP_TIMEOUT_S,
+) -> None:
     """Initialise the process group for this process (idempotent).
 
     Works for a plain single process (no launcher: a one-rank group on a free local
@@ -77,6 +88,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_COLL
     before it fails, on gloo and NCCL alike; with NCCL, asynchronous error handling is on
     (`TORCH_NCCL_ASYNC_ERROR_HANDLING=1`, unless set), so a rank stuck in a collective on
     the device is torn down after the timeout instead of waiting forever.
+
+    With several ranks: the interface that routes to MASTER_ADDR carries gloo and NCCL
+    unless GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME say otherwise (`cluster.netif`; local
+    rank 0 prints the choice), and the set-up (every rank joining, one barrier) must end
+    within setup_timeout_s (`run.setup_timeout_s`): otherwise the rank prints one line and
+    exits with status 69 (`exits.PEER_LOST`), whatever the backend is waiting on.
     """
     global _collective_timeout_s
     if is_initialized():
@@ -97,12 +114,65 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_COLL
     if torch.cuda.is_available():
         torch.cuda.set_device(get_local_rank())
 
+    if get_world_size() > 1:
+        from marscale.cluster import netif
+
+        chose = netif.choose(os.environ, os.environ["MASTER_ADDR"])
+        if chose and get_local_rank() == 0:
+            print(f"marscale: {chose}", file=sys.stderr, flush=True)
+
     # deepspeed.init_distributed wraps torch.distributed and records the backend for
     # DeepSpeed's own communication layer; it reads the same environment variables.
     import deepspeed
 
-    _collective_timeout_s = float(timeout_s)
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    from marscale.core import ds_ops
+
+    ds_ops.skip_shm_comm_op()  # on CPU: no compile of an op marscale does not use
+
+    _collective_timeout_s = timeout_s = backend_seconds(timeout_s)  # .inf: 365 days (marscale.core.timeouts)
+    with _deadline(setup_timeout_s, _setup_overdue):
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if get_world_size() > 1:
+            barrier()  # every rank is here (NCCL connects at its first collective)
+
+
+def _setup_overdue(seconds: float) -> str:
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    return (
+        f"rank {get_rank()} of {get_world_size()} on {socket.gethostname()}: the ranks did not all meet at {where} "
+        f"within run.setup_timeout_s={seconds:g} s (a node did not start, cannot reach the master or died during "
+        f"start-up); start the job again on every node with --resume auto"
+    )
+
+
+class _deadline:
+    """Run a block with a deadline: past it, print `message(seconds)` as marscale's one-line
+    error and exit this process with status 69 at once (the block may be stuck in C++,
+    where no Python exception reaches it)."""
+
+    def __init__(self, seconds: float, message: Callable[[float], str]):
+        import threading
+
+        self.seconds, self.message = seconds, message
+        self._done = threading.Event()
+
+    def __enter__(self):
+        import math
+        import threading
+
+        if math.isfinite(self.seconds):
+            threading.Thread(target=self._watch, name="marscale-setup-deadline", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        if self._done.wait(self.seconds):
+            return
+        print(f"marscale train: error: {self.message(self.seconds)}", file=sys.stderr, flush=True)
+        exits.record(exits.PEER_LOST)
+        os._exit(exits.PEER_LOST)
 
 
 def collective_timeout() -> "datetime.timedelta":
@@ -111,9 +181,10 @@ def collective_timeout() -> "datetime.timedelta":
     return datetime.timedelta(seconds=_collective_timeout_s)
 
 
-EXIT_PEER_LOST = 69
+EXIT_PEER_LOST = exits.PEER_LOST
 """Exit status of `marscale train` when another rank was lost (EX_UNAVAILABLE): the job
-can be started again with `--resume auto` (launch/slurm.sbatch requeues on it)."""
+can be started again with `--resume auto` (launch/slurm.sbatch requeues on it); the
+contract is `marscale.core.exits`."""
 
 
 class PeerLost(RuntimeError):

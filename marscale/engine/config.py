@@ -262,7 +262,7 @@ class RunConfig:
     """auto (CUDA if available, else CPU) | cuda | cpu."""
     collective_timeout_s: float = 1800.0
     """Seconds a collective (all-reduce, all-gather, barrier) waits for the other ranks
-    before the run stops with an error naming the lost peer (exit status 1), on gloo and
+    before the run stops with an error naming the lost peer (exit status 69), on gloo and
     NCCL (whose asynchronous error handling marscale turns on). A rank killed outright is
     usually noticed at once; a node that drops off the network or hangs only after this
     long. It must exceed the longest time one rank legitimately works while the others
@@ -273,6 +273,12 @@ class RunConfig:
     save, e.g. 600 for ViT-L/H on fast storage, so a lost node costs minutes, not half an hour.
     At most 365 days; `.inf` waits without a practical limit (the process group is given
     365 days: `marscale.core.timeouts`)."""
+    setup_timeout_s: float = 300.0
+    """Seconds every rank has to join the process group at start (the master's rendezvous
+    port, gloo's connections, NCCL's first collective). Past it a rank prints one line and
+    exits with status 69 (a node did not start or cannot reach the master), whatever
+    run.collective_timeout_s is. Raise it when nodes start far apart (a slow shared file
+    system, an image pulled at start); `.inf`: no deadline."""
 
     def __post_init__(self):
         check_choices(self)
@@ -286,6 +292,7 @@ class RunConfig:
             raise ValueError(f"run.max_steps must be >= 1, or null for epochs x steps per epoch; got {self.max_steps}")
         if self.eval_every_steps < 0:
             raise ValueError(f"run.eval_every_steps must be >= 0 (0: only at the end), got {self.eval_every_steps}")
+        check_timeout("run.setup_timeout_s", self.setup_timeout_s)
         check_timeout("run.collective_timeout_s", self.collective_timeout_s)
 
 

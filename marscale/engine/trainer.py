@@ -70,6 +70,9 @@ logger = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
 """Exit status after a pre-emption signal: a checkpoint of the current step was saved."""
+STOP_FILE = "STOP"
+"""In run.output_dir: asks a running job to save and stop (see `Trainer._stop_file`)."""
+_PROCESS_START = time.time()
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,7 +116,7 @@ class Trainer:
         self.cost = StepCost(p.clips_per_step, p.visible_tokens_train, p.flops_per_clip_train, self.world_size, peak)
         self.state = ckpt.TrainState()
         self.writer = MetricsWriter(self.output_dir, enabled=dist.is_main(), tensorboard=cfg.logging.tensorboard)
-        self.stop = StopSignal()
+        self.stop = StopSignal(stop_file=self._stop_file())
         self.meter = LossMeter()
         self.skips = SkipTally(SKIP_REASONS)
         self._save_records()
@@ -134,6 +137,16 @@ class Trainer:
             save_config(self.cfg, os.path.join(self.output_dir, CONFIG_FILE))
             save_plan(self.plan, self.output_dir)
             write_json(os.path.join(self.output_dir, DEEPSPEED_CONFIG_FILE), self.ds_config)
+
+    def _stop_file(self) -> str:
+        """RUN/STOP: its existence stops the run at the next step with a checkpoint (status
+        75), as SIGUSR1 does; the launch scripts write it when they are pre-empted. One left
+        by an earlier stop (older than this process) is removed, so a resume trains on."""
+        path = os.path.join(self.output_dir, STOP_FILE)
+        if dist.is_main() and os.path.exists(path) and os.path.getmtime(path) < _PROCESS_START:
+            os.remove(path)
+            logger.info("removed %s, left by the stop of an earlier start", path)
+        return path
 
     @property
     def checkpoints_root(self) -> str:
@@ -208,7 +221,8 @@ class Trainer:
                     timer.reset()
                     self._check_finite(values)
                 if self.stop.agreed():
-                    logger.warning("signal %s received: saving step %d and exiting", self.stop.received, state.step)
+                    why = self.stop.received if isinstance(self.stop.received, str) else f"signal {self.stop.received}"
+                    logger.warning("stop requested (%s): saving step %d and exiting", why, state.step)
                     if self.meter.micro_steps:  # losses not read since the last log: check them first
                         self._check_finite(self._log(lr, timer))
                     if last_saved != state.step:
