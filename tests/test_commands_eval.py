@@ -1,7 +1,8 @@
 """marscale.commands.eval with --mask-ratios (marscale.commands.eval_ratios): one row per
 ratio whose accuracy is that of a direct `evaluate()` at that eval_ratio, whose cost is
 `marscale.cost.counting`'s count, written as Markdown, CSV, JSON and PNG; bad ratios stop before
-anything is built.
+anything is built. Weights of another model are refused in one line from every form they
+come in (exported file or folder, run folder, step folder), with or without --mask-ratios.
 
 configs/demo.yaml with 32x32 clips of 4 frames (2x2x2 = 8 tokens, so 2x2 cells take the
 ratios 0, 0.25, 0.5, 0.75), 2 views per video, on the session's synthetic shards; the
@@ -64,6 +65,16 @@ def _weights(synthetic_shards, root, *overrides: str):
 @pytest.fixture(scope="module")
 def mar(synthetic_shards, tmp_path_factory):
     return _weights(synthetic_shards, tmp_path_factory.mktemp("mar"))
+
+
+@pytest.fixture(scope="module")
+def exported(mar, tmp_path_factory):
+    """`marscale export`'s default form of the run: model.safetensors and config.json."""
+    from marscale.weights.export import export
+
+    out = str(tmp_path_factory.mktemp("exported") / "model")
+    export(mar.run, out)
+    return out
 
 
 def direct(weights, masking: MaskingConfig):
@@ -244,3 +255,37 @@ def test_two_ranks_give_the_table_of_one_and_only_the_main_rank_writes(mar, tmp_
         assert (float(row["top1"]), float(row["top5"])) == (expected.top1, expected.top5)
         assert int(row["num_views"]) == 16 and int(row["timed_views"]) == 16 - 2 * 3  # a warm-up batch per rank
     assert [p.name for p in out_dir.iterdir() if p.name.endswith(".partial")] == []
+
+
+# --- weights of another model -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["file", "exported", "run", "step"])
+@pytest.mark.parametrize(
+    "setting,line",
+    [
+        ("model.variant=vit_s", r"does not fit the model: .* To fit it, set model\.variant=vit_tiny \(the checkpoint's "
+                                r"encoder has 6 blocks 192 wide, the model's 12 blocks 384 wide\)\.$"),
+        ("model.num_classes=7", r"holds a classifier for 10 classes, the model has 7: set model\.num_classes=10$"),
+    ],
+)
+def test_another_model_is_refused_in_one_line_from_every_form(mar, exported, tmp_path, capsys, monkeypatch, form,
+                                                              setting, line):
+    import re
+
+    monkeypatch.delenv("MARSCALE_TRACEBACK", raising=False)
+    checkpoint = {"file": mar.file, "exported": exported, "run": mar.run, "step": mar.step}[form]
+    for dial in ([], ["--mask-ratios", "0,0.5", "--out-dir", str(tmp_path / "t")]):
+        assert cli.main(["eval", "--checkpoint", checkpoint, "--set", setting, *dial]) == 78
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("marscale eval: error: ") and re.search(line, err.strip()), err
+    assert not os.path.exists(tmp_path / "t")
+
+
+def test_the_exported_folder_evaluates_as_the_weights(mar, exported, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--checkpoint", exported, "--out", str(out)]) == 0  # its config.json's config
+    result = json.load(open(out))
+    expected = direct(mar, mar.cfg.masking)
+    assert (result["top1"], result["top5"], result["num_views"]) == (expected.top1, expected.top5, expected.num_views)

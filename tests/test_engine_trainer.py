@@ -277,11 +277,11 @@ def test_export_from_zero3_bf16(synthetic_shards, tmp_path):
                 assert state[name].dtype == torch.float32
                 # fp32 master weights, of which the module computes with the bf16 rounding
                 torch.testing.assert_close(state[name].to(torch.bfloat16), p.detach(), rtol=0, atol=0)
-        out = str(tmp_path / "model.pt")
-        export(path, out)
-        model = build_model(cfg.model, cfg.clip)
-        load_pretrained(model, out)
-        assert_same_logits(trainer, model)
+        for out in (str(tmp_path / "model.pt"), str(tmp_path / "exported")):  # one pickled file; safetensors folder
+            export(path, out)
+            model = build_model(cfg.model, cfg.clip)
+            load_pretrained(model, out)
+            assert_same_logits(trainer, model)
         history = read_jsonl(os.path.join(tmp_path, "eval.jsonl"))
         assert [r["step"] for r in history] == [1, 2]
         assert all(r["num_views"] == 8 and r["num_videos"] == 8 for r in history)

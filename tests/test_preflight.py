@@ -198,3 +198,13 @@ def test_an_attention_backend_that_cannot_train_here_is_refused(synthetic_shards
         cfg = config(synthetic_shards, tmp_path, "masking.ratio=[0.25,0.5]", "masking.eval_ratio=0.5",
                      f"model.attention={backend}")
         assert any(named in p for p in problems_of(cfg)), backend
+
+
+def test_an_hf_model_not_in_the_local_cache_is_named_with_how_to_download_it(synthetic_shards, tmp_path,
+                                                                              monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    problem, = problems_of(config(synthetic_shards, tmp_path, "model.pretrained=hf:MCG-NJU/videomae-base"))
+    assert problem.startswith("model.pretrained: hf:MCG-NJU/videomae-base is not in the local Hugging Face cache")
+    assert "`hf download MCG-NJU/videomae-base`" in problem

@@ -1,10 +1,14 @@
 """`marscale eval`: evaluate weights on the config's evaluation shards (multi-view, exact across ranks).
 
-    marscale eval --checkpoint model.pt|RUN/checkpoints/step-N|RUN [--config ...] [--set ...] [--out eval.json]
+    marscale eval --checkpoint EXPORTED|model.pt|RUN/checkpoints/step-N|RUN [--config ...] [--set ...] [--out eval.json]
+    marscale eval --checkpoint HF_FOLDER|hf:ORG/NAME --config CONFIG
     marscale eval --checkpoint ... --mask-ratios 0,0.25,0.5,0.75 [--out-dir DIR]
 
 Without DeepSpeed: the weights are consolidated (or read) first, so a wrong checkpoint
 fails before any process group exists. Runs as a plain process or one rank of a job.
+Weights of another model (another size, another number of classes, no trained
+classifier) are refused in one line naming the setting, whichever form they come in
+(`load_state(need_classifier=True)`).
 With `--mask-ratios` the same weights are scored once per evaluation mask ratio
 (`marscale.commands.eval_ratios`: the ratios are checked before any weight is read).
 """
@@ -29,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--checkpoint", required=True,
-        help="exported weights (.pt from `marscale export`, or any layout load_pretrained reads) or a "
-        "DeepSpeed checkpoint folder (step-N, or a run folder: its newest complete checkpoint)",
+        help="exported weights (a `marscale export` folder or .pt file, or any file, model folder or hf:ORG/NAME "
+        "load_pretrained reads) or a DeepSpeed checkpoint folder (step-N, or a run folder: its newest complete "
+        "checkpoint)",
     )
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
     parser.add_argument(
@@ -67,41 +72,38 @@ def _eval_config(args: argparse.Namespace, stored: dict | None):
 
 
 def _open_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict | None]:
-    """(the checked step-N folder, or None for a file; the training config stored with the
-    weights, or None). Reads no weights: a folder's model states are memory-mapped."""
+    """(the checked step-N folder, or None for weights in a file or model folder; the
+    training config stored with the weights, or None). Reads no weights: a checkpoint
+    folder's model states are memory-mapped."""
     from marscale.checkpoints.integrity import read_model_states
     from marscale.checkpoints.folders import find_checkpoint
     from marscale.weights.export import exported_config
+    from marscale.weights.hf import locate
+    from marscale.weights.layouts import is_model_folder
 
-    if os.path.isdir(args.checkpoint):
-        folder = find_checkpoint(args.checkpoint)
+    path = locate(args.checkpoint)  # hf:ORG/NAME: its folder in the local Hub cache
+    if os.path.isdir(path) and not is_model_folder(path):
+        folder = find_checkpoint(path)
         stored = read_model_states(folder).get("marscale", {}).get("config")
     elif not args.config:
-        # Files written by `marscale export` carry their training config; anything that is
+        # `marscale export` stores the training config with the weights; anything that is
         # no readable checkpoint is a CheckpointError naming the file (one line, exit 78).
-        folder, stored = None, exported_config(args.checkpoint)
+        folder, stored = None, exported_config(path)
     else:
         folder, stored = None, None
     return folder, stored if isinstance(stored, dict) else None
 
 
 def _load_weights(model, args: argparse.Namespace, folder: str | None, cfg) -> None:
-    """The checkpoint's weights into `model`; a file must hold a trained classifier."""
-    from marscale.weights.pretrained import CheckpointError, load_pretrained
+    """The checkpoint's weights into `model`, which must fit them whole with a trained
+    classifier (checked, one line, before anything is loaded)."""
     from marscale.weights.export import consolidate_checked
+    from marscale.weights.pretrained import load_pretrained, load_state
 
     if folder is not None:
-        model.load_state_dict(consolidate_checked(folder)[0])
-        return
-    report = load_pretrained(model, args.checkpoint, clip=cfg.clip, partial=cfg.model.pretrained_partial)
-    untrained = [k for k in report.missing + report.dropped if not k.startswith("decoder.")]
-    if untrained:
-        # e.g. a pre-training checkpoint, or one fine-tuned on another label set
-        raise CheckpointError(
-            f"{args.checkpoint} has no trained classifier for this model "
-            f"({cfg.model.num_classes} classes): {len(untrained)} weights would stay at their "
-            f"initialisation, e.g. {untrained[:3]}; evaluate a fine-tuned checkpoint"
-        )
+        load_state(model, consolidate_checked(folder)[0], source=folder, layout="marscale", need_classifier=True)
+    else:
+        load_pretrained(model, args.checkpoint, clip=cfg.clip, need_classifier=True)
 
 
 def run(args: argparse.Namespace) -> int:

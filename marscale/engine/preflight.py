@@ -11,7 +11,8 @@ that lists them all:
     plan           the run plan computes (an epoch holds at least one optimizer step)
     decoder        data.decoder is installed
     evaluation     a shard for every reader (ranks x workers): the evaluation loader's rule
-    training only  model.pretrained exists; checkpoint.resume names an intact checkpoint
+    training only  model.pretrained exists (hf:ORG/NAME: in the local Hub cache);
+                   checkpoint.resume names an intact checkpoint
                    (chosen here, once, and kept in the plan; the trainer then checks it was
                    written for this model); run.output_dir can be written and has room for
                    one checkpoint (`checkpoint_bytes`)
@@ -42,6 +43,8 @@ from marscale.data.shards import ShardSet
 from marscale.engine.config import TrainConfig
 from marscale.engine.plan import RunPlan, class_problem, make_plan
 from marscale.model.attention import resolve_backend, training_problem
+from marscale.weights.hf import locate
+from marscale.weights.layouts import CheckpointError
 
 
 class PreflightError(ValueError):
@@ -95,6 +98,16 @@ def _class_names_problem(train_set: ShardSet, val_set: ShardSet) -> str | None:
         f"{train_set.class_names[i]!r} in one and {val_set.class_names[i]!r} in the other; convert both "
         f"with the same --classes (or --labels)"
     )
+
+
+def _pretrained_problem(name: str) -> str | None:
+    """Why model.pretrained `name` cannot be read, or None: a path that does not exist, or
+    an hf: name not in the local Hub cache (the error says how to download it)."""
+    try:
+        path = locate(name)
+    except CheckpointError as e:
+        return f"model.pretrained: {e}"
+    return None if os.path.exists(path) else f"model.pretrained {name!r} does not exist"
 
 
 def _checkpoint_space_problem(cfg: TrainConfig) -> str | None:
@@ -184,8 +197,8 @@ def preflight(cfg: TrainConfig, world_size: int, *, training: bool = True) -> Ru
 
     resume = None
     if training:
-        if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
-            found.append(f"model.pretrained {cfg.model.pretrained!r} does not exist")
+        if cfg.model.pretrained:
+            found.append(_pretrained_problem(cfg.model.pretrained))
         try:  # once per start: every file of the checkpoint is hashed (`check_checkpoint`)
             resume = resolve_resume(cfg.checkpoint.resume, cfg.run.output_dir)
         except (FileNotFoundError, ValueError) as e:

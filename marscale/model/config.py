@@ -140,7 +140,10 @@ class ModelConfig:
     per_clip. `auto` picks flash_varlen > torch_varlen > flex on CUDA and per_clip on CPU
     (measured faster than sdpa_mask there). One asked for that cannot run is an error."""
     pretrained: str = ""
-    """Path of a VideoMAE / MAR checkpoint to start from ("" = random init)."""
+    """Weights to start from ("" = random init): a VideoMAE / MAR / marscale checkpoint file
+    (.pth/.pt, or .safetensors), a model folder (transformers' `save_pretrained` or a Hub
+    download: config.json + model.safetensors or pytorch_model.bin; `marscale export`'s), or
+    `hf:ORG/NAME`, a model in the local Hugging Face cache (`hf:MCG-NJU/videomae-base`)."""
     pretrained_partial: bool = False
     """Load what fits of `pretrained` and start the rest from its initialisation. Off, a
     checkpoint must fit the model whole: missing encoder weights, and weights of the

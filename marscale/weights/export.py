@@ -5,9 +5,16 @@
 - ZeRO 0: the module weights saved by rank 0 (cast to fp32; under bf16/fp16 they are the
   half-precision copy the model computed with).
 
-`marscale export` writes ``{"model": state dict, "config": the training config, "step": N}``
-with marscale's own parameter names, which `marscale.weights.pretrained.load_pretrained` detects
-as its "marscale" layout and `marscale eval --checkpoint` reads.
+`marscale export` writes marscale's own parameter names, which
+`marscale.weights.pretrained.load_pretrained` detects as its "marscale" layout and
+`marscale eval --checkpoint` reads, in one of two forms (`EXPORT_FORMATS`):
+
+- `safetensors` (the default): a folder holding `model.safetensors` (tensors and a JSON
+  header: reading it runs no code, maps the file instead of unpickling it, and any
+  language reads it) and `config.json`, ``{"format": "marscale", "step": N, "config": the
+  training config}``;
+- `torch` (`--format torch`, or an `--out` ending in .pt or .pth, as earlier versions
+  wrote it): one pickled file ``{"model": state dict, "config": the training config, "step": N}``.
 
 The checkpoint is checked first (`checkpointing.find_checkpoint`: intact, every file safe
 to unpickle; a run folder falls back to its newest intact checkpoint), and every file is
@@ -17,18 +24,35 @@ read with weights_only=True, DeepSpeed's `zero_to_fp32` included (`weights_only_
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Literal
 
+import safetensors.torch
 import torch
 
-from marscale.weights.layouts import CheckpointError, load_file
+from marscale.core.io import PARTIAL_SUFFIX, write_json
+from marscale.weights.layouts import (
+    MODEL_CONFIG,
+    SAFETENSORS_SUFFIX,
+    WEIGHTS_FILES,
+    CheckpointError,
+    config_file,
+    load_file,
+)
 from marscale.checkpoints.integrity import read_model_states, weights_only_loads
 from marscale.checkpoints.folders import find_checkpoint, step_of
 
 logger = logging.getLogger(__name__)
+
+ExportFormat = Literal["safetensors", "torch"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = ("safetensors", "torch")
+TORCH_SUFFIXES = (".pt", ".pth")
+"""An `--out` with one of these names a single pickled file: the `torch` form."""
+EXPORT_RECORD = "marscale"
+"""config.json's `format` in a folder `marscale export` wrote (transformers' has `model_type`)."""
 
 
 def has_zero_shards(path: str) -> bool:
@@ -58,9 +82,35 @@ def consolidate_checked(path: str) -> tuple[dict[str, torch.Tensor], dict[str, A
     return state, client
 
 
+def default_format(out: str) -> ExportFormat:
+    """`torch` for an `--out` ending in .pt or .pth (the single file earlier versions wrote),
+    else `safetensors` (a folder)."""
+    return "torch" if out.endswith(TORCH_SUFFIXES) else "safetensors"
+
+
+def read_export_record(path: str) -> dict[str, Any] | None:
+    """The config.json `marscale export` wrote beside weights `path` (a model folder, or a
+    file in one); None when there is none or it is another kind (transformers')."""
+    file = config_file(path)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file!r} is not readable JSON: {e}") from e
+    return record if isinstance(record, dict) and record.get("format") == EXPORT_RECORD else None
+
+
 def exported_config(path: str) -> dict[str, Any] | None:
-    """The training config stored in file `path` by `marscale export`; None for a file of
-    another layout. A file that is no checkpoint is a `CheckpointError` naming it."""
+    """The training config stored by `marscale export` with weights `path`: in config.json
+    for a model folder or a safetensors file (read without touching the weights), in the
+    file itself for the single-file form; None for weights of another origin. A file that
+    is no checkpoint is a `CheckpointError` naming it."""
+    if os.path.isdir(path) or path.endswith(SAFETENSORS_SUFFIX):
+        record = read_export_record(path)
+        config = record.get("config") if record else None
+        return config if isinstance(config, dict) else None
     obj = load_file(path, mmap=True)  # the weights are read later, by load_pretrained
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
@@ -68,27 +118,50 @@ def exported_config(path: str) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def export(checkpoint: str, out: str) -> str:
+def export(checkpoint: str, out: str, *, format: ExportFormat | None = None) -> str:
     """Write the consolidated fp32 weights of `checkpoint` (a step-N folder, a checkpoints
-    folder or a run folder: the newest intact checkpoint) to `out`. Returns the folder used."""
+    folder or a run folder: the newest intact checkpoint) to `out`, in `format`
+    (`default_format(out)` when None): a folder of model.safetensors and config.json, or
+    one pickled file. Returns the checkpoint folder used."""
+    format = format or default_format(out)
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export format {format!r} unknown; choose one of {', '.join(EXPORT_FORMATS)}")
+    if format == "safetensors" and (out.endswith(SAFETENSORS_SUFFIX) or os.path.isfile(out)):
+        raise ValueError(
+            f"--out {out}: the safetensors export is a folder ({WEIGHTS_FILES[0]} and {MODEL_CONFIG} go into "
+            f"it): give a folder, or --format torch for one pickled file"
+        )
     path = find_checkpoint(checkpoint)
     state, client = consolidate_checked(path)
-    payload = {
-        "model": state,
-        "config": client.get("config", {}),
-        "step": client.get("train_state", {}).get("step", step_of(path)),
-    }
-    directory = os.path.dirname(os.path.abspath(out))
+    config = client.get("config", {})
+    step = client.get("train_state", {}).get("step", step_of(path))
+    if format == "torch":
+        _atomic(out, lambda tmp: torch.save({"model": state, "config": config, "step": step}, tmp))
+    else:
+        os.makedirs(out, exist_ok=True)
+        # The weights first, the record last: a folder whose config.json names this step
+        # holds this step's weights.
+        weights = os.path.join(out, WEIGHTS_FILES[0])
+        _atomic(weights, lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}))
+        write_json(os.path.join(out, MODEL_CONFIG), {"format": EXPORT_RECORD, "step": step, "config": config})
+    n = sum(v.numel() for v in state.values())
+    logger.info(
+        "exported %s (%d tensors, %.1fM parameters, fp32) to %s (%s)", path, len(state), n / 1e6, out, format
+    )
+    return path
+
+
+def _atomic(target: str, write) -> None:
+    """`write(tmp)` into a temporary file beside `target`, then renamed over it: readers see
+    the old file or the whole new one."""
+    directory = os.path.dirname(os.path.abspath(target))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(out)}.", suffix=".partial")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.", suffix=PARTIAL_SUFFIX)
     os.close(fd)
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, out)
+        write(tmp)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    n = sum(v.numel() for v in state.values())
-    logger.info("exported %s (%d tensors, %.1fM parameters, fp32) to %s", path, len(state), n / 1e6, out)
-    return path

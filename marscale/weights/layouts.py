@@ -7,6 +7,12 @@ the files users bring (VideoMAE and MAE store their command line in every checkp
 handful of DeepSpeed's own classes for DeepSpeed's files (`DEEPSPEED_GLOBALS`). Anything
 else is an `UnsafeCheckpointError`; a truncated or foreign file a `CorruptCheckpointError`.
 
+safetensors files (`.safetensors`) hold tensors and a JSON header only: `read_safetensors`
+reads them without any unpickling. A model folder, as transformers' `save_pretrained`
+writes it, a Hub download leaves it or `marscale export` writes it, is `config.json` beside
+`model.safetensors` or `pytorch_model.bin`, each possibly sharded (`NAME.index.json` lists
+the shards); `read_checkpoint` reads a file or such a folder.
+
 `read_checkpoint` unwraps the state dict and strips wrapper prefixes. `detect_layout`
 names the layout from the keys, and `MAPPINGS[layout]` maps each key onto marscale's
 parameter names (see `marscale.weights.pretrained` for the layouts and what loading checks).
@@ -18,14 +24,24 @@ import argparse
 import contextlib
 import functools
 import importlib
+import json
 import os
 import pickle
 import re
 from typing import Any, Iterator, Sequence
 
+import safetensors
+import safetensors.torch
 import torch
 
-LAYOUTS = ("videomae_pretrain", "videomae_finetune", "mar_reference", "marscale")
+LAYOUTS = ("videomae_pretrain", "videomae_finetune", "hf_videomae", "mar_reference", "marscale")
+
+SAFETENSORS_SUFFIX = ".safetensors"
+MODEL_CONFIG = "config.json"
+"""The file that makes a folder a model folder (transformers' or `marscale export`'s)."""
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+"""A model folder's weights, looked for in this order (safetensors first: nothing to
+unpickle); each may be sharded, its shards listed in `NAME.index.json`."""
 
 # Keys that may hold the state dict inside a checkpoint file, most specific first.
 _WRAPPER_KEYS = ("model_state", "module", "model", "state_dict")
@@ -144,10 +160,75 @@ def refused_global(error: pickle.UnpicklingError) -> str:
     return f"{found.group(0)}." if found else ""
 
 
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file `path`. The format is a JSON header and raw tensor
+    bytes: reading it runs no code, whatever the file holds. Raises `CorruptCheckpointError`
+    for a file that is no safetensors file (a pickle renamed, truncated bytes)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist (or is not a file)")
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptCheckpointError(
+            f"{path!r} is not a readable safetensors file (truncated, corrupt or another format?): {e}"
+        ) from e
+
+
+def config_file(path: str) -> str:
+    """Where the config.json of weights `path` (a model folder, or a file in one) would be."""
+    return os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), MODEL_CONFIG)
+
+
+def is_model_folder(path: str) -> bool:
+    """Whether `path` is a folder holding a `config.json` (transformers' or `marscale export`'s)."""
+    return os.path.isfile(os.path.join(path, MODEL_CONFIG))
+
+
+def weight_files(folder: str) -> list[str]:
+    """The files holding model folder `folder`'s weights: `model.safetensors`, or its shards
+    as `model.safetensors.index.json` lists them, else the same for `pytorch_model.bin`."""
+    for name in WEIGHTS_FILES:
+        single = os.path.join(folder, name)
+        if os.path.isfile(single):
+            return [single]
+        index = single + ".index.json"
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    shards = list(dict.fromkeys(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CorruptCheckpointError(f"{index!r} is no shard index (a JSON weight_map): {e}") from e
+            files = [os.path.join(folder, shard) for shard in shards]
+            absent = [f for f in files if not os.path.isfile(f)]
+            if absent:
+                raise CheckpointError(f"{index!r} lists shards that are not there: {', '.join(absent)}")
+            return files
+    raise CheckpointError(
+        f"model folder {folder!r} has {MODEL_CONFIG} but no weights: expected "
+        f"{' or '.join(WEIGHTS_FILES)} (or their shards with an .index.json)"
+    )
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The raw state dict stored in `path` (unwrapped from its container, wrapper prefixes
-    `module.` and `_orig_mod.` stripped)."""
+    """The raw state dict stored in `path`, a checkpoint file or a model folder (unwrapped
+    from its container, wrapper prefixes `module.` and `_orig_mod.` stripped)."""
     path = os.fspath(path)
+    if not os.path.isdir(path):
+        return _read_file(path)
+    if not is_model_folder(path):
+        raise CheckpointError(
+            f"{path!r} is a folder, and {MODEL_CONFIG} does not exist in it: a model folder holds {MODEL_CONFIG} "
+            f"and {' or '.join(WEIGHTS_FILES)} (a DeepSpeed checkpoint folder: `marscale export` it first)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        state.update(_read_file(file))
+    return state
+
+
+def _read_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(SAFETENSORS_SUFFIX):
+        return _unwrap(read_safetensors(path), path)
     return _unwrap(load_file(path), path)
 
 
@@ -180,6 +261,8 @@ def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
 def detect_layout(state: dict[str, torch.Tensor]) -> str | None:
     """Which of `LAYOUTS` the key names belong to (None when none fits)."""
     keys = list(state)
+    if any(_hf_name(k).startswith(_HF_MARKERS) for k in keys):
+        return "hf_videomae"
     if any(k.startswith("backbone.") for k in keys):
         return "mar_reference"
     own = ("classifier.", "head.fc_norm.", "head.head.", "decoder.encoder_to_decoder.", "decoder.mask_token")
@@ -289,9 +372,96 @@ def _map_mar_reference(state) -> Iterator[Entry]:
             yield k, None, v
 
 
+# transformers' VideoMAE block names (`VideoMAELayer`) -> marscale Block names. The
+# query/value biases are `query.bias` / `value.bias` in the modules and `q_bias` / `v_bias`
+# in the files of older releases, which `save_pretrained` still writes by default
+# (`save_original_format`).
+_HF_BLOCK = (
+    ("layernorm_before.", "norm1."),
+    ("attention.attention.query.bias", "attn.q_bias"),
+    ("attention.attention.value.bias", "attn.v_bias"),
+    ("attention.attention.q_bias", "attn.q_bias"),
+    ("attention.attention.v_bias", "attn.v_bias"),
+    ("attention.output.dense.", "attn.proj."),
+    ("layernorm_after.", "norm2."),
+    ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."),
+)
+_HF_LAYER_KEY = re.compile(r"(encoder\.layer|decoder\.decoder_layers)\.(\d+)\.(.+)")
+_HF_PROJECTION = re.compile(r"attention\.attention\.(query|key|value)\.weight")
+_HF_QKV = ("query", "key", "value")
+_HF_MARKERS = ("embeddings.patch_embeddings.", "encoder.layer.", "decoder.decoder_layers.")
+_HF_PREFIX = "videomae."
+
+
+def _hf_name(key: str) -> str:
+    """A transformers key without the `videomae.` prefix the task models put before the
+    encoder (a bare `VideoMAEModel` saves it without)."""
+    return key[len(_HF_PREFIX) :] if key.startswith(_HF_PREFIX) else key
+
+
+def _map_hf_videomae(state) -> Iterator[Entry]:
+    """transformers' VideoMAE (`VideoMAEForPreTraining`, `VideoMAEForVideoClassification`,
+    `VideoMAEModel`) -> marscale.
+
+    videomae.embeddings.patch_embeddings.projection is the tubelet Conv3d (transformers
+    permutes its [B, T, C, H, W] input to marscale's [B, C, T, H, W] before it: the same
+    weights); videomae.encoder.layer.N the encoder blocks and videomae.layernorm the final
+    encoder norm (pre-training models, `use_mean_pooling: false`); fc_norm and classifier
+    the full-token head (`ClassifierHead`: mean pool, fc_norm, Linear); encoder_to_decoder,
+    mask_token and decoder.{decoder_layers.N, norm, head} the pre-training decoder.
+    Each block's query, key and value Linears become one qkv weight, rows in that order
+    (marscale's Attention splits them so), their biases (query and value only) its q_bias
+    and v_bias.
+    """
+    projections: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for k, v in state.items():
+        name = _hf_name(k)
+        m = _HF_LAYER_KEY.fullmatch(name)
+        if m:
+            block = f"{'encoder' if m.group(1) == 'encoder.layer' else 'decoder'}.blocks.{m.group(2)}."
+            rest = m.group(3)
+            projection = _HF_PROJECTION.fullmatch(rest)
+            if projection:
+                projections.setdefault(block, {})[projection.group(1)] = (k, v)
+                continue
+            for src, dst in _HF_BLOCK:
+                if rest.startswith(src):
+                    yield k, f"{block}{dst}{rest[len(src):]}", v
+                    break
+            else:
+                yield k, None, v
+        elif name.startswith("embeddings.patch_embeddings.projection."):
+            yield k, "encoder.patch_embed.proj." + name.rsplit(".", 1)[1], v
+        elif name == "embeddings.position_embeddings":
+            yield k, "encoder.pos_embed", v
+        elif name.startswith("layernorm."):
+            yield k, "encoder.norm." + name[len("layernorm.") :], v
+        elif name.startswith("fc_norm."):
+            yield k, "head." + name, v
+        elif name.startswith("classifier."):
+            yield k, "head.head." + name[len("classifier.") :], v
+        elif name in ("encoder_to_decoder.weight", "mask_token"):
+            yield k, "decoder." + name, v
+        elif name == "position_embeddings":
+            yield k, "decoder.pos_embed", v
+        elif name.startswith(("decoder.norm.", "decoder.head.")):
+            yield k, name, v
+        else:
+            yield k, None, v
+    for block, found in projections.items():
+        if len(found) < len(_HF_QKV):  # a part is missing: the model's qkv weight is reported as lacking
+            for k, v in found.values():
+                yield k, None, v
+            continue
+        src = found["query"][0].replace(".query.", ".{query,key,value}.")
+        yield src, block + "attn.qkv.weight", torch.cat([found[n][1] for n in _HF_QKV])
+
+
 MAPPINGS = {
     "videomae_pretrain": _map_videomae_pretrain,
     "videomae_finetune": _map_videomae_finetune,
+    "hf_videomae": _map_hf_videomae,
     "mar_reference": _map_mar_reference,
     "marscale": _map_marscale,
 }

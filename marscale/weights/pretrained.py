@@ -1,13 +1,22 @@
 """Load pre-trained weights into a marscale model from the checkpoint layouts users bring.
 
-Four layouts are recognised from their key names (wrapper prefixes are stripped first: DDP's
-`module.` and torch.compile's `_orig_mod.`):
+Weights come as one file (a pickled PyTorch checkpoint, read with weights_only=True, or a
+safetensors file), as a model folder (`config.json` beside `model.safetensors` or
+`pytorch_model.bin`, sharded or not: transformers' `save_pretrained`, a Hub download,
+`marscale export`), or as `hf:ORG/NAME`, a model in the local Hugging Face cache
+(`marscale.weights.hf`). Five layouts are recognised from their key names (wrapper prefixes
+are stripped first: DDP's `module.` and torch.compile's `_orig_mod.`):
 
 - `videomae_pretrain`: VideoMAE pre-training, `{"model": {encoder.*, decoder.*,
   encoder_to_decoder.weight, mask_token}}`. Encoder and reconstruction decoder load; the
   classifier starts fresh (fine-tuning from a pre-training checkpoint).
 - `videomae_finetune`: VideoMAE fine-tuned, `{"module" or "model": {patch_embed.*, blocks.N.*,
   fc_norm.*, head.*}}`: the encoder and the full-token baseline head (`ViTClassifier`).
+- `hf_videomae`: transformers' VideoMAE (`VideoMAEForPreTraining`,
+  `VideoMAEForVideoClassification`): `videomae.*` is the encoder, the pre-training decoder
+  and `fc_norm`/`classifier` (the full-token head) map onto marscale's modules (see
+  `layouts._map_hf_videomae`). Its config.json is checked against the model first
+  (`hf.check_config`: head counts are not in the weights).
 - `mar_reference`: the MAR reference code, `{"model_state": {backbone.*, decoder.*,
   encoder_to_decoder.weight, mask_token, encoder_to_cls_decoder.weight, cls_head.*}}`.
   Its bridging classifier uses other block names (`norm`, `attn.to_qkv`, `norm_ffn`,
@@ -27,8 +36,15 @@ file is skipped when it is that fixed table (of any clip size, with a note when 
 differs from the model's); a table with other values (learned positions) is an error, since
 the model could not use them.
 
-Reading files (`torch.load(weights_only=True)`: a checkpoint from the internet can run no
-code here) and the key names of each layout are in `marscale/weights/layouts.py`.
+The load report counts what loaded per part of the model and says where the file's modules
+went (`videomae.encoder.layer.0-11 -> encoder.blocks.0-11`). `load_state` checks and loads
+a state dict already in memory (a DeepSpeed checkpoint `marscale eval` consolidated); with
+`need_classifier` (evaluation) it also refuses weights that would leave any of the encoder
+or classifier at its initialisation, in one line naming the setting (`model.num_classes`).
+
+Reading files (`torch.load(weights_only=True)`, safetensors without unpickling: a checkpoint
+from the internet can run no code here) and the key names of each layout are in
+`marscale/weights/layouts.py`.
 """
 
 from __future__ import annotations
@@ -41,6 +57,7 @@ import re
 import torch
 import torch.nn as nn
 
+from marscale.weights import hf
 from marscale.weights.layouts import IGNORE, LAYOUTS, MAPPINGS, CheckpointError, detect_layout, read_checkpoint
 from marscale.core.clip import ClipConfig
 from marscale.model.config import VARIANTS
@@ -61,11 +78,13 @@ GROUPS = ("encoder", "decoder", "classifier", "other")
 
 # First matching prefix wins. Marscale names and the names of every layout: VideoMAE
 # fine-tuned (`blocks.`, `fc_norm.`, `head.`), pre-training (`encoder_to_decoder`,
-# `mask_token`), the MAR reference (`backbone.`, `cls_head.`, `encoder_to_cls_decoder`).
+# `mask_token`), transformers (`videomae.`, `classifier.`, `position_embeddings`: the
+# decoder's table), the MAR reference (`backbone.`, `cls_head.`, `encoder_to_cls_decoder`).
 _GROUP_PREFIXES = (
     ("classifier", ("classifier.", "head.", "fc_norm.", "cls_head.", "encoder_to_cls_decoder.")),
-    ("decoder", ("decoder.", "encoder_to_decoder.", "mask_token")),
-    ("encoder", ("encoder.", "backbone.", "blocks.", "patch_embed.", "norm.")),
+    ("decoder", ("decoder.", "encoder_to_decoder.", "mask_token", "position_embeddings")),
+    ("encoder", ("encoder.", "backbone.", "blocks.", "patch_embed.", "norm.", "videomae.", "embeddings.",
+                 "layernorm.")),
 )
 
 
@@ -94,6 +113,9 @@ class LoadReport:
     (another label set); with `partial`, anything else of another shape."""
     ignored: list[str] = dataclasses.field(default_factory=list)
     """File keys skipped on purpose (position tables, the MAR reference's input mean/std)."""
+    placed: list[str] = dataclasses.field(default_factory=list)
+    """Where the file's modules went, where the names differ: `file module -> model module`
+    (`videomae.encoder.layer.0-11 -> encoder.blocks.0-11`)."""
     notes: list[str] = dataclasses.field(default_factory=list)
     """Human-readable remarks (shape of a dropped head, a position table for another clip size)."""
 
@@ -130,6 +152,7 @@ class LoadReport:
         ):
             if keys:
                 lines.append(f"  {name} ({len(keys)}): {_summarise(keys)}")
+        lines.extend(f"  placed: {p}" for p in self.placed)
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -146,6 +169,35 @@ def _summarise(keys: list[str], limit: int = 8) -> str:
 
 
 _BLOCK_KEY = re.compile(r"(.*\bblocks)\.(\d+)\.")
+_LIST_KEY = re.compile(r"(.*?)\.(\d+)\.")  # the first numbered module list in a key
+
+
+def _placements(pairs: list[tuple[str, str]]) -> list[str]:
+    """`file module -> model module` for the (file key, model key) pairs whose names
+    differ, module lists as index ranges: `videomae.encoder.layer.0-1 -> encoder.blocks.0-1`."""
+
+    def module(key: str) -> tuple[str, int | None]:
+        m = _LIST_KEY.match(key)
+        if m:
+            return m.group(1), int(m.group(2))
+        parent, _, leaf = key.rpartition(".")
+        return (parent if parent and leaf in ("weight", "bias") else key), None
+
+    found: dict[tuple[str, str], tuple[set[int], set[int]]] = {}
+    for src, ours in pairs:
+        (src_module, i), (our_module, j) = module(src), module(ours)
+        if (src_module, i) == (our_module, j):
+            continue
+        mine, theirs = found.setdefault((src_module, our_module), (set(), set()))
+        if i is not None:
+            mine.add(i)
+        if j is not None:
+            theirs.add(j)
+
+    def name(prefix: str, indices: set[int]) -> str:
+        return f"{prefix}.{_index_ranges(indices)}" if indices else prefix
+
+    return [f"{name(s, i)} -> {name(o, j)}" for (s, o), (i, j) in found.items()]
 
 
 def _index_ranges(indices: set[int]) -> str:
@@ -311,12 +363,63 @@ def _check_normalisation(state, clip: ClipConfig | None, notes: list[str]) -> No
 
 
 def load_pretrained(
-    model: nn.Module, path: str | os.PathLike, *, clip: ClipConfig | None = None, partial: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    clip: ClipConfig | None = None,
+    partial: bool = False,
+    need_classifier: bool = False,
 ) -> LoadReport:
-    """Load the weights in `path` into `model` (a `MARModel` or `ViTClassifier`).
+    """Load the weights `path` names into `model` (a `MARModel` or `ViTClassifier`): a
+    checkpoint file, a model folder or `hf:ORG/NAME` (the module docstring).
 
-    With `clip`, the input normalisation a checkpoint stores (MAR reference) is compared
-    with the clip section's and a difference is noted in the report.
+    With `clip`, the input normalisation a checkpoint stores (MAR reference,
+    preprocessor_config.json) is compared with the clip section's and a difference is noted
+    in the report. A transformers folder's config.json must describe the model
+    (`hf.check_config`). Then `load_state`.
+    """
+    name = os.fspath(path)
+    path = hf.locate(name)
+    state = read_checkpoint(path)
+    layout = _layout(state, name)
+    notes = [] if path == name else [f"{name} is {path} in the local Hugging Face cache"]
+    if layout == "hf_videomae":
+        config = hf.read_config(path)
+        if config is None:
+            notes.append(
+                f"no {hf.MODEL_CONFIG} beside the weights: head counts and the clip it was trained on unchecked"
+            )
+        else:
+            notes += hf.check_config(config, model, list(state), source=name, clip=clip)
+    return load_state(
+        model, state, source=name, layout=layout, clip=clip, partial=partial, need_classifier=need_classifier,
+        notes=notes,
+    )
+
+
+def _layout(state: dict[str, torch.Tensor], source: str) -> str:
+    layout = detect_layout(state)
+    if layout is None:
+        raise CheckpointError(
+            f"{source!r}: the key names match no known layout ({', '.join(LAYOUTS)}); "
+            f"first keys: {list(state)[:_MAX_LISTED]}"
+        )
+    return layout
+
+
+def load_state(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    layout: str | None = None,
+    clip: ClipConfig | None = None,
+    partial: bool = False,
+    need_classifier: bool = False,
+    notes: list[str] | tuple[str, ...] = (),
+) -> LoadReport:
+    """Load state dict `state` (read from `source`, named in messages; in `layout`, else
+    detected from its keys) into `model`.
 
     The checkpoint must fit the model whole, or `CheckpointError` says what does not fit
     and which setting would make it fit. Not fitting: missing encoder weights; a weight that
@@ -326,20 +429,14 @@ def load_pretrained(
     instead, and the model keeps its initialisation there. Always allowed: a classifier
     head of another shape (another label set: dropped and reported), and a decoder or
     classifier absent from the file (fine-tuning from a pre-training checkpoint, or a
-    fine-tuned one without the decoder). Tensors are cast to the dtype of the model's
-    tensors. Nothing in the model changes when an error is raised.
+    fine-tuned one without the decoder); with `need_classifier` (the model will score
+    clips with these weights) neither is, and `partial` is not offered. Tensors are cast to
+    the dtype of the model's tensors. Nothing in the model changes when an error is raised.
 
     The report is logged, at WARNING when anything is missing or dropped.
     """
-    path = os.fspath(path)
-    state = read_checkpoint(path)
-    layout = detect_layout(state)
-    if layout is None:
-        raise CheckpointError(
-            f"{path!r}: the key names match no known layout ({', '.join(LAYOUTS)}); "
-            f"first keys: {list(state)[:_MAX_LISTED]}"
-        )
-    report = LoadReport(path=path, layout=layout, partial=partial)
+    layout = layout or _layout(state, source)
+    report = LoadReport(path=source, layout=layout, partial=partial, notes=list(notes))
     own = model.state_dict()
     # Non-persistent buffers (the sin-cos tables) are not in state_dict().
     table_shapes = {n: b.shape for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in _POSITION_TABLE_NAMES}
@@ -349,6 +446,8 @@ def load_pretrained(
     no_place: list[str] = []  # file keys inside the model's modules that name no tensor there
     other_shape: list[str] = []  # file keys whose model tensor has another shape (not the head)
     table_errors: list[str] = []
+    placed: list[tuple[str, str]] = []  # (file key, model key) of what loaded
+    head_classes = None  # the number of classes of a classifier head of another shape
     for src, ours, tensor in MAPPINGS[layout](state):
         if ours is not None and ours != IGNORE:
             file_shapes[ours] = tensor.shape
@@ -371,6 +470,7 @@ def load_pretrained(
                 model_name = "the model's" if src == ours else f"the model's {ours}"
                 other_shape.append(f"{src} {tuple(tensor.shape)} vs {model_name} {tuple(own[ours].shape)}")
             elif ours.endswith(".weight"):
+                head_classes = tensor.shape[0]
                 report.notes.append(
                     f"classifier head {ours.rsplit('.', 1)[0]} not loaded: {tuple(tensor.shape)} in the "
                     f"checkpoint, {tuple(own[ours].shape)} in the model (another number of classes); it keeps "
@@ -378,6 +478,9 @@ def load_pretrained(
                 )
         else:
             new[ours] = tensor.to(dtype=own[ours].dtype)
+            placed.append((src, ours))
+    order = {k: i for i, k in enumerate(own)}
+    report.placed = _placements(sorted(placed, key=lambda pair: order[pair[1]]))  # in the model's order
     if layout == "mar_reference":
         _check_normalisation(state, clip, report.notes)
 
@@ -398,14 +501,36 @@ def load_pretrained(
         misfits.append(f"{len(other_shape)} weights have another shape: {shown}")
     if lacking:
         misfits.append(f"it lacks {len(lacking)} weights of the model: {_describe(lacking)}")
-    if misfits and not partial:
+    if misfits and (need_classifier or not partial):
         fixes = _fixes(file_shapes, {k: v.shape for k, v in own.items()})
-        fix = f"To fit it, {'; '.join(fixes)}. " if fixes else ""
-        raise CheckpointError(
-            f"{path!r} (layout {layout}) does not fit the model: {'; '.join(misfits)}. {fix}To load only what "
-            f"fits and start the rest from its initialisation, set model.pretrained_partial: true (partial=True)"
+        fix = f" To fit it, {'; '.join(fixes)}." if fixes else ""
+        offer = (
+            "" if need_classifier else " To load only what fits and start the rest from its initialisation, "
+            "set model.pretrained_partial: true (partial=True)"
         )
+        raise CheckpointError(f"{source!r} (layout {layout}) does not fit the model: {'; '.join(misfits)}.{fix}{offer}")
+    if need_classifier:
+        _check_trained(report, source, head_classes, own)
     report.notes.extend(f"partial load, left out: {m}" for m in misfits)
     model.load_state_dict(new, strict=False)
     logger.log(logging.WARNING if report.missing or report.dropped else logging.INFO, "%s", report)
     return report
+
+
+def _check_trained(report: LoadReport, path: str, head_classes: int | None, own: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that would leave any of the encoder or classifier at its
+    initialisation (a pre-training checkpoint, another label set): the model would score
+    with random weights there."""
+    untrained = [k for k in dict.fromkeys(report.missing + report.dropped) if not k.startswith("decoder.")]
+    if not untrained:
+        return
+    if head_classes is not None:
+        head = next(k for k in own if k in _HEAD_KEYS and k.endswith(".weight"))
+        raise CheckpointError(
+            f"{path!r} holds a classifier for {head_classes} classes, the model has {own[head].shape[0]}: set "
+            f"model.num_classes={head_classes}"
+        )
+    raise CheckpointError(
+        f"{path!r} has no trained classifier for this model: {len(untrained)} weights would stay at their "
+        f"initialisation ({_describe(untrained)}); evaluate a fine-tuned checkpoint"
+    )

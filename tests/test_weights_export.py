@@ -1,0 +1,94 @@
+"""Tests for marscale.weights.export's two forms: `marscale export` writes a folder of
+model.safetensors and config.json by default, the single pickled file when asked (or for an
+--out ending in .pt/.pth); load_pretrained and `exported_config` read both.
+
+The checkpoint is a ZeRO-0 step folder written here (the module weights of a seeded tiny
+MAR model and the config), which `export` consolidates like any DeepSpeed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import pytest
+import safetensors
+import torch
+from helpers import tiny_clip, tiny_model_config
+
+from marscale import cli
+from marscale.checkpoints import folders as ckpt
+from marscale.checkpoints import integrity
+from marscale.model import build_model
+from marscale.weights.export import export, exported_config
+from marscale.weights.pretrained import load_pretrained
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+STEP = 7
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A complete step-7 folder holding a seeded tiny MAR model and its config."""
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    cfg = tiny_model_config()
+    state = build_model(cfg, tiny_clip()).state_dict()
+    config = {"model": {"variant": cfg.variant, "num_classes": cfg.num_classes}}
+    step = os.path.join(ckpt.checkpoints_root(str(root)), ckpt.tag_for(STEP))
+    os.makedirs(step)
+    torch.save({"module": state, "marscale": {"config": config, "train_state": {"step": STEP}}},
+               os.path.join(step, "mp_rank_00_model_states.pt"))
+    ckpt.mark_complete(step, {"step": STEP, "files": integrity.file_records(step)})
+    return types.SimpleNamespace(cfg=cfg, state=state, config=config, step=step, run=str(root))
+
+
+def loads_back(checkpoint, path: str) -> None:
+    model = build_model(checkpoint.cfg, tiny_clip())
+    report = load_pretrained(model, path)
+    assert report.layout == "marscale" and report.missing == [] and report.unexpected == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, checkpoint.state[k]), k
+
+
+def test_default_is_a_safetensors_folder_with_its_config(checkpoint, tmp_path):
+    out = str(tmp_path / "exported")
+    assert export(checkpoint.run, out) == checkpoint.step
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    record = json.load(open(os.path.join(out, "config.json")))
+    assert record == {"format": "marscale", "step": STEP, "config": checkpoint.config}
+    with safetensors.safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(checkpoint.state) and f.metadata() == {"format": "pt"}
+    loads_back(checkpoint, out)
+    loads_back(checkpoint, os.path.join(out, "model.safetensors"))  # the file alone
+    assert exported_config(out) == exported_config(os.path.join(out, "model.safetensors")) == checkpoint.config
+
+
+@pytest.mark.parametrize("how", ["suffix", "flag"])
+def test_the_single_pickled_file_stays_selectable(checkpoint, tmp_path, how):
+    out = str(tmp_path / ("model.pt" if how == "suffix" else "weights"))
+    export(checkpoint.step, out, format=None if how == "suffix" else "torch")
+    payload = torch.load(out, weights_only=True)
+    assert payload["step"] == STEP and payload["config"] == checkpoint.config
+    loads_back(checkpoint, out)
+    assert exported_config(out) == checkpoint.config
+
+
+def test_cli_format_flag_and_a_file_name_for_a_folder(checkpoint, tmp_path, capsys):
+    assert cli.main(["export", "--checkpoint", checkpoint.run, "--out", str(tmp_path / "a.pt"),
+                     "--format", "safetensors"]) == 0
+    assert os.path.isfile(tmp_path / "a.pt" / "model.safetensors")  # asked for: a folder, whatever its name
+    assert cli.main(["export", "--checkpoint", checkpoint.run, "--out", str(tmp_path / "m.safetensors")]) == 78
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("marscale export: error: --out ") and "the safetensors export is a folder" in err
+    assert "\n" not in err and not os.path.exists(tmp_path / "m.safetensors")
+
+
+def test_a_folder_of_another_kind_stores_no_config(checkpoint, tmp_path):
+    out = str(tmp_path / "exported")
+    export(checkpoint.run, out)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"model_type": "videomae", "hidden_size": 192}, f)  # transformers' config
+    assert exported_config(out) is None
