@@ -190,3 +190,44 @@ def test_a_rank_alone_gives_up_after_the_setup_timeout(synthetic_shards, tmp_pat
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == exits.PEER_LOST, proc.stderr[-3000:]
     assert "the ranks did not all meet at 127.0.0.1:" in proc.stderr and "run.setup_timeout_s=3 s" in proc.stderr
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: every task's processes end with $TASK_STATUS (a status, or "killed" by signal 9)
+if [[ $TASK_STATUS == killed ]]; then exec bash -c 'kill -9 $$'; fi
+exit "$TASK_STATUS"
+"""
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ $1 == show && $2 == hostnames ]]; then echo 127.0.0.1; fi
+if [[ $1 == requeue ]]; then echo "$2" >> "$REQUEUE_LOG"; fi
+"""
+
+
+@pytest.mark.parametrize(
+    "task, restarts, status, requeued",
+    [
+        ("killed", "0", exits.PEER_LOST, True),  # srun reports 137: a task killed (a node lost, NCCL's abort)
+        ("69", "0", exits.PEER_LOST, True),
+        ("69", "3", exits.PEER_LOST, False),  # MAX_REQUEUES (3) used up
+        ("75", "5", exits.PREEMPTED, True),  # a pre-emption always requeues
+        ("78", "0", exits.BAD_INPUT, False),
+        ("1", "0", exits.FAILED, False),
+    ],
+)
+def test_the_slurm_script_requeues_on_exactly_the_restartable_statuses(task, restarts, status, requeued, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = subprocess_env()
+    env.update(PATH=str(bin_dir) + os.pathsep + env["PATH"], SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="77",
+               SLURM_RESTART_COUNT=restarts, REQUEUE_LOG=str(tmp_path / "requeued"), TASK_STATUS=task,
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", "demo"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert os.path.exists(tmp_path / "requeued") == requeued, proc.stdout
+    if task == "killed":
+        assert "srun exited 137: job status 69" in proc.stdout
