@@ -97,3 +97,14 @@ def test_paper_terms_pair_mar_with_full_of_its_size():
     assert view.value == pytest.approx(1 - rows[1].macs_view / rows[0].macs_view)
     assert round(view.value, 3) == 0.537  # docs/benchmarks.md: ViT-L 276.0 vs 596.8 GFLOPs
     assert rows[1].schedule_clips == 240_000 * 60 * 2
+
+
+@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--batch", "-4"), ("--steps", "0"),
+                                         ("--warmup", "-1"), ("--threads", "0")])
+def test_bad_counts_are_refused_before_measuring(capsys, flag, value):
+    # `--batch 0` used to fall through `args.batch or 2` and measure at batch 2.
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["compare", "--quick", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be an integer >= " in err and f"got {value}" in err

@@ -57,6 +57,20 @@ QUICK_OVERRIDES = ("clip.img_size=32", "clip.num_frames=4", "data.short_side=32"
 OUT_NAME = "compare"
 
 
+def _count(least: int):
+    """argparse type: an int >= `least`. `--batch 0` must be an error, not the default it
+    would become under `args.batch or ...`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value" errors
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "entries", nargs="*", metavar="CONFIG[:key=value...]",
@@ -70,14 +84,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"entry (or label) every row is divided by (default: {DEFAULT_REFERENCE})")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the demo model (full, MAR 50%%, 75%%) at 4x32x32, batch 2, 2 timed steps")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=_count(1), default=None,
                         help="clips per measured step (default: the config's on GPU, 1 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default: GPU 10, CPU 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: GPU 3, CPU 1)")
+    parser.add_argument("--steps", type=_count(1), default=None,
+                        help="timed steps per mode (default: GPU 10, CPU 3)")
+    parser.add_argument("--warmup", type=_count(0), default=None, help="untimed steps first (default: GPU 3, CPU 1)")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="measure configs (cheapest first) while the estimated time fits this many "
                         "minutes (default: 10 on CPU, no limit on GPU)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_count(1), default=None,
                         help="CPU threads while measuring (default 1 on CPU: steps are timed in CPU time)")
     parser.add_argument("--no-measure", action="store_true", help="counted columns only")
     parser.add_argument("--train-videos", type=int, default=K400_TRAIN_VIDEOS,
