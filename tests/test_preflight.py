@@ -208,3 +208,29 @@ def test_an_hf_model_not_in_the_local_cache_is_named_with_how_to_download_it(syn
     problem, = problems_of(config(synthetic_shards, tmp_path, "model.pretrained=hf:MCG-NJU/videomae-base"))
     assert problem.startswith("model.pretrained: hf:MCG-NJU/videomae-base is not in the local Hugging Face cache")
     assert "`hf download MCG-NJU/videomae-base`" in problem
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", ["auto", "flash_varlen", "torch_varlen", "flex", "sdpa_mask", "per_clip"])
+def test_attention_on_cuda_is_checked_against_the_precision(monkeypatch, name, precision):
+    """The varlen kernels have no fp32 path: an fp32 run with per-clip ratios on CUDA (the
+    demo config is fp32) is refused in one line naming the backend, the precision and what
+    to set. The device is data here: no GPU is needed to check a CUDA run."""
+    from marscale.model import attention
+
+    monkeypatch.setattr(attention, "_has_flash_attn", lambda: True)  # auto -> flash_varlen
+    problem = preflight_module.attention_problem(name, "cuda", precision)
+    if precision == "fp32" and name in ("auto", "flash_varlen", "torch_varlen"):
+        backend = "flash_varlen" if name == "auto" else name
+        named = f"model.attention=auto ({backend} on cuda)" if name == "auto" else f"model.attention={name}"
+        assert problem.startswith(f"{named} computes in fp16/bf16 only"), problem
+        assert "no fp32 kernel" in problem and "this run computes in fp32" in problem
+        assert problem.endswith("set deepspeed.precision=bf16, or model.attention=flex, sdpa_mask or per_clip")
+        assert "\n" not in problem
+    else:
+        assert problem is None, problem
+
+
+def test_attention_on_cpu_still_names_the_missing_kernel_first():
+    assert "no CPU kernel" in preflight_module.attention_problem("torch_varlen", "cpu", "fp32")
+    assert preflight_module.attention_problem("auto", "cpu", "fp32") is None

@@ -15,7 +15,9 @@ that lists them all:
                    checkpoint.resume names an intact checkpoint
                    (chosen here, once, and kept in the plan; the trainer then checks it was
                    written for this model); run.output_dir can be written and has room for
-                   one checkpoint (`checkpoint_bytes`)
+                   one checkpoint (`checkpoint_bytes`); with per-clip ratios (packed
+                   batches) model.attention trains on this device at deepspeed.precision
+                   (flash_varlen and torch_varlen compute in fp16/bf16 only)
 
 `marscale eval` runs the checks that apply to it (training=False): it still plans the
 run, so the training manifest must load, but its shard files are not needed.
@@ -40,7 +42,7 @@ from marscale.core.clip import num_tokens
 from marscale.cost.counting import count_visible
 from marscale.data import build_eval_loader, resolve_decoder
 from marscale.data.shards import ShardSet
-from marscale.engine.config import TrainConfig
+from marscale.engine.config import PRECISION_DTYPES, Precision, TrainConfig
 from marscale.engine.plan import RunPlan, class_problem, make_plan
 from marscale.model.attention import resolve_backend, training_problem
 from marscale.weights.hf import locate
@@ -131,14 +133,19 @@ def _checkpoint_space_problem(cfg: TrainConfig) -> str | None:
     )
 
 
-def _attention_problem(cfg: TrainConfig) -> str | None:
-    """Why `model.attention` cannot train packed batches on this run's device, or None."""
-    device = dist.resolve_device(cfg.run.device)
+def attention_problem(name: str, device: torch.device | str, precision: Precision) -> str | None:
+    """Why model.attention `name` cannot train packed batches on `device` at
+    deepspeed.precision `precision`, or None (a pure function: the device is data)."""
     try:
-        backend = resolve_backend(cfg.model.attention, device)
+        backend = resolve_backend(name, device)
     except RuntimeError as e:
         return str(e)
-    return training_problem(backend, device)
+    problem = training_problem(backend, device, PRECISION_DTYPES[precision])
+    if problem and backend != name:  # say what `auto` chose, or the line names a backend nobody set
+        problem = problem.replace(
+            f"model.attention={backend}", f"model.attention={name} ({backend} on {torch.device(device).type})", 1
+        )
+    return problem
 
 
 def _agree(problems: list[str]) -> list[str]:
@@ -205,7 +212,8 @@ def preflight(cfg: TrainConfig, world_size: int, *, training: bool = True) -> Ru
             found.append(f"checkpoint.resume: {e}")
         found.append(_checkpoint_space_problem(cfg))
         if cfg.masking.per_clip:  # packed batches: the attention backend must train here
-            found.append(_attention_problem(cfg))
+            device = dist.resolve_device(cfg.run.device)
+            found.append(attention_problem(cfg.model.attention, device, cfg.deepspeed.precision))
 
     problems = _agree(problems + [p for p in found if p])
     if problems:

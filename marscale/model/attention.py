@@ -6,8 +6,8 @@ its own clip only (`marscale.tokens.packing.PackedTokens` says where each clip s
 
 Backends (`model.attention`):
 - `flash_varlen`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; if installed).
-- `torch_varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA only: it has no
-  CPU kernel).
+- `torch_varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16: it
+  has no CPU kernel and no fp32 one).
 - `flex`: FlexAttention with a document mask. On a GPU it trains; on a CPU it has no
   backward, so it only serves evaluation there.
 - `sdpa_mask`: one `scaled_dot_product_attention` over the whole packed sequence with a
@@ -79,11 +79,22 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
-def training_problem(backend: str, device: torch.device | str) -> str | None:
-    """Why `backend` (resolved) cannot train packed batches on `device`, or None: the one
-    statement of each limit (the pre-flight and the kernels both use it)."""
+HALF_ONLY = {"flash_varlen": "flash-attn", "torch_varlen": "PyTorch's varlen kernel (flash or cuDNN)"}
+"""Backends whose kernels compute in fp16 or bf16 only (no fp32 kernel), and whose kernel it is."""
+
+
+def training_problem(backend: str, device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why `backend` (resolved) cannot train packed batches on `device` in `dtype`, or
+    None: the one statement of each limit (the pre-flight and the kernels both use it)."""
     if backend == "flex" and torch.device(device).type == "cpu":
         return "model.attention=flex cannot train on CPU (FlexAttention has no CPU backward); use per_clip or sdpa_mask"
+    if backend in HALF_ONLY and dtype not in (torch.float16, torch.bfloat16):
+        name = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, str(dtype).removeprefix("torch."))
+        return (
+            f"model.attention={backend} computes in fp16/bf16 only ({HALF_ONLY[backend]} has no {name} kernel), "
+            f"this run computes in {name}: set deepspeed.precision=bf16, or model.attention=flex, sdpa_mask "
+            f"or per_clip"
+        )
     return None
 
 
@@ -106,7 +117,7 @@ def _sdpa_mask(q, k, v, packed: PackedTokens) -> torch.Tensor:
 
 def _flex(q, k, v, packed: PackedTokens) -> torch.Tensor:
     if torch.is_grad_enabled() and q.requires_grad:
-        problem = training_problem("flex", q.device)
+        problem = training_problem("flex", q.device, q.dtype)
         if problem:
             raise RuntimeError(problem)
     ids = packed.clip_ids
