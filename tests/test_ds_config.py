@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 import pytest
+import torch
 
 from marscale.engine.config import load_train_config
-from marscale.engine.ds_config import build_deepspeed_config
+from marscale.engine.ds_config import build_deepspeed_config, gradient_dtypes
 
 deepspeed = pytest.importorskip("deepspeed")
 import deepspeed.comm  # noqa: E402
@@ -139,3 +141,53 @@ def test_parser_rejects_unknown_section_keys(monkeypatch):
     d["zero_optimization"] = {**d["zero_optimization"], "overlap_comms": True}
     with pytest.raises(Exception, match="overlap_comms"):
         parse(d, 1, monkeypatch)
+
+
+# (precision, stage) -> (communication_data_type, grad_accum_dtype) with both left at auto
+RESOLVED = {
+    **{("bf16", s): ("fp32", "fp32") for s in (1, 2, 3)},
+    ("bf16", 0): ("fp32", "bf16"),  # ZeRO-0 keeps the gradients in the bf16 parameters
+    **{("fp16", s): ("fp16", "fp16") for s in range(4)},
+    **{("fp32", s): ("fp32", "fp32") for s in range(4)},
+}
+
+
+@pytest.mark.parametrize("precision, stage", list(RESOLVED))
+def test_gradient_dtypes_are_always_written(precision, stage, monkeypatch):
+    """Left out, DeepSpeed reduces and accumulates bf16 gradients in bf16: the dict states
+    both dtypes for every precision, and DeepSpeed reads them back."""
+    cfg = cfg_with(f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", "run.device=cuda")
+    communication, accumulation = RESOLVED[precision, stage]
+    assert gradient_dtypes(cfg.deepspeed) == (communication, accumulation)
+    d = build_deepspeed_config(cfg, world_size=2)
+    assert d["communication_data_type"] == communication
+    assert d["data_types"] == {"grad_accum_dtype": accumulation}
+    parsed = parse(d, 2, monkeypatch)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert parsed.communication_data_type == dtypes[communication]
+    assert parsed.grad_accum_dtype == accumulation
+
+
+def test_gradient_dtypes_can_be_set(monkeypatch):
+    cfg = cfg_with("deepspeed.precision=bf16", "deepspeed.communication_data_type=bf16",
+                   "deepspeed.grad_accum_dtype=bf16", "run.device=cuda")
+    assert gradient_dtypes(cfg.deepspeed) == ("bf16", "bf16")
+    cfg = cfg_with("deepspeed.precision=fp16", "deepspeed.communication_data_type=fp32", "run.device=cuda")
+    with pytest.raises(ValueError, match=re.escape("set fp32 or fp16 or auto")):
+        cfg_with("deepspeed.precision=fp16", "deepspeed.communication_data_type=bf16")
+    assert gradient_dtypes(cfg.deepspeed) == ("fp32", "fp16")
+    assert parse(build_deepspeed_config(cfg, 1), 1, monkeypatch).communication_data_type == torch.float32
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("deepspeed.precision=bf16", "deepspeed.zero_stage=0", "deepspeed.grad_accum_dtype=fp32"),
+     "deepspeed.grad_accum_dtype=fp32 under deepspeed.precision=bf16, ZeRO-0: set bf16 or auto"),
+    (("deepspeed.precision=fp16", "deepspeed.grad_accum_dtype=bf16"),
+     "deepspeed.grad_accum_dtype=bf16 under deepspeed.precision=fp16, ZeRO-2: set fp16 or auto"),
+    (("deepspeed.precision=fp32", "deepspeed.communication_data_type=bf16"),
+     "deepspeed.communication_data_type=bf16 under deepspeed.precision=fp32: set fp32 or auto"),
+    (("deepspeed.grad_accum_dtype=fp64",), "grad_accum_dtype"),
+])
+def test_gradient_dtypes_deepspeed_cannot_run_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cfg_with(*overrides)

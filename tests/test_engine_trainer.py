@@ -21,7 +21,8 @@ from helpers import REPO, run_overrides, subprocess_env
 
 from marscale.core import dist
 from marscale.checkpoints import folders as ckpt
-from marscale.engine.config import load_train_config
+from marscale.engine.config import PRECISION_DTYPES, load_train_config
+from marscale.engine.ds_config import gradient_dtypes
 from marscale.engine.metrics import by_step, read_jsonl
 from marscale.engine.optim import apply_lr
 from marscale.engine.trainer import EXIT_PREEMPTED, LOAD_REPORT_FILE, Trainer
@@ -85,6 +86,10 @@ def test_zero_stage_with_activation_checkpointing(stage, precision, synthetic_sh
     try:
         module = trainer.engine.module
         assert next(module.parameters()).dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+        # DeepSpeed took the gradient dtypes the config states (bf16, ZeRO >= 1: fp32 both)
+        communication, accumulation = gradient_dtypes(cfg.deepspeed)
+        assert trainer.engine.communication_data_type == PRECISION_DTYPES[communication]
+        assert trainer.engine.get_data_types()[1] == PRECISION_DTYPES[accumulation]
         assert module.encoder.grad_checkpointing == 6
         calls = []
         # A pre-hook: non-reentrant recomputation stops early, before forward hooks would run.
@@ -234,6 +239,36 @@ def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, t
         trainer.close()
     resumed = losses(tmp_path / "preempted")
     assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5]
+    assert resumed == straight
+
+
+def test_bf16_zero1_accumulates_in_fp32_and_resumes_exactly(synthetic_shards, tmp_path):
+    """bf16 under ZeRO-1 with fp32 gradient accumulation is DeepSpeed's BF16_Optimizer (not
+    its ZeRO-1 optimizer): two micro-batches a step, 4 steps straight == pre-empted after
+    step 2 or later and resumed (its checkpoint files load back)."""
+    extra = ("deepspeed.zero_stage=1", "deepspeed.precision=bf16", "deepspeed.grad_accum_steps=2",
+             "data.samples_per_epoch=16", "run.max_steps=4", "run.eval_every_steps=0")
+    straight_dir = tmp_path / "straight"
+    trainer = Trainer(tiny_config(synthetic_shards, straight_dir, *extra))
+    try:
+        assert type(trainer.engine.optimizer).__name__ == "BF16_Optimizer"
+        assert trainer.engine.get_data_types() == (torch.bfloat16, torch.float32)
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    with open(os.path.join(straight_dir, "deepspeed_config.json")) as f:
+        recorded = json.load(f)
+    assert recorded["communication_data_type"] == "fp32" and recorded["data_types"] == {"grad_accum_dtype": "fp32"}
+    straight = losses(straight_dir)
+    cfg = tiny_config(synthetic_shards, tmp_path / "preempted", *extra, "checkpoint.resume=auto")
+    preempt_after(cfg, 2)
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    resumed = losses(tmp_path / "preempted")
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
     assert resumed == straight
 
 

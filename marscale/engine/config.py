@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 Precision = Literal["bf16", "fp16", "fp32"]
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 """The torch dtype the model computes in for each `deepspeed.precision`."""
+GradientDtype = Literal["auto", "fp32", "bf16", "fp16"]
 LayerDecayScope = Literal["all", "weights"]
 LrSchedule = Literal["warmup_then_cosine", "cosine_whole_run"]
 
@@ -175,6 +176,15 @@ class DeepSpeedConfig:
     """fp16: overflows tolerated before the loss scale is lowered."""
     min_loss_scale: int = 1
     """fp16: lower bound of the dynamic loss scale."""
+    communication_data_type: GradientDtype = "auto"
+    """The dtype gradients are reduced across ranks in. auto: fp32 under bf16 (DeepSpeed's
+    own default would reduce in bf16), else the precision (fp16: DeepSpeed's loss-scaled
+    fp16 reduction). Set: fp32 or the precision. `ds_config.gradient_dtypes` resolves it."""
+    grad_accum_dtype: GradientDtype = "auto"
+    """The dtype gradients are accumulated in, over micro-batches and before the optimizer
+    step. auto: fp32 under bf16 with ZeRO 1-3 (DeepSpeed's default would accumulate in
+    bf16), else the precision (ZeRO-0 has no fp32 accumulation under bf16: DeepSpeed keeps
+    the gradients in the bf16 parameters). Set: the precision, or fp32 under bf16 with ZeRO >= 1."""
 
     def __post_init__(self):
         check_choices(self)
@@ -196,6 +206,21 @@ class DeepSpeedConfig:
             raise ValueError("deepspeed.stage3_param_persistence_threshold must be >= 0")
         if not 0 <= self.initial_scale_power <= 32:
             raise ValueError(f"deepspeed.initial_scale_power must be in [0, 32], got {self.initial_scale_power}")
+        if self.communication_data_type not in ("auto", "fp32", self.precision):
+            raise ValueError(
+                f"deepspeed.communication_data_type={self.communication_data_type} under "
+                f"deepspeed.precision={self.precision}: set {' or '.join(dict.fromkeys(('fp32', self.precision)))} "
+                f"or auto"
+            )
+        if self.grad_accum_dtype not in ("auto", self.precision) and not (
+            self.grad_accum_dtype == "fp32" and self.precision == "bf16" and self.zero_stage >= 1
+        ):
+            # DeepSpeed 0.19: ZeRO-0 accumulates in the parameters' dtype ("unsupported mix"
+            # otherwise); fp32 accumulation under fp16 is a path we neither use nor test.
+            raise ValueError(
+                f"deepspeed.grad_accum_dtype={self.grad_accum_dtype} under deepspeed.precision={self.precision}, "
+                f"ZeRO-{self.zero_stage}: set {self.precision} or auto (fp32 needs bf16 and zero_stage >= 1)"
+            )
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marscale.engine.config import TrainConfig
+from marscale.engine.config import DeepSpeedConfig, TrainConfig
 
 # We log ourselves on logging.every_steps; DeepSpeed's own progress prints stay off.
 _NEVER = 1_000_000_000
@@ -58,12 +58,29 @@ def _precision_sections(cfg: TrainConfig) -> dict[str, Any]:
     return {"bf16": {"enabled": ds.precision == "bf16"}, "fp16": fp16}
 
 
+def gradient_dtypes(ds: DeepSpeedConfig) -> tuple[str, str]:
+    """(communication_data_type, grad_accum_dtype): the dtypes gradients are reduced and
+    accumulated in, with `auto` resolved. Both are always written into the DeepSpeed dict:
+    left out, DeepSpeed 0.19 reduces and accumulates in the compute dtype (bf16 too)."""
+    communication = ds.communication_data_type
+    if communication == "auto":
+        communication = "fp32" if ds.precision == "bf16" else ds.precision
+    accumulation = ds.grad_accum_dtype
+    if accumulation == "auto":
+        # ZeRO-0 keeps the gradients in the bf16 parameters (DeepSpeed refuses fp32 there);
+        # ZeRO-1 takes DeepSpeed's BF16_Optimizer with fp32 accumulation, 2 and 3 an fp32
+        # gradient partition.
+        accumulation = "fp32" if ds.precision == "bf16" and ds.zero_stage >= 1 else ds.precision
+    return communication, accumulation
+
+
 def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
     """The dict for `deepspeed.initialize(config=...)` on `world_size` data-parallel ranks.
 
     load_universal: the run resumes from a universal conversion of its checkpoint (saved on
     another world size; `marscale.checkpoints.reshape` decides)."""
     ds = cfg.deepspeed
+    communication, accumulation = gradient_dtypes(ds)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum_steps,
@@ -74,6 +91,8 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal:
         "gradient_clipping": float(cfg.optim.clip_grad) if cfg.optim.clip_grad is not None else 0.0,
         "zero_optimization": _zero_section(cfg),
         **_precision_sections(cfg),
+        "communication_data_type": communication,
+        "data_types": {"grad_accum_dtype": accumulation},
         # Our AdamW is a torch optimizer DeepSpeed may not have tested with ZeRO; with
         # offload, build_optimizer hands it DeepSpeed's CPU Adam.
         "zero_allow_untested_optimizer": True,

@@ -15,6 +15,7 @@ Each setting (a dotted key, `masking.ratio`) that differs is one of:
                `clip.tubelet_size`): the weights have its shapes;
                `deepspeed.precision`: DeepSpeed keeps each precision's optimizer state
                in other files and classes (its loader fails on another one);
+               `deepspeed.grad_accum_dtype`: under bf16 with ZeRO-1 it picks the class;
                `optim.layer_decay_scope`: the optimizer state is grouped by it.
     noted      one line each, in one block on the main rank, saying what the change
                does from the resumed step on (`NOTES`): learning rate and schedule,
@@ -60,6 +61,8 @@ NOT_COMPARED = {
 
 FIXED = {
     "deepspeed.precision": "DeepSpeed keeps each precision's optimizer state in other files",
+    "deepspeed.grad_accum_dtype": "under bf16 with ZeRO-1 it picks DeepSpeed's optimizer class "
+    "(BF16_Optimizer for fp32, its ZeRO-1 optimizer for bf16), each with its own checkpoint files",
     "optim.layer_decay_scope": "the optimizer state is grouped by it",
 }
 """Settings outside the model that cannot change on resume, and why (the model's are
@@ -130,6 +133,7 @@ NOTES = {
     "optim.fused": "the AdamW implementation",
     "deepspeed": _SPEED,
     "deepspeed.grad_accum_steps": _GEOMETRY,
+    "deepspeed.communication_data_type": "the dtype gradients are reduced in: their rounding from the resumed step",
     "deepspeed.offload_optimizer": "where the optimizer steps (the optimizer state moves to or from CPU memory)",
     "deepspeed.initial_scale_power": _LOSS_SCALE,
     "deepspeed.loss_scale_window": _LOSS_SCALE,
