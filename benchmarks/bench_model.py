@@ -59,14 +59,11 @@ from marscale.cost.counting import count_model  # noqa: E402
 from marscale.cost.table import DISPLAY_NAMES  # noqa: E402
 from marscale.core.clip import ClipConfig, token_grid  # noqa: E402
 from marscale.engine.loss import build_loss  # noqa: E402
+from marscale.engine.metrics import Peak, lookup_peak, match_device  # noqa: E402
 from marscale.tokens.masking import MaskingConfig, make_mask  # noqa: E402
 from marscale.tokens.packing import pack_mask  # noqa: E402
 from marscale.model import VARIANTS, ModelConfig, build_model  # noqa: E402
 
-# Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidth (TB/s) by device name;
-# override with --peak-tflops / --bandwidth-tbs.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
-BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.0}
 RECON_WEIGHT = 0.01  # Kinetics-400; only the loss value depends on it, not the cost
 OPTIMIZER_BYTES_PER_PARAM = 28  # read fp32 weight, grad, m, v (16); write weight, m, v (12)
 INFERENCE_TOLERANCE = 0.15
@@ -465,7 +462,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default: 1 CPU, 3 CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per case (default: 5 CPU, 10 CUDA)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="for MFU (default: the GPU's row of marscale.engine.metrics.DEVICE_PEAKS at the precision timed)")
     p.add_argument("--bandwidth-tbs", type=float, default=None,
                    help="memory bandwidth for the optimizer's cost (default: from the GPU's name)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on CPU, see above)")
@@ -491,17 +489,21 @@ def main(argv=None) -> int:
     setups = [Setup(v, r, c) for c in recompute for v in args.variants for r in args.ratios]
     setups += [Setup(v, 0.0, c) for c in recompute for v in args.also_full if Setup(v, 0.0, c) not in setups]
 
-    peak, bandwidth = args.peak_tflops, args.bandwidth_tbs
+    bandwidth = args.bandwidth_tbs
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = peak or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        bandwidth = bandwidth or next((v for k, v in BANDWIDTH_TBS.items() if k in name), None)
+        # the engine's peak table (marscale.engine.metrics.DEVICE_PEAKS), at the precision timed
+        mfu_peak = lookup_peak(name, "bf16" if args.amp else "fp32", args.peak_tflops, "--peak-tflops")
+        row = match_device(name)
+        bandwidth = bandwidth or (row.bandwidth_tbs if row else None)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         results = time_cuda(setups, args.modes, args, device)
     else:
         threads = torch.get_num_threads()
         name = f"CPU, {threads} thread{'' if threads == 1 else 's'}"
+        mfu_peak = (Peak(args.peak_tflops, "--peak-tflops (set)") if args.peak_tflops
+                    else Peak(None, "no MFU: a CPU has no peak in the table (set --peak-tflops)"))
         results = time_cpu([Case(args, s, device) for s in setups], args.modes, args)
 
     clip = f"{args.num_frames}x{args.img_size}x{args.img_size}"
@@ -509,11 +511,11 @@ def main(argv=None) -> int:
           f"{'bf16 autocast' if args.amp else 'fp32'}; grad checkpointing {args.grad_checkpointing}; "
           f"{'AdamW step' if args.optimizer else 'no optimizer step'}; SDPA {args.sdpa}"
           f"{'; compiled blocks' if args.compile else ''}; median of {args.repeats} after {args.warmup} warm-up")
+    peak = mfu_peak.tflops
     print(markdown(results, peak, device.type == "cuda"))
     if device.type == "cpu":
         print("\ntime / full compares process CPU time (medians); clips/s and TFLOP/s use wall time.")
-    if peak:
-        print(f"\nMFU against {peak:g} TFLOP/s (dense bf16); TFLOP/s from true FLOPs (2 x MACs), marscale.cost.counting.")
+    print(f"\n{mfu_peak.describe()}" + ("; TFLOP/s from true FLOPs (2 x MACs), marscale.cost.counting." if peak else ""))
     phases = phase_table(results, peak, bandwidth)
     if phases.count("\n") > 1:
         clock = "CPU time" if device.type == "cpu" else "CUDA events"
@@ -530,10 +532,12 @@ def main(argv=None) -> int:
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
             "peak_tflops": peak,
+            "mfu_peak": mfu_peak.name,
             "bandwidth_tbs": bandwidth,
             "results": [
                 dict(dataclasses.asdict(r), median_s=r.median_s if r.times_s else None,
-                     mfu=r.tflops / peak if peak and r.times_s else None)
+                     mfu=r.tflops / peak if peak and r.times_s else None, mfu_peak=mfu_peak.name,
+                     mfu_peak_tflops=peak)
                 for r in results
             ],
             "ratio_checks": checks,

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO, subprocess_env
 
 from marscale.core.clip import ClipConfig
@@ -30,7 +31,7 @@ def test_harness_with_only_torch_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--device", "cpu", "--variants", "vit_tiny", "--also-full", "vit_s", "--reference", "vit_s",
             "--img-size", "32", "--num-frames", "4", "--warmup", "0", "--repeats", "1", "--amp",
-            "--grad-checkpointing", "both", "--json", str(out)]
+            "--grad-checkpointing", "both", "--peak-tflops", "0.5", "--json", str(out)]
     proc = subprocess.run([sys.executable, "-c", ONLY_TORCH, *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,3 +52,9 @@ def test_harness_with_only_torch_writes_json(tmp_path):
     assert mar["flops_forward_per_clip"] == 2 * counted.macs_training_forward
     assert any("vs full ViT-S" in line and "of the FLOP ratio" in line for line in doc["ratio_checks"])
     assert "Training step by phase" in proc.stdout
+    # the peak every MFU divides by is named beside it: printed, in the JSON and each result
+    assert "MFU against --peak-tflops (set), 0.5 TFLOP/s" in proc.stdout
+    assert doc["mfu_peak"] == "--peak-tflops (set)" and doc["peak_tflops"] == 0.5
+    assert all(r["mfu_peak"] == doc["mfu_peak"] and r["mfu_peak_tflops"] == 0.5 for r in results)
+    assert all(r["mfu"] == pytest.approx(r["flops_per_clip"] * r["batch"] / r["median_s"] / 1e12 / 0.5)
+               for r in results)

@@ -49,9 +49,12 @@ def test_quick_json_counts_and_measures(quick_run):
         assert row["ratio_train"] == pytest.approx(counted.macs_training / full.macs_training)
         assert all(row[k] > 0 for k in MEASURED), {k: row[k] for k in MEASURED}
         assert row["batch"] == 2 and row["timed_steps"] == 2 and row["clock"] == "cpu"
+        assert row["mfu"] is None and row["mfu_peak_tflops"] is None  # a CPU: no MFU, and why
+        assert row["mfu_peak"] == "no MFU: cpu has no peak in the table (set logging.peak_tflops)"
         assert row["device_hours"] == pytest.approx(
             row["train_step_median_s"] / 2 * row["schedule_clips"] / 3600)
     assert rows["demo"]["label"] == "MAR ViT-Ti 50%" and rows["demo"]["ratio_measured_train"] > 0
+    assert doc["settings"].endswith("; no MFU: cpu has no peak in the table (set logging.peak_tflops)")
 
 
 @pytest.mark.slow

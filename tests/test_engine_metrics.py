@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -11,21 +12,64 @@ import torch
 from marscale.engine import metrics
 
 
-def test_peak_lookup():
-    assert metrics.lookup_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.5
-    assert metrics.lookup_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
-    assert metrics.lookup_peak_tflops("NVIDIA H200", "fp32") == 66.9
-    assert metrics.lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "fp16") == 312.0
-    assert metrics.lookup_peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 units
-    assert metrics.lookup_peak_tflops("Some Future GPU", "bf16") is None
+@pytest.mark.parametrize("device_name, precision, name, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", "H100 SXM", 989.5),
+    ("NVIDIA H100 PCIe", "bf16", "H100 PCIe", 756.5),
+    ("NVIDIA H100 NVL", "fp16", "H100 NVL", 835.5),
+    ("NVIDIA H100 80GB HBM3", "fp32", "H100 SXM", 67.0),
+    ("NVIDIA H200", "bf16", "H200 SXM", 989.5),
+    ("NVIDIA H200 NVL", "bf16", "H200 NVL", 835.5),
+    ("NVIDIA A100-SXM4-80GB", "bf16", "A100 SXM4 80GB", 312.0),
+    ("NVIDIA A100-SXM4-40GB", "bf16", "A100 40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", "bf16", "A100 PCIe 80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", "fp32", "A100 40GB", 19.5),
+    ("NVIDIA L40S", "bf16", "L40S", 362.05),
+    ("NVIDIA L40", "bf16", "L40", 181.05),  # not L40S, not L4
+    ("NVIDIA L4", "bf16", "L4", 121.0),
+    ("Tesla V100-SXM2-32GB", "fp16", "V100 SXM2", 125.0),
+])
+def test_device_names_map_to_their_peak(device_name, precision, name, tflops):
+    peak = metrics.lookup_peak(device_name, precision)
+    assert peak == metrics.Peak(tflops, f"{name} {precision} dense")
+    assert peak.describe() == f"MFU against {name} {precision} dense, {tflops:g} TFLOP/s"
+    assert metrics.match_device(device_name).name == name
+
+
+def test_no_peak_says_why():
+    v100 = metrics.lookup_peak("Tesla V100-SXM2-32GB", "bf16")  # no bf16 units
+    assert v100 == metrics.Peak(None, "no MFU: V100 SXM2 has no dense bf16 peak (set logging.peak_tflops)")
+    assert v100.describe() == v100.name
+    unknown = metrics.lookup_peak("Some Future GPU", "bf16")
+    assert unknown.tflops is None and unknown.name == (
+        "no MFU: 'Some Future GPU' is not in the peak table (set logging.peak_tflops)")
+    assert metrics.lookup_peak("Some Future GPU", "bf16", 2000.0) == metrics.Peak(2000.0, "logging.peak_tflops (set)")
     cpu = torch.device("cpu")
-    assert metrics.peak_tflops(cpu, "bf16", None) is None  # no MFU on CPUs by default
-    assert metrics.peak_tflops(cpu, "bf16", 1.5) == 1.5
+    assert metrics.resolve_peak(cpu, "bf16", None).tflops is None  # no MFU on CPUs by default
+    assert "no MFU" in metrics.resolve_peak(cpu, "bf16", None).describe()
+    assert metrics.resolve_peak(cpu, "bf16", 1.5) == metrics.Peak(1.5, "logging.peak_tflops (set)")
+
+
+def test_one_peak_table_for_the_engine_and_the_benchmark():
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_model_peaks", os.path.join(REPO, "benchmarks", "bench_model.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    assert bench.lookup_peak is metrics.lookup_peak and bench.match_device is metrics.match_device
+    assert not [k for k in vars(bench) if "PEAK" in k or "BANDWIDTH" in k]  # no table of its own
+    assert metrics.match_device("NVIDIA H100 PCIe").bandwidth_tbs == 2.0
 
 
 def test_throughput_and_mfu():
     cost = metrics.StepCost(
-        clips_per_step=16, visible_tokens_per_clip=784, flops_per_clip=int(2e12), world_size=2, peak_tflops=100.0
+        clips_per_step=16, visible_tokens_per_clip=784, flops_per_clip=int(2e12), world_size=2,
+        peak=metrics.Peak(100.0, "H100 SXM bf16 dense"),
     )
     out = metrics.throughput(cost, steps=10, seconds=4.0, data_seconds=1.0)
     assert out["clips_per_s"] == pytest.approx(40.0)
@@ -33,12 +77,14 @@ def test_throughput_and_mfu():
     # 40 clips/s x 2 TFLOP per clip over 2 devices = 40 TFLOP/s per device, 40% of 100.
     assert out["tflops_per_device"] == pytest.approx(40.0)
     assert out["mfu"] == pytest.approx(0.4)
+    assert out["mfu_peak_tflops"] == 100.0 and out["mfu_peak"] == "H100 SXM bf16 dense"
     assert out["data_wait"] == pytest.approx(0.25)
     assert out["step_time_s"] == pytest.approx(0.4)
     no_peak = metrics.throughput(
-        metrics.StepCost(16, 784, int(2e12), 2, None), steps=10, seconds=4.0, data_seconds=0.0
+        metrics.StepCost(16, 784, int(2e12), 2, metrics.Peak(None, "no MFU: cpu")), steps=10, seconds=4.0,
+        data_seconds=0.0,
     )
-    assert "mfu" not in no_peak
+    assert not [k for k in no_peak if k.startswith("mfu")]
     assert metrics.throughput(cost, steps=0, seconds=1.0, data_seconds=0.0) == {}
 
 

@@ -272,6 +272,31 @@ def test_bf16_zero1_accumulates_in_fp32_and_resumes_exactly(synthetic_shards, tm
     assert resumed == straight
 
 
+def test_every_mfu_names_its_peak(synthetic_shards, tmp_path, caplog):
+    """The peak MFU divides by is logged at the start and stored beside every MFU (JSONL;
+    TensorBoard takes the number); on a CPU without logging.peak_tflops the start says why
+    there is no MFU."""
+    extra = ("deepspeed.zero_stage=0", "deepspeed.precision=fp32", "run.max_steps=2", "run.eval_every_steps=0")
+    with caplog.at_level("INFO", logger="marscale.engine.trainer"):
+        trainer = Trainer(tiny_config(synthetic_shards, tmp_path / "none", *extra))
+        trainer.close()
+    assert "no MFU: cpu has no peak in the table (set logging.peak_tflops)" in caplog.text
+    caplog.clear()
+    out = tmp_path / "set"
+    with caplog.at_level("INFO", logger="marscale.engine.trainer"):
+        trainer = Trainer(tiny_config(synthetic_shards, out, *extra, "logging.peak_tflops=0.001"))
+        try:
+            assert trainer.fit() == 0
+        finally:
+            trainer.close()
+    assert "MFU against logging.peak_tflops (set), 0.001 TFLOP/s" in caplog.text
+    records = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "mfu" in r]
+    assert len(records) == 2
+    for r in records:
+        assert r["mfu_peak"] == "logging.peak_tflops (set)" and r["mfu_peak_tflops"] == 0.001
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.001)
+
+
 def assert_same_logits(trainer: Trainer, model: torch.nn.Module) -> None:
     from marscale.data import normalize
 

@@ -184,8 +184,10 @@ def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argpa
     shown = f"batch {batch_arg}" if batch_arg else "each config's batch"
     clock = (f"process CPU time with {torch.get_num_threads()} thread(s) (wall time in the JSON)"
              if device.type == "cpu" else "wall time after a device sync")
+    peaks = sorted({r.measured.peak.describe() for r in rows if r.measured is not None})  # one per precision
     return (f"measured on {device.type.upper()}: {shown}, {warmup} warm-up + {steps} timed steps per mode, "
-            f"steps timed in {clock}" + (f", budget {budget:g} min" if budget is not None else ""))
+            f"steps timed in {clock}" + (f", budget {budget:g} min" if budget is not None else "")
+            + "".join(f"; {p}" for p in peaks))
 
 
 # ------------------------------------------------------------------------ formatting

@@ -165,6 +165,8 @@ class CompareRow:
             peak_memory_gib=m.peak_memory_bytes / 2**30 if m else None,
             achieved_tflops=m.achieved_tflops if m else None,
             mfu=m.mfu if m else None,
+            mfu_peak=m.peak.name if m else None,
+            mfu_peak_tflops=m.peak.tflops if m else None,
             device_hours=self.device_hours,
             seconds_per_video=self.seconds_per_video,
         )

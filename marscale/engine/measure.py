@@ -38,7 +38,7 @@ from marscale.data import normalize
 from marscale.data.shards import ShardSet
 from marscale.engine.build import build_engine
 from marscale.engine.config import TrainConfig
-from marscale.engine.metrics import peak_memory_bytes, peak_tflops
+from marscale.engine.metrics import Peak, peak_memory_bytes, resolve_peak
 from marscale.engine.plan import RunPlan, make_plan
 from marscale.engine.step import TrainStep
 from marscale.tokens.masking import make_mask
@@ -72,8 +72,8 @@ class Measurement:
     """Peak over building, training and inference steps (see the module docstring)."""
     flops_per_train_clip: int
     """Hardware FLOPs (2 x MACs) of one training clip, from the run plan."""
-    peak_tflops: float | None
-    """The device's dense peak at the config's precision (None: no MFU)."""
+    peak: Peak
+    """The device's dense peak at the config's precision (no MFU when its tflops is None)."""
 
     @property
     def train_median_s(self) -> float:
@@ -111,7 +111,7 @@ class Measurement:
 
     @property
     def mfu(self) -> float | None:
-        return self.achieved_tflops / self.peak_tflops if self.peak_tflops else None
+        return self.achieved_tflops / self.peak.tflops if self.peak.tflops else None
 
 
 def synthetic_plan(cfg: TrainConfig, videos: int) -> RunPlan:
@@ -233,5 +233,5 @@ def measure(
         infer_wall_s=tuple(times["infer"][1]),
         peak_memory_bytes=peak,
         flops_per_train_clip=plan.flops_per_clip_train,
-        peak_tflops=peak_tflops(device, cfg.deepspeed.precision, cfg.logging.peak_tflops),
+        peak=resolve_peak(device, cfg.deepspeed.precision, cfg.logging.peak_tflops),
     )

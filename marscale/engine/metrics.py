@@ -5,7 +5,8 @@ Units, named apart everywhere (see `marscale.cost.counting`):
 - model FLOPs per clip are *true* FLOPs (2 x multiply-accumulates), counted on the real
   modules; activation recomputation is not counted (it is not model work).
 - TFLOP/s is per device: clips/s of the whole job x FLOPs per clip / devices.
-- MFU = achieved TFLOP/s per device / the device's dense peak at the training precision.
+- MFU = achieved TFLOP/s per device / the device's dense peak at the training precision
+  (`DEVICE_PEAKS`, the one peak table; the peak's name and value go with every MFU).
 
 Nothing here synchronises a device except `peak_memory_bytes` and what the caller does
 on logging steps: the loop accumulates loss tensors and calls `.item()` only there.
@@ -22,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -32,36 +34,90 @@ import torch.distributed as torch_dist
 
 logger = logging.getLogger(__name__)
 
-# Dense (no sparsity) peak TFLOP/s per device from the vendors' data sheets, by precision.
-# "fp32" is plain IEEE fp32 (torch's default matmul precision), not TF32. Matched against
-# torch.cuda.get_device_name() in order, so more specific names come first.
-PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200", {"bf16": 989.5, "fp16": 989.5, "fp32": 66.9}),
-    ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "fp32": 51.2}),
-    ("H100", {"bf16": 989.5, "fp16": 989.5, "fp32": 66.9}),  # SXM ("H100 80GB HBM3")
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
-    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+@dataclasses.dataclass(frozen=True)
+class DevicePeak:
+    """One device model of the peak table: its dense peaks and memory bandwidth."""
+
+    name: str
+    """What MFU is printed against, e.g. `H100 SXM`."""
+    pattern: str
+    """Regular expression searched (ignoring case) in `torch.cuda.get_device_name()`."""
+    tflops: dict[str, float]
+    """Dense (no sparsity) peak TFLOP/s of one device by precision; a precision without
+    tensor-core units (V100: bf16) is absent, and gets no MFU."""
+    bandwidth_tbs: float
+    """Memory bandwidth, TB/s (the optimizer step's cost in benchmarks/bench_model.py)."""
+
+
+def _dense(tensor_16bit: float, fp32: float) -> dict[str, float]:
+    """bf16 and fp16 tensor cores run at one rate. (Where a datasheet gives only the 2:4
+    sparsity figure, the dense one is its half: H100 SXM 1,979 -> 989.5.)"""
+    return {"bf16": tensor_16bit, "fp16": tensor_16bit, "fp32": fp32}
+
+
+DEVICE_PEAKS: tuple[DevicePeak, ...] = (
+    # NVIDIA datasheets (H200, H100, A100, L40S, L40, L4, V100). "fp32" is plain IEEE fp32
+    # (torch's default matmul precision), not TF32. The first pattern that matches wins:
+    # the more specific form of a name comes first (NVL and PCIe before the SXM default).
+    DevicePeak("H200 NVL", r"\bH200\b.*\bNVL\b", _dense(835.5, 60), 4.8),
+    DevicePeak("H200 SXM", r"\bH200\b", _dense(989.5, 67), 4.8),
+    DevicePeak("H100 NVL", r"\bH100\b.*\bNVL\b", _dense(835.5, 60), 3.9),
+    DevicePeak("H100 PCIe", r"\bH100\b.*\bPCIe\b", _dense(756.5, 51), 2.0),
+    DevicePeak("H100 SXM", r"\bH100\b", _dense(989.5, 67), 3.35),  # "NVIDIA H100 80GB HBM3"
+    DevicePeak("A100 SXM4 80GB", r"\bA100\b.*\bSXM4?\b.*\b80GB\b", _dense(312.0, 19.5), 2.039),
+    DevicePeak("A100 PCIe 80GB", r"\bA100\b.*\b80GB\b", _dense(312.0, 19.5), 1.935),
+    DevicePeak("A100 40GB", r"\bA100\b", _dense(312.0, 19.5), 1.555),  # SXM4 and PCIe alike
+    DevicePeak("L40S", r"\bL40S\b", _dense(362.05, 91.6), 0.864),
+    DevicePeak("L40", r"\bL40\b", _dense(181.05, 90.5), 0.864),
+    DevicePeak("L4", r"\bL4\b", _dense(121.0, 30.3), 0.3),
+    DevicePeak("V100 SXM2", r"\bV100\b.*\bSXM2\b", {"fp16": 125.0, "fp32": 15.7}, 0.9),
+    DevicePeak("V100 PCIe", r"\bV100\b", {"fp16": 112.0, "fp32": 14.0}, 0.9),
 )
+"""The one peak table: the trainer's and `marscale compare`'s MFU and
+benchmarks/bench_model.py all read it (`match_device`, `lookup_peak`)."""
 
 
-def lookup_peak_tflops(device_name: str, precision: str) -> float | None:
-    """Dense peak TFLOP/s of a device named `device_name` at `precision`, or None if unknown."""
-    for pattern, peaks in PEAK_TFLOPS:
-        if pattern.lower() in device_name.lower():
-            return peaks.get(precision)
-    return None
+def match_device(device_name: str) -> DevicePeak | None:
+    """The table's row for a device named `device_name` (as CUDA names it), or None."""
+    return next((d for d in DEVICE_PEAKS if re.search(d.pattern, device_name, re.IGNORECASE)), None)
 
 
-def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
-    """The MFU denominator: `override` (logging.peak_tflops) if set; else the table entry
-    for a CUDA device; None on CPUs and unknown devices (no MFU is reported)."""
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """The MFU denominator of a run, and what it is: printed with every MFU."""
+
+    tflops: float | None
+    """Dense peak TFLOP/s of one device at the training precision; None: no MFU."""
+    name: str
+    """Where the peak comes from (`H100 SXM bf16 dense`, `logging.peak_tflops`), or why
+    there is none (`no MFU: ...`)."""
+
+    def describe(self) -> str:
+        """`MFU against H100 SXM bf16 dense, 989.5 TFLOP/s`, or the reason there is none."""
+        return f"MFU against {self.name}, {self.tflops:g} TFLOP/s" if self.tflops else self.name
+
+
+def lookup_peak(device_name: str, precision: str, override: float | None = None,
+                override_name: str = "logging.peak_tflops") -> Peak:
+    """The peak of a CUDA device named `device_name` at `precision` (a pure function: the
+    name is data); `override` (named `override_name`) wins over the table."""
     if override is not None:
-        return override
-    if device.type != "cuda":
-        return None
-    return lookup_peak_tflops(torch.cuda.get_device_name(device), precision)
+        return Peak(override, f"{override_name} (set)")
+    row = match_device(device_name)
+    if row is None:
+        return Peak(None, f"no MFU: {device_name!r} is not in the peak table (set {override_name})")
+    if precision not in row.tflops:
+        return Peak(None, f"no MFU: {row.name} has no dense {precision} peak (set {override_name})")
+    return Peak(row.tflops[precision], f"{row.name} {precision} dense")
+
+
+def resolve_peak(device: torch.device, precision: str, override: float | None) -> Peak:
+    """The MFU denominator of a run on `device`: `override` (logging.peak_tflops) if set;
+    else the table's entry for a CUDA device; no MFU on a CPU or an unknown device."""
+    if override is None and device.type != "cuda":
+        return Peak(None, f"no MFU: {device.type} has no peak in the table (set logging.peak_tflops)")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return lookup_peak(name, precision, override)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -84,8 +140,8 @@ class StepCost:
     flops_per_clip: int
     """True model FLOPs (forward + backward) per training clip."""
     world_size: int
-    peak_tflops: float | None
-    """Per-device peak for MFU, or None (no MFU)."""
+    peak: Peak
+    """Per-device peak for MFU (no MFU when its tflops is None)."""
 
 
 def throughput(
@@ -98,8 +154,9 @@ def throughput(
     when steps differ (per-clip mask ratios, token budgets); None: `steps` x the constant
     step of `cost`.
 
-    Returns clips_per_s and visible_tokens_per_s (whole job), tflops_per_device, mfu
-    (only with a peak) and data_wait (share of the interval spent waiting for data).
+    Returns clips_per_s and visible_tokens_per_s (whole job), tflops_per_device, mfu with
+    the peak it divides by (mfu_peak_tflops, and mfu_peak: its name; only with a peak) and
+    data_wait (share of the interval spent waiting for data).
     """
     if steps <= 0 or seconds <= 0:
         return {}
@@ -115,8 +172,8 @@ def throughput(
         "data_wait": min(1.0, data_seconds / seconds),
         "step_time_s": seconds / steps,
     }
-    if cost.peak_tflops:
-        out["mfu"] = tflops / cost.peak_tflops
+    if cost.peak.tflops:
+        out.update(mfu=tflops / cost.peak.tflops, mfu_peak_tflops=cost.peak.tflops, mfu_peak=cost.peak.name)
     return out
 
 

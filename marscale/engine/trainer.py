@@ -59,7 +59,7 @@ from marscale.engine.build import build_engine
 from marscale.engine.config import TrainConfig
 from marscale.engine.evaluate import EvalResult, evaluate
 from marscale.engine.metrics import IntervalTimer, LossMeter, MetricsWriter, SkipTally, StepCost, format_counts
-from marscale.engine.metrics import format_record, peak_memory_bytes, peak_tflops, sum_over_ranks, throughput
+from marscale.engine.metrics import format_record, peak_memory_bytes, resolve_peak, sum_over_ranks, throughput
 from marscale.engine.optim import apply_lr, lr_at
 from marscale.engine.plan import save_plan
 from marscale.engine.preflight import preflight
@@ -111,7 +111,7 @@ class Trainer:
         self.built, self.engine, self.device, self.ds_config = built, built.engine, built.device, built.ds_config
         self.step = TrainStep(cfg, self.plan, built, rank=self.rank, world_size=self.world_size)
         self.total_steps = self.plan.total_steps
-        peak = peak_tflops(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops)
+        peak = resolve_peak(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops)
         p = self.plan
         self.cost = StepCost(p.clips_per_step, p.visible_tokens_train, p.flops_per_clip_train, self.world_size, peak)
         self.state = ckpt.TrainState()
@@ -126,6 +126,7 @@ class Trainer:
             self.plan.total_steps, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, self.step.augment_on,
             self.plan.summary(),
         )
+        logger.info("%s", peak.describe())  # the peak every logged MFU divides by
 
     def _save_records(self) -> None:
         """The effective config (YAML), the run plan, the generated DeepSpeed config and the
