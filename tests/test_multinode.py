@@ -7,10 +7,8 @@ Two hosts (tests/netns.py): each its own network namespace, joined by one veth p
 - The README's "Running on a cluster" step 0, run as written from a fresh shell (no
   virtual environment on PATH, nothing set by hand; the test writes the hostfile the
   README asks for): the demo data, then the job over ssh with a hostfile (sshd in each
-  host, pdsh), without ssh (one command per host) and with torchrun (rendezvous on host
-  0, MAX_RESTARTS=3). The ssh form is pre-empted mid-run (SIGTERM to the launch script:
-  every rank saves, status 75) and the same command resumes it; the torchrun workers are
-  killed mid-run and torchrun restarts them and they resume. The three forms give the same losses
+  host, pdsh), without ssh (one command per host) and with torchrun (rendezvous on host 0). The ssh form is pre-empted mid-run (SIGTERM to the launch script:
+  every rank saves, status 75) and the same command resumes it. The three forms give the same losses
   step for step; every validation video is counted once; both ranks' shards are saved.
 - Failure (tiny model, ZeRO-3, launch/deepspeed.sh without ssh): every process of host 1
   killed (kill -9), or the link cut, mid-run: host 0's launch script exits 69 within
@@ -265,26 +263,15 @@ def worker_pids(hosts, host: int) -> list[int]:
     return found
 
 
-def test_readme_torchrun_form_restarts_after_the_workers_die(hosts, readme_data):
-    """The torchrun block on both hosts (rendezvous on host 0, MAX_RESTARTS=3): every worker
-    is killed after the step-2 checkpoint; both hosts restart their workers, which resume
-    from the newest complete checkpoint and finish with the other forms' losses. (Both
-    hosts' workers: with one killed alone, torchelastic may count the restart on one node
-    and not on the other, and the restarted workers then never meet: README, step 6.)"""
+def test_readme_torchrun_form(hosts, readme_data):
+    """The torchrun block on both hosts (rendezvous on host 0): the same job, the same
+    losses. (Its MAX_RESTARTS=3 is torchelastic's: README step 6 says what was seen of it
+    on these hosts.)"""
     write_hostfile(hosts)
     [command] = shell_commands(readme_block("two-nodes: torchrun"))
     procs = [start_readme(hosts, host, command, fresh_shell_env()) for host in (0, 1)]
-    out = os.path.join(TRY, "torchrun")
-    wait_for_step(out, 3, procs)
-    victims = worker_pids(hosts, 0) + worker_pids(hosts, 1)
-    assert len(victims) >= 2, "no worker found on a host"
-    for pid in victims:
-        os.kill(pid, 9)
     logs = finish(procs)
-    both = "\n".join(logs)
-    assert "resumed from" in both and "--rdzv_backend c10d" in both and "hosts the rendezvous" in logs[0]
-    steps = [r["step"] for r in records(out)]
-    assert steps != sorted(set(steps)), "no step was trained twice: the kill landed after the end"
+    assert "--rdzv_backend c10d" in logs[0] and "hosts the rendezvous" in logs[0] and "joins the rendezvous" in logs[1]
     check_readme_run("torchrun")
 
 
