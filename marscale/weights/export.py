@@ -24,7 +24,6 @@ read with weights_only=True, DeepSpeed's `zero_to_fp32` included (`weights_only_
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import tempfile
@@ -39,8 +38,8 @@ from marscale.weights.layouts import (
     SAFETENSORS_SUFFIX,
     WEIGHTS_FILES,
     CheckpointError,
-    config_file,
     load_file,
+    read_config_json,
 )
 from marscale.checkpoints.integrity import read_model_states, weights_only_loads
 from marscale.checkpoints.folders import find_checkpoint, step_of
@@ -91,14 +90,7 @@ def default_format(out: str) -> ExportFormat:
 def read_export_record(path: str) -> dict[str, Any] | None:
     """The config.json `marscale export` wrote beside weights `path` (a model folder, or a
     file in one); None when there is none or it is another kind (transformers')."""
-    file = config_file(path)
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file) as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file!r} is not readable JSON: {e}") from e
+    record = read_config_json(path)
     return record if isinstance(record, dict) and record.get("format") == EXPORT_RECORD else None
 
 

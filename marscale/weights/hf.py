@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from marscale.core.clip import ClipConfig
 from marscale.model.config import VARIANTS
-from marscale.weights.layouts import MODEL_CONFIG, CheckpointError, config_file, weight_files
+from marscale.weights.layouts import MODEL_CONFIG, CheckpointError, config_file, read_config_json, weight_files
 
 HF_SCHEME = "hf:"
 """`model.pretrained: hf:MCG-NJU/videomae-base`: a model in the local Hub cache."""
@@ -84,19 +84,12 @@ def read_config(path: str) -> dict | None:
     """transformers' config.json of weights `path` (a model folder, or a file in one); None
     when there is none or it is another kind of record (`marscale export`'s). A transformers
     config of another model type is a `CheckpointError`."""
-    file = config_file(path)
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file!r} is not readable JSON: {e}") from e
+    config = read_config_json(path)
     if not isinstance(config, dict) or "model_type" not in config:
         return None
     if config["model_type"] != MODEL_TYPE:
         raise CheckpointError(
-            f"{file!r} describes a {config['model_type']!r} model: marscale reads VideoMAE models "
+            f"{config_file(path)!r} describes a {config['model_type']!r} model: marscale reads VideoMAE models "
             f"(model_type {MODEL_TYPE!r}) and the VideoMAE / MAR / marscale checkpoint files"
         )
     return config

@@ -179,6 +179,19 @@ def config_file(path: str) -> str:
     return os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), MODEL_CONFIG)
 
 
+def read_config_json(path: str):
+    """The parsed config.json beside weights `path` (`config_file`), or None when there is
+    none; unreadable JSON is a `CheckpointError` naming the file."""
+    file = config_file(path)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file!r} is not readable JSON: {e}") from e
+
+
 def is_model_folder(path: str) -> bool:
     """Whether `path` is a folder holding a `config.json` (transformers' or `marscale export`'s)."""
     return os.path.isfile(os.path.join(path, MODEL_CONFIG))
