@@ -214,6 +214,25 @@ def preempt_after(cfg, step: int) -> None:
         watcher.join()
 
 
+def straight_and_resumed(shards, tmp_path, extra, check) -> tuple[dict[int, float], dict[int, float]]:
+    """Losses of `extra` trained straight (its trainer passing `check` first), and of the
+    same run pre-empted after step 2 or later and resumed."""
+    trainer = Trainer(tiny_config(shards, tmp_path / "straight", *extra))
+    try:
+        assert check(trainer)
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    cfg = tiny_config(shards, tmp_path / "preempted", *extra, "checkpoint.resume=auto")
+    preempt_after(cfg, 2)
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    return losses(tmp_path / "straight"), losses(tmp_path / "preempted")
+
+
 def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, tmp_path):
     """data.augment_on=device on the CPU device, full RandAugment, flips and erasing: 5
     steps straight == pre-empted after step 2 or later and resumed."""
@@ -222,22 +241,9 @@ def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, t
         "data.mixup=0.8", "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "run.max_steps=5",
         "run.eval_every_steps=0",
     )
-    straight_dir = tmp_path / "straight"
-    trainer = Trainer(tiny_config(synthetic_shards, straight_dir, *extra))
-    assert trainer.step.augment_on == "device"
-    try:
-        assert trainer.fit() == 0
-    finally:
-        trainer.close()
-    straight = losses(straight_dir)
-    cfg = tiny_config(synthetic_shards, tmp_path / "preempted", *extra, "checkpoint.resume=auto")
-    preempt_after(cfg, 2)
-    trainer = Trainer(cfg)
-    try:
-        assert trainer.fit() == 0
-    finally:
-        trainer.close()
-    resumed = losses(tmp_path / "preempted")
+    straight, resumed = straight_and_resumed(
+        synthetic_shards, tmp_path, extra, check=lambda trainer: trainer.step.augment_on == "device"
+    )
     assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5]
     assert resumed == straight
 
@@ -248,26 +254,14 @@ def test_bf16_zero1_accumulates_in_fp32_and_resumes_exactly(synthetic_shards, tm
     step 2 or later and resumed (its checkpoint files load back)."""
     extra = ("deepspeed.zero_stage=1", "deepspeed.precision=bf16", "deepspeed.grad_accum_steps=2",
              "data.samples_per_epoch=16", "run.max_steps=4", "run.eval_every_steps=0")
-    straight_dir = tmp_path / "straight"
-    trainer = Trainer(tiny_config(synthetic_shards, straight_dir, *extra))
-    try:
-        assert type(trainer.engine.optimizer).__name__ == "BF16_Optimizer"
-        assert trainer.engine.get_data_types() == (torch.bfloat16, torch.float32)
-        assert trainer.fit() == 0
-    finally:
-        trainer.close()
-    with open(os.path.join(straight_dir, "deepspeed_config.json")) as f:
+    straight, resumed = straight_and_resumed(
+        synthetic_shards, tmp_path, extra,
+        check=lambda trainer: type(trainer.engine.optimizer).__name__ == "BF16_Optimizer"
+        and trainer.engine.get_data_types() == (torch.bfloat16, torch.float32),
+    )
+    with open(os.path.join(tmp_path / "straight", "deepspeed_config.json")) as f:
         recorded = json.load(f)
     assert recorded["communication_data_type"] == "fp32" and recorded["data_types"] == {"grad_accum_dtype": "fp32"}
-    straight = losses(straight_dir)
-    cfg = tiny_config(synthetic_shards, tmp_path / "preempted", *extra, "checkpoint.resume=auto")
-    preempt_after(cfg, 2)
-    trainer = Trainer(cfg)
-    try:
-        assert trainer.fit() == 0
-    finally:
-        trainer.close()
-    resumed = losses(tmp_path / "preempted")
     assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
     assert resumed == straight
 
