@@ -80,6 +80,7 @@ def test_cli_format_flag_and_a_file_name_for_a_folder(checkpoint, tmp_path, caps
     assert cli.main(["export", "--checkpoint", checkpoint.run, "--out", str(tmp_path / "a.pt"),
                      "--format", "safetensors"]) == 0
     assert os.path.isfile(tmp_path / "a.pt" / "model.safetensors")  # asked for: a folder, whatever its name
+    capsys.readouterr()  # the first export's log lines (logging may write to stderr)
     assert cli.main(["export", "--checkpoint", checkpoint.run, "--out", str(tmp_path / "m.safetensors")]) == 78
     err = capsys.readouterr().err.strip()
     assert err.startswith("marscale export: error: --out ") and "the safetensors export is a folder" in err
