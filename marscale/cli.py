@@ -24,6 +24,7 @@ from marscale.core import exits
 COMMANDS = {
     "train": ("marscale.commands.train", "fine-tune a MAR model (or the ViT baseline) from shards"),
     "eval": ("marscale.commands.eval", "evaluate a checkpoint (multi-view, exact across ranks; or per mask ratio)"),
+    "predict": ("marscale.commands.predict", "classify video files with trained weights (top-k classes, s/video, GFLOPs)"),
     "export": ("marscale.commands.export", "write a consolidated fp32 state dict from a DeepSpeed checkpoint"),
     "demo": ("marscale.commands.demo", "render synthetic data, shard it, train a tiny MAR model, evaluate"),
     "cost": ("marscale.commands.cost", "parameter and FLOP table for ViT-S/B/L/H/g, full tokens vs MAR"),
