@@ -10,10 +10,10 @@ Two hosts (tests/netns.py): each its own network namespace, joined by one veth p
   host, pdsh), without ssh (one command per host) and with torchrun (rendezvous on host 0). The ssh form is pre-empted mid-run (SIGTERM to the launch script:
   every rank saves, status 75) and the same command resumes it. The three forms give the same losses
   step for step; every validation video is counted once; both ranks' shards are saved.
-- Failure (tiny model, ZeRO-3, launch/deepspeed.sh without ssh): every process of host 1
-  killed (kill -9), or the link cut, mid-run: host 0's launch script exits 69 within
-  run.collective_timeout_s plus a margin, naming the lost peer; `--resume auto` on both
-  hosts then finishes.
+- Failure (tiny model, ZeRO-3): every process of host 1 killed (kill -9; launched over
+  ssh), or the link cut (without ssh), mid-run: the launch scripts exit 69 within
+  run.collective_timeout_s plus a margin, naming the lost peer; after the kill,
+  `--resume auto` on both hosts finishes.
 - Start-up: a host that does not resolve or answer stops the launch in seconds with one
   line and status 68; a rank whose peer never starts exits 69 after run.setup_timeout_s.
 """
@@ -337,7 +337,9 @@ def test_node_killed_ends_the_job_in_bounded_time_and_it_resumes(hosts, syntheti
     resume_and_finish(hosts, synthetic_shards, out)
 
 
-def test_link_cut_ends_the_job_in_bounded_time_and_it_resumes(hosts, synthetic_shards, tmp_path):
+def test_link_cut_ends_the_job_in_bounded_time(hosts, synthetic_shards, tmp_path):
+    """Both hosts' launch scripts exit 69 within the collective timeout and a margin. (The
+    resume after a lost node is the killed-node test's: the checkpoint is the same kind.)"""
     out = str(tmp_path / "run")
     procs = start_no_ssh(hosts, synthetic_shards, out, "29500")
     wait_for_step(out, 3, procs)
@@ -351,8 +353,6 @@ def test_link_cut_ends_the_job_in_bounded_time_and_it_resumes(hosts, synthetic_s
         assert status == EXIT_PEER_LOST, log[-5000:]
         assert seconds < TIMEOUT_S + EXIT_MARGIN_S
     assert_lost_peer_reported(exits[0][2], hosts.addresses[1])
-    hosts.link_up(1)
-    resume_and_finish(hosts, synthetic_shards, out)
 
 
 # --- a bounded start-up -------------------------------------------------------------------
