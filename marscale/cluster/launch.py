@@ -179,10 +179,7 @@ def check_port_free(port: int) -> None:
 
 
 def is_this_host(address: str) -> bool:
-    try:
-        target = socket.gethostbyname(address)
-    except OSError:
-        return False
+    target = _resolve(address)
     if target.startswith("127."):
         return True
     with socket.socket() as s:
@@ -357,6 +354,7 @@ def plan_torchrun(config: str, args: list[str], env: dict[str, str], work: str) 
 
 
 def _resolve(address: str) -> str:
+    """`address` as an IPv4 address (itself when it does not resolve: binding it then fails)."""
     try:
         return socket.gethostbyname(address)
     except OSError:
