@@ -111,3 +111,51 @@ def test_bad_counts_are_refused_before_measuring(capsys, flag, value):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: must be an integer >= " in err and f"got {value}" in err
+
+
+@pytest.mark.parametrize("policy, blocks", [("none", {"vit_h_k400": 0, "mar_vit_l_k400": 0}),
+                                            ("all", {"vit_h_k400": 32, "mar_vit_l_k400": 24}),
+                                            ("config", {"vit_h_k400": 32, "mar_vit_l_k400": 0})])
+def test_one_recompute_policy_for_every_row_printed_in_each(capsys, policy, blocks):
+    # The presets differ (ViT-H recomputes all 32 blocks, MAR ViT-L none): by default no row
+    # recomputes, so a measured MAR ViT-L / ViT-H ratio holds no recomputation of one side.
+    argv = ["compare", "vit_h_k400", "mar_vit_l_k400", "--no-measure"]
+    argv += [] if policy == "none" else ["--checkpointing", policy]
+    assert cli_main([*argv, "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    got = {r["entry"]: (r["checkpointing"], r["grad_checkpointing"], r["encoder_depth"]) for r in doc["rows"]}
+    assert got == {e: (policy, n, {"vit_h_k400": 32, "mar_vit_l_k400": 24}[e]) for e, n in blocks.items()}
+    assert cli_main([*argv, "--format", "csv"]) == 0
+    records = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [(r["checkpointing"], int(r["grad_checkpointing"])) for r in records] == [
+        (policy, blocks["vit_h_k400"]), (policy, blocks["mar_vit_l_k400"])]
+    assert cli_main(argv) == 0
+    text = capsys.readouterr().out
+    measured = text.split("Measured:")[1].split("Ratios to")[0]
+    assert f"ViT-H full             2/bf16  {blocks['vit_h_k400']}/32 blocks ({policy})" in measured
+    assert f"{blocks['mar_vit_l_k400']}/24 blocks ({policy})" in measured
+    ratios = text.split("Ratios to ViT-H full:")[1]
+    assert f"{blocks['mar_vit_l_k400']}/24 vs {blocks['vit_h_k400']}/32 ({policy})" in ratios
+    caption = compare.checkpointing_caption(
+        [compare.counted_row(compare.Entry.parse(e), compare.apply_checkpointing(compare.Entry.parse(e).load(), policy),
+                             240_000, {}, policy) for e in blocks])
+    assert caption + "." in text
+    assert caption == {
+        "none": "activation recomputation: no encoder block recomputed, every row (--checkpointing none)",
+        "all": "activation recomputation: every encoder block recomputed, every row (--checkpointing all)",
+        "config": "activation recomputation: ViT-H full 32/32 blocks (config), MAR ViT-L 50% 0/24 blocks (config) "
+                  "(a measured ratio of rows that recompute differently includes the recomputation)",
+    }[policy]
+
+
+def test_a_recompute_override_needs_the_config_policy(capsys):
+    # Under `none` (the default) an entry's own model.grad_checkpointing would be replaced
+    # silently: refused in one line; kept under --checkpointing config.
+    argv = ["compare", "vit_b_k400:model.grad_checkpointing=4", "--reference", "vit_b_k400:model.grad_checkpointing=4",
+            "--no-measure", "--format", "json"]
+    assert cli_main(argv) == 78
+    assert ("model.grad_checkpointing=4 is replaced by --checkpointing none (every row: no encoder block recomputed, "
+            "every row); pass --checkpointing config") in capsys.readouterr().err
+    assert cli_main([*argv, "--checkpointing", "config"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert (row["checkpointing"], row["grad_checkpointing"]) == ("config", 4)

@@ -4,6 +4,7 @@
     marscale compare --quick                           # tiny shapes, seconds: the CI smoke run
     marscale compare vit_b_k400 mar_vit_b_k400:masking.ratio=0.75 --reference vit_b_k400
     marscale compare --set deepspeed.zero_stage=3 --out runs/compare   # + .md .csv .json .png
+    marscale compare --checkpointing config            # each preset's own activation recomputation
 
 For every config: parameters, counted GFLOPs per view, per test video and per training
 clip, the published schedule's FLOPs; then, measured on this device with the real engine
@@ -11,6 +12,11 @@ clip, the published schedule's FLOPs; then, measured on this device with the rea
 clips/s, peak memory, achieved TFLOP/s and MFU, and device-hours for the schedule. Every
 row is also a ratio to the reference (full-token ViT-H), counted beside measured, and the
 ratios that bear on the paper's "53%" and "14.5%" are listed with what enters them.
+
+Every row recomputes activations by one policy (`--checkpointing`, default `none`): the
+presets' own settings differ (ViT-H recomputes all 32 blocks, MAR ViT-L none), and a
+measured ratio between them would include ViT-H's recomputation. The policy and the
+blocks it recomputes are printed in every row.
 
 On a CPU the configs are measured cheapest first, at batch 1, while the estimated time
 fits `--budget-min`; the rest are marked "not measured" with the reason. Nothing is
@@ -31,6 +37,7 @@ import sys
 
 from marscale.cost.compare import (
     DEFAULT_ENTRIES,
+    CHECKPOINTING,
     DEFAULT_REFERENCE,
     K400_TRAIN_VIDEOS,
     PAPER_SAVING,
@@ -39,6 +46,8 @@ from marscale.cost.compare import (
     CompareRow,
     Entry,
     PaperTerm,
+    apply_checkpointing,
+    checkpointing_caption,
     counted_row,
     estimate_memory_bytes,
     estimate_seconds,
@@ -95,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_count(1), default=None,
                         help="CPU threads while measuring (default 1 on CPU: steps are timed in CPU time)")
     parser.add_argument("--no-measure", action="store_true", help="counted columns only")
+    parser.add_argument(
+        "--checkpointing", choices=tuple(CHECKPOINTING), default="none",
+        help="activation recomputation of every row: none (default; the ratios compare the same work), all "
+        "(every encoder block, when activations do not fit), config (each config's own model.grad_checkpointing: "
+        "the presets differ, and a measured ratio then includes the recomputation)",
+    )
     parser.add_argument("--train-videos", type=int, default=K400_TRAIN_VIDEOS,
                         help="training videos of the schedule (Kinetics-400: about 240k)")
     parser.add_argument("--top1", action="append", default=[], metavar="LABEL=VALUE",
@@ -126,6 +141,11 @@ def _available_memory(device_type: str, baseline_rss: int) -> int | None:
     import psutil
 
     return psutil.virtual_memory().available + max(0, psutil.Process().memory_info().rss - baseline_rss)
+
+
+def _recompute_hint(row: CompareRow) -> str:
+    """What to try when a row's activations do not fit."""
+    return "; --checkpointing all recomputes every block" if row.grad_checkpointing < row.encoder_depth else ""
 
 
 def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argparse.Namespace) -> str:
@@ -164,7 +184,7 @@ def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argpa
             where = "CPU" if device.type == "cpu" else "GPU"
             if free is not None and need > free:
                 row.not_measured = (f"{where}: needs about {need / 2**30:.0f} GiB at batch {batch}, "
-                                    f"{free / 2**30:.0f} GiB free")
+                                    f"{free / 2**30:.0f} GiB free{_recompute_hint(row)}")
             elif left is not None and guess is not None and guess > left:
                 row.not_measured = (f"{where}: about {guess / 60:.0f} min at batch {batch} at real shapes, over the "
                                     f"{budget:g} min budget" + ("; run on a GPU" if device.type == "cpu" else ""))
@@ -174,7 +194,7 @@ def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argpa
                                            tick=lambda: bar.update(1))
                     rate = row.measured.achieved_tflops
                 except torch.OutOfMemoryError:
-                    row.not_measured = f"{where}: out of memory at batch {batch}"
+                    row.not_measured = f"{where}: out of memory at batch {batch}{_recompute_hint(row)}"
             if row.measured is None:
                 logger.info("%s not measured: %s", row.label, row.not_measured)
             bar.n = per_row * done  # skipped rows count as done
@@ -215,17 +235,18 @@ def counted_table(rows: list[CompareRow]) -> tuple[list[str], list[list[str]]]:
 
 
 def measured_table(rows: list[CompareRow]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "ZeRO/precision/recompute", "batch", "train step ms (median, spread)", "train clips/s",
-            "infer clips/s", "peak mem GiB", "TFLOP/s", "MFU", "schedule device-h"]
+    head = ["model", "ZeRO/precision", "recompute (policy)", "batch", "train step ms (median, spread)",
+            "train clips/s", "infer clips/s", "peak mem GiB", "TFLOP/s", "MFU", "schedule device-h"]
     body = []
     for r in rows:
-        setting = f"{r.zero_stage}/{r.precision}/{r.grad_checkpointing}"
+        setting = f"{r.zero_stage}/{r.precision}"
         m = r.measured
         if m is None:
-            body.append([r.label, setting, "-", f"not measured ({r.not_measured})"] + ["-"] * (len(head) - 4))
+            body.append([r.label, setting, r.recompute, "-", f"not measured ({r.not_measured})"]
+                        + ["-"] * (len(head) - 5))
             continue
         body.append([
-            r.label, setting, str(m.batch), f"{m.train_median_s * 1e3:.1f} ({m.train_spread_s * 1e3:.1f})",
+            r.label, setting, r.recompute, str(m.batch), f"{m.train_median_s * 1e3:.1f} ({m.train_spread_s * 1e3:.1f})",
             f"{m.train_clips_per_s:.3g}", f"{m.infer_clips_per_s:.3g}", f"{m.peak_memory_bytes / 2**30:.2f}",
             f"{m.achieved_tflops:.3g}", _pct(m.mfu), f"{r.device_hours:.3g}",
         ])
@@ -233,10 +254,11 @@ def measured_table(rows: list[CompareRow]) -> tuple[list[str], list[list[str]]]:
 
 
 def ratio_table(rows: list[CompareRow], reference: CompareRow) -> tuple[list[str], list[list[str]]]:
-    head = [f"model / {reference.label}", "view counted", "view measured", "train counted", "train measured",
-            "schedule counted", "schedule measured", "memory measured"]
+    head = [f"model / {reference.label}", "recompute (row vs reference)", "view counted", "view measured",
+            "train counted", "train measured", "schedule counted", "schedule measured", "memory measured"]
     body = [
-        [r.label] + [_pct(r.ratios.get(k)) for k in ("view", "measured_view", "train", "measured_train", "schedule",
+        [r.label, f"{r.grad_checkpointing}/{r.encoder_depth} vs "
+                  f"{reference.grad_checkpointing}/{reference.encoder_depth} ({r.checkpointing})"] + [_pct(r.ratios.get(k)) for k in ("view", "measured_view", "train", "measured_train", "schedule",
                                                        "measured_schedule", "measured_memory")]
         for r in rows
     ]
@@ -265,11 +287,13 @@ def notes(rows: list[CompareRow], reference: CompareRow, settings: str) -> list[
         "schedule EFLOPs, TFLOP/s and MFU use hardware FLOPs (2x).",
         f"schedule = {reference.schedule_videos:,} training videos x epochs x clips per video (the preset's); "
         "device-hours = measured seconds per training clip x those clips, on one device.",
-        "Measured: the real engine (DeepSpeed, the config's ZeRO stage, precision and activation recomputation), "
+        "Measured: the real engine (DeepSpeed, the config's ZeRO stage and precision, activation recomputation "
+        "by --checkpointing), "
         "synthetic uint8 clips of the config's shape; train step = masks, copy, forward, loss, backward, "
         "optimizer step; infer = forward with the evaluation mask. Peak memory: CUDA allocator peak on GPU, "
         "process peak RSS on CPU.",
         settings,
+        checkpointing_caption(rows) + ".",
         f"Ratios are row / {reference.label} ({reference.entry}); what enters each:",
     ]
     out += [f"  {k}: {v}" for k, v in RATIO_TERMS.items()]
@@ -334,6 +358,16 @@ def to_json(rows: list[CompareRow], reference: CompareRow, settings: str) -> str
 # ------------------------------------------------------------------------------ run
 
 
+def _check_checkpointing(policy: str, common: list[str], entries: list[Entry]) -> None:
+    """A model.grad_checkpointing override is kept only under `--checkpointing config`:
+    under `none` or `all` the policy would replace it without a word."""
+    key = "model.grad_checkpointing"
+    named = [o for o in [*common, *(o for e in entries for o in e.overrides)] if o.split("=")[0].strip() == key]
+    if named and policy != "config":
+        raise ValueError(f"{named[0]} is replaced by --checkpointing {policy} (every row: "
+                         f"{CHECKPOINTING[policy]}); pass --checkpointing config to keep each config's own {key}")
+
+
 def run(args: argparse.Namespace) -> int:
     from marscale.commands.common import prepare_device
 
@@ -346,8 +380,9 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--top1 {item!r} must look like 'LABEL=VALUE'")
         top1[name] = float(value)
-    configs = {e.text: e.load(common) for e in entries}
-    rows = [counted_row(e, configs[e.text], args.train_videos, top1) for e in entries]
+    _check_checkpointing(args.checkpointing, common, entries)
+    configs = {e.text: apply_checkpointing(e.load(common), args.checkpointing) for e in entries}
+    rows = [counted_row(e, configs[e.text], args.train_videos, top1, args.checkpointing) for e in entries]
     reference = find_reference(rows, args.reference or (entries[0].text if args.quick else DEFAULT_REFERENCE))
     settings = "not measured (--no-measure)"
     if not args.no_measure:

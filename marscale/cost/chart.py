@@ -4,14 +4,15 @@ Left: counted inference GFLOPs per test video (log scale) against published top-
 the rows that have one; rows without a top-1 are marked at their cost along the bottom
 edge, so a cost with no accuracy to set it against is still shown and not placed at a
 guessed accuracy. Right: measured training and inference clips/s per row, with "not
-measured" written where there is no measurement.
+measured" written where there is no measurement. The caption names the activation
+recomputation the rows were measured with.
 
 matplotlib is imported here only, with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
-from marscale.cost.compare import CompareRow
+from marscale.cost.compare import CompareRow, checkpointing_caption
 
 
 def draw(rows: list[CompareRow], reference: CompareRow, path: str) -> None:
@@ -78,6 +79,7 @@ def draw(rows: list[CompareRow], reference: CompareRow, path: str) -> None:
     right.legend(fontsize=8, loc="lower right")
     right.grid(True, axis="x", alpha=0.3)
 
-    fig.tight_layout()
+    fig.text(0.5, 0.01, checkpointing_caption(rows), ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the caption
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,20 +20,26 @@ What enters each ratio (every ratio is this row's value / the reference's):
               decoder); no recomputation, no optimizer
     schedule  train x clips in the published schedule (videos x epochs x clips per video)
     measured train   seconds per training clip on the engine: forward, loss, backward,
-                     optimizer step, activation recomputation as configured, DeepSpeed
+                     optimizer step, activation recomputation by the policy, DeepSpeed
     measured view    seconds per inference view (forward, evaluation mask)
     measured memory  peak memory while building, training and inferring
     device-hours     measured seconds per training clip x clips in the schedule
+
+Activation recomputation (`model.grad_checkpointing`, encoder blocks recomputed in
+backward) is set by one policy for every row (`CHECKPOINTING`): the presets differ
+(full ViT-H recomputes all 32 blocks, MAR ViT-L none), and a measured ratio of two rows
+that recompute differently includes the recomputation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from marscale.cost.counting import count_model
 from marscale.cost.table import DISPLAY_NAMES
 from marscale.engine.config import TrainConfig, load_train_config
+from marscale.model import VARIANTS
 
 if TYPE_CHECKING:  # measuring imports DeepSpeed, which captures stdout at import: the command imports it late
     from marscale.engine.measure import Measurement
@@ -63,6 +69,24 @@ PAPER_SAVING = 0.53
 """The MAR paper: MAR cuts ViT compute by 53%."""
 PAPER_VIT_L_VS_H = 0.145
 """The MAR paper: MAR ViT-L costs 14.5% of ViT-H."""
+
+
+Checkpointing = Literal["none", "all", "config"]
+CHECKPOINTING: dict[str, str] = {
+    "none": "no encoder block recomputed, every row",
+    "all": "every encoder block recomputed, every row",
+    "config": "each config's own model.grad_checkpointing",
+}
+"""Activation-recomputation policies of `marscale compare --checkpointing`. `none` (the
+default) and `all` give both sides of a ratio the same policy; `config` keeps the
+presets' own, which differ (ViT-H 32 of 32 blocks, MAR ViT-L 0 of 24)."""
+
+
+def apply_checkpointing(cfg: TrainConfig, policy: Checkpointing) -> TrainConfig:
+    """`cfg` with the encoder blocks that `policy` recomputes (`model.grad_checkpointing`)."""
+    depth = VARIANTS[cfg.model.variant].encoder.depth
+    blocks = {"none": 0, "all": depth, "config": cfg.model.grad_checkpointing}[policy]
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grad_checkpointing=blocks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +152,21 @@ class CompareRow:
     top1_source: str
     zero_stage: int
     precision: str
+    checkpointing: str
+    """The recomputation policy the row was built under (`CHECKPOINTING`)."""
     grad_checkpointing: int
-    """Encoder blocks recomputed in backward."""
+    """Encoder blocks recomputed in backward (of `encoder_depth`)."""
+    encoder_depth: int
     measured: Measurement | None = None
     not_measured: str = ""
     """Why there is no measurement (empty when measured)."""
     ratios: dict[str, float | None] = dataclasses.field(default_factory=dict)
     """This row / the reference row, by term (`RATIO_TERMS`); None where either side lacks it."""
+
+    @property
+    def recompute(self) -> str:
+        """`0/24 blocks (none)`: what the row recomputes, and under which policy."""
+        return f"{self.grad_checkpointing}/{self.encoder_depth} blocks ({self.checkpointing})"
 
     @property
     def device_hours(self) -> float | None:
@@ -187,8 +219,10 @@ RATIO_TERMS = {
 """Each ratio and what enters it, in the order they are printed."""
 
 
-def counted_row(entry: Entry, cfg: TrainConfig, videos: int, top1: dict[str, float]) -> CompareRow:
-    """The counted half of a row (no measurement yet)."""
+def counted_row(entry: Entry, cfg: TrainConfig, videos: int, top1: dict[str, float],
+                checkpointing: Checkpointing = "config") -> CompareRow:
+    """The counted half of a row (no measurement yet). `cfg` is the config as measured:
+    `apply_checkpointing(cfg, checkpointing)` already applied."""
     ratio = cfg.masking.ratio_at(train=True)
     # Per-clip ratios: `ratio` is their mean, which need not mask whole cell slots; it is
     # counted with random masking's rounding, as a summary of the mix.
@@ -224,8 +258,21 @@ def counted_row(entry: Entry, cfg: TrainConfig, videos: int, top1: dict[str, flo
         top1_source=("given" if name in top1 else TOP1_SOURCE) if published is not None else "",
         zero_stage=cfg.deepspeed.zero_stage,
         precision=cfg.deepspeed.precision,
+        checkpointing=checkpointing,
         grad_checkpointing=cfg.model.grad_checkpointing,
+        encoder_depth=VARIANTS[cfg.model.variant].encoder.depth,
     )
+
+
+def checkpointing_caption(rows: list[CompareRow]) -> str:
+    """One line on the recomputation behind the measured rows (the chart's caption)."""
+    policies = sorted({r.checkpointing for r in rows})
+    if policies in (["none"], ["all"]):
+        return f"activation recomputation: {CHECKPOINTING[policies[0]]} (--checkpointing {policies[0]})"
+    shares = {r.grad_checkpointing / r.encoder_depth for r in rows}
+    return ("activation recomputation: " + ", ".join(f"{r.label} {r.recompute}" for r in rows)
+            + (" (a measured ratio of rows that recompute differently includes the recomputation)"
+               if len(shares) > 1 else ""))
 
 
 def _values(row: CompareRow) -> dict[str, float | None]:
@@ -321,8 +368,6 @@ def estimate_memory_bytes(row: CompareRow, cfg: TrainConfig, batch: int) -> int:
     """About the training memory of `row`: optimizer state and weights, plus activations
     (about 40 bytes per visible token and width unit per encoder block, fewer when
     recomputed)."""
-    from marscale.model import VARIANTS
-
     enc = VARIANTS[cfg.model.variant].encoder
     stored = max(1, enc.depth - cfg.model.grad_checkpointing)
     activations = 40 * batch * row.visible_tokens * enc.embed_dim * stored
