@@ -282,6 +282,7 @@ def test_recipe_values():
     assert ls.data.flip_label_pairs == ((86, 87), (93, 94), (166, 167))
     demo = load_train_config(os.path.join(CONFIG_DIR, "demo.yaml"))
     assert demo.model.variant == "vit_tiny" and demo.model.num_classes == 4 and demo.clip.sampling == "segment"
+    assert demo.clip.segment_rule == "marscale" and ls.clip.segment_rule == "reference"
     assert demo.data.train_shards == "runs/demo/data/shards/train"
     assert demo.data.val_shards == "runs/demo/data/shards/val"
     assert (demo.data.test_num_clips, demo.data.test_num_crops) == (1, 1)
@@ -317,6 +318,7 @@ def test_preset_override():
         (["clip.img_size=40", "data.short_side=40"], "clip.img_size 40 is not a multiple of the encoder's patch size 16"),
         (["clip.num_frames=5"], "clip.num_frames 5 is not a multiple of clip.tubelet_size 2"),
         (["clip.sampling=uniform"], "'clip.sampling' expects 'dense' | 'segment', got 'uniform'"),
+        (["clip.segment_rule=linspace"], "'clip.segment_rule' expects 'marscale' | 'reference', got 'linspace'"),
         (["model.arch=vit"], "model.arch=vit is the full-token baseline but masking.kind='cell_running'"),
         (["masking.cell=[4,4]", "masking.ratio=0.25", "clip.img_size=96", "data.short_side=96"],
          "masking.cell=[4, 4] does not tile the 6x6 token grid"),

@@ -135,6 +135,19 @@ def test_segment_sampling_end_to_end(synthetic_shards):
     assert set(torch.cat([b["view"] for b in views]).tolist()) == {0, 1}
 
 
+def test_reference_segment_rule_reaches_the_decoder(synthetic_shards, monkeypatch):
+    # 32-frame videos, 16 segments of 2 frames (linspace(0, 32, 17)): clip 0 takes each
+    # segment's start (0, 2, ..., 30), clip 1 its end (2, 4, ..., 32 -> clamped to 31).
+    recorder = _Recorder(monkeypatch)
+    clip = ClipConfig(sampling="segment", segment_rule="reference", num_frames=16, img_size=32)
+    cfg = _cfg(synthetic_shards, test_num_clips=2, test_num_crops=1)
+    views = list(build_eval_loader(cfg, clip, rank=0, world_size=1))
+    assert sum(len(b["view"]) for b in views) == 8 * 2
+    assert len(recorder.requests) == 8
+    for request in recorder.requests:
+        np.testing.assert_array_equal(np.unique(request), list(range(0, 32, 2)) + [31])
+
+
 def test_train_stream_is_reproducible_and_seeded(synthetic_shards):
     cfg = _cfg(synthetic_shards, num_workers=2)
     first = _batches(cfg, epoch=0, rank=0, world_size=1)

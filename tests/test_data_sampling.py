@@ -64,6 +64,123 @@ def test_segment_short_videos_stay_in_range():
     np.testing.assert_array_equal(sampling.segment_eval_indices(1, 4, 1), [[0, 0, 0, 0]])
 
 
+# The MAR reference's segment rule (clip.segment_rule "reference"), written out from its
+# formula for T = 16: segment i spans [L * i / 16, L * (i + 1) / 16]; one test clip at the
+# centres, clip k of n > 1 at k / (n - 1) of each segment; clamped to L - 1, rounded half
+# to even. E.g. L = 20: segments 1.25 frames long, centre of segment 1 at 1.875 -> 2;
+# segment 3 starts at 3.75 -> 4; the last segment ends at 20 -> clamped to 19.
+REFERENCE_EVAL = {
+    16: {
+        1: [[0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14, 15]],
+        2: [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 15]],
+        3: [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+            [0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14, 15],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 15]],
+    },
+    20: {
+        1: [[1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14, 16, 17, 18, 19]],
+        2: [[0, 1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15, 16, 18, 19],
+            [1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15, 16, 18, 19, 19]],
+        3: [[0, 1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15, 16, 18, 19],
+            [1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14, 16, 17, 18, 19],
+            [1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15, 16, 18, 19, 19]],
+    },
+    33: {
+        1: [[1, 3, 5, 7, 9, 11, 13, 15, 18, 20, 22, 24, 26, 28, 30, 32]],
+        2: [[0, 2, 4, 6, 8, 10, 12, 14, 16, 19, 21, 23, 25, 27, 29, 31],
+            [2, 4, 6, 8, 10, 12, 14, 16, 19, 21, 23, 25, 27, 29, 31, 32]],
+        3: [[0, 2, 4, 6, 8, 10, 12, 14, 16, 19, 21, 23, 25, 27, 29, 31],
+            [1, 3, 5, 7, 9, 11, 13, 15, 18, 20, 22, 24, 26, 28, 30, 32],
+            [2, 4, 6, 8, 10, 12, 14, 16, 19, 21, 23, 25, 27, 29, 31, 32]],
+    },
+    47: {
+        1: [[1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 37, 40, 43, 46]],
+        2: [[0, 3, 6, 9, 12, 15, 18, 21, 24, 26, 29, 32, 35, 38, 41, 44],
+            [3, 6, 9, 12, 15, 18, 21, 24, 26, 29, 32, 35, 38, 41, 44, 46]],
+        3: [[0, 3, 6, 9, 12, 15, 18, 21, 24, 26, 29, 32, 35, 38, 41, 44],
+            [1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 37, 40, 43, 46],
+            [3, 6, 9, 12, 15, 18, 21, 24, 26, 29, 32, 35, 38, 41, 44, 46]],
+    },
+    120: {
+        1: [[4, 11, 19, 26, 34, 41, 49, 56, 64, 71, 79, 86, 94, 101, 109, 116]],
+        2: [[0, 8, 15, 22, 30, 38, 45, 52, 60, 68, 75, 82, 90, 98, 105, 112],
+            [8, 15, 22, 30, 38, 45, 52, 60, 68, 75, 82, 90, 98, 105, 112, 119]],
+        3: [[0, 8, 15, 22, 30, 38, 45, 52, 60, 68, 75, 82, 90, 98, 105, 112],
+            [4, 11, 19, 26, 34, 41, 49, 56, 64, 71, 79, 86, 94, 101, 109, 116],
+            [8, 15, 22, 30, 38, 45, 52, 60, 68, 75, 82, 90, 98, 105, 112, 119]],
+    },
+}
+
+# Training, T = 16: the frames segment i can give, (first, last). A position uniform in
+# [L * i / 16, L * (i + 1) / 16) rounds to every frame whose half-open neighbourhood it
+# overlaps: first = floor(lo + 0.5), last = ceil(hi + 0.5) - 1 (a position of exactly
+# k + 0.5 rounds to the even side, but the draw almost never lands on it); the last
+# segment's part beyond L - 1 is clamped onto L - 1.
+REFERENCE_TRAIN = {
+    16: [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8),
+         (8, 9), (9, 10), (10, 11), (11, 12), (12, 13), (13, 14), (14, 15), (15, 15)],
+    20: [(0, 1), (1, 2), (3, 4), (4, 5), (5, 6), (6, 7), (8, 9), (9, 10),
+         (10, 11), (11, 12), (13, 14), (14, 15), (15, 16), (16, 17), (18, 19), (19, 19)],
+    33: [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14), (14, 16),
+         (17, 19), (19, 21), (21, 23), (23, 25), (25, 27), (27, 29), (29, 31), (31, 32)],
+    47: [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 21), (21, 23),
+         (24, 26), (26, 29), (29, 32), (32, 35), (35, 38), (38, 41), (41, 44), (44, 46)],
+    120: [(0, 7), (8, 15), (15, 22), (23, 30), (30, 37), (38, 45), (45, 52), (53, 60),
+          (60, 67), (68, 75), (75, 82), (83, 90), (90, 97), (98, 105), (105, 112), (113, 119)],
+}
+
+
+@pytest.mark.parametrize("length", sorted(REFERENCE_EVAL))
+def test_reference_segment_eval_matches_the_reference(length):
+    for num_clips, expected in REFERENCE_EVAL[length].items():
+        got = sampling.reference_segment_eval_indices(length, 16, num_clips)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, expected, err_msg=f"{num_clips} clips")
+
+
+@pytest.mark.parametrize("length", sorted(REFERENCE_TRAIN))
+def test_reference_segment_train_stays_in_and_reaches_both_ends(length):
+    rng = np.random.default_rng(3)
+    draws = np.stack([sampling.reference_segment_train_indices(length, 16, rng) for _ in range(3000)])  # [3000, 16]
+    assert draws.dtype == np.int64
+    got = [(int(lo), int(hi)) for lo, hi in zip(draws.min(0), draws.max(0))]
+    assert got == REFERENCE_TRAIN[length]
+    for i, (lo, hi) in enumerate(REFERENCE_TRAIN[length]):
+        assert set(draws[:, i].tolist()) == set(range(lo, hi + 1)), f"segment {i}"
+
+
+def test_reference_segment_rounds_half_to_even_and_short_videos():
+    # L = 4, T = 8: segments half a frame long, centres at 0.25, 0.75, ... 3.75.
+    np.testing.assert_array_equal(sampling.reference_segment_eval_indices(4, 8, 1), [[0, 1, 1, 2, 2, 3, 3, 3]])
+    # Starts 0, 0.5, 1.0, ... 3.5: the halves go to the even frame (0.5 -> 0, 1.5 -> 2,
+    # 2.5 -> 2; 3.5 is clamped to 3 first); ends 0.5 ... 4.0 likewise.
+    np.testing.assert_array_equal(
+        sampling.reference_segment_eval_indices(4, 8, 2), [[0, 0, 1, 2, 2, 2, 3, 3], [0, 1, 2, 2, 2, 3, 3, 3]]
+    )
+    np.testing.assert_array_equal(sampling.reference_segment_eval_indices(1, 4, 2), np.zeros((2, 4)))
+    rng = np.random.default_rng(0)
+    for length in (1, 2, 3, 7):
+        idx = sampling.reference_segment_train_indices(length, 16, rng)
+        assert idx.shape == (16,) and idx.min() >= 0 and idx.max() <= length - 1
+        assert np.all(np.diff(idx) >= 0)
+
+
+def test_segment_rule_dispatch():
+    rng = np.random.default_rng(0)
+    reference = ClipConfig(sampling="segment", segment_rule="reference", num_frames=16)
+    np.testing.assert_array_equal(sampling.eval_indices(reference, 33, 12.0, 2), REFERENCE_EVAL[33][2])
+    np.testing.assert_array_equal(
+        sampling.train_indices(reference, 47, 12.0, np.random.default_rng(7)),
+        sampling.reference_segment_train_indices(47, 16, np.random.default_rng(7)),
+    )
+    # The default keeps marscale's own rule.
+    default = ClipConfig(sampling="segment", num_frames=4)
+    assert default.segment_rule == "marscale"
+    np.testing.assert_array_equal(sampling.eval_indices(default, 33, 12.0, 2), [[2, 10, 18, 26], [6, 14, 22, 30]])
+    assert sampling.train_indices(default, 33, 12.0, rng).shape == (4,)
+
+
 def test_dispatch_and_errors():
     rng = np.random.default_rng(0)
     assert sampling.train_indices(ClipConfig(sampling="segment", num_frames=4), 33, 25.0, rng).shape == (4,)
@@ -194,6 +311,8 @@ def test_config_errors_say_how_to_fix(kw, message):
         (dict(std=(0.2, 0.0, 0.2)), "std > 0"),
         (dict(sampling_fps=0), "sampling_fps must be > 0"),
         (dict(sampling="segment", sampling_fps=30.0), "dense windows only"),
+        (dict(segment_rule="reference"), "segment_rule places segments only"),
+        (dict(sampling="segment", segment_rule="linspace"), "'marscale', 'reference'"),
     ],
 )
 def test_clip_errors_say_how_to_fix(kw, message):

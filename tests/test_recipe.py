@@ -58,6 +58,7 @@ def test_mar_presets_run_the_reference_recipe(name):
         assert d.flip and d.flip_label_pairs == ()
     else:
         assert c.sampling == "segment" and c.sampling_fps is None
+        assert c.segment_rule == "reference"  # linspace(0, L, 17) segments, half-even rounding
         assert not d.rand_augment_before_crop  # after the crop for SSv2
         assert d.flip and d.flip_label_pairs == SSV2_PAIRS == SSV2_FLIP_LABEL_PAIRS
 

@@ -19,6 +19,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Sampling = Literal["dense", "segment"]
+SegmentRule = Literal["marscale", "reference"]
 
 
 @dataclasses.dataclass
@@ -36,7 +37,17 @@ class ClipConfig:
     """Frame sampling. "dense" (Kinetics): `num_frames` frames `sampling_interval` apart from
     a random window in training, evenly spaced windows in evaluation. "segment"
     (Something-Something v2): the video is cut into `num_frames` equal segments and one
-    frame is taken from each, at a random offset in training and at the centre in evaluation."""
+    frame is taken from each, at a random offset in training and at the centre in evaluation
+    (`segment_rule` says exactly where)."""
+    segment_rule: SegmentRule = "marscale"
+    """"segment" only: where the segments' bounds and the evaluation clips fall.
+    "marscale": bounds at round((L - 1) / T * i) (L video frames, bounds inclusive);
+    evaluation clip k of n at (k + 0.5) / n of the way through each segment, so views stay
+    inside the segments. "reference" (the MAR reference, the SSv2 presets): bounds at
+    L * i / T (linspace(0, L, T + 1)); one evaluation clip at each segment's centre, n > 1
+    at k / (n - 1) of the way (the first on the segment's start, the last on its end);
+    positions clamped to L - 1 and rounded half to even. Training draws uniformly inside
+    each segment under both. `marscale.data.sampling` has the formulas."""
     sampling_interval: int = 4
     """Distance in source frames between two sampled frames ("dense" only); with
     `sampling_fps`, the distance at that frame rate."""
@@ -76,6 +87,11 @@ class ClipConfig:
                 raise ValueError(
                     f"clip.sampling_fps scales dense windows only; set it to null for sampling={self.sampling!r}"
                 )
+        if self.segment_rule != "marscale" and self.sampling != "segment":
+            raise ValueError(
+                f"clip.segment_rule places segments only; remove it (or set sampling: segment) "
+                f"for sampling={self.sampling!r}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(
                 f"clip.mean and clip.std need 3 values (RGB, 0-1 scale) and std > 0; got {self.mean}, {self.std}"

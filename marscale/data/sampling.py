@@ -5,7 +5,8 @@ functions return shape [T], evaluation functions [num_clips, T] (clip k, frame t
 Videos shorter than a clip are handled by clamping to the last frame (the last frame
 repeats), so the output length is always T.
 
-Two schemes, as in VideoMAE / MAR, the first in two forms (`clip.sampling_fps`):
+Two schemes, as in VideoMAE / MAR, each in two forms (`clip.sampling_fps`,
+`clip.segment_rule`):
 
 * dense (Kinetics), fixed interval (``sampling_fps`` None): T frames `interval` apart, a
   window of ``(T - 1) * interval + 1`` source frames. Training draws the window start
@@ -28,10 +29,26 @@ Two schemes, as in VideoMAE / MAR, the first in two forms (`clip.sampling_fps`):
   container's average rate.) A variable-frame-rate video is sampled by frame index at
   its average rate.
 * segment (Something-Something v2): the video is cut into T equal segments and one
-  frame is taken from each; segment i spans ``[round(s * i), round(s * (i + 1))]`` with
-  ``s = (num_video_frames - 1) / T``. Training picks uniformly inside each segment,
-  evaluation clip k takes the point ``(k + 0.5) / num_clips`` of the way through each
-  segment (one clip: the centre).
+  frame is taken from each, by one of two rules (`clip.segment_rule`):
+
+  - "marscale": segment i spans ``[round(s * i), round(s * (i + 1))]`` with
+    ``s = (num_video_frames - 1) / T`` (bounds inclusive). Training picks uniformly among
+    the frames of each segment; evaluation clip k of n takes the point ``(k + 0.5) / n``
+    of the way through each segment, floored (one clip: the centre), so no view sits on
+    a segment's end.
+  - "reference" (the MAR reference, `_segment_based_sampling` in its
+    `dataset/base/base_dataset.py`): segment i spans ``[L * i / T, L * (i + 1) / T]``
+    (``linspace(0, L, T + 1)``, L = num_video_frames). Training draws a real position
+    uniformly inside each segment; evaluation takes each segment's centre for one clip,
+    and for n > 1 clips places clip k at ``k / (n - 1)`` of the way through each segment
+    (clip 0 on the segment's start, clip n - 1 on its end, which is the next segment's
+    start). Every position is clamped to ``L - 1`` and rounded half to even
+    (torch.round in the reference), so a segment's first frame can be its
+    predecessor's last. The evaluation positions are computed exactly (integers here);
+    the reference's float32 gives the same indices whenever T is a power of two (every
+    value is exact then, as for the presets' 16 frames); for other T a position exactly
+    halfway between two frames can round the other way there, depending on its CPU's
+    vector width.
 """
 
 from __future__ import annotations
@@ -145,6 +162,45 @@ def segment_eval_indices(num_video_frames: int, num_frames: int, num_clips: int)
     return (lo + np.floor((hi - lo) * where[:, None])).astype(np.int64)
 
 
+def _reference_edges(num_video_frames: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """[T] real start and end of each segment: linspace(0, L, T + 1) cut into pairs."""
+    edges = np.linspace(0.0, num_video_frames, num_frames + 1)
+    return edges[:-1], edges[1:]
+
+
+def reference_segment_train_indices(num_video_frames: int, num_frames: int, rng: np.random.Generator) -> np.ndarray:
+    """[T] indices as the MAR reference draws them: a real position uniform in each segment
+    ``[L * i / T, L * (i + 1) / T)``, clamped to L - 1 and rounded half to even."""
+    _check(num_video_frames, num_frames)
+    lo, hi = _reference_edges(num_video_frames, num_frames)
+    position = lo + (hi - lo) * rng.random(num_frames)
+    return np.round(np.minimum(position, num_video_frames - 1)).astype(np.int64)
+
+
+def _round_half_even(num: np.ndarray, den: int) -> np.ndarray:
+    """round(num / den) for integers num >= 0, den > 0, ties to the even integer (as np.round)."""
+    q, r = np.divmod(num, den)
+    return q + ((2 * r > den) | ((2 * r == den) & (q % 2 == 1)))
+
+
+def reference_segment_eval_indices(num_video_frames: int, num_frames: int, num_clips: int) -> np.ndarray:
+    """[num_clips, T] indices as the MAR reference places its test views: one clip at each
+    segment's centre; n > 1 clips with clip k at k / (n - 1) of the way through each segment.
+
+    Position of clip k in segment i: ``L * (i * q + p) / (T * q)`` with p / q = 1 / 2 for
+    one clip and k / (n - 1) otherwise, rounded half to even in integers (exactly), then
+    clamped to L - 1 (rounding and clamping commute: L - 1 is a whole frame).
+    """
+    _check(num_video_frames, num_frames)
+    if num_clips == 1:
+        p, q = np.array([1]), 2
+    else:
+        p, q = np.arange(num_clips), num_clips - 1
+    i = np.arange(num_frames, dtype=np.int64)
+    num = num_video_frames * (i[None, :] * q + p[:, None])  # [num_clips, T]
+    return np.minimum(_round_half_even(num, num_frames * q), num_video_frames - 1).astype(np.int64)
+
+
 def _fps_ratio(clip: ClipConfig, video_fps: float) -> float:
     if not (math.isfinite(video_fps) and video_fps > 0):
         raise FrameRateError(f"clip.sampling_fps needs the video's frame rate; the decoder reports {video_fps}")
@@ -154,6 +210,8 @@ def _fps_ratio(clip: ClipConfig, video_fps: float) -> float:
 def train_indices(clip: ClipConfig, num_video_frames: int, video_fps: float, rng: np.random.Generator) -> np.ndarray:
     """[T] training indices of one window as `clip` samples it (`video_fps` is read only
     when `clip.sampling_fps` is set)."""
+    if clip.sampling == "segment" and clip.segment_rule == "reference":
+        return reference_segment_train_indices(num_video_frames, clip.num_frames, rng)
     if clip.sampling == "segment":
         return segment_train_indices(num_video_frames, clip.num_frames, rng)
     if clip.sampling_fps is None:
@@ -164,6 +222,8 @@ def train_indices(clip: ClipConfig, num_video_frames: int, video_fps: float, rng
 
 def eval_indices(clip: ClipConfig, num_video_frames: int, video_fps: float, num_clips: int) -> np.ndarray:
     """[num_clips, T] evaluation indices as `clip` samples them (same rule as `train_indices`)."""
+    if clip.sampling == "segment" and clip.segment_rule == "reference":
+        return reference_segment_eval_indices(num_video_frames, clip.num_frames, num_clips)
     if clip.sampling == "segment":
         return segment_eval_indices(num_video_frames, clip.num_frames, num_clips)
     if clip.sampling_fps is None:
