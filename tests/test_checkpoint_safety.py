@@ -24,6 +24,7 @@ from marscale import cli
 from marscale.core import dist
 from marscale.core.config import to_dict
 from marscale.checkpoints import folders as ckpt
+from marscale.data.shards import ShardSet
 from marscale.engine.trainer import Trainer
 
 OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -179,9 +180,13 @@ def test_export_and_eval_of_a_run_fall_back_past_a_truncated_checkpoint(trainer,
     truncate(os.path.join(second, OPTIM_STATES))
     out = str(tmp_path / "model.pt")
     assert export(trainer.output_dir, out) == first
-    assert torch.load(out, weights_only=True)["step"] == 1
+    exported = torch.load(out, weights_only=True)
+    assert exported["step"] == 1
+    # The class names the training shards' manifest gives, kept by the checkpoint and the export.
+    names = list(ShardSet.load(trainer.cfg.data.val_shards).class_names)
+    assert len(names) == trainer.cfg.model.num_classes and exported["class_names"] == names
     _, client = consolidate(trainer.output_dir)  # what `marscale eval --checkpoint RUN` reads
-    assert client["train_state"]["step"] == 1
+    assert client["train_state"]["step"] == 1 and client["class_names"] == names
     assert ckpt.is_complete(second)  # reading never renames
 
     assert cli.main(["export", "--checkpoint", second, "--out", out]) == 78

@@ -261,6 +261,25 @@ def test_without_a_manifest_classes_are_shown_by_index(seeded, tmp_path, capsys)
     assert doc["class_names"] is None and doc["videos"][0]["top"][0]["class"] is None and doc["class_names_missing"]
 
 
+def test_class_names_stored_with_the_weights_need_no_shards(seeded, tmp_path, capsys):
+    """Weights copied away from their shards still name their classes (an export of a run
+    stores the training manifest's names); stored names come before the config's manifest."""
+    stored = to_dict(seeded.cfg)
+    stored["data"].update(train_shards=str(tmp_path / "gone"), val_shards=str(tmp_path / "gone"))
+    names = [f"class {i}" for i in range(seeded.cfg.model.num_classes)]
+    file = str(tmp_path / "moved.pt")
+    torch.save({"model": seeded.state, "config": stored, "step": 1, "class_names": names}, file)
+    video = os.path.join(seeded.videos, "00000.mp4")
+    doc = predict_json(capsys, video, "--checkpoint", file, "--top-k", str(len(names)))
+    assert doc["class_names"] == names and doc["class_names_from"] == f"{file} (stored with the weights)"
+    assert [t["class"] for t in doc["videos"][0]["top"]] == [names[t["index"]] for t in doc["videos"][0]["top"]]
+    # More names than the model has classes: not these weights' names; the manifest instead.
+    torch.save({"model": seeded.state, "config": to_dict(seeded.cfg), "step": 1, "class_names": names + ["x"]}, file)
+    doc = predict_json(capsys, video, "--checkpoint", file)
+    assert doc["class_names"] == list(SYNTH_CLASSES[:seeded.cfg.model.num_classes])
+    assert doc["class_names_from"].endswith("manifest.json")
+
+
 # --------------------------------------------------------------------- the demo model
 
 

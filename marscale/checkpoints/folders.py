@@ -66,6 +66,7 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -109,10 +110,16 @@ class TrainState:
     """Loader batches of this epoch already consumed by each rank (the resume offset)."""
 
 
-def client_state(state: TrainState, world_size: int, config: dict[str, Any]) -> dict[str, Any]:
+def client_state(
+    state: TrainState, world_size: int, config: dict[str, Any], class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
     """What marscale stores beside DeepSpeed's files: the training state, the world size
-    it was written on and the effective config."""
-    return {"marscale": {"train_state": dataclasses.asdict(state), "world_size": world_size, "config": config}}
+    it was written on, the effective config and the class names by label (the shard
+    manifest's: the weights name their classes wherever they are copied, without the shards)."""
+    return {"marscale": {
+        "train_state": dataclasses.asdict(state), "world_size": world_size, "config": config,
+        "class_names": None if class_names is None else list(class_names),
+    }}
 
 
 def tag_for(step: int) -> str:

@@ -19,8 +19,10 @@ full-token model is then masked as `marscale eval --mask-ratios` masks it.
 Per video: the top-k classes with their probabilities, the seconds it took (reading,
 decoding and scoring; the first video includes warm-up) and the GFLOPs spent on it
 (inference multiply-accumulates of all its views, counted by `marscale.cost.counting`).
-Class names come from the manifest of the config's `data.val_shards` (or `train_shards`);
-without one, classes are shown by index and the output says so.
+Class names are the ones stored with the weights (checkpoints and exports carry their
+training manifest's); for weights without them, the manifest of the config's
+`data.val_shards` (or `train_shards`); without either, classes are shown by index and the
+output says so.
 
 A file that cannot be read or decoded is one line on stderr naming it and the decoder's
 error, and the other videos go on; the exit status is 78 (bad input) when no video could
@@ -150,12 +152,20 @@ def find_videos(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return videos, problems
 
 
-def class_names(data_cfg: DataConfig, num_classes: int) -> tuple[list[str] | None, str]:
-    """(names by label, where they came from) from the manifest of the config's shard
-    folders; (None, why not) when neither has a manifest that fits the model."""
+def class_names(
+    data_cfg: DataConfig, num_classes: int, stored: tuple[list[str] | None, str] = (None, "")
+) -> tuple[list[str] | None, str]:
+    """(names by label, where they came from): `stored` (names kept with the weights, and
+    where) when they fit the model, else the manifest of the config's shard folders;
+    (None, why not) when nothing fits."""
     from marscale.data.shards import load_manifest, manifest_path
 
     tried = []
+    names, source = stored
+    if names is not None:
+        if len(names) <= num_classes:
+            return names, source
+        tried.append(f"{source} names {len(names)} classes, the model has {num_classes}")
     for root in (data_cfg.val_shards, data_cfg.train_shards):
         try:
             names = load_manifest(root).class_names
@@ -415,6 +425,16 @@ def _masking_note(masking: MaskingConfig, ratio: float) -> str | None:
     )
 
 
+def _stored_names(args: argparse.Namespace, folder: str | None) -> tuple[list[str] | None, str]:
+    """(class names kept with the weights, where), or (None, "") without them."""
+    from marscale.weights.export import stored_class_names
+    from marscale.weights.hf import locate
+
+    path = locate(args.checkpoint)
+    names = stored_class_names(path, folder)
+    return names, f"{folder or path} (stored with the weights)"
+
+
 def _attention(cfg: TrainConfig, device: torch.device) -> str:
     """The config's attention backend where it runs on `device`, else "auto" (a model trained
     with a GPU-only kernel still classifies on a CPU; the numbers are the same kernels' math)."""
@@ -457,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
     model.to(device=device, dtype=dtype).eval()
     model.set_attention(_attention(cfg, device), device)
-    names, names_source = class_names(cfg.data, cfg.model.num_classes)
+    names, names_source = class_names(cfg.data, cfg.model.num_classes, _stored_names(config_args, folder))
     setting = Setting(
         args.checkpoint, folder, cfg, ratio_pass.mask_ratio, ratio_pass.tokens, ratio_pass.visible_tokens,
         _masking_note(cfg.masking, ratio_pass.mask_ratio), names, names_source, device, dtype,

@@ -315,7 +315,7 @@ class Trainer:
         """Checkpoint `step-N` (collective), then keep the newest checkpoint.keep_last."""
         return ckpt.save_checkpoint(
             self.engine, self.checkpoints_root, self.state.step,
-            ckpt.client_state(self.state, self.world_size, to_dict(self.cfg)),
+            ckpt.client_state(self.state, self.world_size, to_dict(self.cfg), self.plan.val_set.class_names),
             keep_last=self.cfg.checkpoint.keep_last,
         )
 

@@ -12,9 +12,13 @@
 - `safetensors` (the default): a folder holding `model.safetensors` (tensors and a JSON
   header: reading it runs no code, maps the file instead of unpickling it, and any
   language reads it) and `config.json`, ``{"format": "marscale", "step": N, "config": the
-  training config}``;
+  training config, "class_names": [...]}``;
 - `torch` (`--format torch`, or an `--out` ending in .pt or .pth, as earlier versions
-  wrote it): one pickled file ``{"model": state dict, "config": the training config, "step": N}``.
+  wrote it): one pickled file ``{"model": state dict, "config": the training config, "step": N,
+  "class_names": [...]}``.
+
+The class names by label are the ones the checkpoint stored (its training shards'
+manifest); None for checkpoints written before they were stored.
 
 The checkpoint is checked first (`checkpointing.find_checkpoint`: intact, every file safe
 to unpickle; a run folder falls back to its newest intact checkpoint), and every file is
@@ -110,6 +114,40 @@ def exported_config(path: str) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def stored_class_names(path: str, folder: str | None) -> list[str] | None:
+    """The class names by label stored with the weights: in the checkpoint `folder`'s
+    client state, else in what `marscale export` wrote at `path` (config.json, or the
+    single file), or a transformers config.json's `id2label`; None when none were stored
+    (older checkpoints, other origins, transformers' placeholder LABEL_i names)."""
+    if folder is not None:
+        names = read_model_states(folder).get("marscale", {}).get("class_names")
+    elif os.path.isdir(path) or path.endswith(SAFETENSORS_SUFFIX):
+        record = read_config_json(path)
+        names = record.get("class_names") if isinstance(record, dict) else None
+        if isinstance(record, dict) and record.get("format") != EXPORT_RECORD:
+            names = _id2label(record.get("id2label"))
+    else:
+        obj = load_file(path, mmap=True)
+        names = obj.get("class_names") if isinstance(obj, dict) else None
+    ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    return names if ok else None
+
+
+def _id2label(id2label: Any) -> list[str] | None:
+    """transformers' {"0": name, ...} as names by label; None unless it covers 0..n-1 with
+    names other than its LABEL_i placeholders."""
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        by_index = {int(k): v for k, v in id2label.items()}
+    except ValueError:
+        return None
+    names = [by_index.get(i) for i in range(len(by_index))]
+    if None in names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
+
+
 def export(checkpoint: str, out: str, *, format: ExportFormat | None = None) -> str:
     """Write the consolidated fp32 weights of `checkpoint` (a step-N folder, a checkpoints
     folder or a run folder: the newest intact checkpoint) to `out`, in `format`
@@ -127,15 +165,18 @@ def export(checkpoint: str, out: str, *, format: ExportFormat | None = None) -> 
     state, client = consolidate_checked(path)
     config = client.get("config", {})
     step = client.get("train_state", {}).get("step", step_of(path))
+    names = client.get("class_names")
     if format == "torch":
-        _atomic(out, lambda tmp: torch.save({"model": state, "config": config, "step": step}, tmp))
+        _atomic(out, lambda tmp: torch.save(
+            {"model": state, "config": config, "step": step, "class_names": names}, tmp))
     else:
         os.makedirs(out, exist_ok=True)
         # The weights first, the record last: a folder whose config.json names this step
         # holds this step's weights.
         weights = os.path.join(out, WEIGHTS_FILES[0])
         _atomic(weights, lambda tmp: safetensors.torch.save_file(state, tmp, metadata={"format": "pt"}))
-        write_json(os.path.join(out, MODEL_CONFIG), {"format": EXPORT_RECORD, "step": step, "config": config})
+        write_json(os.path.join(out, MODEL_CONFIG), {
+            "format": EXPORT_RECORD, "step": step, "config": config, "class_names": names})
     n = sum(v.numel() for v in state.values())
     logger.info(
         "exported %s (%d tensors, %.1fM parameters, fp32) to %s (%s)", path, len(state), n / 1e6, out, format
