@@ -17,6 +17,7 @@ from marscale.cost import compare
 from marscale.cli import main as cli_main
 from marscale.commands.compare import QUICK_ENTRIES, QUICK_OVERRIDES
 from marscale.cost.counting import count_model
+from marscale.engine.phases import PHASES
 
 MEASURED = ("train_clips_per_s", "infer_clips_per_s", "peak_memory_gib", "achieved_tflops", "train_step_median_s")
 
@@ -53,6 +54,22 @@ def test_quick_json_counts_and_measures(quick_run):
         assert row["mfu_peak"] == "no MFU: cpu has no peak in the table (set logging.peak_tflops)"
         assert row["device_hours"] == pytest.approx(
             row["train_step_median_s"] / 2 * row["schedule_clips"] / 3600)
+        # The step by phase, each phase measured, inside the step on the same clock; the
+        # counted forward and backward make up the counted training clip.
+        for phases, step in zip(row["train_phase_steps_s"], row["train_step_s"]):
+            assert list(phases) == list(PHASES) and all(v > 0 for v in phases.values())
+            assert 0.8 * step <= sum(phases.values()) <= step
+        assert all(row[f"train_{p}_median_s"] > 0 for p in PHASES)
+        assert row["macs_train_forward"] == counted.macs_training_forward
+        assert row["macs_train_forward"] + row["macs_train_backward"] == row["macs_train_clip"]
+        assert row["trained_params"] == row["params_training"] == counted.params_training
+        assert row["ratio_measured_forward"] == pytest.approx(
+            row["train_forward_median_s"] / ref["train_forward_median_s"])
+        assert row["ratio_measured_input"] == pytest.approx(
+            (row["train_masks_median_s"] + row["train_data_median_s"])
+            / (ref["train_masks_median_s"] + ref["train_data_median_s"]))
+        assert row["ratio_optimizer_params"] == pytest.approx(row["params_training"] / ref["params_training"])
+        assert row["checkpointing"] == "none" and row["grad_checkpointing"] == 0
     assert rows["demo"]["label"] == "MAR ViT-Ti 50%" and rows["demo"]["ratio_measured_train"] > 0
     assert doc["settings"].endswith("; no MFU: cpu has no peak in the table (set logging.peak_tflops)")
 
@@ -64,10 +81,13 @@ def test_quick_writes_markdown_csv_and_png(quick_run):
         records = list(csv.DictReader(f))
     assert list(records[0]) == list(doc["rows"][0]) and len(records) == 3
     md = open(os.path.join(out, "compare.md")).read()
-    assert all(f"### {t}" in md for t in ("Counted", "Measured", "Ratios to ViT-Ti full"))
+    assert all(f"### {t}" in md for t in ("Counted", "Measured", "Training step by phase", "Ratios to ViT-Ti full",
+                                          "Training step by phase, ratios to ViT-Ti full"))
     assert "not measured" not in md and "53%" in md
     table = [line for line in md.splitlines() if line.startswith("| ViT-Ti full")]
-    assert len(table) == 3
+    assert len(table) == 5
+    phases = md.split("### Training step by phase\n")[1].split("###")[0]
+    assert "| forward ms | backward ms | optimizer ms |" in phases and "| 3.0 |" in phases  # optimizer params M
     with open(os.path.join(out, "compare.png"), "rb") as f:
         png = f.read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -253,6 +253,34 @@ def measured_table(rows: list[CompareRow]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def phase_table(rows: list[CompareRow]) -> tuple[list[str], list[list[str]]]:
+    """The measured training step by phase (medians per step) beside its counted parts."""
+    head = ["model", "batch", "step ms", "masks+data ms", "forward ms", "backward ms", "optimizer ms",
+            "phases / step", "counted fwd GFLOPs/clip", "counted bwd GFLOPs/clip", "optimizer params M"]
+    body = []
+    for r in rows:
+        counted = [_gf(r.macs_train_forward), _gf(r.macs_train_backward), f"{r.params_training / 1e6:.1f}"]
+        m = r.measured
+        if m is None:
+            body.append([r.label, "-", "not measured", "-", "-", "-", "-", "-", *counted])
+            continue
+        p = m.phase_median_s
+        body.append([r.label, str(m.batch), f"{m.train_median_s * 1e3:.1f}", f"{(p['masks'] + p['data']) * 1e3:.1f}",
+                     *(f"{p[k] * 1e3:.1f}" for k in ("forward", "backward", "optimizer")),
+                     f"{sum(p.values()) / m.train_median_s:.1%}", *counted])
+    return head, body
+
+
+def phase_ratio_table(rows: list[CompareRow], reference: CompareRow) -> tuple[list[str], list[list[str]]]:
+    """Each phase's measured ratio to the reference beside its counted one."""
+    keys = ("measured_forward", "train_forward", "measured_backward", "train_backward", "measured_optimizer",
+            "optimizer_params", "measured_input", "measured_train", "train")
+    head = [f"model / {reference.label}", "forward measured", "forward counted", "backward measured",
+            "backward counted", "optimizer measured", "optimizer params", "masks+data measured", "step measured",
+            "train counted"]
+    return head, [[r.label] + [_pct(r.ratios.get(k)) for k in keys] for r in rows]
+
+
 def ratio_table(rows: list[CompareRow], reference: CompareRow) -> tuple[list[str], list[list[str]]]:
     head = [f"model / {reference.label}", "recompute (row vs reference)", "view counted", "view measured",
             "train counted", "train measured", "schedule counted", "schedule measured", "memory measured"]
@@ -292,6 +320,12 @@ def notes(rows: list[CompareRow], reference: CompareRow, settings: str) -> list[
         "synthetic uint8 clips of the config's shape; train step = masks, copy, forward, loss, backward, "
         "optimizer step; infer = forward with the evaluation mask. Peak memory: CUDA allocator peak on GPU, "
         "process peak RSS on CPU.",
+        "By phase: the engine's own step timed at each phase's end (marscale/engine/phases.py; on a GPU after a "
+        "device sync): masks+data = the step's masks, copy, normalise, mixup and cast; forward = model and loss; "
+        "backward (with any recomputation); optimizer = DeepSpeed's step (gradient reduction, clipping, AdamW). "
+        "Medians per step, which need not add up to the median step (phases / step). Counted: forward and "
+        "backward MACs of one training clip (backward about 2x forward: gradients of inputs and weights); the "
+        "optimizer's work grows with the parameters it updates, which no FLOP count includes.",
         settings,
         checkpointing_caption(rows) + ".",
         f"Ratios are row / {reference.label} ({reference.entry}); what enters each:",
@@ -320,7 +354,9 @@ def _paper_lines(terms: list[PaperTerm]) -> list[str]:
 
 def render(rows: list[CompareRow], reference: CompareRow, settings: str, fmt: str) -> str:
     tables = [("Counted", counted_table(rows)), ("Measured", measured_table(rows)),
-              (f"Ratios to {reference.label}", ratio_table(rows, reference))]
+              ("Training step by phase", phase_table(rows)),
+              (f"Ratios to {reference.label}", ratio_table(rows, reference)),
+              (f"Training step by phase, ratios to {reference.label}", phase_ratio_table(rows, reference))]
     if fmt == "csv":
         return to_csv(rows)
     if fmt == "json":

@@ -18,9 +18,13 @@ What enters each ratio (every ratio is this row's value / the reference's):
     video     view x the config's test views (clips x crops)
     train     counted FLOPs of one training clip, forward + backward (MAR: with the
               decoder); no recomputation, no optimizer
+    train forward / train backward   its two parts (backward: about 2x forward)
+    optimizer params   parameters AdamW updates (MAR: + decoder and bridging classifier)
     schedule  train x clips in the published schedule (videos x epochs x clips per video)
     measured train   seconds per training clip on the engine: forward, loss, backward,
                      optimizer step, activation recomputation by the policy, DeepSpeed
+    measured forward / backward / optimizer / input   the training step's phases
+                     (`marscale.engine.phases`), seconds per clip; input = masks + data
     measured view    seconds per inference view (forward, evaluation mask)
     measured memory  peak memory while building, training and inferring
     device-hours     measured seconds per training clip x clips in the schedule
@@ -39,6 +43,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 from marscale.cost.counting import count_model
 from marscale.cost.table import DISPLAY_NAMES
 from marscale.engine.config import TrainConfig, load_train_config
+from marscale.engine.phases import PHASES
 from marscale.model import VARIANTS
 
 if TYPE_CHECKING:  # measuring imports DeepSpeed, which captures stdout at import: the command imports it late
@@ -142,6 +147,10 @@ class CompareRow:
     macs_video: int
     macs_train_clip: int
     """Counted MACs of one training clip, forward + backward (hardware FLOPs: 2x)."""
+    macs_train_forward: int
+    """Its forward: encoder, classifier and (MAR) the reconstruction decoder."""
+    macs_train_backward: int
+    """Its backward (`macs_train_clip` - `macs_train_forward`)."""
     epochs: int
     clips_per_video: int
     schedule_videos: int
@@ -174,6 +183,12 @@ class CompareRow:
         return None if self.measured is None else self.measured.seconds_per_train_clip * self.schedule_clips / 3600
 
     @property
+    def phase_seconds_per_clip(self) -> dict[str, float] | None:
+        """Measured median seconds of each training phase (`PHASES`) per clip."""
+        m = self.measured
+        return None if m is None else {p: s / m.batch for p, s in m.phase_median_s.items()}
+
+    @property
     def seconds_per_video(self) -> float | None:
         """Measured inference seconds per test video (views x seconds per view)."""
         return None if self.measured is None else self.measured.seconds_per_view * self.views
@@ -192,7 +207,11 @@ class CompareRow:
             train_step_spread_s=m.train_spread_s if m else None,
             train_clips_per_s=m.train_clips_per_s if m else None,
             infer_clips_per_s=m.infer_clips_per_s if m else None,
+            train_step_s=list(m.train_step_s) if m else None,
             train_step_wall_s=list(m.train_wall_s) if m else None,
+            **{f"train_{p}_median_s": m.phase_median_s.get(p) if m else None for p in PHASES},
+            train_phase_steps_s=list(m.train_phase_s) if m else None,
+            trained_params=m.trained_params if m else None,
             infer_step_wall_s=list(m.infer_wall_s) if m else None,
             peak_memory_gib=m.peak_memory_bytes / 2**30 if m else None,
             achieved_tflops=m.achieved_tflops if m else None,
@@ -215,8 +234,19 @@ RATIO_TERMS = {
     "measured_view": "measured seconds per inference view",
     "measured_memory": "measured peak memory",
     "measured_schedule": "measured device-hours of the schedule",
+    "train_forward": "counted MACs of a training clip's forward (MAR with decoder)",
+    "measured_forward": "measured seconds of the training step's forward and loss, per clip",
+    "train_backward": "counted MACs of a training clip's backward",
+    "measured_backward": "measured seconds of the training step's backward (with recomputation), per clip",
+    "optimizer_params": "parameters the optimizer updates",
+    "measured_optimizer": "measured seconds of the optimizer step (DeepSpeed: reduction, clipping, AdamW), per clip",
+    "measured_input": "measured seconds of masks and data (copy, normalise, mixup) in the training step, per clip",
 }
 """Each ratio and what enters it, in the order they are printed."""
+PHASE_TERMS = ("train_forward", "measured_forward", "train_backward", "measured_backward", "optimizer_params",
+               "measured_optimizer", "measured_input")
+"""The training step term by term (the phase table), left out of the lines set beside
+the paper's figures (parts of a cost, not a cost)."""
 
 
 def counted_row(entry: Entry, cfg: TrainConfig, videos: int, top1: dict[str, float],
@@ -249,6 +279,8 @@ def counted_row(entry: Entry, cfg: TrainConfig, videos: int, top1: dict[str, flo
         macs_view=eval_count.macs_inference,
         macs_video=views * eval_count.macs_inference,
         macs_train_clip=count.macs_training,
+        macs_train_forward=count.macs_training_forward,
+        macs_train_backward=count.macs_backward,
         epochs=cfg.optim.epochs,
         clips_per_video=cfg.data.clips_per_video,
         schedule_videos=videos,
@@ -277,12 +309,20 @@ def checkpointing_caption(rows: list[CompareRow]) -> str:
 
 def _values(row: CompareRow) -> dict[str, float | None]:
     m = row.measured
+    phases = row.phase_seconds_per_clip or {}
     return {
         "view": row.macs_view,
         "video": row.macs_video,
         "train": row.macs_train_clip,
         "schedule": row.schedule_macs,
         "measured_train": m.seconds_per_train_clip if m else None,
+        "train_forward": row.macs_train_forward,
+        "measured_forward": phases.get("forward"),
+        "train_backward": row.macs_train_backward,
+        "measured_backward": phases.get("backward"),
+        "optimizer_params": row.params_training,
+        "measured_optimizer": phases.get("optimizer"),
+        "measured_input": phases["masks"] + phases["data"] if phases else None,
         "measured_view": m.seconds_per_view if m else None,
         "measured_memory": m.peak_memory_bytes if m else None,
         "measured_schedule": row.device_hours,
@@ -342,7 +382,7 @@ def paper_terms(rows: list[CompareRow], reference: CompareRow) -> list[PaperTerm
             if r.arch == "mar" and r.variant == "vit_l" and r.clip == reference.clip:
                 terms += [
                     PaperTerm("vit_l_vs_h", f"{r.label} / {reference.label}: {RATIO_TERMS[k]}", v)
-                    for k, v in r.ratios.items() if v is not None and k != "measured_memory"
+                    for k, v in r.ratios.items() if v is not None and k not in PHASE_TERMS + ("measured_memory",)
                 ]
     return terms
 

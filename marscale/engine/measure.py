@@ -10,6 +10,11 @@ of the config's real shapes, made once, so the loader's cost is left out.
     timed training step   = masks + host-to-device copy + forward + loss + backward + step
     timed inference step  = normalise + forward without the decoder (evaluation mask)
 
+The training step's phases (`marscale.engine.step.PHASES`: masks, data, forward with the
+loss, backward, optimizer) are timed on the same clock by the step's own `PhaseClock`,
+which on a GPU synchronises at every phase boundary (five syncs a step instead of one:
+the host's launches of one phase no longer overlap the previous phase's kernels).
+
 Each timed step ends with a device synchronisation (the training loop itself syncs only
 on logging steps; a benchmark needs the time of every step). On a CPU the step is timed
 in process CPU time, with wall time beside it: on a shared machine the wall time of
@@ -40,7 +45,7 @@ from marscale.engine.build import build_engine
 from marscale.engine.config import TrainConfig
 from marscale.engine.metrics import Peak, peak_memory_bytes, resolve_peak
 from marscale.engine.plan import RunPlan, make_plan
-from marscale.engine.step import TrainStep
+from marscale.engine.step import PhaseClock, TrainStep
 from marscale.tokens.masking import make_mask
 from marscale.tokens.packing import pack_mask
 
@@ -67,6 +72,11 @@ class Measurement:
     which a busy shared machine inflates far less than wall time)."""
     train_wall_s: tuple[float, ...]
     """Wall time of each timed training step (the same as train_step_s on GPU)."""
+    train_phase_s: tuple[dict[str, float], ...]
+    """Each timed training step by phase (`marscale.engine.step.PHASES`), on `clock`; the
+    phases of a step add up to at most its time in `train_step_s`."""
+    trained_params: int
+    """Parameters the optimizer updates (the model's trainable ones, whole under ZeRO-3)."""
     infer_wall_s: tuple[float, ...]
     peak_memory_bytes: int
     """Peak over building, training and inference steps (see the module docstring)."""
@@ -87,6 +97,12 @@ class Measurement:
     @property
     def infer_median_s(self) -> float:
         return statistics.median(self.infer_step_s)
+
+    @property
+    def phase_median_s(self) -> dict[str, float]:
+        """Median seconds of each phase over the timed training steps (medians: they need
+        not add up to `train_median_s`)."""
+        return {p: statistics.median(s[p] for s in self.train_phase_s) for p in self.train_phase_s[0]}
 
     @property
     def train_clips_per_s(self) -> float:
@@ -186,13 +202,18 @@ def measure(
     built = build_engine(cfg, world_size=dist.get_world_size(), rank=dist.get_rank())
     try:
         device = built.device
-        train_step = TrainStep(cfg, plan, built, rank=dist.get_rank(), world_size=dist.get_world_size())
+        phases = PhaseClock(device, time.process_time if device.type == "cpu" else time.perf_counter)
+        train_step = TrainStep(cfg, plan, built, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                               phases=phases)
+        # ZeRO-3 leaves each rank a shard of a parameter (`ds_numel` is the whole one).
+        trained = sum(getattr(p, "ds_numel", p.numel()) for p in built.engine.module.parameters() if p.requires_grad)
         g = torch.Generator().manual_seed(cfg.run.seed)
         c = cfg.clip
         video = torch.randint(0, 256, (batch, 3, c.num_frames, c.img_size, c.img_size), dtype=torch.uint8, generator=g)
         labels = torch.randint(0, cfg.model.num_classes, (batch,), generator=g)
 
         times = {"train": ([], []), "infer": ([], [])}  # mode -> (clock, wall)
+        train_phases = []
 
         def timed(mode: str, step: int, fn: Callable[[], None]) -> None:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -205,6 +226,9 @@ def measure(
 
         for step in range(warmup + steps):
             timed("train", step, lambda: train_step(step, [{"video": video, "label": labels}]))
+            split = phases.take()
+            if step >= warmup:
+                train_phases.append(split)
 
         mask = make_mask(cfg.masking, batch, plan.token_grid, None, train=False)
         eval_tokens = pack_mask(mask).to(device) if mask is not None else None
@@ -230,6 +254,8 @@ def measure(
         infer_step_s=tuple(times["infer"][0]),
         clock="cpu" if device.type == "cpu" else "wall",
         train_wall_s=tuple(times["train"][1]),
+        train_phase_s=tuple(train_phases),
+        trained_params=trained,
         infer_wall_s=tuple(times["infer"][1]),
         peak_memory_bytes=peak,
         flops_per_train_clip=plan.flops_per_clip_train,

@@ -19,7 +19,9 @@ One optimizer step, on every rank::
         engine.backward(loss); engine.step()   (DeepSpeed steps at the accumulation boundary)
 
 The step returns loss tensors (no host sync); the loop sums them on the device and reads
-them on logging steps.
+them on logging steps. A benchmark may pass a `PhaseClock` (`marscale.engine.phases`),
+which times each phase with a device sync at every boundary; the trainer passes none, and
+the step's marks then do nothing (no sync).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from marscale.data.mixup import build_mixup, normalize
 from marscale.engine.build import Engine
 from marscale.engine.config import TrainConfig
 from marscale.engine.loss import build_loss
+from marscale.engine.phases import NoClock, PhaseClock
 from marscale.engine.plan import RunPlan
 from marscale.tokens.batches import StepBatches
 from marscale.tokens.packing import PackedTokens
@@ -51,7 +54,9 @@ class StepOutput:
 class TrainStep:
     """Runs optimizer steps of `cfg` on a built engine (`marscale.engine.build`)."""
 
-    def __init__(self, cfg: TrainConfig, plan: RunPlan, built: Engine, *, rank: int, world_size: int):
+    def __init__(self, cfg: TrainConfig, plan: RunPlan, built: Engine, *, rank: int, world_size: int,
+                 phases: PhaseClock | None = None):
+        self.phases = phases or NoClock()
         self.engine, self.device, self.dtype = built.engine, built.device, built.dtype
         self.own_grad_norm = built.own_grad_norm
         self.batches = plan.batches
@@ -73,12 +78,14 @@ class TrainStep:
     def __call__(self, step: int, micro_batches: list[dict], *, want_grad_norm: bool = False) -> StepOutput:
         """Optimizer step `step` over this rank's `micro_batches` (loader batches: "video"
         uint8 [B, C, T, H, W] or decoded windows with "augment", "label" int64 [B])."""
+        self.phases.start()
         layout = self.describe(step, micro_batches)
         losses = []
         for micro, batch in enumerate(micro_batches):
             tokens = self.batches.tokens(layout.by_rank[self.rank][micro], step, micro, self.rank)
             if tokens is not None:
                 tokens = tokens.to(self.device, non_blocking=True)
+            self.phases.mark("masks")
             losses.append(self.micro_step(
                 batch, tokens, layout.scales(self.rank, micro), want_grad_norm=want_grad_norm,
             ))
@@ -96,9 +103,12 @@ class TrainStep:
         x = normalize(video, self.clip.mean, self.clip.std)  # fp32 [B, C, T, H, W]
         x, target = self.mixup(x, labels)  # soft targets [B, K]
         x = x.to(self.dtype)  # the clip the model sees, and the loss builds its target from
+        self.phases.mark("data")
         outputs = self.engine(x, tokens)
         parts = self.loss(outputs, x, tokens, target, cls_scale=scales[0], recon_scale=scales[1])
+        self.phases.mark("forward")
         self.engine.backward(parts["loss"])
+        self.phases.mark("backward")
         result = {k: v.detach() for k, v in parts.items()}
         boundary = self.engine.is_gradient_accumulation_boundary()
         if want_grad_norm and boundary and self.own_grad_norm:
@@ -109,4 +119,5 @@ class TrainStep:
             norm = self.engine.get_global_grad_norm()
             if norm is not None:
                 result["grad_norm"] = torch.as_tensor(norm)
+        self.phases.mark("optimizer")
         return result
