@@ -8,15 +8,18 @@ path for the whole batch) give the same numbers as each clip alone.
 """
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 from marscale.engine.loss import build_loss
 from marscale.tokens.masking import MaskingConfig, cell_running_mask, make_mask, random_mask
 from marscale.model import build_model
 from marscale.model.attention import PackedAttention, resolve_backend
 from marscale.model.layers import Attention
+from marscale.tokens import packing
 from marscale.tokens.packing import pack_mask
 from tests.helpers import tiny_clip, tiny_model_config
 
@@ -85,15 +88,24 @@ def test_packed_matches_each_clip_alone(backend):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_flex_forward_matches_on_cpu():
-    """FlexAttention runs forward on CPU (no backward there): evaluation logits agree."""
-    video, _, mask = _batch([0.25, 0.75, 0.5])
+def test_flex_forward_matches_on_cpu(monkeypatch):
+    """FlexAttention runs forward on CPU (no backward there): evaluation logits agree. It
+    runs compiled (eager flex warns that it materialises the score matrix), and one block
+    mask serves every layer of a forward."""
+    built = []
+    monkeypatch.setattr(packing, "create_block_mask", lambda *a, **k: built.append(a[3]) or create_block_mask(*a, **k))
     ref = _model(attention="per_clip").eval()
     flex = _model(attention="flex").eval()
-    with torch.no_grad():
-        expected = ref(video, pack_mask(mask))["logits"]
-        got = flex(video, pack_mask(mask))["logits"]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(flex.encoder.blocks) > 1
+    for ratios in ([0.25, 0.75, 0.5], [0.5, 0.0]):  # a second packed length: no recompilation error
+        video, _, mask = _batch(ratios)
+        packed = pack_mask(mask)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*without torch.compile")
+            expected = ref(video, pack_mask(mask))["logits"]
+            got = flex(video, packed)["logits"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert built == [24 + 8 + 16, 16 + 32]  # one mask per batch, of its packed length
 
 
 def test_flex_refuses_to_train_on_cpu():

@@ -8,8 +8,11 @@ Backends (`model.attention`):
 - `flash_varlen`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16; if installed).
 - `torch_varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16: it
   has no CPU kernel and no fp32 one).
-- `flex`: FlexAttention with a document mask. On a GPU it trains; on a CPU it has no
-  backward, so it only serves evaluation there.
+- `flex`: FlexAttention with a document mask, compiled (`torch.compile`, dynamic shapes:
+  the packed length changes every batch) into a fused kernel; called eagerly it would
+  materialise the whole [h, Ntot, Ntot] score matrix. Its block mask is built once per
+  batch (`PackedTokens.flex_block_mask`) and shared by every layer. On a GPU it trains;
+  on a CPU it has no backward, so it only serves evaluation there.
 - `sdpa_mask`: one `scaled_dot_product_attention` over the whole packed sequence with a
   block-diagonal mask (memory Ntot^2 per head: for CPU and small batches).
 - `per_clip`: a loop of `scaled_dot_product_attention` calls, one per run of consecutive
@@ -29,12 +32,13 @@ a silent fallback. The backend is resolved once, when the model is built for its
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 from marscale.tokens.packing import PackedTokens
 
@@ -115,19 +119,21 @@ def _sdpa_mask(q, k, v, packed: PackedTokens) -> torch.Tensor:
     return out.transpose(0, 1)
 
 
+@functools.cache
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """`flex_attention` compiled once per process. Dynamic shapes: packed batches change
+    Ntot every step, which would otherwise recompile each new length."""
+    return torch.compile(flex_attention, dynamic=True)
+
+
 def _flex(q, k, v, packed: PackedTokens) -> torch.Tensor:
     if torch.is_grad_enabled() and q.requires_grad:
         problem = training_problem("flex", q.device, q.dtype)
         if problem:
             raise RuntimeError(problem)
-    ids = packed.clip_ids
-
-    def same_clip(b, h, q_idx, kv_idx):
-        return ids[q_idx] == ids[kv_idx]
-
-    n = q.shape[0]
-    block_mask = create_block_mask(same_clip, None, None, n, n, device=q.device)
-    out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask)
+    # [Ntot, h, d] -> [1, h, Ntot, d]: the whole packed batch is one "document-masked" sequence
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+    out = compiled_flex_attention()(q, k, v, block_mask=packed.flex_block_mask)
     return out[0].transpose(0, 1)
 
 

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,19 @@ class PackedTokens:
     def block_mask(self) -> torch.Tensor:
         """bool [Ntot, Ntot]: True where two tokens belong to one clip (built once per batch)."""
         return self.clip_ids[:, None] == self.clip_ids[None, :]
+
+    @functools.cached_property
+    def flex_block_mask(self) -> BlockMask:
+        """FlexAttention's block-sparse form of `block_mask` (a token attends within its clip),
+        on `clip_ids`' device. Built once per batch, when the first layer asks: every layer
+        of the forward (and a recomputing backward) reuses it."""
+        ids = self.clip_ids
+
+        def same_clip(b, h, q_idx, kv_idx):
+            return ids[q_idx] == ids[kv_idx]
+
+        n = ids.shape[0]
+        return create_block_mask(same_clip, None, None, n, n, device=ids.device)
 
     @property
     def batch(self) -> int:
