@@ -4,7 +4,9 @@ lines set beside the paper's figures."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -179,3 +181,52 @@ def test_a_recompute_override_needs_the_config_policy(capsys):
     assert cli_main([*argv, "--checkpointing", "config"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["rows"]
     assert (row["checkpointing"], row["grad_checkpointing"]) == ("config", 4)
+
+
+def _fake_measurement(cfg, *, batch, warmup, steps, videos, tick):
+    """A Measurement of made-up times (no engine built): the rows around a failing one."""
+    from marscale.engine.measure import Measurement
+    from marscale.engine.metrics import Peak
+
+    step = {p: 0.01 for p in PHASES}
+    return Measurement(device="CPU, 1 thread", batch=batch, warmup=warmup, steps=steps, train_step_s=(0.06,) * steps,
+                       infer_step_s=(0.02,) * steps, clock="cpu", train_wall_s=(0.06,) * steps,
+                       infer_wall_s=(0.02,) * steps, train_phase_s=(step,) * steps, trained_params=1,
+                       peak_memory_bytes=2**30, flops_per_train_clip=10**9, peak=Peak(None, "no MFU: test"))
+
+
+@pytest.mark.parametrize("raised", [RuntimeError("CUDA error: an illegal memory access was encountered\nmore"),
+                                    KeyboardInterrupt()])
+def test_a_failed_or_interrupted_measurement_keeps_the_other_rows(monkeypatch, tmp_path, capsys, raised):
+    # Rows are measured cheapest first: MAR 75%, MAR 50%, full. The middle one raises.
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's import prints (the command imports it so too)
+        import marscale.engine.measure
+
+    def measure(cfg, **kw):
+        if compare.label(cfg) == "MAR ViT-Ti 50%":
+            raise raised
+        return _fake_measurement(cfg, **kw)
+
+    monkeypatch.setattr(marscale.engine.measure, "measure", measure)
+    argv = ["compare", "--quick", "--format", "json", "--out", str(tmp_path)]
+    if isinstance(raised, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            cli_main(argv)
+    else:
+        assert cli_main(argv) == 1  # outputs written, and the failure is the exit status
+    doc = json.loads((tmp_path / "compare.json").read_text())
+    assert json.loads(capsys.readouterr().out) == doc
+    rows = {r["entry"]: r for r in doc["rows"]}
+    assert rows["demo:masking.ratio=0.75"]["train_step_median_s"] == 0.06
+    failed = rows["demo"]
+    assert failed["train_step_median_s"] is None
+    if isinstance(raised, KeyboardInterrupt):
+        assert doc["settings"].endswith("; interrupted (Ctrl-C)")
+        assert failed["not_measured"] == rows[QUICK_ENTRIES[0]]["not_measured"] == "interrupted (Ctrl-C)"
+        assert failed["error"] == ""
+    else:
+        assert failed["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+        assert failed["not_measured"] == f"CPU: failed at batch 2: {failed['error']}"
+        assert rows[QUICK_ENTRIES[0]]["train_step_median_s"] == 0.06  # measured after the failure
+    with open(tmp_path / "compare.csv") as f:
+        assert [r["error"] for r in csv.DictReader(f)] == [r["error"] for r in doc["rows"]]

@@ -21,6 +21,11 @@ blocks it recomputes are printed in every row.
 On a CPU the configs are measured cheapest first, at batch 1, while the estimated time
 fits `--budget-min`; the rest are marked "not measured" with the reason. Nothing is
 estimated in place of a measurement.
+
+A row whose measurement raises (out of memory, or any other error) gets the reason in its
+row and the next row is measured; the `--out` files are written before anything is
+printed, with every row, also when Ctrl-C stops the measuring. A row that failed with an
+error other than out of memory makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import logging
 import os
 import sys
 
+from marscale.core import exits
 from marscale.cost.compare import (
     DEFAULT_ENTRIES,
     CHECKPOINTING,
@@ -148,9 +154,17 @@ def _recompute_hint(row: CompareRow) -> str:
     return "; --checkpointing all recomputes every block" if row.grad_checkpointing < row.encoder_depth else ""
 
 
-def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argparse.Namespace) -> str:
+def _one_line(err: Exception) -> str:
+    """`Type: the message's first line`."""
+    lines = str(err).strip().splitlines()
+    return type(err).__name__ + (f": {lines[0]}" if lines else "")
+
+
+def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argparse.Namespace) -> tuple[str, bool]:
     """Measure the rows (cheapest first) that fit the budget and memory; returns a line
-    with the settings. Rows left out get their reason in `not_measured`."""
+    with the settings, and whether Ctrl-C stopped the measuring. Rows left out get their
+    reason in `not_measured`; a row whose measurement raised gets the error in `error`
+    too, and the next row is measured (a broken CUDA context then fails each in turn)."""
     import time
 
     import torch
@@ -172,6 +186,7 @@ def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argpa
     import psutil  # a DeepSpeed dependency
 
     baseline_rss = psutil.Process().memory_info().rss
+    interrupted = False
     try:
         for done, row in enumerate(order, start=1):
             cfg = configs[row.entry]
@@ -195,10 +210,19 @@ def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argpa
                     rate = row.measured.achieved_tflops
                 except torch.OutOfMemoryError:
                     row.not_measured = f"{where}: out of memory at batch {batch}{_recompute_hint(row)}"
+                except Exception as err:  # recorded in the row; the other rows go on
+                    logger.exception("measuring %s failed", row.label)
+                    row.error = _one_line(err)
+                    row.not_measured = f"{where}: failed at batch {batch}: {row.error}"
             if row.measured is None:
                 logger.info("%s not measured: %s", row.label, row.not_measured)
             bar.n = per_row * done  # skipped rows count as done
             bar.refresh()
+    except KeyboardInterrupt:  # the rows measured so far are still written
+        interrupted = True
+        for r in order:
+            if r.measured is None and not r.not_measured:
+                r.not_measured = "interrupted (Ctrl-C)"
     finally:
         bar.close()
     shown = f"batch {batch_arg}" if batch_arg else "each config's batch"
@@ -207,7 +231,7 @@ def measure_rows(rows: list[CompareRow], configs: dict[str, object], args: argpa
     peaks = sorted({r.measured.peak.describe() for r in rows if r.measured is not None})  # one per precision
     return (f"measured on {device.type.upper()}: {shown}, {warmup} warm-up + {steps} timed steps per mode, "
             f"steps timed in {clock}" + (f", budget {budget:g} min" if budget is not None else "")
-            + "".join(f"; {p}" for p in peaks))
+            + "".join(f"; {p}" for p in peaks) + ("; interrupted (Ctrl-C)" if interrupted else "")), interrupted
 
 
 # ------------------------------------------------------------------------ formatting
@@ -420,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     configs = {e.text: apply_checkpointing(e.load(common), args.checkpointing) for e in entries}
     rows = [counted_row(e, configs[e.text], args.train_videos, top1, args.checkpointing) for e in entries]
     reference = find_reference(rows, args.reference or (entries[0].text if args.quick else DEFAULT_REFERENCE))
-    settings = "not measured (--no-measure)"
+    settings, interrupted = "not measured (--no-measure)", False
     if not args.no_measure:
         prepare_device(next(iter(configs.values())).run.device)
         from marscale.core import dist
@@ -429,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
         # imported, here): keep stdout for the table, CSV or JSON.
         try:
             with contextlib.redirect_stdout(sys.stderr):
-                settings = measure_rows(rows, configs, args)
+                settings, interrupted = measure_rows(rows, configs, args)
         finally:
             dist.destroy()
         for r in rows:
@@ -439,10 +463,15 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             r.not_measured = "--no-measure"
     fill_ratios(rows, reference)
-    print(render(rows, reference, settings, args.format))
-    if args.out:
+    if args.out:  # first: the files hold every row measured, whatever happens after
         write_outputs(args.out, rows, reference, settings)
-    return 0
+    print(render(rows, reference, settings, args.format))
+    if interrupted:
+        raise KeyboardInterrupt
+    failed = [r for r in rows if r.error]
+    for r in failed:
+        logger.error("%s: %s", r.label, r.not_measured)
+    return exits.FAILED if failed else exits.FINISHED
 
 
 def write_outputs(out: str, rows: list[CompareRow], reference: CompareRow, settings: str) -> dict[str, str]:

@@ -169,6 +169,9 @@ class CompareRow:
     measured: Measurement | None = None
     not_measured: str = ""
     """Why there is no measurement (empty when measured)."""
+    error: str = ""
+    """The error measuring raised, `Type: first line` (empty when none; out of memory is
+    a reason in `not_measured`, not an error)."""
     ratios: dict[str, float | None] = dataclasses.field(default_factory=dict)
     """This row / the reference row, by term (`RATIO_TERMS`); None where either side lacks it."""
 

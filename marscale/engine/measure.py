@@ -4,8 +4,9 @@ What runs is what `marscale train` runs: the engine is built by the trainer's bu
 (`marscale.engine.build`: model, AdamW groups, DeepSpeed with the config's ZeRO stage,
 precision and activation checkpointing), and every step is the trainer's step
 (`marscale.engine.step`: normalise, mixup, masks from the run plan, loss, backward,
-optimizer step). Only the data is synthetic: uint8 clips and labels
-of the config's real shapes, made once, so the loader's cost is left out.
+optimizer step). Only the data and the weights are synthetic: uint8 clips and labels of
+the config's real shapes, made once, so the loader's cost is left out, and randomly
+initialised weights in place of `model.pretrained` (the same shapes and work).
 
     timed training step   = masks + host-to-device copy + forward + loss + backward + step
     timed inference step  = normalise + forward without the decoder (evaluation mask)
@@ -193,6 +194,9 @@ def measure(
     pairs = {} if batch % 2 == 0 else {"mixup": 0.0, "cutmix": 0.0}
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch, clips_per_video=1, **pairs))
     cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum_steps=1))
+    # Random weights: the presets start from pre-trained files that a step's work does not
+    # depend on (same shapes, same kernels), and a benchmark should not need them.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=""))
     plan = synthetic_plan(cfg, videos)
     device = dist.resolve_device(cfg.run.device)
     gc.collect()  # an engine holds reference cycles: free the previous config's before this one
