@@ -31,7 +31,7 @@ from marscale.core.clip import ClipConfig
 from marscale.data import DataConfig
 from marscale.data.augment_params import OP_KINDS, AugmentDraw, ClipParams
 from marscale.data.config import resolve_augment_on
-from marscale.data.device_augment import DeviceAugment
+from marscale.data.device_augment import DeviceAugment, HostStaging
 from marscale.data.stages import collate
 from marscale.data.transforms import TrainTransform
 
@@ -151,6 +151,84 @@ def test_batches_of_different_frame_sizes_are_padded_and_each_clip_keeps_its_own
     assert out.shape == (3, 3, 3, 48, 48) and out.dtype == torch.uint8
     for got, want in zip(out.numpy(), expected):
         assert _diff(got, want)[1] <= RECIPE_MEAN
+
+
+# One argument per op of timm's default RandAugment ops, in `RandAugmentDraw.ops` order:
+# AutoContrast, Equalize, Invert, Rotate, Posterize, Solarize, SolarizeAdd, Color, Contrast,
+# Brightness, Sharpness, ShearX, ShearY, TranslateXRel, TranslateYRel.
+OP_ARGS = [0.0, 0.0, 0.0, -13.7, 3.0, 128.0, 30.0, 0.5, 1.81, 0.63, 1.77, 0.17, -0.3, 0.123, -0.45]
+
+
+def _every_op_batch(cfg: DataConfig, sizes: list[tuple[int, int]], layers: int) -> list[dict]:
+    """Clips of the given frame sizes whose RandAugment layers run every op in turn
+    (clip i, layer l: op (i * layers + l) mod 15), with their drawn crops, flips and erasing."""
+    draw = AugmentDraw(cfg, CLIP)
+    items = []
+    for i, (h, w) in enumerate(sizes):
+        tensors = draw(h, w, np.random.default_rng(i)).to_tensors(layers, CLIP.img_size)
+        for layer in range(layers):
+            op = (i * layers + layer) % len(OP_ARGS)
+            tensors["ops"][layer], tensors["args"][layer] = op, OP_ARGS[op]
+        items.append({"video": torch.from_numpy(_frames(i, h=h, w=w)), "augment": tensors, "label": i})
+    return items
+
+
+@pytest.mark.parametrize("before_crop", [False, True])
+def test_a_batch_gives_each_clip_what_it_gets_alone(before_crop):
+    # Batching pads frames (before the crop, RandAugment sees each clip's own frame in a
+    # padded one), pads the resize weights and runs each op once over the clips that drew
+    # it: none of that may change a value.
+    cfg = _cfg(rand_augment="rand-m9-n4-mstd0.5-inc1", rand_augment_before_crop=before_crop, random_erasing=0.5)
+    augment = DeviceAugment(cfg, CLIP)
+    sizes = [(48, 64), (60, 52), (50, 50), (48, 64), (56, 60), (49, 63), (60, 64), (52, 48)]
+    items = _every_op_batch(cfg, sizes, layers=4)
+    batch = collate(items)
+    assert batch["video"].shape == (8, 3, 60, 64, 3)
+    assert sorted(batch["augment"]["ops"].view(-1).tolist()) == sorted([k % 15 for k in range(32)])  # every op, 2-3 clips each
+    assert int(batch["augment"]["flip"].sum()) not in (0, 8) and (batch["augment"]["erase"][:, 2] > 0).any()
+    plan = augment.plan(batch["augment"], (60, 64))
+    groups = plan.before_crop if before_crop else plan.after_crop
+    assert len(groups) == 32 and all(g.members is not None for g in groups)  # no op drawn by every clip
+    out = augment(batch["video"], batch["augment"])
+    for item, got in zip(items, out):
+        alone = collate([item])
+        torch.testing.assert_close(got, augment(alone["video"], alone["augment"])[0], rtol=0, atol=0)
+    if before_crop:  # the whole frames after RandAugment, not only the pixels the crops read
+        cpu = torch.device("cpu")
+        frames = augment.run_ops(batch["video"].permute(0, 1, 4, 2, 3), groups, plan.staging.to(cpu))
+        for item, got in zip(items, frames):
+            alone = collate([item])
+            one = augment.plan(alone["augment"], alone["video"].shape[2:4])
+            want = augment.run_ops(alone["video"].permute(0, 1, 4, 2, 3), one.before_crop, one.staging.to(cpu))[0]
+            torch.testing.assert_close(got[..., : want.shape[-2], : want.shape[-1]], want, rtol=0, atol=0)
+
+
+def test_the_parameters_cross_in_one_copy_and_must_be_on_the_host(monkeypatch):
+    cfg = _cfg(rand_augment_before_crop=True, random_erasing=0.5)
+    augment = DeviceAugment(cfg, CLIP)
+    batch = collate(_every_op_batch(cfg, [(48, 64), (60, 52), (50, 50)], layers=2))
+    copies = []
+    to = HostStaging.to
+    monkeypatch.setattr(HostStaging, "to", lambda self, device: copies.append(self.nbytes) or to(self, device))
+    augment(batch["video"], batch["augment"])
+    assert len(copies) == 1
+    on_device = {**batch["augment"], "crop": batch["augment"]["crop"].to("meta")}
+    with pytest.raises(ValueError, match="'crop' is on meta: keep the parameters on the host"):
+        augment.plan(on_device, (60, 64))
+
+
+def test_staged_arrays_come_back_as_they_went():
+    staging = HostStaging()
+    arrays = [np.arange(5, dtype=np.uint8), np.array([[1, -2], [3, 2**40]], dtype=np.int64),
+              np.linspace(0, 1, 7, dtype=np.float32), np.array([np.pi, -1e300]), np.zeros((0, 3), np.int64)]
+    slots = [staging.add(a) for a in arrays]
+    assert all(slot.offset % 16 == 0 for slot in slots)
+    staged = staging.to(torch.device("cpu"))
+    assert staged.buffer.numel() == staging.nbytes
+    for slot, array in zip(slots, arrays):
+        torch.testing.assert_close(staged[slot], torch.from_numpy(array), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="cannot stage int32"):
+        staging.add(np.zeros(2, np.int32))
 
 
 def test_parameter_distributions_are_the_recipes():

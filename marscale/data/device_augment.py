@@ -8,7 +8,26 @@ stacks a batch: "video" uint8 [B, T, H, W, 3], zero-padded to the batch's larges
 (each clip's own size is in its parameters), and "augment", the stacked tensors of
 `ClipParams.to_tensors`. `DeviceAugment` turns that into uint8 [B, C, T, S, S] on the
 batch's device, what `transforms.TrainTransform` makes from the same parameters; the
-trainer then normalises and mixes as before.
+trainer then normalises and mixes as before (`marscale.data.prefetch` runs it a step
+ahead, on a side stream on CUDA).
+
+A batch runs in three parts, so that the host never waits for the device:
+
+1. `plan` (host, numpy): everything the kernels need that follows from the drawn
+   parameters alone - each clip's resize weights and source rows and columns, RandAugment's
+   point tables, blend factors and affine matrices, the erased pixels and their noise, the
+   clips each op applies to - packed into one byte buffer (`HostStaging`). The parameter
+   tensors stay on the host; nothing is read back from the device.
+2. the buffer's one host-to-device copy per batch (pinned and non-blocking on CUDA).
+3. `apply` (device): kernels over the whole batch, in the recipe's order:
+   RandAugment before the crop (`rand_augment_before_crop`, the K400 presets), on the
+   padded full frames; crop + resize + flip; RandAugment after the crop (the default);
+   random erasing. Each RandAugment layer runs each op once, over the clips that drew it;
+   on padded frames the ops that look at the frame (histograms, contrast's mean,
+   sharpness's kept border, the affine's clamps) use each clip's own size. The crop is
+   one gather of every clip's source rows and columns (padded to the batch's largest box,
+   with zero weights) and two batched matrix products; a flip is the horizontal weights'
+   columns reversed.
 
 How each step reproduces Pillow's (the worker path's) pixels; the differences measured
 against it are in tests/test_data_device_augment.py:
@@ -30,15 +49,14 @@ against it are in tests/test_data_device_augment.py:
   clamped neighbours, truncated; points outside the frame get the fill colour.
 - random erasing: the worker's noise, pasted into the rectangle: exact.
 
-Clips are cropped one by one (their boxes differ in size); the RandAugment ops after the
-crop run batched, each op once per layer over the clips that drew it. With
-`rand_augment_before_crop` the ops run per clip on its full frame, before the crop.
-Nothing here draws a random number or reads the device back to the host: every
-parameter is already on the host.
+Padding changes no value: a padded matrix product adds exact zeros after a clip's own
+terms, and every other op is per pixel or masked to the clip's frame (tested against
+one-clip batches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -54,6 +72,130 @@ _HISTOGRAM = {"auto_contrast", "equalize"}
 _BLEND = {"color", "contrast", "brightness", "sharpness"}
 _AFFINE = {"rotate", "shear_x", "shear_y", "translate_x_rel", "translate_y_rel", "translate_x_abs", "translate_y_abs"}
 _INTEGER_ARG = {"posterize", "solarize", "solarize_add"}
+_ALIGN = 16  # bytes: every staged array starts aligned for its dtype (8) and vector loads
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int64): torch.int64,
+                 np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+# --- one host-to-device copy per batch ----------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one staged array lies in the batch's buffer."""
+
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+class HostStaging:
+    """Host arrays bound for the device, packed into one byte buffer: a batch's parameters
+    cross in one copy, from pinned memory and non-blocking when the device is CUDA."""
+
+    def __init__(self) -> None:
+        self._arrays: list[tuple[int, np.ndarray]] = []
+        self.nbytes = 0
+
+    def add(self, array: np.ndarray) -> Slot:
+        array = np.ascontiguousarray(array)
+        if array.dtype not in _TORCH_DTYPES:
+            raise TypeError(f"cannot stage {array.dtype} (uint8, int64, float32 or float64)")
+        slot = Slot(self.nbytes, array.dtype, array.shape)
+        self._arrays.append((self.nbytes, array))
+        self.nbytes += -(-array.nbytes // _ALIGN) * _ALIGN
+        return slot
+
+    def to(self, device: torch.device) -> "Staged":
+        """The buffer on `device`. On CUDA it is written into pinned memory (`pin_memory`
+        needs CUDA, so only then) and copied without blocking the host: work queued after
+        it on the current stream sees it, and the host goes on."""
+        pinned = device.type == "cuda"
+        host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pinned)
+        flat = host.numpy()
+        for offset, array in self._arrays:
+            flat[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
+        return Staged(host.to(device, non_blocking=pinned))
+
+
+class Staged:
+    """A staged buffer on its device; `staged[slot]` is the array of `slot`, a view."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+
+    def __getitem__(self, slot: Slot) -> torch.Tensor:
+        nbytes = math.prod(slot.shape) * slot.dtype.itemsize
+        return self.buffer[slot.offset : slot.offset + nbytes].view(_TORCH_DTYPES[slot.dtype]).view(slot.shape)
+
+
+# --- the plan of one batch -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OpGroup:
+    """One RandAugment op over the n clips of a batch that drew it in one layer."""
+
+    kind: str
+    """Its image operation (`OP_KINDS`)."""
+    members: Slot | None
+    """int64 [n]: the clips, indices into the batch; None: every clip."""
+    sizes: Slot
+    """int64 [n, 2]: each clip's (height, width) in the (padded) frames it sees."""
+    arg: Slot | None
+    """The op's argument per clip: uint8 [n, 256] table (point ops), float32 [n] factor
+    (blends), float64 [n, 6] matrix (affine ops); None for the histogram ops."""
+    fill: Slot | None = None
+    """float32 [3]: the colour of points outside the frame (affine ops)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CropResize:
+    """Every clip's RandomResizedCrop box resized to S x S (and flipped), as two weight
+    matrices over its source rows and columns, padded to the batch's largest (NY, NX)."""
+
+    rows: Slot
+    """int64 [B, NY]: source rows of each clip, clamped into the frame past its own."""
+    cols: Slot
+    """int64 [B, NX]: source columns likewise."""
+    wy: Slot
+    """float32 [B, S, NY]: vertical weights (zero past the clip's own rows)."""
+    wx: Slot
+    """float32 [B, NX, S]: horizontal weights, columns reversed for a flipped clip."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Erase:
+    """Every erased pixel of a batch (N of them), the same on every frame."""
+
+    clips: Slot
+    """int64 [N]: its clip."""
+    pixels: Slot
+    """int64 [N]: its position in the S x S crop, row-major."""
+    values: Slot
+    """uint8 [N, 3]: its noise."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """What `DeviceAugment.apply` runs on one batch; its tensors wait in `staging`."""
+
+    staging: HostStaging
+    frame_size: tuple[int, int]
+    """(H, W) of the padded frames the plan was made for."""
+    before_crop: tuple[OpGroup, ...]
+    crop: CropResize
+    after_crop: tuple[OpGroup, ...]
+    erase: Erase | None
+
+
+def _host(params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The parameter tensors as numpy views; they must not be on the device (reading them
+    would wait for it)."""
+    for name, value in params.items():
+        if value.device.type != "cpu":
+            raise ValueError(f"augment parameter {name!r} is on {value.device}: keep the parameters on the host")
+    return {name: value.numpy() for name, value in params.items()}
 
 
 class DeviceAugment:
@@ -76,67 +218,110 @@ class DeviceAugment:
     def __call__(self, video: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         if video.dtype != torch.uint8 or video.dim() != 5 or video.shape[-1] != 3:
             raise ValueError(f"expected uint8 [B, T, H, W, 3] frames, got {video.dtype} {tuple(video.shape)}")
-        size = self.size
-        batch, frames = video.shape[:2]
-        x = video.permute(0, 1, 4, 2, 3)  # [B, T, C, H, W], a view
-        sizes, crops, flips = params["size"].tolist(), params["crop"].tolist(), params["flip"].tolist()
-        ops, args = params["ops"].tolist(), params["args"].tolist()
-        out = torch.empty(batch, frames, 3, size, size, dtype=torch.uint8, device=video.device)
-        for b in range(batch):
-            h, w = sizes[b]
-            clip = x[b : b + 1, :, :, :h, :w]  # [1, T, C, h, w]
-            if self.before_crop:
-                clip = self.apply_layers(clip, ops[b : b + 1], args[b : b + 1])
-            resized = resize_box(clip[0], crops[b], size)
-            out[b] = resized.flip(-1) if flips[b] else resized
-        if not self.before_crop:
-            out = self.apply_layers(out, ops, args)
-        erase = params["erase"].tolist()
-        noise = None
-        for b, (top, left, h, w) in enumerate(erase):
-            if h and w:
-                if noise is None:
-                    noise = params["noise"].to(video.device, non_blocking=True)  # [B, capacity, 3]
-                out[b, :, :, top : top + h, left : left + w] = noise[b, : h * w].view(h, w, 3).permute(2, 0, 1)
-        return out.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, S, S]
+        return self.apply(video, self.plan(params, (video.shape[2], video.shape[3])))
 
-    # --- RandAugment ------------------------------------------------------------------
+    # --- host: the plan -------------------------------------------------------------
 
-    def apply_layers(self, x: torch.Tensor, ops: list[list[int]], args: list[list[float]]) -> torch.Tensor:
-        """x uint8 [n, T, C, H, W]; ops/args: per clip, per layer (op index, -1: none).
-        Layer by layer, each op once over the clips that drew it."""
-        if self.rand_augment is None:
-            return x
-        for layer in range(len(ops[0]) if ops else 0):
-            groups: dict[int, list[int]] = {}
-            for i, clip_ops in enumerate(ops):
-                if clip_ops[layer] >= 0:
-                    groups.setdefault(clip_ops[layer], []).append(i)
-            for op_index, members in groups.items():
-                values = [args[i][layer] for i in members]
-                if len(members) == x.shape[0]:
-                    x = self.apply_op(x, op_index, values)
-                    continue
-                index = torch.tensor(members, device=x.device)
-                x = x.index_copy(0, index, self.apply_op(x.index_select(0, index), op_index, values))
-        return x
+    def plan(self, params: dict[str, torch.Tensor], frame_size: tuple[int, int]) -> BatchPlan:
+        """The kernels' inputs for a batch of `params` (host tensors, `ClipParams.to_tensors`
+        stacked) whose frames are padded to `frame_size` (H, W). Host work only."""
+        p = _host(params)
+        staging = HostStaging()
+        batch = len(p["size"])
+        groups: tuple[OpGroup, ...] = ()
+        if self.rand_augment is not None:
+            # Before the crop the ops see each clip's full frame, after it the S x S crop.
+            sizes = p["size"] if self.before_crop else np.full((batch, 2), self.size, dtype=np.int64)
+            groups = self._op_groups(staging, p["ops"], p["args"], sizes)
+        return BatchPlan(
+            staging=staging,
+            frame_size=(int(frame_size[0]), int(frame_size[1])),
+            before_crop=groups if self.before_crop else (),
+            crop=self._crop(staging, p["size"], p["crop"], p["flip"], frame_size),
+            after_crop=() if self.before_crop else groups,
+            erase=self._erase(staging, p["erase"], p["noise"]),
+        )
 
-    def apply_op(self, x: torch.Tensor, op_index: int, values: list[float]) -> torch.Tensor:
-        """RandAugment op `op_index` with one argument per clip on x uint8 [n, T, C, H, W]."""
+    def _op_groups(
+        self, staging: HostStaging, ops: np.ndarray, args: np.ndarray, sizes: np.ndarray
+    ) -> tuple[OpGroup, ...]:
+        """ops int64 [B, L] (op index, -1: none), args float64 [B, L], sizes int64 [B, 2]:
+        layer by layer, each op once over the clips that drew it."""
+        batch, layers = ops.shape
+        out = []
+        for layer in range(layers):
+            drawn: dict[int, list[int]] = {}
+            for clip, op_index in enumerate(ops[:, layer].tolist()):
+                if op_index >= 0:
+                    drawn.setdefault(op_index, []).append(clip)
+            for op_index, members in drawn.items():
+                values = args[members, layer].tolist()
+                out.append(self._op_group(
+                    staging, op_index, values, sizes[members], None if len(members) == batch else members
+                ))
+        return tuple(out)
+
+    def _op_group(
+        self, staging: HostStaging, op_index: int, values: list[float], sizes: np.ndarray, members: list[int] | None
+    ) -> OpGroup:
         kind = OP_KINDS[self.rand_augment.kinds[op_index]]
         if kind in _POINT:
-            table = np.stack([self._point_lut(op_index, v) for v in values])  # [n, 256]
-            return apply_lut(x, torch.from_numpy(table).to(x.device).view(-1, 1, 1, 256))
-        if kind == "auto_contrast":
-            return apply_lut(x, autocontrast_lut(histograms(x)))
-        if kind == "equalize":
-            return apply_lut(x, equalize_lut(histograms(x)))
-        if kind in _BLEND:
-            factor = torch.tensor(values, dtype=torch.float32, device=x.device)
-            return blend(degenerate(x, kind), x, factor)
-        height, width = x.shape[-2:]
-        matrices = [affine_matrix(kind, v, width, height) for v in values]
-        return affine(x, torch.tensor(matrices, dtype=torch.float64, device=x.device), self.fill)
+            arg = staging.add(np.stack([self._point_lut(op_index, v) for v in values]))
+        elif kind in _HISTOGRAM:
+            arg = None
+        elif kind in _BLEND:
+            arg = staging.add(np.array(values, dtype=np.float32))
+        else:
+            matrices = [affine_matrix(kind, v, w, h) for v, (h, w) in zip(values, sizes.tolist())]
+            arg = staging.add(np.array(matrices, dtype=np.float64))
+        return OpGroup(
+            kind=kind,
+            members=None if members is None else staging.add(np.array(members, dtype=np.int64)),
+            sizes=staging.add(sizes.astype(np.int64)),
+            arg=arg,
+            fill=staging.add(np.array(self.fill, dtype=np.float32)) if kind in _AFFINE else None,
+        )
+
+    def _crop(
+        self, staging: HostStaging, sizes: np.ndarray, crops: np.ndarray, flips: np.ndarray,
+        frame_size: tuple[int, int],
+    ) -> CropResize:
+        size = self.size
+        per_clip = []
+        for (height, width), (top, left, h, w), flip in zip(sizes.tolist(), crops.tolist(), flips.tolist()):
+            wy, y0 = resample_weights(height, top, h, size)  # [S, ny]
+            wx, x0 = resample_weights(width, left, w, size)  # [S, nx]
+            per_clip.append((wy, y0, wx[::-1] if flip else wx, x0))  # flipped: output columns reversed
+        ny = max(wy.shape[1] for wy, _, _, _ in per_clip)
+        nx = max(wx.shape[1] for _, _, wx, _ in per_clip)
+        batch = len(per_clip)
+        wys = np.zeros((batch, size, ny), dtype=np.float32)
+        wxs = np.zeros((batch, nx, size), dtype=np.float32)
+        for b, (wy, _, wx, _) in enumerate(per_clip):
+            wys[b, :, : wy.shape[1]] = wy
+            wxs[b, : wx.shape[1]] = wx.T
+        # Past a clip's own rows the weights are zero; the source index only has to be valid.
+        rows = np.minimum(np.array([y0 for _, y0, _, _ in per_clip])[:, None] + np.arange(ny), frame_size[0] - 1)
+        cols = np.minimum(np.array([x0 for _, _, _, x0 in per_clip])[:, None] + np.arange(nx), frame_size[1] - 1)
+        return CropResize(
+            rows=staging.add(rows.astype(np.int64)), cols=staging.add(cols.astype(np.int64)),
+            wy=staging.add(wys), wx=staging.add(wxs),
+        )
+
+    def _erase(self, staging: HostStaging, erase: np.ndarray, noise: np.ndarray) -> Erase | None:
+        clips, pixels, values = [], [], []
+        for b, (top, left, h, w) in enumerate(erase.tolist()):
+            if h and w:
+                where = (top + np.arange(h))[:, None] * self.size + (left + np.arange(w))[None, :]
+                clips.append(np.full(h * w, b, dtype=np.int64))
+                pixels.append(where.reshape(-1))
+                values.append(noise[b, : h * w])  # row-major, as `ClipParams.to_tensors` stored it
+        if not clips:
+            return None
+        return Erase(
+            clips=staging.add(np.concatenate(clips)), pixels=staging.add(np.concatenate(pixels).astype(np.int64)),
+            values=staging.add(np.concatenate(values)),
+        )
 
     def _point_lut(self, op_index: int, value: float) -> np.ndarray:
         """uint8 [256]: what timm's op does to each level (exact by construction)."""
@@ -150,6 +335,59 @@ class DeviceAugment:
             ramp = Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2))
             self._luts[key] = np.asarray(op.aug_fn(ramp, *op_args, **op.kwargs).convert("RGB"))[0, :, 0].copy()
         return self._luts[key]
+
+    # --- device: the kernels ----------------------------------------------------------
+
+    def apply(self, video: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+        """uint8 [B, T, H, W, 3] on the device -> uint8 [B, C, T, S, S], as `plan` says.
+        Launches kernels only: no host sync."""
+        if tuple(video.shape[2:4]) != plan.frame_size:
+            raise ValueError(f"the plan is for {plan.frame_size} frames, the video's are {tuple(video.shape[2:4])}")
+        tensors = plan.staging.to(video.device)  # the batch's one host-to-device copy
+        x = video.permute(0, 1, 4, 2, 3)  # [B, T, C, H, W], a view
+        x = self.run_ops(x, plan.before_crop, tensors)
+        c = plan.crop
+        x = crop_resize(x, tensors[c.rows], tensors[c.cols], tensors[c.wy], tensors[c.wx])  # [B, T, C, S, S]
+        x = self.run_ops(x, plan.after_crop, tensors).contiguous()
+        if plan.erase is not None:
+            e = plan.erase
+            batch, frames = x.shape[:2]
+            flat = x.view(batch, frames, 3, self.size * self.size)
+            flat[tensors[e.clips], :, :, tensors[e.pixels]] = tensors[e.values].unsqueeze(1)  # [N, T, C] <- [N, 1, C]
+        return x.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, S, S]
+
+    def run_ops(self, x: torch.Tensor, groups: tuple[OpGroup, ...], tensors: Staged) -> torch.Tensor:
+        """x uint8 [B, T, C, H, W] through `groups` in order."""
+        for group in groups:
+            if group.members is None:
+                x = self._run_op(x, group, tensors)
+            else:
+                index = tensors[group.members]
+                x = x.index_copy(0, index, self._run_op(x.index_select(0, index), group, tensors))
+        return x
+
+    def _run_op(self, x: torch.Tensor, group: OpGroup, tensors: Staged) -> torch.Tensor:
+        kind, sizes = group.kind, tensors[group.sizes]
+        if kind in _POINT:
+            return apply_lut(x, tensors[group.arg].view(-1, 1, 1, 256))
+        if kind == "auto_contrast":
+            return apply_lut(x, autocontrast_lut(histograms(x, sizes)))
+        if kind == "equalize":
+            return apply_lut(x, equalize_lut(histograms(x, sizes)))
+        if kind in _BLEND:
+            return blend(degenerate(x, kind, sizes), x, tensors[group.arg])
+        return affine(x, tensors[group.arg], tensors[group.fill], sizes)
+
+    def apply_op(self, x: torch.Tensor, op_index: int, values: list[float]) -> torch.Tensor:
+        """RandAugment op `op_index` with one argument per clip on whole frames x uint8
+        [n, T, C, H, W] (a plan of one op)."""
+        staging = HostStaging()
+        sizes = np.tile(np.array(x.shape[-2:], dtype=np.int64), (x.shape[0], 1))
+        group = self._op_group(staging, op_index, list(values), sizes, None)
+        return self.run_ops(x, (group,), staging.to(x.device))
+
+
+# --- the kernels ---------------------------------------------------------------------
 
 
 def resample_weights(in_size: int, start: int, length: int, out_size: int) -> tuple[np.ndarray, int]:
@@ -172,18 +410,20 @@ def resample_weights(in_size: int, start: int, length: int, out_size: int) -> tu
     return np.trunc(w * precision + np.where(w < 0, -0.5, 0.5)) / precision, first
 
 
-def resize_box(frames: torch.Tensor, box: list[int], size: int) -> torch.Tensor:
-    """Pillow's `resize((size, size), BILINEAR, box=...)` on frames uint8 [T, C, H, W] for
-    box (top, left, h, w): a horizontal pass then a vertical one, each rounded to uint8 as
-    Pillow does, as two matrix products over the pixels the filter reaches."""
-    top, left, h, w = box
-    wx, x0 = resample_weights(frames.shape[-1], left, w, size)
-    wy, y0 = resample_weights(frames.shape[-2], top, h, size)
-    region = frames[:, :, y0 : y0 + wy.shape[1], x0 : x0 + wx.shape[1]].float()
-    wx = torch.from_numpy(wx.T.astype(np.float32)).to(frames.device)  # [n_x, S]
-    wy = torch.from_numpy(wy.astype(np.float32)).to(frames.device)  # [S, n_y]
-    rows = torch.matmul(region, wx).add_(0.5).floor_().clamp_(0, 255)  # [T, C, n_y, S]
-    return torch.matmul(wy, rows).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)  # [T, C, S, S]
+def crop_resize(
+    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor
+) -> torch.Tensor:
+    """Pillow's `resize((S, S), BILINEAR, box=...)` of every clip of x uint8 [B, T, C, H, W]:
+    its source rows [B, NY] and columns [B, NX] gathered, a horizontal pass (wx float32
+    [B, NX, S]) then a vertical one (wy float32 [B, S, NY]), each rounded to uint8 as
+    Pillow does. -> uint8 [B, T, C, S, S]."""
+    b, t, c, _, w = x.shape
+    ny, nx, s = rows.shape[1], cols.shape[1], wx.shape[2]
+    region = x.gather(3, rows.view(b, 1, 1, ny, 1).expand(b, t, c, ny, w))
+    region = region.gather(4, cols.view(b, 1, 1, 1, nx).expand(b, t, c, ny, nx))  # [B, T, C, NY, NX]
+    across = torch.bmm(region.float().view(b, t * c * ny, nx), wx).add_(0.5).floor_().clamp_(0, 255)
+    down = torch.matmul(wy.view(b, 1, s, ny), across.view(b, t * c, ny, s)).add_(0.5).floor_().clamp_(0, 255)
+    return down.to(torch.uint8).view(b, t, c, s, s)
 
 
 def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -193,13 +433,27 @@ def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return torch.gather(lut, 1, x.reshape(n * t * c, h * w).long()).view(n, t, c, h, w)
 
 
-def histograms(x: torch.Tensor) -> torch.Tensor:
-    """int64 [n, T, C, 256]: each frame's histogram per channel."""
+def frame_mask(sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """bool [n, H, W]: the pixels of each clip's own frame (sizes int64 [n, 2]) in frames
+    padded to H x W."""
+    ys = torch.arange(height, device=sizes.device).view(1, height, 1)
+    xs = torch.arange(width, device=sizes.device).view(1, 1, width)
+    return (ys < sizes[:, 0].view(-1, 1, 1)) & (xs < sizes[:, 1].view(-1, 1, 1))
+
+
+def histograms(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """int64 [n, T, C, 256]: each frame's histogram per channel, over the clip's own
+    (height, width) (sizes int64 [n, 2]) of the padded frames."""
     n, t, c, h, w = x.shape
     groups = n * t * c
-    offsets = torch.arange(groups, device=x.device).view(groups, 1) * 256
-    counts = torch.bincount((x.reshape(groups, h * w).long() + offsets).view(-1), minlength=groups * 256)
-    return counts.view(n, t, c, 256)
+    # Pixels past a clip's frame count in a 257th bin, dropped.
+    inside = frame_mask(sizes, h, w).view(n, 1, h * w)
+    values = torch.where(inside, x.reshape(n, t * c, h * w).long(), 256).view(groups, h * w)
+    bins = (values + torch.arange(groups, device=x.device).view(groups, 1) * 257).view(-1)
+    # scatter_add_ into a known size: CUDA's bincount reads the largest value back to the host.
+    counts = torch.zeros(groups * 257, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, bins, torch.ones(1, dtype=torch.int64, device=x.device).expand_as(bins))
+    return counts.view(n, t, c, 257)[..., :256]
 
 
 def autocontrast_lut(hist: torch.Tensor) -> torch.Tensor:
@@ -231,24 +485,34 @@ def grey(x: torch.Tensor) -> torch.Tensor:
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(2)
 
 
-def degenerate(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """The image Pillow's `ImageEnhance.<kind>` blends with, float32, broadcastable to x."""
+def degenerate(x: torch.Tensor, kind: str, sizes: torch.Tensor) -> torch.Tensor:
+    """The image Pillow's `ImageEnhance.<kind>` blends with, float32, broadcastable to x
+    uint8 [n, T, C, H, W]; the mean grey and the kept border are those of each clip's own
+    (height, width) (sizes int64 [n, 2]) of the padded frames."""
+    n, t, c, h, w = x.shape
     if kind == "brightness":
         return torch.zeros((), device=x.device)
     if kind == "color":
         return grey(x).float()
     if kind == "contrast":
-        n, t = x.shape[:2]
-        mean = grey(x).view(n, t, -1).double().mean(-1)
+        inside = frame_mask(sizes, h, w).view(n, 1, 1, h, w)
+        # A sum of integers is exact in float64, so this is the mean Pillow rounds.
+        total = (grey(x) * inside).view(n, t, -1).double().sum(-1)
+        mean = total / (sizes[:, 0] * sizes[:, 1]).view(n, 1).double()
         return torch.floor(mean + 0.5).float().view(n, t, 1, 1, 1)
-    # sharpness: ImageFilter.SMOOTH (3x3, centre 5, /13, rounded); the border rows and columns kept
-    n, t, c, h, w = x.shape
-    kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device) / 13.0
+    # sharpness: ImageFilter.SMOOTH (3x3, centre 5, /13, rounded); each clip's border rows
+    # and columns kept. (Every smoothed value is k/13 for an integer k, never within 1/26
+    # of a rounding boundary, so the convolution's summation order cannot change it.)
+    kernel = torch.ones(1, 1, 3, 3, device=x.device)  # made on the device: no copy from the host
+    kernel[:, :, 1, 1] = 5.0
+    kernel /= 13.0
     frames = x.reshape(n * t * c, 1, h, w).float()
     smooth = frames.clone()
-    inner = F.conv2d(frames, kernel.view(1, 1, 3, 3))
+    inner = F.conv2d(frames, kernel)
     smooth[:, :, 1:-1, 1:-1] = torch.floor(inner + 0.5).clamp_(0, 255)
-    return smooth.view(n, t, c, h, w)
+    # A clip's last row and column keep their values too (its first ones are the frame's).
+    before_last = frame_mask(sizes - 1, h, w).view(n, 1, 1, h, w)
+    return torch.where(before_last, smooth.view(n, t, c, h, w), frames.view(n, t, c, h, w))
 
 
 def blend(base: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -287,9 +551,10 @@ def _cubic_weights(d: torch.Tensor) -> list[torch.Tensor]:
     return [-d + 2 * d2 - d3, 1 - 2 * d2 + d3, d + d2 - d3, d3 - d2]
 
 
-def affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[int, int, int]) -> torch.Tensor:
+def affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Pillow's `Image.transform(AFFINE, resample=BICUBIC, fillcolor=fill)` on x uint8
-    [n, T, C, H, W], one matrix per clip (float64 [n, 6])."""
+    [n, T, C, H, W], one matrix per clip (float64 [n, 6]), fill float32 [C], each clip's
+    frame its own (height, width) (sizes int64 [n, 2]) of the padded frames."""
     n, t, c, h, w = x.shape
     device = x.device
     ys, xs = torch.meshgrid(
@@ -297,16 +562,17 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[int, int, int]) 
         torch.arange(w, device=device, dtype=torch.float64) + 0.5,
         indexing="ij",
     )
+    height, width = sizes[:, 0].view(n, 1, 1), sizes[:, 1].view(n, 1, 1)
     a = matrices.view(n, 6, 1, 1)
     x_in = a[:, 0] * xs + a[:, 1] * ys + a[:, 2]  # [n, H, W]
     y_in = a[:, 3] * xs + a[:, 4] * ys + a[:, 5]
-    inside = (x_in >= 0) & (y_in >= 0) & (x_in < w) & (y_in < h)
+    inside = (x_in >= 0) & (y_in >= 0) & (x_in < width) & (y_in < height)
     x_in, y_in = x_in - 0.5, y_in - 0.5
     x0, y0 = torch.floor(x_in), torch.floor(y_in)
     wx = [v.float().view(n, 1, h * w) for v in _cubic_weights(x_in - x0)]
     wy = [v.float().view(n, 1, h * w) for v in _cubic_weights(y_in - y0)]
-    cols = [(x0.long() - 1 + k).clamp_(0, w - 1) for k in range(4)]
-    rows = [(y0.long() - 1 + k).clamp_(0, h - 1) for k in range(4)]
+    cols = [torch.minimum((x0.long() - 1 + k).clamp_(min=0), width - 1) for k in range(4)]
+    rows = [torch.minimum((y0.long() - 1 + k).clamp_(min=0), height - 1) for k in range(4)]
     src = x.reshape(n, t * c, h * w).float()
     acc = torch.zeros(n, t * c, h * w, device=device)
     for j in range(4):
@@ -316,5 +582,4 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[int, int, int]) 
             row += wx[k] * torch.gather(src, 2, index)
         acc += wy[j] * row
     out = acc.clamp_(0, 255).floor_().view(n, t, c, h, w)
-    fill_value = torch.tensor(fill, dtype=torch.float32, device=device).view(1, 1, c, 1, 1)
-    return torch.where(inside.view(n, 1, 1, h, w), out, fill_value).to(torch.uint8)
+    return torch.where(inside.view(n, 1, 1, h, w), out, fill.view(1, 1, c, 1, 1)).to(torch.uint8)
