@@ -133,33 +133,46 @@ def table(results: list[dict], engine: dict[str, dict]) -> str:
 
 
 def chart(results: list[dict], engine: dict[str, dict], path: Path) -> None:
-    import matplotlib
+    """Top-1 against measured training and inference cost (log axes, every tick a plain
+    number from `marscale.cost.chart.log_ticks`), chance dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from marscale.cost.chart import log_ticks, tick_label
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for ax, key, xlabel in (
-        (axes[0], "train", "training ms per clip (engine, CPU time)"),
-        (axes[1], "infer", "inference ms per view (engine, CPU time)"),
+        (axes[0], "train", "training ms per clip (engine, process CPU time; log scale)"),
+        (axes[1], "infer", "inference ms per view (engine, process CPU time; log scale)"),
     ):
+        xs = []
         for r, colour in zip(results, ("tab:red", "tab:blue")):
             e = engine[r["name"]]
             x = e["train_step_median_s"] / e["batch"] * 1e3 if key == "train" else 1e3 / e["infer_clips_per_s"]
             gflop = r["flops_per_train_clip"] / 1e9 if key == "train" else 2 * r["macs_per_view"] / 1e9
             ax.scatter(x, r["top1"], color=colour, s=60, zorder=3)
-            ax.annotate(f"{r['name']}\n{gflop:.2f} GFLOP counted", (x, r["top1"]), textcoords="offset points",
-                        xytext=(6, -4), fontsize=8)
+            ax.annotate(f"{r['name']}\n{x:.3g} ms, {gflop:.2f} GFLOP counted", (x, r["top1"]),
+                        textcoords="offset points", xytext=(7, -4), fontsize=8)
+            xs.append(x)
         ax.set_xscale("log")
+        lo, hi = min(xs) / 1.6, max(xs) * 4.0  # room on the right for the labels
+        ax.set_xlim(lo, hi)
+        ax.xaxis.set_major_locator(FixedLocator(log_ticks(lo, hi)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
+        ax.xaxis.set_minor_locator(LogLocator(subs=tuple(range(2, 10))))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation top-1 %")
         ax.set_ylim(0, 105)
         ax.axhline(100 / NUM_CLASSES, color="grey", lw=0.8, ls="--")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_title(f"Same recipe and steps, {NUM_CLASSES} synthetic classes (dashed: chance)", fontsize=10)
+    fig.suptitle(f"Same recipe and steps, {NUM_CLASSES} synthetic classes (dashed: chance, "
+                 f"{100 / NUM_CLASSES:g}%)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,8 @@ Per ratio: visible tokens per view, top-1 / top-5, inference GFLOPs per view cou
 `marscale cost` prints them), its share of the same model's full-token cost, and the
 measured throughput (views scored per second of wall time of the pass, each rank's first
 batch excluded as warm-up). The main rank prints the table as Markdown and writes
-`eval_ratios.{md,csv,json,png}` (the plot: top-1 and top-5 against GFLOPs per view).
+`eval_ratios.{md,csv,json,png}` (the plot: top-1 and top-5 against GFLOPs per view on a
+fixed 0-100% axis with chance marked, the mask ratios along the top).
 """
 
 from __future__ import annotations
@@ -345,32 +346,60 @@ def json_record(
     }
 
 
-def plot_png(rows: list[RatioRow], title: str) -> bytes:
-    """Top-1 and top-5 against GFLOPs per view, each point labelled with its ratio (PNG bytes)."""
+def plot_figure(rows: list[RatioRow], title: str, num_classes: int):
+    """Top-1 and top-5 against GFLOPs per view on a fixed 0-100% axis with chance marked
+    (a dial over a few videos jumps in whole videos; a zoomed axis would make that a cliff);
+    each point carries its value, the mask ratios are the top axis. A matplotlib Figure."""
     # The Agg canvas on a Figure of its own: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    fig = Figure(figsize=(6.8, 4.8), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     rows = sorted(rows, key=lambda r: r.plan.macs_view)  # lines run along the cost axis
     x = [r.plan.macs_view / 1e9 for r in rows]
-    for name, marker, values in (
-        ("top-1", "o-", [r.result.top1 for r in rows]),
-        ("top-5", "s--", [r.result.top5 for r in rows]),
-    ):
-        ax.plot(x, values, marker, label=name)
-        for xi, yi, r in zip(x, values, rows):
-            ax.annotate(f"{r.plan.mask_ratio:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("GFLOPs per view (1e9 multiply-accumulates, inference)")
+    top1 = [r.result.top1 for r in rows]
+    top5 = [r.result.top5 for r in rows]
+    k = min(5, num_classes)
+    ax.plot(x, top1, "o-", color="tab:blue", label="top-1", zorder=3)
+    ax.plot(x, top5, "s--", color="tab:orange", label=f"top-{k}", zorder=3)
+    # Values: top-k above its point, top-1 below its own, so the two never cover each
+    # other; one label where they are equal (both points sit there).
+    for xi, a, b in zip(x, top1, top5):
+        if f"{a:.1f}" == f"{b:.1f}":
+            ax.annotate(f"{a:.1f} (both)", (xi, a), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+            continue
+        ax.annotate(f"{b:.1f}", (xi, b), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8,
+                    color="tab:orange")
+        ax.annotate(f"{a:.1f}", (xi, a), textcoords="offset points", xytext=(0, -13), ha="center", fontsize=8,
+                    color="tab:blue")
+    chance = 100.0 / num_classes
+    ax.axhline(chance, color="grey", lw=1, ls=":", label=f"chance top-1 (1 of {num_classes}: {chance:.3g}%)")
+    if k < num_classes:
+        ax.axhline(100.0 * k / num_classes, color="grey", lw=1, ls="-.", alpha=0.7,
+                   label=f"chance top-{k} ({100.0 * k / num_classes:.3g}%)")
+    ax.set_ylim(-8, 108)  # room for the labels below 0% and above 100%
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("GFLOPs per view (1e9 multiply-accumulates, inference)")
+    span = (max(x) - min(x)) or max(x) or 1.0
+    ax.set_xlim(min(x) - 0.08 * span, max(x) + 0.08 * span)
+    ratios = ax.secondary_xaxis("top")
+    ratios.set_xticks(x, labels=[f"{r.plan.mask_ratio:g}" for r in rows], fontsize=8)
+    ratios.set_xlabel("evaluation mask ratio", fontsize=8)
+    videos = max(r.result.num_videos for r in rows)
+    ax.set_title(f"{title} ({videos} video{'' if videos == 1 else 's'} scored)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(title="points: mask ratio", fontsize=8, title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def plot_png(rows: list[RatioRow], title: str, num_classes: int) -> bytes:
+    """`plot_figure` as PNG bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    plot_figure(rows, title, num_classes).savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -397,5 +426,5 @@ def report(
     atomic_write_bytes(base + ".csv", format_csv(rows).encode())
     write_json(base + ".json", json_record(rows, cfg, checkpoint, folder, device))
     title = f"{os.path.basename(os.path.normpath(checkpoint))}: {cfg.model.arch} {cfg.model.variant}"
-    atomic_write_bytes(base + ".png", plot_png(rows, title))
+    atomic_write_bytes(base + ".png", plot_png(rows, title, cfg.model.num_classes))
     print(f"\nwrote {base}.md, .csv, .json, .png")
