@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo cost compare compare-mini bench ratio-dial clean
+.PHONY: setup test test-fast demo cost compare compare-mini bench ratio-dial gpu-wheels gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,19 @@ bench: setup
 # (docs/benchmarks.md). About 15 minutes on a 2-core CPU.
 ratio-dial: setup
 	$(BIN)/python benchmarks/ratio_dial.py
+
+# The GPU check (benchmarks/gpu_check.py, README "First run on a GPU"). gpu-wheels, where
+# there is network: the packages a bare GPU image lacks, as wheels for its Python, in
+# wheels/. gpu-check, on the GPU machine: this checkout's .venv when there is one, else
+# the machine's python3 (its CUDA PyTorch) with wheels/ installed beside it.
+GPU_CHECK_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: setup
+	$(BIN)/python benchmarks/gpu_check.py wheels --out wheels
+
+gpu-check:
+	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
