@@ -7,12 +7,13 @@ installed (e.g. a fresh GPU node with this checkout):
 
     # CPU (default without CUDA): ViT-S, 16x224x224, batch 1, 1 thread, MAR 50% vs full tokens
     python benchmarks/bench_model.py
-    # GPU: ViT-L MAR 50% vs full ViT-L and full ViT-H, bf16 autocast, batch 8, with and
-    # without activation checkpointing, JSON with the device, versions and settings
+    # GPU: ViT-L MAR 50% vs full ViT-L and full ViT-H, bf16 weights as the engine trains them,
+    # batch 8, with and without activation checkpointing, JSON with device, versions, settings
     python benchmarks/bench_model.py --device cuda [--batch 8] [--grad-checkpointing on|off|both] \
-        [--sdpa flash] [--compile] [--json out.json]
+        [--precision bf16-weights|autocast-fp32-weights|fp32] [--sdpa flash] [--compile] [--json out.json]
     # quick check of the GPU code path on CPU
-    python benchmarks/bench_model.py --device cpu --variants vit_tiny --also-full vit_tiny --amp --repeats 2
+    python benchmarks/bench_model.py --device cpu --variants vit_tiny --also-full vit_tiny \
+        --precision bf16-weights --repeats 2
 
 A training step is: forward, total loss (soft-target cross-entropy + masked MSE of the
 reconstruction decoder for MAR), backward and an AdamW step (torch's fused kernel on CUDA,
@@ -20,12 +21,32 @@ foreach on CPU: what the engine's `optim.fused: auto` picks; two parameter group
 decayed and not, as the engine's per-layer groups do the same work); `--no-optimizer`
 leaves the step out. Each phase is timed (forward + loss, backward, optimizer) and set
 beside what it must cost: the counted FLOPs of the phase at the device's peak, and for
-the optimizer its memory traffic (28 bytes per parameter: fp32 weight, gradient and two
-moments read, weight and moments written) at the device's memory bandwidth.
+the optimizer its memory traffic at the device's memory bandwidth (28 bytes per
+parameter: fp32 weight, gradient and two moments read, weight and moments written; 40
+under bf16-weights, which also reads the bf16 gradient, writes its fp32 copy, and copies
+the updated fp32 weight back to bf16).
 Inference is one forward without the decoder. The mask is cell running masking, drawn
-once before timing. Achieved TFLOP/s uses true FLOPs (2 x multiply-accumulates) counted
-on the same model shape; recomputation under --grad-checkpointing is not counted (model
-FLOPs, as MFU is defined).
+once before timing.
+
+Precision (`--precision`), named by what it computes, since "bf16" alone named two things:
+- `bf16-weights` (default on CUDA): what the engine trains under `deepspeed.precision: bf16`
+  (DeepSpeed's bf16 mode): weights, activations and gradients in bf16, the clip cast to
+  bf16; the optimizer step copies the gradients into fp32, updates fp32 master weights
+  with AdamW and copies them back into the bf16 weights.
+- `autocast-fp32-weights`: PyTorch AMP: fp32 weights, gradients and AdamW, matmuls and
+  attention in bf16 under `torch.autocast` (norms and softmax stay fp32). Not what the
+  engine runs.
+- `fp32` (default on CPU): everything in fp32 (the engine's `deepspeed.precision: fp32`).
+
+Every case runs on its own: one that raises (out of memory, a CUDA error, anything) is
+recorded with its error type and message and the others go on; the JSON (`--json`) is
+written at the end whatever failed, and also when the run is interrupted (Ctrl-C), with
+the steps timed so far.
+
+Achieved TFLOP/s uses true FLOPs (2 x multiply-accumulates) counted on the same model
+shape; recomputation under --grad-checkpointing is not counted (model FLOPs, as MFU is
+defined). MFU divides by the engine's peak (`marscale.engine.metrics.resolve_peak`, the one
+table) at the precision timed (bf16 for both bf16 forms); every row prints the peak.
 
 Ratios: each MAR run against the full-token run of its size, and every run against the
 reference (`--reference`, full ViT-H on CUDA) at the same checkpointing setting. Training
@@ -59,16 +80,26 @@ from marscale.cost.counting import count_model  # noqa: E402
 from marscale.cost.table import DISPLAY_NAMES  # noqa: E402
 from marscale.core.clip import ClipConfig, token_grid  # noqa: E402
 from marscale.engine.loss import build_loss  # noqa: E402
-from marscale.engine.metrics import Peak, lookup_peak, match_device  # noqa: E402
+from marscale.engine.metrics import Peak, match_device, resolve_peak  # noqa: E402
 from marscale.tokens.masking import MaskingConfig, make_mask  # noqa: E402
 from marscale.tokens.packing import pack_mask  # noqa: E402
 from marscale.model import VARIANTS, ModelConfig, build_model  # noqa: E402
 
 RECON_WEIGHT = 0.01  # Kinetics-400; only the loss value depends on it, not the cost
-OPTIMIZER_BYTES_PER_PARAM = 28  # read fp32 weight, grad, m, v (16); write weight, m, v (12)
+OPTIMIZER_BYTES_PER_PARAM = {
+    "fp32": 28,  # read fp32 weight, grad, m, v (16); write weight, m, v (12)
+    "autocast-fp32-weights": 28,
+    "bf16-weights": 40,  # + read the bf16 grad, write its fp32 copy (6); read the fp32 weight, write bf16 (6)
+}
 INFERENCE_TOLERANCE = 0.15
 TRAIN_TOLERANCE = 0.10
 PHASES = ("forward", "backward", "optimizer")
+PRECISIONS = {
+    "bf16-weights": "bf16 weights, activations and gradients; fp32 master weights and AdamW (the engine's bf16)",
+    "autocast-fp32-weights": "fp32 weights, gradients and AdamW; matmuls in bf16 under torch.autocast",
+    "fp32": "fp32 throughout",
+}
+"""`--precision`: each name says what is computed (see the module docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +127,8 @@ class Result:
     recompute: bool
     mode: str
     """'train' (forward + backward [+ optimizer]) or 'infer' (forward)."""
+    precision: str
+    """`PRECISIONS` key: what the step computes in."""
     batch: int
     times_s: list[float]
     """Wall time per step (CUDA-event time on GPU)."""
@@ -108,8 +141,16 @@ class Result:
     """Process CPU time per step (CPU runs only)."""
     phase_s: dict[str, float] | None = None
     """Training: median time of each phase (forward + loss, backward, optimizer)."""
+    phase_steps: list[dict[str, float]] | None = None
+    """Training: each timed step by phase."""
     peak_mem_gib: float | None = None
     error: str | None = None
+    """`Type: message` of what the case raised (None when it ran)."""
+
+    @property
+    def timed(self) -> bool:
+        """Ran without an error and has timed steps (an interrupted run may have none)."""
+        return self.error is None and bool(self.times_s)
 
     @property
     def median_s(self) -> float:
@@ -160,10 +201,22 @@ class Case:
             for block in self.model.encoder.blocks:
                 block.compile()  # in place; the encoder's loop and checkpointing stay eager
         self.loss = build_loss(self.clip, self.cfg.patch_size, RECON_WEIGHT)
+        self.params = list(self.model.parameters())
+        # bf16-weights: the model in bf16, and fp32 master copies of its weights for AdamW
+        # to update, made from the bf16 weights as DeepSpeed's bf16 mode makes them.
+        self.master = None
+        dtype = torch.float32
+        if args.precision == "bf16-weights":
+            dtype = torch.bfloat16
+            self.model.to(dtype)
+            self.master = [p.detach().float() for p in self.params]
+            for m in self.master:
+                m.grad = torch.zeros_like(m)
         self.optimizer = None
         if args.optimizer:
-            decay = [p for p in self.model.parameters() if p.ndim > 1]
-            rest = [p for p in self.model.parameters() if p.ndim <= 1]
+            trained = self.master if self.master is not None else self.params
+            decay = [p for p in trained if p.ndim > 1]
+            rest = [p for p in trained if p.ndim <= 1]
             groups = [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
             impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
             self.optimizer = torch.optim.AdamW(groups, lr=1e-4, **impl)
@@ -171,7 +224,7 @@ class Case:
         g = torch.Generator().manual_seed(0)
         b = args.batch
         shape = (b, 3, self.clip.num_frames, self.clip.img_size, self.clip.img_size)
-        self.video = torch.randn(shape, generator=g).to(device)
+        self.video = torch.randn(shape, generator=g).to(device, dtype)  # the engine casts the clip to its dtype
         self.target = torch.softmax(torch.randn(b, self.cfg.num_classes, generator=g), -1).to(device)
         self.tokens = self.eval_tokens = None
         if setup.ratio > 0:
@@ -179,7 +232,8 @@ class Case:
             self.tokens = pack_mask(make_mask(masking, b, grid, g, train=True)).to(device)
             self.eval_tokens = pack_mask(make_mask(masking, b, grid, g, train=False)).to(device)
         self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext()
+            torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "autocast-fp32-weights"
+            else contextlib.nullcontext()
         )
         self.sdpa = args.sdpa
 
@@ -194,9 +248,18 @@ class Case:
             loss.backward()
         mark("backward")
         if self.optimizer is not None:
-            self.optimizer.step()
+            self.optimizer_step()
         self.model.zero_grad(set_to_none=True)
         mark("optimizer")
+
+    @torch.no_grad()
+    def optimizer_step(self) -> None:
+        if self.master is None:
+            self.optimizer.step()
+            return
+        torch._foreach_copy_([m.grad for m in self.master], [p.grad for p in self.params])  # bf16 -> fp32
+        self.optimizer.step()
+        torch._foreach_copy_(self.params, self.master)  # fp32 -> the bf16 weights
 
     def infer_step(self, mark=lambda phase: None) -> None:
         self.model.eval()
@@ -220,50 +283,71 @@ def _phases(marks: list[tuple[str, float]], start: float) -> dict[str, float]:
     return out
 
 
-def time_cpu(cases: list[Case], modes: list[str], args) -> list[Result]:
+def time_cpu(setups: list[Setup], modes: list[str], args, results: list[Result]) -> None:
     """All models built up front and timed in turn (round robin), so a slow spell of a
-    shared machine hits every case alike."""
-    keys = [(c, m) for c in cases for m in modes]
-    for c, m in keys:
-        for _ in range(args.warmup):
-            c.step(m)
-    wall: dict[tuple[int, str], list[float]] = {(id(c), m): [] for c, m in keys}
-    cpu: dict[tuple[int, str], list[float]] = {(id(c), m): [] for c, m in keys}
-    phases: dict[tuple[int, str], list[dict]] = {(id(c), m): [] for c, m in keys}
+    shared machine hits every case alike. Fills `results` as it goes (one per setup and
+    mode, appended before timing starts), so an interrupted run keeps what was timed."""
+    device = torch.device("cpu")
+    running: list[tuple[Case, Result]] = []
+    for s in setups:
+        try:
+            case = Case(args, s, device)
+        except Exception as err:  # the other cases go on
+            results += [failed(args, s, m, f"building the model: {describe(err)}") for m in modes]
+            continue
+        for m in modes:
+            r = counted(args, s, m, [])
+            r.cpu_times_s, r.phase_steps = [], []
+            results.append(r)
+            running.append((case, r))
+    for case, r in list(running):
+        try:
+            for _ in range(args.warmup):
+                case.step(r.mode)
+        except Exception as err:
+            r.error = describe(err)
+            running.remove((case, r))
     for _ in range(args.repeats):
-        for c, m in keys:
+        for case, r in list(running):
             marks: list[tuple[str, float]] = []
             t0, c0 = time.perf_counter(), time.process_time()
-            c.step(m, lambda phase: marks.append((phase, time.process_time())))
-            wall[(id(c), m)].append(time.perf_counter() - t0)
-            cpu[(id(c), m)].append(time.process_time() - c0)
-            phases[(id(c), m)].append(_phases(marks, c0))
-    results = []
-    for c, m in keys:
-        r = result(c, m, wall[(id(c), m)], args)
-        r.cpu_times_s = cpu[(id(c), m)]
-        r.phase_s = median_phases(phases[(id(c), m)]) if m == "train" else None
-        results.append(r)
-    return results
+            try:
+                case.step(r.mode, lambda phase: marks.append((phase, time.process_time())))
+            except Exception as err:
+                r.error = describe(err)
+                running.remove((case, r))
+                continue
+            r.times_s.append(time.perf_counter() - t0)
+            r.cpu_times_s.append(time.process_time() - c0)
+            if r.mode == "train":
+                r.phase_steps.append(_phases(marks, c0))
+                r.phase_s = median_phases(r.phase_steps)
 
 
 def median_phases(per_step: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(p[k] for p in per_step) for k in per_step[0]} if per_step else {}
 
 
-def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device) -> list[Result]:
-    """One model on the GPU at a time (clean peak memory); CUDA events, one sync per case."""
-    results = []
+def describe(err: BaseException) -> str:
+    """`Type: the message's first line`, as a result records an error."""
+    lines = str(err).strip().splitlines()
+    return type(err).__name__ + (f": {lines[0]}" if lines else "")
+
+
+def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device, results: list[Result]) -> None:
+    """One model on the GPU at a time (clean peak memory); CUDA events, one sync per case.
+    Any error (out of memory, a CUDA error) is recorded in that case's result and the next
+    case runs; a CUDA error that breaks the context fails the later cases in turn."""
     for s in setups:
         try:
             case = Case(args, s, device)
-        except torch.cuda.OutOfMemoryError as err:
-            results += [failed(args, s, m, f"OOM building the model: {str(err).splitlines()[0]}") for m in modes]
+        except Exception as err:
+            results += [failed(args, s, m, f"building the model: {describe(err)}") for m in modes]
             continue
         for m in modes:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
             try:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
                 for _ in range(args.warmup):
                     case.step(m)
                 steps = []
@@ -284,18 +368,15 @@ def time_cuda(setups: list[Setup], modes: list[str], args, device: torch.device)
                 sync(device)
                 r = result(case, m, [a.elapsed_time(b) / 1e3 for a, _, b in steps], args)
                 if m == "train":
-                    r.phase_s = median_phases([
-                        _phases([(p, start.elapsed_time(e) / 1e3) for p, e in marks], 0.0)
-                        for start, marks, _ in steps
-                    ])
+                    r.phase_steps = [_phases([(p, start.elapsed_time(e) / 1e3) for p, e in marks], 0.0)
+                                     for start, marks, _ in steps]
+                    r.phase_s = median_phases(r.phase_steps)
                 r.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
-            except torch.cuda.OutOfMemoryError as err:
-                r = failed(args, s, m, f"OOM: {str(err).splitlines()[0]}")
-            case.model.zero_grad(set_to_none=True)
+            except Exception as err:
+                r = failed(args, s, m, describe(err))
             results.append(r)
-        del case
-        torch.cuda.empty_cache()
-    return results
+            case.model.zero_grad(set_to_none=True)
+        del case  # its memory returns to the allocator before the next case is built
 
 
 def result(case: Case, mode: str, times: list[float], args) -> Result:
@@ -311,14 +392,14 @@ def failed(args, s: Setup, mode: str, error: str) -> Result:
 def counted(args, s: Setup, mode: str, times: list[float]) -> Result:
     c = count_model(model_config(args, s), clip_config(args), s.ratio)
     flops = 2 * (c.macs_training if mode == "train" else c.macs_inference)
-    return Result(s.label, s.variant, s.ratio, s.recompute, mode, args.batch, times, flops,
+    return Result(s.label, s.variant, s.ratio, s.recompute, mode, args.precision, args.batch, times, flops,
                   flops_forward_per_clip=2 * c.macs_training_forward, params=c.params_training)
 
 
 def baseline_of(r: Result, results: list[Result]) -> Result | None:
     """The full-token run of the same size, mode and checkpointing (the ratio's denominator)."""
     for b in results:
-        if (b.variant, b.ratio, b.mode, b.recompute) == (r.variant, 0, r.mode, r.recompute) and b.error is None:
+        if (b.variant, b.ratio, b.mode, b.recompute) == (r.variant, 0, r.mode, r.recompute) and b.timed:
             return b
     return None
 
@@ -328,25 +409,26 @@ def reference_of(r: Result, results: list[Result], variant: str | None) -> Resul
     if variant is None:
         return None
     for b in results:
-        if (b.variant, b.ratio, b.mode, b.recompute) == (variant, 0, r.mode, r.recompute) and b.error is None:
+        if (b.variant, b.ratio, b.mode, b.recompute) == (variant, 0, r.mode, r.recompute) and b.timed:
             return b
     return None
 
 
-def markdown(results: list[Result], peak: float | None, gpu: bool) -> str:
-    head = ["model", "mode", "batch", "median ms"] + ([] if gpu else ["CPU ms"])
-    head += ["clips/s", "time / full", "FLOPs / full", "GFLOP/clip", "TFLOP/s"]
-    if peak:
-        head.append("MFU")
+def markdown(results: list[Result], peak: Peak, gpu: bool) -> str:
+    """One row per result; TFLOP/s and MFU with the peak they are set against in the row."""
+    head = ["model", "mode", "precision", "batch", "median ms"] + ([] if gpu else ["CPU ms"])
+    head += ["clips/s", "time / full", "FLOPs / full", "GFLOP/clip", "TFLOP/s", "MFU", "MFU peak TFLOP/s"]
     if gpu:
         head.append("peak mem GiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
-        if r.error:
-            lines.append("| " + " | ".join([r.setup, r.mode, str(r.batch), r.error] + ["-"] * (len(head) - 4)) + " |")
+        if not r.timed:
+            error = r.error or "not timed"
+            lines.append("| " + " | ".join([r.setup, r.mode, r.precision, str(r.batch), error]
+                                           + ["-"] * (len(head) - 5)) + " |")
             continue
         base = baseline_of(r, results)
-        cells = [r.setup, r.mode, str(r.batch), f"{r.median_s * 1e3:.1f}"]
+        cells = [r.setup, r.mode, r.precision, str(r.batch), f"{r.median_s * 1e3:.1f}"]
         if not gpu:
             cells.append(f"{r.compare_s * 1e3:.1f}")
         cells += [
@@ -355,9 +437,9 @@ def markdown(results: list[Result], peak: float | None, gpu: bool) -> str:
             f"{r.flops_per_clip / base.flops_per_clip:.3f}" if base else "-",
             f"{r.flops_per_clip / 1e9:.1f}",
             f"{r.tflops:.3f}" if r.tflops < 1 else f"{r.tflops:.1f}",
+            f"{r.tflops / peak.tflops:.1%}" if peak.tflops else "-",
+            f"{peak.tflops:g} ({peak.name})" if peak.tflops else "none",
         ]
-        if peak:
-            cells.append(f"{r.tflops / peak:.1%}")
         if gpu:
             cells.append(f"{r.peak_mem_gib:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -369,12 +451,12 @@ def phase_table(results: list[Result], peak: float | None, bandwidth: float | No
     head = ["model", "phase", "took ms", "must cost ms", "counted"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
-        if r.mode != "train" or r.error or not r.phase_s:
+        if r.mode != "train" or not r.timed or not r.phase_s:
             continue
         need = {
             "forward": (r.flops_forward_per_clip * r.batch, "FLOP"),
             "backward": ((r.flops_per_clip - r.flops_forward_per_clip) * r.batch, "FLOP"),
-            "optimizer": (OPTIMIZER_BYTES_PER_PARAM * r.params, "B"),
+            "optimizer": (OPTIMIZER_BYTES_PER_PARAM[r.precision] * r.params, "B"),
         }
         for phase in PHASES:
             if phase not in r.phase_s:
@@ -392,7 +474,7 @@ def ratio_checks(results: list[Result], reference: str | None = None) -> list[st
     size, and every other run against the full `reference` size."""
     lines = []
     for r in results:
-        if r.error:
+        if not r.timed:
             continue
         pairs = [("full " + DISPLAY_NAMES.get(r.variant, r.variant), baseline_of(r, results))] if r.ratio else []
         ref = reference_of(r, results, reference)
@@ -450,8 +532,10 @@ def parse_args(argv=None):
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--num-classes", type=int, default=400)
     p.add_argument("--mask", choices=("cell_running", "random"), default="cell_running")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for CUDA, off on CPU)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="bf16-weights (the engine's bf16: bf16 weights, fp32 master weights in AdamW), "
+                   "autocast-fp32-weights (torch.autocast over fp32 weights) or fp32 "
+                   "(default: bf16-weights on CUDA, fp32 on CPU)")
     p.add_argument("--grad-checkpointing", nargs="?", const="on", choices=("off", "on", "both"), default=None,
                    help="recompute every encoder block in backward: off, on (the bare flag) or both "
                         "(default: both on CUDA, off on CPU)")
@@ -471,7 +555,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     defaults = dict(variants=["vit_l" if gpu else "vit_s"], also_full=["vit_h"] if gpu else [],
-                    reference="vit_h" if gpu else None, batch=8 if gpu else 1, amp=gpu,
+                    reference="vit_h" if gpu else None, batch=8 if gpu else 1,
+                    precision="bf16-weights" if gpu else "fp32",
                     grad_checkpointing="both" if gpu else "off", warmup=3 if gpu else 1,
                     repeats=10 if gpu else 5, threads=None if gpu else 1)
     for k, v in defaults.items():
@@ -489,62 +574,86 @@ def main(argv=None) -> int:
     setups = [Setup(v, r, c) for c in recompute for v in args.variants for r in args.ratios]
     setups += [Setup(v, 0.0, c) for c in recompute for v in args.also_full if Setup(v, 0.0, c) not in setups]
 
+    # The engine's peak table (marscale.engine.metrics.DEVICE_PEAKS), at the precision timed.
+    peak = resolve_peak(device, "fp32" if args.precision == "fp32" else "bf16", args.peak_tflops, "--peak-tflops")
     bandwidth = args.bandwidth_tbs
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        # the engine's peak table (marscale.engine.metrics.DEVICE_PEAKS), at the precision timed
-        mfu_peak = lookup_peak(name, "bf16" if args.amp else "fp32", args.peak_tflops, "--peak-tflops")
         row = match_device(name)
         bandwidth = bandwidth or (row.bandwidth_tbs if row else None)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        results = time_cuda(setups, args.modes, args, device)
     else:
         threads = torch.get_num_threads()
         name = f"CPU, {threads} thread{'' if threads == 1 else 's'}"
-        mfu_peak = (Peak(args.peak_tflops, "--peak-tflops (set)") if args.peak_tflops
-                    else Peak(None, "no MFU: a CPU has no peak in the table (set --peak-tflops)"))
-        results = time_cpu([Case(args, s, device) for s in setups], args.modes, args)
-
     clip = f"{args.num_frames}x{args.img_size}x{args.img_size}"
     print(f"# {name}; torch {torch.__version__}; clip {clip}; batch {args.batch}; "
-          f"{'bf16 autocast' if args.amp else 'fp32'}; grad checkpointing {args.grad_checkpointing}; "
+          f"{args.precision} ({PRECISIONS[args.precision]}); grad checkpointing {args.grad_checkpointing}; "
           f"{'AdamW step' if args.optimizer else 'no optimizer step'}; SDPA {args.sdpa}"
-          f"{'; compiled blocks' if args.compile else ''}; median of {args.repeats} after {args.warmup} warm-up")
-    peak = mfu_peak.tflops
+          f"{'; compiled blocks' if args.compile else ''}; median of {args.repeats} after {args.warmup} warm-up",
+          flush=True)
+
+    results: list[Result] = []
+    complete = False
+    try:
+        if device.type == "cuda":
+            time_cuda(setups, args.modes, args, device, results)
+        else:
+            time_cpu(setups, args.modes, args, results)
+        complete = True
+    finally:  # the results so far, also when interrupted
+        for r in results:
+            if r.error is None and not r.times_s:
+                r.error = "not timed: the run was interrupted"
+        checks = report(results, args, device, peak, bandwidth)
+        if args.json:
+            write_json(args, argv, device, name, peak, bandwidth, results, checks, complete)
+    return 0 if all(r.error is None for r in results) else 1
+
+
+def report(results: list[Result], args, device: torch.device, peak: Peak, bandwidth: float | None) -> list[str]:
+    """Print the tables and ratio checks; returns the checks."""
     print(markdown(results, peak, device.type == "cuda"))
     if device.type == "cpu":
         print("\ntime / full compares process CPU time (medians); clips/s and TFLOP/s use wall time.")
-    print(f"\n{mfu_peak.describe()}" + ("; TFLOP/s from true FLOPs (2 x MACs), marscale.cost.counting." if peak else ""))
-    phases = phase_table(results, peak, bandwidth)
+    print(f"\n{peak.describe()}" + ("; TFLOP/s from true FLOPs (2 x MACs), marscale.cost.counting."
+                                   if peak.tflops else ""))
+    phases = phase_table(results, peak.tflops, bandwidth)
     if phases.count("\n") > 1:
         clock = "CPU time" if device.type == "cpu" else "CUDA events"
-        print(f"\nTraining step by phase ({clock}, medians); 'must cost': counted FLOPs at {peak or '?'} TFLOP/s, "
-              f"optimizer bytes at {bandwidth or '?'} TB/s:")
+        print(f"\nTraining step by phase ({clock}, medians); 'must cost': counted FLOPs at "
+              f"{peak.tflops or '?'} TFLOP/s, optimizer bytes at {bandwidth or '?'} TB/s:")
         print(phases)
     checks = ratio_checks(results, args.reference)
     if checks:
         print()
         print("\n".join(checks))
-    if args.json:
-        doc = {
-            **environment(device, name),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
-            "peak_tflops": peak,
-            "mfu_peak": mfu_peak.name,
-            "bandwidth_tbs": bandwidth,
-            "results": [
-                dict(dataclasses.asdict(r), median_s=r.median_s if r.times_s else None,
-                     mfu=r.tflops / peak if peak and r.times_s else None, mfu_peak=mfu_peak.name,
-                     mfu_peak_tflops=peak)
-                for r in results
-            ],
-            "ratio_checks": checks,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2))
-    return 0
+    return checks
+
+
+def write_json(args, argv, device: torch.device, name: str, peak: Peak, bandwidth: float | None,
+               results: list[Result], checks: list[str], complete: bool) -> None:
+    doc = {
+        **environment(device, name),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
+        "complete": complete,
+        "precision": args.precision,
+        "precision_means": PRECISIONS[args.precision],
+        "peak_tflops": peak.tflops,
+        "mfu_peak": peak.name,
+        "bandwidth_tbs": bandwidth,
+        "results": [
+            dict(dataclasses.asdict(r), median_s=r.median_s if r.times_s else None,
+                 mfu=r.tflops / peak.tflops if peak.tflops and r.times_s else None, mfu_peak=peak.name,
+                 mfu_peak_tflops=peak.tflops)
+            for r in results
+        ],
+        "ratio_checks": checks,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2))
+    print(f"\nwrote {args.json}" + ("" if complete else " (incomplete: interrupted)"))
 
 
 if __name__ == "__main__":

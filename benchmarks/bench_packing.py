@@ -22,6 +22,11 @@ flash_varlen where installed).
 
 On CPU the times are process CPU time with one thread (as benchmarks/bench_model.py: on a
 shared machine wall time swings with other load, one thread's CPU time counts the work).
+
+A method that raises on a batch (out of memory, a kernel that refuses the input, anything)
+is recorded in that row as `<method>_error` ("Type: message") and the others go on; a shape
+that fails to build keeps its error. The JSON (`--json`) is written at the end whatever
+failed, and when the run is interrupted, with the rows timed so far.
 """
 
 from __future__ import annotations
@@ -126,7 +131,15 @@ def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
     return statistics.median(times), statistics.median(walls)
 
 
-def run_shape(name: str, args, device: torch.device) -> list[dict]:
+def describe(err: BaseException) -> str:
+    """`Type: the message's first line`, as a row records an error."""
+    lines = str(err).strip().splitlines()
+    return type(err).__name__ + (f": {lines[0]}" if lines else "")
+
+
+def run_shape(name: str, args, device: torch.device, rows: list[dict]) -> None:
+    """Time every batch composition of shape `name`, appending each row to `rows` as it is
+    done (so an interrupted run keeps them)."""
     variant, frames, size, bridge = SHAPES[name]
     clip = ClipConfig(num_frames=frames, img_size=size)
     cfg = ModelConfig(num_classes=400, variant=variant, drop_path=0.0, head_dropout=0.0, bridge=bridge)
@@ -139,7 +152,6 @@ def run_shape(name: str, args, device: torch.device) -> list[dict]:
     labels = torch.randint(0, 400, (args.batch,), generator=g).to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     usable = backends(device)
-    rows = []
     for label, ratios in compositions(args.batch):
         mask = cell_running_mask(args.batch, grid, ratios, torch.Generator().manual_seed(1))
         lengths = (~mask).sum(1)
@@ -153,28 +165,43 @@ def run_shape(name: str, args, device: torch.device) -> list[dict]:
                     fn(model, loss_fn, video, labels, *a)
             return go
 
-        row["padded_s"], row["padded_wall_s"] = timed(step(padded_step, mask), args.repeats, device)
+        rows.append(row)
+        try:
+            row["padded_s"], row["padded_wall_s"] = timed(step(padded_step, mask), args.repeats, device)
+        except Exception as err:  # recorded; the packed backends still run
+            row["padded_error"] = describe(err)
         packed = pack_mask(mask).to(device)
         for backend in usable:  # a uniform batch takes the rectangular fast path whatever the backend
-            model.set_attention(backend, device)
-            row[f"{backend}_s"], _ = timed(step(packed_step, packed), args.repeats, device)
-        best = min(usable, key=lambda b: row[f"{b}_s"])
-        row["best_packed"] = best
-        row["speedup"] = row["padded_s"] / row[f"{best}_s"]
-        rows.append(row)
+            try:
+                model.set_attention(backend, device)
+                row[f"{backend}_s"], _ = timed(step(packed_step, packed), args.repeats, device)
+            except Exception as err:
+                row[f"{backend}_error"] = describe(err)
+        ran = [b for b in usable if f"{b}_s" in row]
+        if ran:
+            row["best_packed"] = min(ran, key=lambda b: row[f"{b}_s"])
+            if "padded_s" in row:
+                row["speedup"] = row["padded_s"] / row[f"{row['best_packed']}_s"]
         print(format_row(row, usable), flush=True)
-    return rows
 
 
 def format_row(row: dict, usable: list[str]) -> str:
-    packed = " ".join(f"{b} {row[f'{b}_s']:.3f}s" for b in usable)
-    return (f"  {row['shapes']:6s} {row['batch']:20s} padding {row['padding']:5.1%} | padded {row['padded_s']:.3f}s | "
-            f"{packed} | packed/padded speed-up {row['speedup']:.2f}x ({row['best_packed']})")
+    def cell(method: str) -> str:
+        return f"{row[f'{method}_s']:.3f}s" if f"{method}_s" in row else f"failed ({row[f'{method}_error']})"
+
+    packed = " ".join(f"{b} {cell(b)}" for b in usable)
+    speedup = (f"packed/padded speed-up {row['speedup']:.2f}x ({row['best_packed']})" if "speedup" in row
+               else "no speed-up (a method failed)")
+    return (f"  {row['shapes']:6s} {row['batch']:20s} padding {row['padding']:5.1%} | padded {cell('padded')} | "
+            f"{packed} | {speedup}")
 
 
 def crossover(rows: list[dict]) -> str:
-    """The padding fraction from which packing wins, from the measured rows of one shape."""
-    ordered = sorted(rows, key=lambda r: r["padding"])
+    """The padding fraction from which packing wins, from the measured rows of one shape
+    (rows where padding or every packed backend failed have no speed-up and are left out)."""
+    ordered = sorted((r for r in rows if "speedup" in r), key=lambda r: r["padding"])
+    if not ordered:
+        return "no row has both methods measured"
     losing = [r["padding"] for r in ordered if r["speedup"] < 1.0]
     winning = [r["padding"] for r in ordered if r["speedup"] >= 1.0]
     if not losing:
@@ -187,7 +214,7 @@ def crossover(rows: list[dict]) -> str:
     return f"packing wins from {min(above):.1%} padding (loses at {max(losing):.1%})"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", nargs="+", default=["vit_s", "demo"], choices=sorted(SHAPES))
@@ -195,22 +222,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: CPU time counts work)")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     print(f"packed vs padded training steps on {name}, torch {torch.__version__}, batch {args.batch}, "
           f"median of {args.repeats}")
-    results = {}
-    for shape in args.shapes:
-        rows = run_shape(shape, args, device)
-        results[shape] = {"rows": rows, "crossover": crossover(rows)}
-        print(f"  {shape}: {results[shape]['crossover']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": args.batch,
-                                               "repeats": args.repeats, "results": results}, indent=1))
+    results: dict[str, dict] = {}
+    complete = False
+    try:
+        for shape in args.shapes:
+            results[shape] = {"rows": []}
+            try:
+                run_shape(shape, args, device, results[shape]["rows"])
+            except Exception as err:  # building the model, drawing masks: the next shape goes on
+                results[shape]["error"] = describe(err)
+                print(f"  {shape}: failed: {results[shape]['error']}", flush=True)
+            results[shape]["crossover"] = crossover(results[shape]["rows"])
+            print(f"  {shape}: {results[shape]['crossover']}")
+        complete = True
+    finally:  # the rows so far, also when interrupted
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": args.batch,
+                                                   "repeats": args.repeats, "complete": complete,
+                                                   "results": results}, indent=1))
+    failed = any("error" in r or any(k.endswith("_error") for row in r["rows"] for k in row) for r in results.values())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

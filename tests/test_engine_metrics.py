@@ -47,6 +47,10 @@ def test_no_peak_says_why():
     assert metrics.resolve_peak(cpu, "bf16", None).tflops is None  # no MFU on CPUs by default
     assert "no MFU" in metrics.resolve_peak(cpu, "bf16", None).describe()
     assert metrics.resolve_peak(cpu, "bf16", 1.5) == metrics.Peak(1.5, "logging.peak_tflops (set)")
+    # a benchmark names its own flag
+    assert metrics.resolve_peak(cpu, "bf16", None, "--peak-tflops").name == (
+        "no MFU: cpu has no peak in the table (set --peak-tflops)")
+    assert metrics.resolve_peak(cpu, "bf16", 0.5, "--peak-tflops") == metrics.Peak(0.5, "--peak-tflops (set)")
 
 
 def test_one_peak_table_for_the_engine_and_the_benchmark():
@@ -61,7 +65,7 @@ def test_one_peak_table_for_the_engine_and_the_benchmark():
         spec.loader.exec_module(bench)
     finally:
         del sys.modules[spec.name]
-    assert bench.lookup_peak is metrics.lookup_peak and bench.match_device is metrics.match_device
+    assert bench.resolve_peak is metrics.resolve_peak and bench.match_device is metrics.match_device
     assert not [k for k in vars(bench) if "PEAK" in k or "BANDWIDTH" in k]  # no table of its own
     assert metrics.match_device("NVIDIA H100 PCIe").bandwidth_tbs == 2.0
 

@@ -74,7 +74,7 @@ DEVICE_PEAKS: tuple[DevicePeak, ...] = (
     DevicePeak("V100 PCIe", r"\bV100\b", {"fp16": 112.0, "fp32": 14.0}, 0.9),
 )
 """The one peak table: the trainer's and `marscale compare`'s MFU and
-benchmarks/bench_model.py all read it (`match_device`, `lookup_peak`)."""
+benchmarks/bench_model.py all read it (`match_device`, `lookup_peak`, `resolve_peak`)."""
 
 
 def match_device(device_name: str) -> DevicePeak | None:
@@ -111,13 +111,14 @@ def lookup_peak(device_name: str, precision: str, override: float | None = None,
     return Peak(row.tflops[precision], f"{row.name} {precision} dense")
 
 
-def resolve_peak(device: torch.device, precision: str, override: float | None) -> Peak:
-    """The MFU denominator of a run on `device`: `override` (logging.peak_tflops) if set;
+def resolve_peak(device: torch.device, precision: str, override: float | None,
+                 override_name: str = "logging.peak_tflops") -> Peak:
+    """The MFU denominator of a run on `device`: `override` (named `override_name`) if set;
     else the table's entry for a CUDA device; no MFU on a CPU or an unknown device."""
     if override is None and device.type != "cuda":
-        return Peak(None, f"no MFU: {device.type} has no peak in the table (set logging.peak_tflops)")
+        return Peak(None, f"no MFU: {device.type} has no peak in the table (set {override_name})")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return lookup_peak(name, precision, override)
+    return lookup_peak(name, precision, override, override_name)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
