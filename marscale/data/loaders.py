@@ -384,23 +384,25 @@ def train_batches(
     batches_per_epoch: int,
     rank: int,
     world_size: int,
-    position: Callable[[], tuple[int, int]],
+    start: tuple[int, int],
     tally=None,
     batch_ratios: Callable[[int, int], tuple[float, ...]] | None = None,
     augment_on: str = "worker",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's training batches, epoch after epoch, from the data position `position()`
-    returns, (epoch, batch in epoch), read when each epoch's loader opens: the caller must
-    update it before asking for the next batch. `tally` (optional: `open(loader)`,
-    `close()`) follows each epoch's loader for its skip counts. `batch_ratios(epoch, k)`:
-    the mask ratios of batch k of an epoch, when its size follows them (token budgets). `augment_on`: as
+    """This rank's training batches, epoch after epoch, from the data position `start`,
+    (epoch, batch in epoch): the rest of that epoch, then every batch of each epoch after
+    it. The position is followed here rather than read from the caller when an epoch's
+    loader opens: the caller may take batches a step ahead of the step that trains on them
+    (`marscale.data.prefetch`). `tally` (optional: `open(loader)`, `close()`) follows each
+    epoch's loader for its skip counts. `batch_ratios(epoch, k)`: the mask ratios of batch
+    k of an epoch, when its size follows them (token budgets). `augment_on`: as
     `build_train_loader`.
     """
+    epoch, first = start
     while True:
-        epoch, start = position()
         loader = build_train_loader(
             cfg, clip, train_set, batches_per_epoch=batches_per_epoch, epoch=epoch, rank=rank,
-            world_size=world_size, start_batch=start, num_classes=num_classes,
+            world_size=world_size, start_batch=first, num_classes=num_classes,
             batch_ratios=None if batch_ratios is None else functools.partial(batch_ratios, epoch),
             augment_on=augment_on,
         )
@@ -408,7 +410,7 @@ def train_batches(
         if tally is not None:
             tally.open(loader)
         try:
-            for index in range(start, batches_per_epoch):
+            for index in range(first, batches_per_epoch):
                 batch = next(it, None)
                 if batch is None:
                     # Continuing would leave this rank a step behind the others (a hang
@@ -424,3 +426,4 @@ def train_batches(
             it.close()
             if tally is not None:
                 tally.close()
+        epoch, first = epoch + 1, 0

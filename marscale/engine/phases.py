@@ -14,9 +14,10 @@ import torch
 
 PHASES = ("masks", "data", "forward", "backward", "optimizer")
 """The phases of a step, in order: masks (describe the step, draw and pack the
-micro-batch's mask, copy it), data (clip to the device, device augmentation, normalise,
-mixup, cast), forward (model and loss), backward, optimizer (DeepSpeed's step: gradient
-reduction and clipping, AdamW, the gradient norm when asked for)."""
+micro-batch's mask, copy it), data (clip to the device, normalise, mixup, cast; the
+trainer's clips arrive on the device, augmented there by its prefetcher with
+data.augment_on "device"), forward (model and loss), backward, optimizer (DeepSpeed's
+step: gradient reduction and clipping, AdamW, the gradient norm when asked for)."""
 
 
 class PhaseClock:

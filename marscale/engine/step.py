@@ -8,8 +8,9 @@ One optimizer step, on every rank::
         visible and masked tokens; this rank's from the ratios its loader carried, under a
         token budget), its totals and each micro-batch's loss weights
     for each micro-batch:
-        video  -> device (data.augment_on "device": decoded windows + drawn parameters ->
-                  `DeviceAugment`) -> normalise -> mixup/cutmix (soft targets) -> precision
+        video  -> device (already there from the trainer's `DevicePrefetcher`, augmented
+                  there with data.augment_on "device") -> normalise -> mixup/cutmix (soft
+                  targets) -> precision
         tokens <- the micro-batch's mask (generator seeded by (seed, step, micro, rank),
                   host, cheap) in the one packed layout, moved to the device once
         loss   = soft-target CE + recon_weight x masked MSE (MAR) | CE (ViT), the
@@ -30,8 +31,6 @@ import dataclasses
 
 import torch
 
-from marscale.data.config import resolve_augment_on
-from marscale.data.device_augment import DeviceAugment
 from marscale.data.mixup import build_mixup, normalize
 from marscale.engine.build import Engine
 from marscale.engine.config import TrainConfig
@@ -64,8 +63,6 @@ class TrainStep:
         self.clip = cfg.clip
         self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
         self.loss = build_loss(cfg.clip, cfg.model.patch_size, cfg.optim.recon_weight)
-        self.augment_on = resolve_augment_on(cfg.data.augment_on, self.device.type)
-        self.device_augment = DeviceAugment(cfg.data, cfg.clip) if self.augment_on == "device" else None
 
     def describe(self, step: int, micro_batches: list[dict]) -> StepBatches:
         """Every micro-batch of `step` on every rank, this rank's from the ratios its loader
@@ -76,8 +73,8 @@ class TrainStep:
         return self.batches.step_batches(step, self.world_size, self.rank, mine)
 
     def __call__(self, step: int, micro_batches: list[dict], *, want_grad_norm: bool = False) -> StepOutput:
-        """Optimizer step `step` over this rank's `micro_batches` (loader batches: "video"
-        uint8 [B, C, T, H, W] or decoded windows with "augment", "label" int64 [B])."""
+        """Optimizer step `step` over this rank's `micro_batches` ("video" uint8 [B, C, T,
+        H, W] augmented clips and "label" int64 [B], on the device or the host)."""
         self.phases.start()
         layout = self.describe(step, micro_batches)
         losses = []
@@ -96,9 +93,7 @@ class TrainStep:
     ) -> dict[str, torch.Tensor]:
         """Forward, backward and (at the accumulation boundary) the optimizer step of one
         micro-batch. scales: its (classification, reconstruction) share of the step."""
-        video = batch["video"].to(self.device, non_blocking=True)
-        if self.device_augment is not None:  # decoded windows + drawn parameters -> clips
-            video = self.device_augment(video, batch["augment"])
+        video = batch["video"].to(self.device, non_blocking=True)  # a no-op for the prefetcher's batches
         labels = batch["label"].to(self.device, non_blocking=True)
         x = normalize(video, self.clip.mean, self.clip.std)  # fp32 [B, C, T, H, W]
         x, target = self.mixup(x, labels)  # soft targets [B, K]

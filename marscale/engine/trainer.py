@@ -5,7 +5,10 @@ checkpoint and evaluation timing, stop signals) and what happens when a peer is 
 engine is built by `marscale.engine.build`; one optimizer step is `marscale.engine.step`.
 
 The step's losses are summed on the device and read (`.tolist()`, the only host sync) on
-logging steps. A step's micro-batches are taken from the loader before it runs.
+logging steps. A step's micro-batches are taken from the loader before it runs, through a
+`DevicePrefetcher` (`marscale.data.prefetch`): each batch reaches the step on the device,
+augmented there with data.augment_on "device", and the next one's copy and augmentation
+are queued (on CUDA, on a side stream) before the step's, so they overlap it.
 
 Determinism and resume: masks come from a generator seeded by (seed, step, micro, rank);
 dropout / drop path draw from torch's global generator and mixup from numpy's, whose
@@ -41,9 +44,7 @@ import logging
 import math
 import os
 import time
-from typing import Iterator
 
-import torch
 from tqdm import tqdm
 
 from marscale.checkpoints import folders as ckpt
@@ -53,7 +54,10 @@ from marscale.core import dist
 from marscale.core.config import save_config, to_dict
 from marscale.core.io import write_json
 from marscale.core.signals import StopSignal
+from marscale.data.config import resolve_augment_on
+from marscale.data.device_augment import DeviceAugment
 from marscale.data.loaders import train_batches
+from marscale.data.prefetch import DevicePrefetcher
 from marscale.data.stages import SKIP_REASONS
 from marscale.engine.build import build_engine
 from marscale.engine.config import TrainConfig
@@ -110,6 +114,8 @@ class Trainer:
         )
         self.built, self.engine, self.device, self.ds_config = built, built.engine, built.device, built.ds_config
         self.step = TrainStep(cfg, self.plan, built, rank=self.rank, world_size=self.world_size)
+        self.augment_on = resolve_augment_on(cfg.data.augment_on, self.device.type)
+        self.device_augment = DeviceAugment(cfg.data, cfg.clip) if self.augment_on == "device" else None
         self.total_steps = self.plan.total_steps
         peak = resolve_peak(self.device, cfg.deepspeed.precision, cfg.logging.peak_tflops)
         p = self.plan
@@ -123,7 +129,7 @@ class Trainer:
         logger.info(
             "%s: %s %s, %d ranks, global batch %d, %d steps, ZeRO-%d %s, augmentation on the %s\n%s",
             cfg.run.name, cfg.model.arch, cfg.model.variant, self.world_size, self.plan.clips_per_step,
-            self.plan.total_steps, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, self.step.augment_on,
+            self.plan.total_steps, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, self.augment_on,
             self.plan.summary(),
         )
         logger.info("%s", peak.describe())  # the peak every logged MFU divides by
@@ -160,19 +166,21 @@ class Trainer:
             warmup_steps=self.plan.warmup_steps, total_steps=self.plan.total_steps,
         )
 
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's training batches from the current data position (`self.state`, read
-        when each epoch's loader opens) on, epoch after epoch."""
-        return train_batches(
+    def _batches(self) -> DevicePrefetcher:
+        """This rank's training batches on the device, from the current data position
+        (`self.state`) on, epoch after epoch, up to the last step's."""
+        batches = train_batches(
             self.cfg.data, self.cfg.clip, self.plan.train_set, num_classes=self.plan.num_classes,
             batches_per_epoch=self.plan.batches_per_epoch, rank=self.rank, world_size=self.world_size,
-            position=lambda: (self.state.epoch, self.state.batch_in_epoch), tally=self.skips,
+            start=(self.state.epoch, self.state.batch_in_epoch), tally=self.skips,
             batch_ratios=(
                 (lambda epoch, k: self.plan.batch_ratios(epoch, k, self.rank))
                 if self.cfg.data.token_budget is not None else None
             ),
-            augment_on=self.step.augment_on,
+            augment_on=self.augment_on,
         )
+        left = (self.total_steps - self.state.step) * self.cfg.deepspeed.grad_accum_steps
+        return DevicePrefetcher(batches, self.device, self.device_augment, limit=left)
 
     def fit(self) -> int:
         """Resume if asked, train to the end (or a pre-emption signal), evaluate, save.
