@@ -90,12 +90,21 @@ def test_the_resize_log_is_silent_on_the_batch_when_the_global_batch_stays(saved
         (Layout(2, 2, RankBatch(8, 1, 4096)), Layout(4, 2, RankBatch(8, 1, 4096)),
          "from at most 16 clips and 8192 visible tokens to at most 32 clips and 16384 visible tokens per step, "
          "and with it the steps per epoch: set data.batch_size=4 and data.token_budget=2048 to keep it"),
+        (Layout(2, 2, RankBatch(8, 1, 4096, "cost")), Layout(4, 2, RankBatch(8, 1, 4096, "cost")),
+         "from at most 16 clips and 8192 cost-weighted tokens to at most 32 clips and 16384 cost-weighted tokens"),
     ],
 )
 def test_the_resize_log_says_how_the_global_batch_changes_and_what_keeps_it(saved, now, said):
     message = batch_change(saved, now)
     assert message.startswith("the global batch (ranks x data.batch_size x deepspeed.grad_accum_steps) changes")
     assert said in message
+
+
+def test_a_checkpoint_from_before_budget_units_counted_visible_tokens():
+    old = {"data": {"batch_size": 8, "token_budget": 4096}, "deepspeed": {"grad_accum_steps": 1}}
+    assert RankBatch.of_config(old) == RankBatch(8, 1, 4096, "visible")
+    old["data"]["budget_unit"] = "cost"
+    assert RankBatch.of_config(old).budget_unit == "cost"
 
 
 def test_after_a_universal_load_each_group_has_its_own_step_and_settings(tmp_path):

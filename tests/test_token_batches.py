@@ -14,6 +14,7 @@ from marscale.core import dist
 from marscale.core.config import ConfigError
 from marscale.checkpoints import folders as ckpt
 from marscale.engine.metrics import by_step, read_jsonl
+from marscale.engine.plan import make_plan
 from marscale.engine.optim import apply_lr
 from marscale.engine.trainer import Trainer
 from marscale.tokens.masking import MaskingConfig
@@ -90,6 +91,99 @@ def test_token_budget_fills_batches_by_visible_tokens():
         batches([0.25, 0.75], token_budget=10, clips_per_video=2)
 
 
+# Counted training FLOPs of a clip by visible tokens, shaped as the demo model's (MFLOP at
+# 32/64/96 of 128 tokens: the decoder runs on every token, so a 75%-masked clip costs 46%
+# of a 25%-masked one, not 33%).
+DEMO_LIKE_FLOPS = {2: 1019, 4: 1600, 6: 2213}
+
+
+def demo_like_flops(counts):
+    return {v: DEMO_LIKE_FLOPS[v] for v in counts}
+
+
+def step_cv(b, flops, steps=600):
+    costs = [b.step_batches(s, 1).work(flops)[2] for s in range(steps)]
+    mean = sum(costs) / len(costs)
+    return (sum((c - mean) ** 2 for c in costs) / len(costs)) ** 0.5 / mean
+
+
+def test_a_budget_without_a_unit_composes_what_it_did_before():
+    """The first micro-batches of the token-budget test's stream, as the visible-token budget
+    drew them before budgets had a unit (and still does by default)."""
+    b = batches([0.25, 0.5, 0.75], token_budget=16, batch_size=6, clips_per_video=2)
+    assert b.budget_unit == "visible" and b.weight == b.visible and b.capacity == 16
+    assert [b.ratios(s, 0, 0) for s in range(4)] == [
+        (0.5, 0.5, 0.75, 0.75), (0.25, 0.75), (0.25, 0.5, 0.5, 0.75), (0.5, 0.5, 0.75, 0.75, 0.75, 0.75)
+    ]
+
+
+def test_cost_budget_fills_batches_by_counted_flops():
+    # 36 tokens of 25%-masked clips (6 visible, 2213 FLOPs each): 36 x 2213 // 6 = 13278 FLOPs
+    b = batches([0.25, 0.5, 0.75], token_budget=36, batch_size=12, clips_per_video=2, budget_unit="cost",
+                clip_flops=demo_like_flops)
+    assert b.weight == {0.25: 2213, 0.5: 1600, 0.75: 1019} and b.capacity == 13278
+    group_max = 2 * 2213
+    sizes = set()
+    for step in range(200):
+        for micro in range(2):
+            mb = b.micro_batch(step, micro, 0)
+            cost = sum(DEMO_LIKE_FLOPS[v] for v in mb.visible)
+            assert cost <= b.capacity  # never over the budget
+            assert mb.clips == 12 or b.capacity - cost < group_max  # within one group's cost of it
+            sizes.add(mb.clips)
+    assert sizes == {6, 8, 10}
+    # The least-masked clips weigh their visible tokens: at that ratio alone both units form
+    # the same batches, here 3 groups (36 of the 40 tokens; a fourth group would need 48).
+    alone = dict(token_budget=40, batch_size=12, clips_per_video=2)
+    cost_only = batches([0.25], budget_unit="cost", clip_flops=demo_like_flops, **alone)
+    assert [cost_only.ratios(s, 0, 0) for s in range(5)] == [(0.25,) * 6] * 5 == [
+        batches([0.25], **alone).ratios(s, 0, 0) for s in range(5)
+    ]
+
+
+def test_cost_budget_spreads_the_counted_cost_of_a_step_least():
+    """600 seeded steps of one micro-batch: 8 clips, or budgets of what 8 clips at 50% weigh
+    (32 visible tokens; 8 x 1600 FLOPs = 34.7 tokens of 25%-masked clips, rounded up)."""
+    fixed = batches([0.25, 0.5, 0.75], batch_size=8, grad_accum_steps=1)
+    common = dict(batch_size=24, clips_per_video=1, grad_accum_steps=1)
+    visible = batches([0.25, 0.5, 0.75], token_budget=32, **common)
+    cost = batches([0.25, 0.5, 0.75], token_budget=35, budget_unit="cost", clip_flops=demo_like_flops, **common)
+    spread = {name: step_cv(b, DEMO_LIKE_FLOPS) for name, b in (("fixed", fixed), ("visible", visible), ("cost", cost))}
+    # the benchmark's numbers at the demo's shapes (benchmarks/bench_budget.py): 10.8%, 6.2%, 4.9%
+    assert spread["fixed"] == pytest.approx(0.108, abs=0.01)
+    assert spread["visible"] == pytest.approx(0.062, abs=0.01)
+    assert spread["cost"] == pytest.approx(0.049, abs=0.01)
+    assert spread["cost"] < 0.85 * spread["visible"]
+
+
+def test_budget_unit_is_checked():
+    with pytest.raises(ValueError, match="cannot hold one group of 2 clips at mask ratio 0.25 .*at least 12"):
+        batches([0.25, 0.75], token_budget=11, clips_per_video=2, budget_unit="cost", clip_flops=demo_like_flops)
+    assert batches([0.25, 0.75], token_budget=12, clips_per_video=2, budget_unit="cost",
+                   clip_flops=demo_like_flops).capacity == 2 * 2213
+    with pytest.raises(ValueError, match="needs the clips' counted FLOPs"):
+        batches([0.25, 0.75], token_budget=12, budget_unit="cost")
+    with pytest.raises(ValueError, match=r"budget_unit must be one of \('visible', 'cost'\), got 'flops'"):
+        batches([0.25, 0.75], token_budget=12, budget_unit="flops")
+
+
+def test_budget_unit_in_the_config(synthetic_shards, tmp_path):
+    ratios = ("masking.ratio=[0.25,0.5,0.75]", "masking.eval_ratio=0.5")
+    assert tiny_config(synthetic_shards, tmp_path, *ratios, "data.token_budget=16").data.budget_unit == "visible"
+    with pytest.raises(ConfigError, match="'data.budget_unit' expects 'visible' \\| 'cost', got 'flops'"):
+        tiny_config(synthetic_shards, tmp_path, *ratios, "data.token_budget=16", "data.budget_unit=flops")
+    with pytest.raises(ConfigError, match="weighs clips against token_budget, which is null: set token_budget"):
+        tiny_config(synthetic_shards, tmp_path, *ratios, "data.budget_unit=cost")
+    cfg = tiny_config(synthetic_shards, tmp_path, *ratios, "data.token_budget=16", "data.budget_unit=cost",
+                      "data.batch_size=6")
+    plan = make_plan(cfg, 1)
+    by_visible = plan.flops_by_visible  # the plan's one count: the budget's weights are these
+    assert plan.batches.weight == {r: by_visible[v] for r, v in plan.batches.visible.items()}
+    assert plan.batches.capacity == 16 * by_visible[6] // 6
+    assert f"batches of at most {plan.batches.capacity / 1e9:.2f} GFLOP (the cost of 16 visible tokens of clips " \
+           "masked at 0.25)" in plan.summary()
+
+
 def test_loss_scales_make_one_big_batch():
     # 2 ranks x 2 micro-batches with 3, 5, 4, 4 clips: each micro-batch's mean, scaled, sums
     # (after DeepSpeed's / world / accumulation) to the mean over all 16 clips.
@@ -105,12 +199,14 @@ def test_loss_scales_make_one_big_batch():
     assert loss_scales((4, 8), (16, 32), 2, 2) == (1.0, 1.0)
 
 
-def test_per_clip_ratios_with_token_budget_train_and_resume_exactly(synthetic_shards, tmp_path):
-    """Packed batches of different sizes under ZeRO-2: 6 steps straight == interrupted and
-    resumed (data position, ratios, masks and random streams all come back)."""
+@pytest.mark.parametrize("unit", ["visible", "cost"])
+def test_per_clip_ratios_with_token_budget_train_and_resume_exactly(unit, synthetic_shards, tmp_path):
+    """Packed batches of different sizes under ZeRO-2, sized by visible tokens or by counted
+    cost: 6 steps straight == interrupted and resumed (data position, ratios, masks and
+    random streams all come back)."""
     extra = (
         "masking.ratio=[0.25,0.5,0.75]", "masking.eval_ratio=0.5", "data.token_budget=16", "data.batch_size=6",
-        "model.drop_path=0.1", "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
+        f"data.budget_unit={unit}", "model.drop_path=0.1", "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
     )
     straight_dir = tmp_path / "straight"
     trainer = Trainer(tiny_config(synthetic_shards, straight_dir, *extra))
@@ -130,7 +226,10 @@ def test_per_clip_ratios_with_token_budget_train_and_resume_exactly(synthetic_sh
     sizes = {plan.batches.step_batches(s, 1).totals[0] for s in range(6)}
     assert len(sizes) > 1, sizes  # batches really differ in size
     saved = json.load(open(straight_dir / "plan.json"))
-    assert saved["batches"]["token_budget"] == 16
+    assert saved["batches"]["token_budget"] == 16 and saved["batches"]["budget_unit"] == unit
+    for s in range(6):  # what each step held fits in the budget, in its unit
+        (mb,) = plan.batches.step_batches(s, 1).by_rank[0]
+        assert sum(plan.batches.weight[r] for r in mb.ratios) <= plan.batches.capacity
 
     run_dir = tmp_path / "preempted"
     cfg = tiny_config(synthetic_shards, run_dir, *extra, "checkpoint.resume=auto")

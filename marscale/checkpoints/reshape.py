@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from marscale.core import dist
+from marscale.data.config import BudgetUnit
 from marscale.weights.layouts import CheckpointError
 from marscale.checkpoints.integrity import (
     COMPLETE_MARKER,
@@ -68,18 +69,21 @@ class ReshapeError(CheckpointError):
 @dataclasses.dataclass(frozen=True)
 class RankBatch:
     """What each rank feeds one optimizer step: `grad_accum_steps` micro-batches of
-    `batch_size` clips (with `token_budget`: at most `batch_size` clips, while their visible
-    tokens fit in it). The global batch is ranks x this."""
+    `batch_size` clips (with `token_budget`: at most `batch_size` clips, while what they
+    weigh in `budget_unit` fits in it). The global batch is ranks x this."""
 
     batch_size: int
     grad_accum_steps: int
     token_budget: int | None = None
+    budget_unit: BudgetUnit = "visible"
+    """`data.budget_unit` (a config from before it: "visible", what budgets counted then)."""
 
     @classmethod
     def of_config(cls, config: dict[str, Any]) -> RankBatch:
         """The rank batch of a config tree as a dict (`to_dict`, as a checkpoint stores it)."""
         data = config["data"]
-        return cls(data["batch_size"], config["deepspeed"]["grad_accum_steps"], data.get("token_budget"))
+        return cls(data["batch_size"], config["deepspeed"]["grad_accum_steps"], data.get("token_budget"),
+                   data.get("budget_unit", "visible"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +156,11 @@ def batch_change(saved: Layout, now: Layout) -> str | None:
     if before == after:
         return None
 
-    def amount(step: dict[str, int]) -> str:
+    def amount(step: dict[str, int], batch: RankBatch) -> str:
         if "token_budget" not in step:
             return f"{step['batch_size']} clips"
-        return f"at most {step['batch_size']} clips and {step['token_budget']} visible tokens"
+        unit = "visible tokens" if batch.budget_unit == "visible" else "cost-weighted tokens"
+        return f"at most {step['batch_size']} clips and {step['token_budget']} {unit}"
 
     # Each rank's micro-batch that keeps the original step, when a whole one does.
     micro_batches = now.world_size * now.batch.grad_accum_steps
@@ -165,7 +170,7 @@ def batch_change(saved: Layout, now: Layout) -> str | None:
         how = (f"no whole data.batch_size keeps it on {now.world_size} ranks with deepspeed.grad_accum_steps="
                f"{now.batch.grad_accum_steps}")
     return (f"the global batch (ranks x data.batch_size x deepspeed.grad_accum_steps) changes from "
-            f"{amount(before)} to {amount(after)} per step, and with it the steps per epoch: {how}")
+            f"{amount(before, saved.batch)} to {amount(after, now.batch)} per step, and with it the steps per epoch: {how}")
 
 
 def conversion_path(checkpoints_root: str, checkpoint: str) -> str:

@@ -25,6 +25,7 @@ The SSv2 presets write these pairs out as `data.flip_label_pairs`
 
 ClipWindows = Literal["shared", "independent"]
 AugmentOn = Literal["auto", "worker", "device"]
+BudgetUnit = Literal["visible", "cost"]
 
 
 @dataclasses.dataclass
@@ -53,10 +54,21 @@ class DataConfig:
     `token_budget`, the most clips a micro-batch may hold."""
 
     token_budget: int | None = None
-    """Form training batches by visible encoder tokens instead of a clip count: each
-    micro-batch takes clips (with the mask ratios drawn for them) while their visible
-    tokens fit in this budget, at most `batch_size` clips (`marscale.tokens.batches`). With
-    per-clip mask ratios every step then costs about the same. null: `batch_size` clips."""
+    """Form training batches by a budget instead of a clip count: each micro-batch takes
+    clips (with the mask ratios drawn for them) while what they weigh (`budget_unit`) fits
+    in this many tokens, at most `batch_size` clips (`marscale.tokens.batches`). null:
+    `batch_size` clips."""
+
+    budget_unit: BudgetUnit = "visible"
+    """What a clip weighs against `token_budget`. "visible" (default): its visible encoder
+    tokens; the encoder's tokens per step are then about equal, not the step's cost (the
+    decoder runs on every token of every clip). "cost": its counted training FLOPs
+    (`marscale.cost.counting`: encoder on its visible tokens, bridging classifier, decoder
+    on all tokens, forward and backward), in the tokens of the least-masked clip: such a
+    clip weighs its visible tokens, a clip masked more weighs its FLOPs relative to it.
+    The same budget then holds the same clips of the least-masked ratio in both units,
+    and steps cost about the same (docs/benchmarks.md, "Token budgets"). Needs
+    `token_budget`."""
 
     clips_per_video: int = 1
     """Repeated augmentation: clips made from one decoded video, each with its own spatial
@@ -188,6 +200,11 @@ class DataConfig:
             )
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError(f"token_budget must be >= 1 visible tokens, or null; got {self.token_budget}")
+        if self.budget_unit != "visible" and self.token_budget is None:
+            raise ValueError(
+                f"budget_unit={self.budget_unit!r} weighs clips against token_budget, which is null: set "
+                f"token_budget (e.g. batch_size x the visible tokens of a clip), or drop budget_unit"
+            )
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0 decodes in the main process), got {self.num_workers}")
         if self.shuffle_buffer < 0:

@@ -3,7 +3,8 @@ computed once at start, frozen, logged and saved beside the run (`plan.json`).
 
     videos per epoch    data.samples_per_epoch, or the training manifest's video count
     clips per step      data.batch_size x world size x deepspeed.grad_accum_steps (with
-                        data.token_budget: the mean of the first micro-batches' sizes)
+                        data.token_budget: the mean of the first micro-batches' sizes;
+                        data.budget_unit "cost" weighs clips by the FLOPs counted below)
     videos per step     clips per step / data.clips_per_video
     steps per epoch     videos per epoch // videos per step (optimizer steps)
     loader batches      steps per epoch x grad_accum_steps (batches per rank per epoch;
@@ -95,7 +96,7 @@ class RunPlan:
                 f"  tokens per clip {self.tokens_per_clip} ({t}x{h}x{w}), visible {self.visible_tokens_train} "
                 f"in training{' (mean; per-clip ratios ' + self._ratio_text() + ')' if self.batches.varies else ''}, "
                 f"{self.visible_tokens_eval} in evaluation"
-                + (f"; batches of at most {self.batches.token_budget} visible tokens" if self.batches.token_budget else ""),
+                + self._budget_text(),
                 f"  {self.flops_per_clip_train / 1e9:.2f} GFLOP per training clip (fwd+bwd, hardware FLOPs), "
                 f"{self.macs_per_view_eval / 1e9:.2f} GMACs per evaluation view; "
                 f"{self.val_set.num_videos} evaluation videos, {self.num_classes} classes",
@@ -112,6 +113,16 @@ class RunPlan:
         """The mask ratios of loader batch `batch` of `epoch` on `rank`: what a loader worker
         that cuts batches by a token budget draws, and carries in the batch."""
         return self.batches.ratios(*self.batch_step(epoch, batch), rank)
+
+    def _budget_text(self) -> str:
+        b = self.batches
+        if b.token_budget is None:
+            return ""
+        if b.budget_unit == "visible":
+            return f"; batches of at most {b.token_budget} visible tokens"
+        least = min(b.visible, key=lambda r: (-b.visible[r], r))
+        return (f"; batches of at most {b.capacity / 1e9:.2f} GFLOP (the cost of {b.token_budget} visible tokens "
+                f"of clips masked at {least:g})")
 
     def _ratio_text(self) -> str:
         stages = self.batches.schedule.stages
@@ -149,10 +160,13 @@ def make_plan(
     videos = cfg.data.samples_per_epoch if cfg.data.samples_per_epoch is not None else train_set.num_videos
     grid = token_grid(cfg.clip, cfg.model.patch_size)
     accum = cfg.deepspeed.grad_accum_steps
+    def clip_flops(visible_counts) -> dict[int, int]:
+        return training_flops_by_visible(cfg.model, cfg.clip, visible_counts)
+
     batches = build_token_batches(
         cfg.masking, grid, seed=cfg.run.seed, batch_size=cfg.data.batch_size, token_budget=cfg.data.token_budget,
         clips_per_video=cfg.data.clips_per_video, pairs=cfg.data.mixup > 0 or cfg.data.cutmix > 0,
-        grad_accum_steps=accum,
+        grad_accum_steps=accum, budget_unit=cfg.data.budget_unit, clip_flops=clip_flops,
     )
     clips = cfg.data.batch_size * world_size * accum
     if cfg.data.token_budget is not None:
@@ -170,7 +184,7 @@ def make_plan(
     total = cfg.run.max_steps if cfg.run.max_steps is not None else cfg.optim.epochs * steps
     warmup = 0 if cfg.optim.warmup_epochs == 0 else min(int(math.floor(cfg.optim.warmup_epochs * steps + 0.5)), total)
     eval_visible = cfg.masking.visible(grid, cfg.masking.ratio_at(train=False))
-    by_visible = training_flops_by_visible(cfg.model, cfg.clip, batches.visible.values())
+    by_visible = clip_flops(batches.visible.values())  # cached: a cost budget counted these already
     visible_of = batches.visible
     mean_visible = batches.schedule.mean_over(total, lambda r: visible_of[r])
     mean_flops = batches.schedule.mean_over(total, lambda r: by_visible[visible_of[r]])

@@ -99,6 +99,7 @@ NOTES = {
     "data.train_shards": "another training set, from the resumed step's position in the epoch",
     "data.batch_size": _GEOMETRY,
     "data.token_budget": _GEOMETRY,
+    "data.budget_unit": _GEOMETRY,
     "data.clips_per_video": _GEOMETRY,
     "data.samples_per_epoch": _GEOMETRY + "; with run.max_steps null, also the run's length",
     "data.seed": "the order of the data stream from the resumed step",

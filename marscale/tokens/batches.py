@@ -10,11 +10,21 @@ loss weights of each micro-batch and the work the metrics count all come from th
 
 Two ways to form a batch (`data.token_budget`):
 - a clip count: `data.batch_size` clips, each drawing its ratio from the schedule;
-- a token budget: clips are added, a group at a time, while the visible tokens fit in the
-  budget (at least one group; at most `data.batch_size` clips). A batch of clips masked
-  at 75% then holds about three times as many clips as one at 25%, and every step costs
-  about the same. A group is `data.clips_per_video` clips (the repeated augmentations of
-  one video stay together), doubled when mixup/cutmix pairs clips and the count is odd.
+- a token budget: clips are added, a group at a time, while what they weigh fits in the
+  budget (at least one group; at most `data.batch_size` clips). A group is
+  `data.clips_per_video` clips (the repeated augmentations of one video stay together),
+  doubled when mixup/cutmix pairs clips and the count is odd. What a clip weighs
+  (`data.budget_unit`):
+  - "visible": its visible tokens. A batch of clips masked at 75% holds about three times
+    as many clips as one at 25%: the encoder's tokens per step are about equal, but not
+    the step's cost, since the decoder runs on every token of every clip (at the demo's
+    shapes a 75%-masked clip costs 46% of a 25%-masked one, not 33%);
+  - "cost": its counted training FLOPs (`marscale.cost.counting.training_flops_by_visible`).
+    The budget is still written in tokens: those of the least-masked clip, whose FLOPs
+    set the exchange rate (budget x its FLOPs / its visible tokens), so the same number
+    holds the same clips of that ratio in both units. A batch then costs at most the
+    budget and, unless it is full at `data.batch_size`, less than one group's cost below
+    it (the group drawn next did not fit).
 
 Every rank makes the same number of steps whatever its batch sizes, so the collectives
 stay in step; the epoch is counted in loader batches as before (`marscale.engine.plan`).
@@ -24,10 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 
 import torch
 
 from marscale.core.seeding import derive_seed
+from marscale.data.config import BudgetUnit
 from marscale.tokens.masking import MaskingConfig, RatioSchedule, make_mask
 from marscale.tokens.packing import PackedTokens, pack_mask
 
@@ -100,6 +112,16 @@ class TokenBatches:
     batch_size: int
     """Clips per micro-batch; with a token budget, the most a micro-batch holds."""
     token_budget: int | None
+    """`data.token_budget` as written (tokens)."""
+    budget_unit: BudgetUnit
+    """`data.budget_unit`: "visible" or "cost" (see the module docstring)."""
+    weight: dict[float, int]
+    """What a clip masked at each ratio weighs against `capacity`: its visible tokens
+    ("visible") or its counted training FLOPs ("cost")."""
+    capacity: int | None
+    """The token budget in `weight`'s unit: `token_budget` visible tokens, or the FLOPs of
+    `token_budget` visible tokens of least-masked clips (rounded down: a whole number of
+    weights fits in it exactly when it fits in the exact value)."""
     group: int
     """Clips added together (see the module docstring)."""
     grad_accum_steps: int
@@ -121,8 +143,8 @@ class TokenBatches:
         used = 0
         while len(out) + self.group <= self.batch_size:
             drawn = self.schedule.draw(step, self.group, g)
-            cost = sum(self.visible[r] for r in drawn)
-            if out and used + cost > self.token_budget:
+            cost = sum(self.weight[r] for r in drawn)
+            if out and used + cost > self.capacity:
                 break
             out += drawn
             used += cost
@@ -186,6 +208,26 @@ def loss_scales(local: tuple[int, int], step_total: tuple[int, int], world_size:
     return tuple(scales)
 
 
+def budget_weights(
+    visible: dict[float, int], token_budget: int | None, budget_unit: BudgetUnit, clip_flops=None
+) -> tuple[dict[float, int], int | None]:
+    """(weight of a clip masked at each ratio, capacity) of a token budget in `budget_unit`
+    (see `TokenBatches.weight` and `.capacity`). `visible`: visible tokens by ratio;
+    `clip_flops`: visible-token counts -> {count: training FLOPs of one clip} (needed for
+    "cost")."""
+    if budget_unit not in typing.get_args(BudgetUnit):
+        raise ValueError(f"data.budget_unit must be one of {typing.get_args(BudgetUnit)}, got {budget_unit!r}")
+    if budget_unit == "visible":
+        return dict(visible), token_budget
+    if clip_flops is None:
+        raise ValueError("a cost budget needs the clips' counted FLOPs (clip_flops)")
+    flops = clip_flops(sorted(set(visible.values())))
+    weight = {r: flops[v] for r, v in visible.items()}
+    top = max(visible.values())  # the least-masked clip sets the exchange rate
+    capacity = None if token_budget is None else token_budget * flops[top] // top
+    return weight, capacity
+
+
 def build_token_batches(
     masking: MaskingConfig,
     grid: tuple[int, int, int],
@@ -196,23 +238,40 @@ def build_token_batches(
     clips_per_video: int,
     pairs: bool,
     grad_accum_steps: int,
+    budget_unit: BudgetUnit = "visible",
+    clip_flops=None,
 ) -> TokenBatches:
-    """The batches of a run. `pairs`: mixup/cutmix is on (batches must be even)."""
+    """The batches of a run. `pairs`: mixup/cutmix is on (batches must be even).
+    `budget_unit` and `clip_flops`: as `budget_weights` takes them."""
     schedule = masking.schedule(grid)
     values = sorted({r for _, stage in schedule.stages for r in stage})
     n = grid[0] * grid[1] * grid[2]
     visible = {r: masking.visible(grid, r) for r in values}
     group = clips_per_video * (2 if pairs and clips_per_video % 2 else 1)
+    weight, capacity = budget_weights(visible, token_budget, budget_unit, clip_flops)
     if token_budget is not None:
-        largest = max(visible.values()) * group
-        if token_budget < largest:
-            raise ValueError(
-                f"data.token_budget {token_budget} cannot hold one group of {group} clips at the lowest mask "
-                f"ratio ({largest} visible tokens); raise it to at least {largest}"
-            )
+        largest = max(weight.values()) * group
+        if capacity < largest:
+            raise ValueError(_too_small(token_budget, budget_unit, group, visible, weight))
         if batch_size % group:
             raise ValueError(f"data.batch_size {batch_size} must be a multiple of {group} with a token budget")
     return TokenBatches(
         masking=masking, grid=grid, schedule=schedule, visible=visible, tokens_per_clip=n, seed=seed, batch_size=batch_size,
-        token_budget=token_budget, group=group, grad_accum_steps=grad_accum_steps,
+        token_budget=token_budget, budget_unit=budget_unit, weight=weight, capacity=capacity, group=group,
+        grad_accum_steps=grad_accum_steps,
     )
+
+
+def _too_small(token_budget: int, budget_unit: BudgetUnit, group: int, visible: dict[float, int], weight: dict[float, int]):
+    """Why `token_budget` cannot hold one group of the heaviest clips, and the least that can."""
+    heaviest = max(weight, key=lambda r: (weight[r], -r))
+    if budget_unit == "visible":
+        least = weight[heaviest] * group
+        return (f"data.token_budget {token_budget} cannot hold one group of {group} clips at the lowest mask "
+                f"ratio ({least} visible tokens); raise it to at least {least}")
+    top = max(visible.values())
+    reference = weight[max(visible, key=visible.get)]
+    least = -(-weight[heaviest] * group * top // reference)  # ceil: the least budget whose capacity holds it
+    return (f"data.token_budget {token_budget} (budget_unit cost) cannot hold one group of {group} clips at mask "
+            f"ratio {heaviest} ({group * weight[heaviest] / 1e9:.3g} GFLOP, {least} tokens of the least-masked "
+            f"clip); raise it to at least {least}")
