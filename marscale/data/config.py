@@ -66,8 +66,9 @@ class DataConfig:
     (`marscale.cost.counting`: encoder on its visible tokens, bridging classifier, decoder
     on all tokens, forward and backward), in the tokens of the least-masked clip: such a
     clip weighs its visible tokens, a clip masked more weighs its FLOPs relative to it.
-    The same budget then holds the same clips of the least-masked ratio in both units,
-    and steps cost about the same (docs/benchmarks.md, "Token budgets"). Needs
+    The same budget then holds the same clips of the least-masked ratio in both units;
+    a batch costs at most the budget, and less than the group drawn next below it: the
+    spread left (docs/benchmarks.md, "Token budgets: what a step costs"). Needs
     `token_budget`."""
 
     clips_per_video: int = 1
