@@ -68,8 +68,10 @@ class DataConfig:
     clip weighs its visible tokens, a clip masked more weighs its FLOPs relative to it.
     The same budget then holds the same clips of the least-masked ratio in both units;
     a batch costs at most the budget, and less than the group drawn next below it: the
-    spread left (docs/benchmarks.md, "Token budgets: what a step costs"). Needs
-    `token_budget`."""
+    spread left (docs/benchmarks.md, "Token budgets: what a step costs"). The weights
+    are counted at start, so a resume composes the original batches where it counts the
+    same (a torch or marscale version whose counter counts otherwise forms other batches
+    from the resumed step on). Needs `token_budget`."""
 
     clips_per_video: int = 1
     """Repeated augmentation: clips made from one decoded video, each with its own spatial
