@@ -176,15 +176,16 @@ def _every_op_batch(cfg: DataConfig, sizes: list[tuple[int, int]], layers: int) 
 @pytest.mark.parametrize("before_crop", [False, True])
 def test_a_batch_gives_each_clip_what_it_gets_alone(before_crop):
     # Batching pads frames (before the crop, RandAugment sees each clip's own frame in a
-    # padded one), pads the resize weights and runs each op once over the clips that drew
-    # it: none of that may change a value.
+    # padded one), runs each op once over the clips that drew it and writes every erased
+    # pixel at once: none of that may change a value.
     cfg = _cfg(rand_augment="rand-m9-n4-mstd0.5-inc1", rand_augment_before_crop=before_crop, random_erasing=0.5)
     augment = DeviceAugment(cfg, CLIP)
     sizes = [(48, 64), (60, 52), (50, 50), (48, 64), (56, 60), (49, 63), (60, 64), (52, 48)]
     items = _every_op_batch(cfg, sizes, layers=4)
     batch = collate(items)
     assert batch["video"].shape == (8, 3, 60, 64, 3)
-    assert sorted(batch["augment"]["ops"].view(-1).tolist()) == sorted([k % 15 for k in range(32)])  # every op, 2-3 clips each
+    # Every op, drawn by 2 or 3 clips.
+    assert sorted(batch["augment"]["ops"].view(-1).tolist()) == sorted([k % 15 for k in range(32)])
     assert int(batch["augment"]["flip"].sum()) not in (0, 8) and (batch["augment"]["erase"][:, 2] > 0).any()
     plan = augment.plan(batch["augment"], (60, 64))
     groups = plan.before_crop if before_crop else plan.after_crop

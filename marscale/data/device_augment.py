@@ -24,10 +24,11 @@ A batch runs in three parts, so that the host never waits for the device:
    padded full frames; crop + resize + flip; RandAugment after the crop (the default);
    random erasing. Each RandAugment layer runs each op once, over the clips that drew it;
    on padded frames the ops that look at the frame (histograms, contrast's mean,
-   sharpness's kept border, the affine's clamps) use each clip's own size. The crop is
-   one gather of every clip's source rows and columns (padded to the batch's largest box,
-   with zero weights) and two batched matrix products; a flip is the horizontal weights'
-   columns reversed.
+   sharpness's kept border, the affine's clamps) use each clip's own size. Erasing is one
+   indexed write for the batch. The crop and resize run per clip, as two matrix products
+   over a view of its box (offsets known on the host, weights from the staged buffer; a
+   flip is the horizontal weights' columns reversed): the boxes differ in size, and
+   padding them to the batch's largest took 1.5x the CPU time in a batched form.
 
 How each step reproduces Pillow's (the worker path's) pixels; the differences measured
 against it are in tests/test_data_device_augment.py:
@@ -49,9 +50,8 @@ against it are in tests/test_data_device_augment.py:
   clamped neighbours, truncated; points outside the frame get the fill colour.
 - random erasing: the worker's noise, pasted into the rectangle: exact.
 
-Padding changes no value: a padded matrix product adds exact zeros after a clip's own
-terms, and every other op is per pixel or masked to the clip's frame (tested against
-one-clip batches).
+Batching changes no value: every batched op is per pixel or masked to each clip's own
+frame, so a batch gives each clip what it gets alone, bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -151,17 +151,19 @@ class OpGroup:
 
 @dataclasses.dataclass(frozen=True)
 class CropResize:
-    """Every clip's RandomResizedCrop box resized to S x S (and flipped), as two weight
-    matrices over its source rows and columns, padded to the batch's largest (NY, NX)."""
+    """One clip's RandomResizedCrop box resized to S x S (and flipped): two weight
+    matrices over the rows and columns its resampling filter reaches."""
 
-    rows: Slot
-    """int64 [B, NY]: source rows of each clip, clamped into the frame past its own."""
-    cols: Slot
-    """int64 [B, NX]: source columns likewise."""
+    top: int
+    rows: int
+    """The source rows: [top, top + rows) of the clip's frame."""
+    left: int
+    cols: int
+    """The source columns: [left, left + cols)."""
     wy: Slot
-    """float32 [B, S, NY]: vertical weights (zero past the clip's own rows)."""
+    """float32 [S, rows]: vertical weights."""
     wx: Slot
-    """float32 [B, NX, S]: horizontal weights, columns reversed for a flipped clip."""
+    """float32 [cols, S]: horizontal weights, columns reversed for a flipped clip."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +186,8 @@ class BatchPlan:
     frame_size: tuple[int, int]
     """(H, W) of the padded frames the plan was made for."""
     before_crop: tuple[OpGroup, ...]
-    crop: CropResize
+    crop: tuple[CropResize, ...]
+    """Per clip."""
     after_crop: tuple[OpGroup, ...]
     erase: Erase | None
 
@@ -237,7 +240,7 @@ class DeviceAugment:
             staging=staging,
             frame_size=(int(frame_size[0]), int(frame_size[1])),
             before_crop=groups if self.before_crop else (),
-            crop=self._crop(staging, p["size"], p["crop"], p["flip"], frame_size),
+            crop=self._crop(staging, p["size"], p["crop"], p["flip"]),
             after_crop=() if self.before_crop else groups,
             erase=self._erase(staging, p["erase"], p["noise"]),
         )
@@ -283,30 +286,18 @@ class DeviceAugment:
         )
 
     def _crop(
-        self, staging: HostStaging, sizes: np.ndarray, crops: np.ndarray, flips: np.ndarray,
-        frame_size: tuple[int, int],
-    ) -> CropResize:
-        size = self.size
-        per_clip = []
+        self, staging: HostStaging, sizes: np.ndarray, crops: np.ndarray, flips: np.ndarray
+    ) -> tuple[CropResize, ...]:
+        out = []
         for (height, width), (top, left, h, w), flip in zip(sizes.tolist(), crops.tolist(), flips.tolist()):
-            wy, y0 = resample_weights(height, top, h, size)  # [S, ny]
-            wx, x0 = resample_weights(width, left, w, size)  # [S, nx]
-            per_clip.append((wy, y0, wx[::-1] if flip else wx, x0))  # flipped: output columns reversed
-        ny = max(wy.shape[1] for wy, _, _, _ in per_clip)
-        nx = max(wx.shape[1] for _, _, wx, _ in per_clip)
-        batch = len(per_clip)
-        wys = np.zeros((batch, size, ny), dtype=np.float32)
-        wxs = np.zeros((batch, nx, size), dtype=np.float32)
-        for b, (wy, _, wx, _) in enumerate(per_clip):
-            wys[b, :, : wy.shape[1]] = wy
-            wxs[b, : wx.shape[1]] = wx.T
-        # Past a clip's own rows the weights are zero; the source index only has to be valid.
-        rows = np.minimum(np.array([y0 for _, y0, _, _ in per_clip])[:, None] + np.arange(ny), frame_size[0] - 1)
-        cols = np.minimum(np.array([x0 for _, _, _, x0 in per_clip])[:, None] + np.arange(nx), frame_size[1] - 1)
-        return CropResize(
-            rows=staging.add(rows.astype(np.int64)), cols=staging.add(cols.astype(np.int64)),
-            wy=staging.add(wys), wx=staging.add(wxs),
-        )
+            wy, y0 = resample_weights(height, top, h, self.size)  # [S, rows]
+            wx, x0 = resample_weights(width, left, w, self.size)  # [S, cols]
+            wx = wx[::-1] if flip else wx  # flipped: the output columns reversed
+            out.append(CropResize(
+                top=y0, rows=wy.shape[1], left=x0, cols=wx.shape[1],
+                wy=staging.add(wy.astype(np.float32)), wx=staging.add(wx.T.astype(np.float32)),
+            ))
+        return tuple(out)
 
     def _erase(self, staging: HostStaging, erase: np.ndarray, noise: np.ndarray) -> Erase | None:
         clips, pixels, values = [], [], []
@@ -346,9 +337,11 @@ class DeviceAugment:
         tensors = plan.staging.to(video.device)  # the batch's one host-to-device copy
         x = video.permute(0, 1, 4, 2, 3)  # [B, T, C, H, W], a view
         x = self.run_ops(x, plan.before_crop, tensors)
-        c = plan.crop
-        x = crop_resize(x, tensors[c.rows], tensors[c.cols], tensors[c.wy], tensors[c.wx])  # [B, T, C, S, S]
-        x = self.run_ops(x, plan.after_crop, tensors).contiguous()
+        crops = torch.empty(len(plan.crop), x.shape[1], 3, self.size, self.size, dtype=torch.uint8, device=x.device)
+        for b, c in enumerate(plan.crop):  # [T, C, rows, cols] views -> [T, C, S, S]
+            region = x[b, :, :, c.top : c.top + c.rows, c.left : c.left + c.cols]
+            crops[b] = resize(region, tensors[c.wy], tensors[c.wx])
+        x = self.run_ops(crops, plan.after_crop, tensors).contiguous()  # [B, T, C, S, S]
         if plan.erase is not None:
             e = plan.erase
             batch, frames = x.shape[:2]
@@ -410,20 +403,13 @@ def resample_weights(in_size: int, start: int, length: int, out_size: int) -> tu
     return np.trunc(w * precision + np.where(w < 0, -0.5, 0.5)) / precision, first
 
 
-def crop_resize(
-    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor
-) -> torch.Tensor:
-    """Pillow's `resize((S, S), BILINEAR, box=...)` of every clip of x uint8 [B, T, C, H, W]:
-    its source rows [B, NY] and columns [B, NX] gathered, a horizontal pass (wx float32
-    [B, NX, S]) then a vertical one (wy float32 [B, S, NY]), each rounded to uint8 as
-    Pillow does. -> uint8 [B, T, C, S, S]."""
-    b, t, c, _, w = x.shape
-    ny, nx, s = rows.shape[1], cols.shape[1], wx.shape[2]
-    region = x.gather(3, rows.view(b, 1, 1, ny, 1).expand(b, t, c, ny, w))
-    region = region.gather(4, cols.view(b, 1, 1, 1, nx).expand(b, t, c, ny, nx))  # [B, T, C, NY, NX]
-    across = torch.bmm(region.float().view(b, t * c * ny, nx), wx).add_(0.5).floor_().clamp_(0, 255)
-    down = torch.matmul(wy.view(b, 1, s, ny), across.view(b, t * c, ny, s)).add_(0.5).floor_().clamp_(0, 255)
-    return down.to(torch.uint8).view(b, t, c, s, s)
+def resize(region: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
+    """Pillow's `resize((S, S), BILINEAR, box=...)` of one clip's frames, given the pixels
+    its filter reaches, region uint8 [T, C, rows, cols]: a horizontal pass (wx float32
+    [cols, S]) then a vertical one (wy float32 [S, rows]), each rounded to uint8 as Pillow
+    does. -> uint8 [T, C, S, S]."""
+    across = torch.matmul(region.float(), wx).add_(0.5).floor_().clamp_(0, 255)  # [T, C, rows, S]
+    return torch.matmul(wy, across).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
 
 
 def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
