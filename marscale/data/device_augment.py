@@ -350,13 +350,16 @@ class DeviceAugment:
         return x.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, S, S]
 
     def run_ops(self, x: torch.Tensor, groups: tuple[OpGroup, ...], tensors: Staged) -> torch.Tensor:
-        """x uint8 [B, T, C, H, W] through `groups` in order."""
+        """x uint8 [B, T, C, H, W] through `groups` in order (x itself is left as it is)."""
+        owned = False  # whether x is this call's own tensor, written in place
         for group in groups:
             if group.members is None:
-                x = self._run_op(x, group, tensors)
-            else:
-                index = tensors[group.members]
-                x = x.index_copy(0, index, self._run_op(x.index_select(0, index), group, tensors))
+                x, owned = self._run_op(x, group, tensors), True
+                continue
+            if not owned:  # one copy of the batch, not one per op
+                x, owned = x.clone(memory_format=torch.contiguous_format), True
+            index = tensors[group.members]
+            x.index_copy_(0, index, self._run_op(x.index_select(0, index), group, tensors))
         return x
 
     def _run_op(self, x: torch.Tensor, group: OpGroup, tensors: Staged) -> torch.Tensor:
