@@ -10,5 +10,7 @@ The shard format itself (keys, extensions, manifest) belongs to the library,
 - `write`: checksummed tar shards written atomically, and the resume state.
 - `verify`, `stats`: check a shard set against its manifest; describe it.
 - `synth`: a synthetic action dataset whose classes differ only in temporal order.
+- `synth_motion`: the harder synthetic task (`synth --task motion`): drift directions among
+  distractors.
 - `cli`: the `marscale-shards` command.
 """

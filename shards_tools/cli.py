@@ -6,6 +6,7 @@
     marscale-shards verify shards/train
     marscale-shards stats shards/train [--json]
     marscale-shards synth --out data/synth --num-classes 4 --videos-per-class 100 --shards
+    marscale-shards synth --task motion --out data/motion --videos-per-class 200 --shards
 
 Exit status: 0 on success, 1 when verify finds a mismatch, 2 on bad arguments or inputs.
 """
@@ -22,7 +23,7 @@ from .annotations import FORMATS, AnnotationError
 from .convert import ConvertOptions, convert, convert_synthetic
 from .options import DEFAULT_SAMPLES_PER_SHARD
 from .stats import format_stats, stats_for
-from .synth import SYNTH_CLASSES, make_synthetic_dataset
+from .synth import TASKS, make_synthetic_dataset
 from .verify import verify
 from .write import ConvertError
 
@@ -82,14 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", parents=[common], help="render the synthetic action dataset (optionally as shards)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-classes", type=int, default=4, help=f"first K of {', '.join(SYNTH_CLASSES)}")
+    p.add_argument("--task", choices=tuple(TASKS), default="actions",
+                   help="actions: the demo's set (one object; move, grow, rotate); motion: the harder set "
+                        "(8 drift directions of several objects among distractors, textured noisy background)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="first K of the task's classes (default: actions 4 of "
+                        f"{', '.join(TASKS['actions'].classes)}; motion all 8)")
     p.add_argument("--videos-per-class", type=int, default=50, help="training videos per class")
     p.add_argument("--val-videos-per-class", type=int, default=None, help="default: a quarter of the above")
     p.add_argument("--size", type=_size, default=(64, 64), help="WIDTHxHEIGHT (default 64x64)")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=0.0, help="std of pixel noise (0-255 scale)")
+    p.add_argument("--noise", type=float, default=None,
+                   help="std of pixel noise, 0-255 scale (default: the task's, actions 0, motion "
+                        f"{TASKS['motion'].default_noise:g})")
     p.add_argument("--keyframe-interval", type=int, default=None, help="GOP in frames (default: libx264's)")
     p.add_argument("--shards", action="store_true", help="also convert to OUT/shards/{train,val}")
     _add_sharding_args(p, default_per_shard=16)
@@ -151,6 +159,7 @@ def _synth(args: argparse.Namespace) -> int:
         noise=args.noise,
         gop=args.keyframe_interval,
         progress=None,
+        task=args.task,
     )
     print(f"{args.out}: {info['num_videos']} videos of {len(info['classes'])} classes ({', '.join(info['classes'])})")
     if args.shards:

@@ -15,20 +15,28 @@ bytes for any number of worker processes.
 
 writes ``videos/<class>/<split>_<i>.mp4``, Kinetics-style lists ``train.txt`` /
 ``val.txt`` (``class/file.mp4 label``, relative to ``videos/``) and ``classes.txt``.
+
+`task` picks the task family (`TASKS`): "actions" is the set above (the demo's, the
+default); "motion" (`synth_motion`) is a harder one for experiments that must not
+saturate: 8 drift directions of several objects among distractors, on a textured, noisy
+background.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import multiprocessing
 import os
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import av
 import numpy as np
 
+from .synth_motion import DEFAULT_NOISE as MOTION_NOISE
+from .synth_motion import MOTION_CLASSES, MOTION_TIME_REVERSED, render_motion_clip
 from .video import x264_options
 
 SYNTH_CLASSES = (
@@ -171,6 +179,24 @@ def render_clip(
     return frames
 
 
+@dataclasses.dataclass(frozen=True)
+class SynthTask:
+    """One family of synthetic classes: their names, how to render a clip, defaults."""
+
+    classes: tuple[str, ...]
+    time_reversed: dict[int, int]
+    render: Callable[..., np.ndarray]  # (label, rng, width, height, num_frames, noise=) -> uint8 [T, H, W, 3]
+    default_noise: float
+    default_num_classes: int
+
+
+TASKS: dict[str, SynthTask] = {
+    "actions": SynthTask(SYNTH_CLASSES, TIME_REVERSED, render_clip, default_noise=0.0, default_num_classes=4),
+    "motion": SynthTask(MOTION_CLASSES, MOTION_TIME_REVERSED, render_motion_clip, default_noise=MOTION_NOISE,
+                        default_num_classes=len(MOTION_CLASSES)),
+}
+
+
 def encode_video(
     frames: np.ndarray,
     fps: float,
@@ -220,7 +246,8 @@ def _clip_seed(seed: int, split_index: int, label: int, index: int) -> list[int]
 def _render_and_write(job: tuple[str, int, list[int], dict[str, Any]]) -> str:
     path, label, seed_words, opts = job
     rng = np.random.default_rng(seed_words)
-    frames = render_clip(label, rng, opts["width"], opts["height"], opts["num_frames"], noise=opts["noise"])
+    render = TASKS[opts["task"]].render
+    frames = render(label, rng, opts["width"], opts["height"], opts["num_frames"], noise=opts["noise"])
     data = encode_video(frames, opts["fps"], codec=opts["codec"], gop=opts["gop"], fmt=opts["fmt"])
     tmp = path + ".partial"
     with open(tmp, "wb") as f:
@@ -231,7 +258,7 @@ def _render_and_write(job: tuple[str, int, list[int], dict[str, Any]]) -> str:
 
 def make_synthetic_dataset(
     root: str,
-    num_classes: int = 4,
+    num_classes: int | None = None,
     videos_per_class: int = 20,
     width: int = 64,
     height: int = 64,
@@ -241,28 +268,37 @@ def make_synthetic_dataset(
     splits: Sequence[str] = ("train", "val"),
     workers: int = 1,
     val_videos_per_class: int | None = None,
-    noise: float = 0.0,
+    noise: float | None = None,
     codec: str = "libx264",
     gop: int | None = None,
     progress: bool | None = False,
+    task: str = "actions",
 ) -> dict[str, Any]:
     """Write a folder-per-class synthetic dataset with Kinetics-style lists.
 
     Split "train" gets `videos_per_class` clips per class, every other split gets
     `val_videos_per_class` (default: a quarter of `videos_per_class`, at least 1).
+    `task` names a family in `TASKS`; `num_classes` (the first K of its classes) and
+    `noise` default to the task's (actions: 4 classes, no noise).
     Returns ``{"root", "video_root", "classes", "lists": {split: list path},
     "num_videos": {split: n}}``. progress: tqdm bar (None: only on a terminal).
     """
-    if not 1 <= num_classes <= len(SYNTH_CLASSES):
-        raise ValueError(f"num_classes must be in 1..{len(SYNTH_CLASSES)}, got {num_classes}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    spec = TASKS[task]
+    num_classes = spec.default_num_classes if num_classes is None else num_classes
+    noise = spec.default_noise if noise is None else noise
+    if not 1 <= num_classes <= len(spec.classes):
+        raise ValueError(f"num_classes must be in 1..{len(spec.classes)} for task {task!r}, got {num_classes}")
     if videos_per_class < 1:
         raise ValueError(f"videos_per_class must be >= 1, got {videos_per_class}")
     if val_videos_per_class is None:
         val_videos_per_class = max(1, videos_per_class // 4)
-    classes = list(SYNTH_CLASSES[:num_classes])
+    classes = list(spec.classes[:num_classes])
     ext = "webm" if codec.startswith("libvpx") else "mp4"
     fmt = "webm" if ext == "webm" else "mp4"
-    opts = dict(width=width, height=height, num_frames=num_frames, fps=fps, noise=noise, codec=codec, gop=gop, fmt=fmt)
+    opts = dict(width=width, height=height, num_frames=num_frames, fps=fps, noise=noise, codec=codec, gop=gop, fmt=fmt,
+                task=task)
 
     video_root = os.path.join(root, VIDEO_DIR)
     for name in classes:

@@ -34,7 +34,9 @@ from marscale.data.decode import available_decoders, open_video
 from marscale.data.shards import SampleMeta, load_manifest, save_manifest, shard_name
 from shards_tools.stats import collect_stats
 import shards_tools.synth as synth_module
+import shards_tools.synth_motion as synth_motion
 from shards_tools.synth import SYNTH_CLASSES, TIME_REVERSED, encode_video, make_synthetic_dataset, render_clip
+from shards_tools.synth_motion import MOTION_CLASSES, MOTION_TIME_REVERSED, render_motion_clip
 from shards_tools.verify import verify
 
 HAS_VPX = "libvpx" in av.codecs_available
@@ -189,6 +191,91 @@ def test_make_synthetic_dataset_deterministic(tmp_path):
     assert open(f"{a['video_root']}/move_right/train_00000.mp4", "rb").read() != open(
         f"{a['video_root']}/move_right/val_00000.mp4", "rb"
     ).read()
+
+
+# The demo's set as it was before other task families were added: the rendered frames
+# of every class (with and without noise) and the files of a small default dataset.
+ACTIONS_FRAMES_SHA256 = "6ba3ac93a08b0dc4dd4d1f28e3e1d69b825a5aac7a8585b2c8e2bad655fef6df"
+ACTIONS_DATASET_SHA256 = "93a801014ef25824db747dd4cc5a071f4aea1ea78c67db5e4ba000aaa4917010"
+
+
+def _tree_digest(root: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(f"{root}/**/*", recursive=True)):
+        if os.path.isfile(path):
+            digest.update(os.path.relpath(path, root).encode())
+            digest.update(open(path, "rb").read())
+    return digest.hexdigest()
+
+
+def test_default_task_output_is_unchanged(tmp_path):
+    frames = hashlib.sha256()
+    for label in range(len(SYNTH_CLASSES)):
+        frames.update(render_clip(label, np.random.default_rng([0, 0, label, 3]), 64, 64, 16).tobytes())
+        frames.update(render_clip(label, np.random.default_rng([0, 1, label, 3]), 48, 32, 16, noise=5.0).tobytes())
+    assert frames.hexdigest() == ACTIONS_FRAMES_SHA256
+    make_synthetic_dataset(str(tmp_path), num_classes=4, videos_per_class=1, val_videos_per_class=1, num_frames=8)
+    assert _tree_digest(str(tmp_path)) == ACTIONS_DATASET_SHA256
+
+
+def test_motion_clip_is_deterministic_by_seed():
+    clip = render_motion_clip(3, np.random.default_rng(7), 48, 32, 6)
+    assert clip.shape == (6, 32, 48, 3) and clip.dtype == np.uint8
+    np.testing.assert_array_equal(clip, render_motion_clip(3, np.random.default_rng(7), 48, 32, 6))
+    assert not np.array_equal(clip, render_motion_clip(3, np.random.default_rng(8), 48, 32, 6))
+    assert not np.array_equal(clip, render_motion_clip(4, np.random.default_rng(7), 48, 32, 6))
+    with pytest.raises(ValueError, match="out of range"):
+        render_motion_clip(len(MOTION_CLASSES), np.random.default_rng(0), 32, 32, 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_motion_single_frame_does_not_depend_on_the_class(seed):
+    """Every draw is the same for every class (only velocities turn with it), and positions
+    are drawn for the middle instant: with an odd frame count the middle frame of every
+    class is the same image, noise included, while the clips differ. The frame is a torus,
+    so every other frame is that frame's content shifted: as class-blind."""
+    clips = [render_motion_clip(label, np.random.default_rng(seed), 64, 64, 7) for label in range(len(MOTION_CLASSES))]
+    for clip in clips[1:]:
+        np.testing.assert_array_equal(clip[3], clips[0][3])
+        assert not np.array_equal(clip, clips[0])
+
+
+@pytest.mark.parametrize("label", range(len(MOTION_CLASSES)))
+def test_motion_clip_played_backwards_is_the_opposite_class(label):
+    forward = render_motion_clip(label, np.random.default_rng(11), 64, 64, 8, noise=0.0)
+    opposite = render_motion_clip(MOTION_TIME_REVERSED[label], np.random.default_rng(11), 64, 64, 8, noise=0.0)
+    assert MOTION_TIME_REVERSED[MOTION_TIME_REVERSED[label]] == label != MOTION_TIME_REVERSED[label]
+    np.testing.assert_array_equal(forward[::-1], opposite)
+
+
+def test_motion_objects_drift_the_way_the_class_says(monkeypatch):
+    """With the distractors removed, the measured drift of the objects has the class's
+    direction (label x 45 degrees, image y down) and the named speed range."""
+    monkeypatch.setattr(synth_motion, "NUM_DISTRACTORS", 0)
+    monkeypatch.setattr(synth_motion, "NUM_SIGNAL", 1)
+    for label, name in enumerate(MOTION_CLASSES):
+        for seed in range(3):
+            clip = render_motion_clip(label, np.random.default_rng(seed), 64, 64, 16, noise=0.0).astype(float)
+            mask = clip.min(axis=-1) > 120  # the object is light, the background dark
+            ys, xs = np.mgrid[0:64, 0:64] + 0.5
+            # Circular means: the object wraps around the edges.
+            track = np.array([[np.angle((np.exp(2j * np.pi * g[m] / 64)).mean()) for g in (xs, ys)] for m in mask])
+            step = np.angle(np.exp(1j * np.diff(track, axis=0))).mean(axis=0) * 64 / (2 * np.pi)
+            angle = np.degrees(np.arctan2(step[1], step[0])) % 360
+            assert abs((angle - 45 * label + 180) % 360 - 180) < 3, (name, seed, angle)
+            assert 1.4 < np.hypot(*step) < 3.1
+
+
+def test_cli_synth_motion_task(tmp_path, capsys):
+    out = str(tmp_path / "motion")
+    assert cli_main(["synth", "--task", "motion", "--out", out, "--videos-per-class", "1", "--val-videos-per-class", "1",
+                     "--size", "32x32", "--frames", "4"]) == 0
+    assert open(f"{out}/classes.txt").read().split() == list(MOTION_CLASSES)
+    assert len(glob.glob(f"{out}/videos/drift_*/*.mp4")) == 16
+    with pytest.raises(ValueError, match="unknown task"):
+        make_synthetic_dataset(str(tmp_path / "x"), task="shapes")
+    with pytest.raises(ValueError, match="1..8 for task 'motion'"):
+        make_synthetic_dataset(str(tmp_path / "x"), task="motion", num_classes=9)
 
 
 # --------------------------------------------------------------------------- annotations

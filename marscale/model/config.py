@@ -40,6 +40,9 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     # vit_tiny exists for CPU demos and tests; it is not a published size.
     "vit_tiny": Variant(EncoderSpec(192, 6, 3), DecoderSpec(96, 2, 3)),
+    # vit_micro: the smaller full-token model of the CPU experiment in miniature
+    # (benchmarks/compare_mini.py); not a published size either.
+    "vit_micro": Variant(EncoderSpec(128, 4, 2), DecoderSpec(64, 1, 2)),
     "vit_s": Variant(EncoderSpec(384, 12, 6), DecoderSpec(192, 4, 3)),
     "vit_b": Variant(EncoderSpec(768, 12, 12), DecoderSpec(384, 4, 6)),
     "vit_l": Variant(EncoderSpec(1024, 24, 16), DecoderSpec(512, 12, 8)),
