@@ -265,6 +265,8 @@ def step_device_augment(args) -> dict[str, Any]:
 
 def step_compare(args) -> dict[str, Any]:
     """`marscale compare` MAR ViT-L 50% vs full ViT-H (smoke: --quick)."""
+    from marscale.commands.compare import OUT_NAME
+
     out = os.path.join(args.out, "compare")
     command = [sys.executable, "-m", "marscale.cli", "compare", "--format", "json", "--out", out,
                "--checkpointing", "none"]
@@ -272,8 +274,22 @@ def step_compare(args) -> dict[str, Any]:
         command += ["--quick", "--steps", "1", "--warmup", "0"]
     else:
         command += ["mar_vit_l_k400", "vit_h_k400", "--reference", "vit_h_k400", "--steps", "6", "--warmup", "2"]
-    done = _run(command)
-    return json.loads(done.stdout)
+    return _json_of(command, os.path.join(out, OUT_NAME + ".json"))
+
+
+def _json_of(command: list[str], json_file: str) -> dict[str, Any]:
+    """Run a command that writes `json_file` whatever fails (a failed row or case is in
+    it, and the command exits 1): the JSON, with the exit status beside it when not 0."""
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if not os.path.isfile(json_file):
+        raise RuntimeError(f"{' '.join(command[:4])}... exited {done.returncode} without writing {json_file}: "
+                           f"{done.stderr.strip()[-1500:]}")
+    with open(json_file) as f:
+        result = json.load(f)
+    if done.returncode:
+        result = {"status": "failed", "error": f"exit {done.returncode} (its JSON holds what it measured)",
+                  "stderr_tail": done.stderr.strip()[-1500:], "result": result}
+    return result
 
 
 def step_packing(args) -> dict[str, Any]:
@@ -282,8 +298,7 @@ def step_packing(args) -> dict[str, Any]:
     device, _ = _device_dtype(args)
     command = [sys.executable, "benchmarks/bench_packing.py", "--device", str(device), "--json", out]
     command += ["--shapes", "demo", "--repeats", "1", "--batch", "3"] if args.smoke else ["--batch", "16"]
-    _run(command)
-    return json.load(open(out))
+    return _json_of(command, out)
 
 
 def step_decode(args) -> dict[str, Any]:
