@@ -235,7 +235,9 @@ def straight_and_resumed(shards, tmp_path, extra, check) -> tuple[dict[int, floa
 
 # The straight run's losses below, recorded with one torch thread (x86_64, torch 2.13.0+cpu)
 # before the device augmentation was batched and moved into the trainer's prefetcher: the
-# change kept them bit for bit. (Another CPU's kernels may differ in the last bits.)
+# change kept them bit for bit here. Another CPU's kernels may differ in the last bits,
+# which 5 steps grow to about 1e-6: the check allows 2e-5 (an augmentation that changes
+# pixels moves the losses by far more).
 DEVICE_AUGMENT_LOSSES = ("0x1.7ad658p+0", "0x1.971ac4p+0", "0x1.162718p+1", "0x1.9baba2p+0", "0x1.b6defcp+0")
 
 
@@ -260,7 +262,7 @@ def test_resume_is_exact_with_the_augmentation_on_the_device(synthetic_shards, t
     assert resumed == straight
     recorded = torch.tensor([float.fromhex(h) for h in DEVICE_AUGMENT_LOSSES], dtype=torch.float64)
     torch.testing.assert_close(torch.tensor([straight[s] for s in range(1, 6)], dtype=torch.float64), recorded,
-                               rtol=0, atol=0)
+                               rtol=2e-5, atol=0)
 
 
 def test_bf16_zero1_accumulates_in_fp32_and_resumes_exactly(synthetic_shards, tmp_path):
