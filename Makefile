@@ -44,8 +44,10 @@ cost: setup
 compare: setup
 	$(BIN)/marscale compare --out runs/compare
 
-# The MAR experiment in miniature: small MAR vs larger full-token model, same recipe and
-# steps, accuracy beside measured cost; under 15 minutes on a 2-core CPU.
+# The MAR experiment in miniature (docs/benchmarks.md): a larger MAR model at 50% mask vs a
+# smaller full-token model (and the larger one in full), same recipe and steps, 3 seeds each,
+# on `marscale-shards synth --task motion`; top-1 beside counted and measured cost. About 11
+# minutes on an idle 2-core CPU (36 on a shared one).
 compare-mini: setup
 	$(BIN)/python benchmarks/compare_mini.py --out runs/compare_mini
 
