@@ -370,11 +370,19 @@ MIN_STEP_S = 15
 # ------------------------------------------------------------------------ the parent
 
 
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                  "SLURM_LOCALID")
+"""Left out of the children's environment: every step is one process on one GPU, also when
+the check is started inside a job step or after a process that set them (a stale
+MASTER_PORT would be bound again)."""
+
+
 def _wheel_site(args) -> dict[str, str]:
     """The children's environment: the repository and, when wheels/ holds packages this
     Python lacks, those installed into a folder of their own (no network, no dependencies
     resolved: the wheel set is complete by construction)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     wheels = sorted(Path(args.wheels).glob("*.whl")) if args.wheels else []
     missing = [name for name in ("deepspeed", "webdataset", "av") if _versions_of(name) is None]
     if not wheels or not missing:

@@ -53,6 +53,15 @@ def test_bad_budget_is_refused():
     assert done.returncode == 2 and "--budget-s 0: give a positive number of seconds" in done.stderr
 
 
+def test_steps_run_as_one_process_whatever_the_environment_holds(tmp_path, monkeypatch):
+    """A check started inside a job step, or after a process that set MASTER_PORT (the test
+    suite's in-process runs do), must not join a process group or bind a stale port."""
+    for name in gpu_check.DIST_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    env = gpu_check._wheel_site(argparse.Namespace(wheels="", out=str(tmp_path)))
+    assert not set(gpu_check.DIST_VARIABLES) & set(env) and env["PYTHONPATH"].startswith(REPO)
+
+
 def _args(tmp_path, **kw) -> argparse.Namespace:
     return argparse.Namespace(out=str(tmp_path), smoke=True, **kw)
 
