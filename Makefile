@@ -56,8 +56,9 @@ bench: setup
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_loader.py --videos 24 --repeats 3 --clips 12 --gpu-clips-per-s 200
 
-# Per-clip mask ratios vs a fixed 50%: two demo trainings, each scored at 4 evaluation ratios
-# (docs/benchmarks.md). About 15 minutes on a 2-core CPU.
+# Per-clip mask ratios vs a fixed 50% on compare-mini's motion task: three seeds of each
+# training, each scored at 4 evaluation ratios (docs/benchmarks.md). 14 minutes on a
+# shared 2-core CPU.
 ratio-dial: setup
 	$(BIN)/python benchmarks/ratio_dial.py
 
