@@ -44,7 +44,11 @@ class ReconstructionDecoder(nn.Module):
         starts = packed.cu_seqlens[:-1].to(torch.long).unsqueeze(1)
         slots = torch.arange(N, device=x.device).unsqueeze(0)
         source = torch.where(packed.masked_slots, x.shape[0], starts + slots)  # [B, N]
-        rows = torch.cat((x, self.mask_token.to(x.dtype).view(1, -1)))[source]  # [B, N, Dd]
+        # index_select, not x[source]: the mask token is read by every masked slot, and
+        # advanced indexing's backward sums those reads with atomic adds on a multi-threaded
+        # CPU (another order each run); index_select's backward sums them in index order.
+        rows = torch.cat((x, self.mask_token.to(x.dtype).view(1, -1))).index_select(0, source.flatten())
+        rows = rows.view(B, N, -1)  # [B, N, Dd]
         x = (rows + self.pos_embed.to(x.dtype)[packed.order]).flatten(0, 1)  # [B*N, Dd]
         every_token = packed.every_token  # B clips of N tokens: the rectangular fast path
         for block in self.blocks:
