@@ -45,9 +45,10 @@ compare: setup
 	$(BIN)/marscale compare --out runs/compare
 
 # The MAR experiment in miniature (docs/benchmarks.md): a larger MAR model at 50% mask vs a
-# smaller full-token model (and the larger one in full), same recipe and steps, 3 seeds each,
-# on `marscale-shards synth --task motion`; top-1 beside counted and measured cost. About 11
-# minutes on an idle 2-core CPU (36 on a shared one).
+# smaller full-token model (and the larger one in full), and the paper's direction (the
+# smaller one masked vs the larger one in full), same recipe and steps, 3 seeds each, on
+# `marscale-shards synth --task motion`; top-1 beside counted and measured cost. About 13
+# minutes on an idle 2-core CPU (the first three rows took 36 on a shared one).
 compare-mini: setup
 	$(BIN)/python benchmarks/compare_mini.py --out runs/compare_mini
 
