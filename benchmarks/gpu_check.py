@@ -505,6 +505,11 @@ def prepare_wheels(out: str) -> list[str]:
     versions installed here, for the GPU image's Python (`GPU_PYTHON`, x86-64 Linux)."""
     os.makedirs(out, exist_ok=True)
     pins = {name: importlib.metadata.version(name.replace("_", "-")) for name in WHEELS}
+    # One version of each package: pip refuses to install two wheels of one name, so those
+    # of an earlier `make gpu-wheels` (other versions) go first.
+    for old in Path(out).glob("*.whl"):
+        if old.name.split("-")[0].lower() in {name.lower() for name in WHEELS}:
+            old.unlink()
     binary = [f"{name}=={version}" for name, version in pins.items() if name != "deepspeed"]
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",

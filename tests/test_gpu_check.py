@@ -119,7 +119,11 @@ def test_readme_commands_wheels_then_the_check(tmp_path):
     commands = shell_commands(readme_block("gpu-check"))
     assert commands == ["make gpu-wheels", "make gpu-check"]
     env = fresh_shell_env()
+    stale = Path(REPO, "wheels", "webdataset-0.0.1-py3-none-any.whl")  # an earlier version's
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"")
     done = subprocess.run(commands[0].split(), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert not stale.exists()  # one version of each package
     assert done.returncode == 0, done.stderr[-2000:]
     out = Path(REPO, "wheels")
     wheels = sorted(p.name for p in out.glob("*.whl"))
