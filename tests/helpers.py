@@ -120,3 +120,14 @@ def fresh_shell_env(*prefix: str) -> dict[str, str]:
     first), as a user's new shell has."""
     path = os.pathsep.join([*prefix, "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
     return {"HOME": os.environ.get("HOME", "/root"), "PATH": path, "LANG": "C.UTF-8", "USER": os.environ.get("USER", "root")}
+
+
+def load_benchmark(name: str, module_name: str | None = None):
+    """benchmarks/NAME.py (a script, not a package) as a module, registered in sys.modules
+    under `module_name` (default NAME): its dataclasses look their module up there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name or name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,25 +3,18 @@ two measured steps of each at the demo's shapes (a check of the code path, not a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_budget_case", os.path.join(REPO, "benchmarks",
-                                                                                     "bench_budget.py"))
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+def bench():
+    module = load_benchmark("bench_budget", "bench_budget_case")
     threads = torch.get_num_threads()
     yield module
     torch.set_num_threads(threads)

@@ -6,18 +6,13 @@ others. (The benchmark itself renders and decodes videos for minutes: not run he
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import load_benchmark
 
-spec = importlib.util.spec_from_file_location("bench_loader", os.path.join(REPO, "benchmarks", "bench_loader.py"))
-bench_loader = sys.modules["bench_loader"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_loader)
+bench_loader = load_benchmark("bench_loader")
 
 
 def test_device_augment_is_measured_at_the_presets_shapes():

@@ -4,14 +4,11 @@ interrupted. Demo shapes, batch 3, one repeat, two batch compositions."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import load_benchmark
 
 from marscale.model import MARModel
 
@@ -20,11 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_packing_case", os.path.join(REPO, "benchmarks",
-                                                                                      "bench_packing.py"))
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench_packing", "bench_packing_case")
     compositions = module.compositions
     monkeypatch.setattr(module, "compositions", lambda batch: compositions(batch)[:2])  # no padding, then some
     threads = torch.get_num_threads()

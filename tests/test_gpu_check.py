@@ -6,7 +6,6 @@ what it records when a step fails or runs out of time, and the wheels it carries
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,11 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, fresh_shell_env, readme_block, shell_commands
+from helpers import REPO, fresh_shell_env, load_benchmark, readme_block, shell_commands
 
-spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "benchmarks", "gpu_check.py"))
-gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_check)
+gpu_check = load_benchmark("gpu_check")
 
 STEP_NAMES = ["env", "attention", "train", "device_augment", "compare", "packing", "decode"]
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA skips")
