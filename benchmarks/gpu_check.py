@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -542,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "wheels":
         prepare_wheels(args.out or str(ROOT / "wheels"))
         return 0
+    if importlib.util.find_spec("torch") is None:
+        print(f"gpu_check: {sys.executable} has no PyTorch: run it with the Python that holds it (on a GPU machine "
+              f"its python3; with a checkout's .venv, `make gpu-check` or .venv/bin/python)", file=sys.stderr)
+        return 2
     args.out = os.path.abspath(args.out or str(ROOT / "runs" / ("gpu-check-smoke" if args.smoke else "gpu-check")))
     if args.step:
         step = next(s for s in STEPS if s.name == args.step)

@@ -143,3 +143,11 @@ def test_readme_commands_wheels_then_the_check(tmp_path):
         assert report["steps"]["env"]["status"] == "ok" and report["steps"]["env"]["packages"]["deepspeed"]
         assert report["steps"]["train"] == {"status": "skipped", "reason": gpu_check._skip_reason(
             gpu_check.STEPS[2], argparse.Namespace(smoke=False, budget_s=450), 450, cuda=False)}
+
+
+def test_a_python_without_torch_is_one_line():
+    """`python3 benchmarks/gpu_check.py` with a Python that has no PyTorch (-S: no site-packages)."""
+    done = subprocess.run([sys.executable, "-S", "benchmarks/gpu_check.py", "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("gpu_check: ") and "has no PyTorch" in done.stderr and done.stderr.count("\n") == 1
